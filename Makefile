@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.requirements-installed
+PRESET ?= default
+PORT   ?= 8501
+
+.PHONY: setup run test test-fast fetch bench report serve clean-venv
+
+$(STAMP): requirements.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@touch $(STAMP)
+
+## setup: make the virtual environment and install requirements (fast when nothing changed)
+setup: $(STAMP)
+
+## fetch: fetch and prepare the preset's models (skips what is already there)
+fetch: setup
+	$(BIN)/python -m cascade_core models fetch --preset $(PRESET)
+
+## run: set up, fetch the default models if missing, start the app
+run: fetch
+	$(BIN)/streamlit run app.py --server.port $(PORT)
+
+## test: set up and run the whole test suite
+test: setup
+	$(BIN)/python -m pytest
+
+## test-fast: the tests that need no model
+test-fast: setup
+	$(BIN)/python -m pytest -m "not model"
+
+serve: fetch
+	$(BIN)/python -m cascade_core serve --preset $(PRESET)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,130 @@
+"""The shapes that pass between models, the cascade and the dashboard.
+
+Backends in `models/` produce these; everything in `cascade_core` consumes them. Keeping the
+contract here lets `cascade_core` run, test and replay without importing any model code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+MAX_OPTIONS = len(OPTION_LETTERS)
+
+
+@dataclass(frozen=True)
+class OptionScores:
+    """What one forward pass of one stage gives for one multiple-choice question.
+
+    `letter_logits[i]` is the logit (or log-probability; softmax is shift-invariant) of the token
+    for option letter i at the answer position; -inf marks a letter the backend could not score
+    (an API that returned only its top-k tokens). `hidden_states` maps a layer index (0 = the
+    embeddings, as transformers counts) to the hidden state at that same position, or is None for
+    a backend that has none.
+    """
+
+    letter_logits: np.ndarray
+    hidden_states: dict[int, np.ndarray] | None
+    prompt_tokens: int
+    output_tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A free-form answer and the probability of each generated token."""
+
+    text: str
+    token_logprobs: np.ndarray
+    prompt_tokens: int
+    output_tokens: int
+    seconds: float = 0.0
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Any model a stage can run on: a local HF model, an OpenAI-compatible endpoint, a recording.
+
+    `score_options` does one forward pass per prompt (batched where the backend can) and returns
+    the option-letter logits and, when `has_hidden_states`, the hidden states of `layers` (all
+    layers when None). Both signals, P(T) and P(IK), come from that one pass.
+    """
+
+    model_id: str
+    has_hidden_states: bool
+    total_params: int
+    non_embedding_params: int
+
+    def score_options(
+        self,
+        prompts: Sequence[str],
+        n_options: Sequence[int],
+        layers: Sequence[int] | None = None,
+    ) -> list[OptionScores]: ...
+
+    def generate(self, prompt: str, max_new_tokens: int = 64) -> Generation: ...
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question as the cascade sees it: text, options (empty for free-form), subject."""
+
+    text: str
+    options: tuple[str, ...] = ()
+    subject: str = ""
+    answer: int | None = None  # index of the right option when known (benchmarks)
+    qid: str = ""
+
+    @property
+    def is_multiple_choice(self) -> bool:
+        return len(self.options) > 0
+
+
+@dataclass
+class StageStep:
+    """One row of a trace: what happened at one stage for one question."""
+
+    stage: str
+    model_id: str
+    answer: str | None = None  # option letter, or generated text for free-form
+    answer_index: int | None = None
+    p_t: float = float("nan")
+    p_ik: float = float("nan")  # NaN when the stage has no probe or no hidden states
+    margin: float = float("nan")
+    entropy: float = float("nan")
+    decision: str = "escalate"  # "keep" | "escalate" | "final" | "error" | "skipped"
+    reason: str = ""
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    flops: float = 0.0
+    dollars: float = 0.0
+    seconds: float = 0.0
+    error: str | None = None
+    option_probs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Trace:
+    """The stages one question visited, in order, and what the cascade finally answered."""
+
+    question: Question
+    steps: list[StageStep]
+
+    @property
+    def answered_by(self) -> StageStep | None:
+        for step in reversed(self.steps):
+            if step.decision in ("keep", "final"):
+                return step
+        return None
+
+    @property
+    def answer(self) -> str | None:
+        step = self.answered_by
+        return None if step is None else step.answer
+
+    def total(self, unit: str) -> float:
+        """Sum of one cost unit ("flops", "dollars", "seconds", "prompt_tokens", ...) over stages."""
+        return float(sum(getattr(s, unit) for s in self.steps))
