@@ -1,0 +1,155 @@
+"""The live cascade: run the stages in order on one question and stop at the first keep.
+
+It shares its decision rule (`policy.keep_mask`) and its signals (`signals.mc_signals`) with the
+offline replay, so a policy gives the same answers live and replayed on the same records.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from cascade_core.cost import dollars as dollar_cost
+from cascade_core.cost import flops as flop_cost
+from cascade_core.policy import StagePolicy, explain, keep_mask
+from cascade_core.prompts import format_prompt
+from cascade_core.signals import freeform_signals, mc_signals
+from cascade_core.types import OPTION_LETTERS, Backend, Question, StageStep, Trace
+
+StageEvent = Callable[[str, "RuntimeStage", StageStep | None], None]
+
+
+class CascadeError(RuntimeError):
+    """The cascade could not answer: the failing stage's policy says fail, or the last stage failed."""
+
+
+@dataclass
+class RuntimeStage:
+    """A stage ready to run: its backend, its routing policy and (optionally) its P(IK) probe."""
+
+    name: str
+    backend: Backend
+    policy: StagePolicy = field(default_factory=StagePolicy)
+    probe: object | None = None  # cascade_core.probe.PIKProbe; duck-typed: .layer, .p_ik(X)
+    price_in: float = 0.0
+    price_out: float = 0.0
+    on_error: str = "escalate"  # "escalate" | "fail"
+    label: str = ""
+
+    @property
+    def recorded(self) -> bool:
+        return bool(getattr(self.backend, "recorded", False))
+
+
+def _probe_layers(stage: RuntimeStage) -> list[int]:
+    if stage.probe is None or not stage.backend.has_hidden_states:
+        return []
+    return [int(stage.probe.layer)]
+
+
+def _score_multiple_choice(stage: RuntimeStage, question: Question, step: StageStep) -> None:
+    """One forward pass -> answer, P(T), margin, entropy and, with a probe, P(IK)."""
+    if stage.recorded:
+        correct, prompt_tokens = stage.backend.answer(question.qid)
+        step.answer = "correct (recorded)" if correct else "wrong (recorded)"
+        step.prompt_tokens = int(prompt_tokens)
+        return
+    prompt = format_prompt(question)
+    (scores,) = stage.backend.score_options([prompt], [len(question.options)], _probe_layers(stage))
+    index, p_t, margin, entropy = mc_signals(np.asarray(scores.letter_logits, dtype=np.float64))
+    probs = np.exp(scores.letter_logits - np.max(scores.letter_logits))
+    step.option_probs = [float(p) for p in probs / probs.sum()]
+    step.answer_index = int(index)
+    step.answer = OPTION_LETTERS[int(index)]
+    step.p_t, step.margin, step.entropy = float(p_t), float(margin), float(entropy)
+    step.prompt_tokens, step.output_tokens = scores.prompt_tokens, scores.output_tokens
+    if stage.probe is not None and scores.hidden_states:
+        features = np.asarray(scores.hidden_states[int(stage.probe.layer)], dtype=np.float32)
+        step.p_ik = float(stage.probe.p_ik(features[None, :])[0])
+
+
+def _score_free_form(stage: RuntimeStage, question: Question, step: StageStep, max_new_tokens: int) -> None:
+    """Free-form answers route on P(T) from token probabilities (geometric mean) alone."""
+    generation = stage.backend.generate(format_prompt(question), max_new_tokens=max_new_tokens)
+    step.answer = generation.text
+    step.p_t, _minimum = freeform_signals(generation.token_logprobs)
+    step.p_t = float(step.p_t)
+    step.prompt_tokens, step.output_tokens = generation.prompt_tokens, generation.output_tokens
+
+
+def _cost(stage: RuntimeStage, step: StageStep) -> None:
+    tokens = step.prompt_tokens + step.output_tokens
+    step.flops = float(flop_cost(stage.backend.non_embedding_params, tokens))
+    step.dollars = float(dollar_cost(step.prompt_tokens, step.output_tokens, stage.price_in, stage.price_out))
+
+
+def _decide(stage: RuntimeStage, step: StageStep, is_last: bool) -> None:
+    if is_last:
+        step.decision, step.reason = "final", "last stage: always answers"
+        return
+    args = [np.array([v]) for v in (step.p_t, step.p_ik, step.margin, step.entropy)]
+    keep = bool(keep_mask(stage.policy, *args)[0])
+    step.decision = "keep" if keep else "escalate"
+    step.reason = explain(stage.policy, *args)
+
+
+def run_cascade(
+    stages: Sequence[RuntimeStage],
+    question: Question,
+    on_event: StageEvent | None = None,
+    max_new_tokens: int = 64,
+) -> Trace:
+    """Run `question` through `stages` in order; the trace lists every stage visited.
+
+    A failing stage becomes an error row; the cascade escalates past it unless the stage says
+    `on_error = "fail"` or it is the last stage, in which case `CascadeError` carries the trace.
+    """
+    enabled = [i for i, s in enumerate(stages) if s.policy.enabled]
+    if not enabled:
+        raise ValueError("every stage is switched off: enable at least one")
+    last = enabled[-1]
+    for i in enabled[:-1]:
+        if stages[i].recorded:
+            raise ValueError(f"stage {stages[i].name!r} is recorded: it can only be the last stage")
+    if not question.is_multiple_choice and stages[last].recorded:
+        raise ValueError("a recorded stage answers only the multiple-choice questions it recorded")
+    trace = Trace(question=question, steps=[])
+    for i in enabled:
+        stage = stages[i]
+        step = StageStep(stage=stage.name, model_id=stage.backend.model_id)
+        if on_event:
+            on_event("start", stage, None)
+        started = time.perf_counter()
+        try:
+            if question.is_multiple_choice:
+                _score_multiple_choice(stage, question, step)
+            else:
+                _score_free_form(stage, question, step, max_new_tokens)
+            _cost(stage, step)
+            step.seconds = time.perf_counter() - started
+            _decide(stage, step, is_last=i == last)
+        except Exception as err:  # noqa: BLE001 - a stage failure is data for the trace
+            step.seconds = time.perf_counter() - started
+            step.decision, step.error = "error", f"{type(err).__name__}: {err}"
+            step.reason = "stage failed"
+            trace.steps.append(step)
+            if on_event:
+                on_event("error", stage, step)
+            if i == last or stage.on_error == "fail":
+                raise CascadeError(f"stage {stage.name!r} failed: {step.error}", trace) from err
+            continue
+        trace.steps.append(step)
+        if on_event:
+            on_event("done", stage, step)
+        if step.decision in ("keep", "final"):
+            break
+    return trace
+
+
+def nan_to_none(value: float) -> float | None:
+    """JSON has no NaN: missing signals become null."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
