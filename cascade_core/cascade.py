@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -150,6 +150,19 @@ def run_cascade(
     return trace
 
 
-def nan_to_none(value: float) -> float | None:
+def nan_to_none(value):
     """JSON has no NaN: missing signals become null."""
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def trace_to_dict(trace: Trace) -> dict:
+    """A JSON-safe view of a trace (NaN -> null), for the CLI, the server and the app."""
+    final = trace.answered_by
+    return {
+        "question": {"text": trace.question.text, "options": list(trace.question.options),
+                     "subject": trace.question.subject, "qid": trace.question.qid},
+        "steps": [{k: nan_to_none(v) for k, v in asdict(step).items()} for step in trace.steps],
+        "answer": trace.answer,
+        "answered_by": None if final is None else final.stage,
+        "total": {unit: trace.total(unit) for unit in ("flops", "prompt_tokens", "output_tokens", "dollars", "seconds")},
+    }

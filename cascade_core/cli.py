@@ -1,0 +1,144 @@
+"""`python -m cascade_core ...`: route a question, fetch models, and (as they land) bench, report, serve.
+
+The CLI is glue: it parses arguments, builds the cascade from a preset through `models.factory`
+and prints what `cascade_core` computed. Errors the user can fix are printed as one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Sequence
+
+from cascade_core.presets import PresetError, list_presets, load_preset
+from cascade_core.types import Question, Trace
+
+
+class UsageError(ValueError):
+    """Bad command-line input; printed without a traceback."""
+
+
+def _fmt(value: float, spec: str = ".3f", missing: str = "-") -> str:
+    return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def trace_table(trace: Trace, has_probe: dict[str, bool]) -> str:
+    """Human-readable trace: one line per stage visited, then the answer and total cost."""
+    header = f"{'stage':<22} {'answer':<8} {'P(T)':>6} {'P(IK)':>12} {'decision':<9} {'tokens':>7} {'FLOPs':>10} {'sec':>7}"
+    lines = [header, "-" * len(header)]
+    for s in trace.steps:
+        if s.error:
+            lines.append(f"{s.stage:<22} ERROR: {s.error}")
+            continue
+        pik = _fmt(s.p_ik) if has_probe.get(s.stage) else "no probe yet"
+        answer = (s.answer or "")[:8]
+        lines.append(
+            f"{s.stage:<22} {answer:<8} {_fmt(s.p_t):>6} {pik:>12} {s.decision:<9} "
+            f"{s.prompt_tokens + s.output_tokens:>7} {s.flops:>10.3g} {s.seconds:>7.2f}"
+        )
+        if s.reason and s.decision != "final":
+            lines.append(f"{'':<22} why: {s.reason}")
+    final = trace.answered_by
+    lines.append("")
+    if final is None:
+        lines.append("no stage answered")
+    else:
+        answer = final.answer or ""
+        if final.answer_index is not None and trace.question.options:
+            answer = f"{final.answer}. {trace.question.options[final.answer_index]}"
+        lines.append(f"answer: {answer}   (by {final.stage})")
+    lines.append(
+        f"total: {trace.total('flops'):.3g} FLOPs, "
+        f"{int(trace.total('prompt_tokens') + trace.total('output_tokens'))} tokens, "
+        f"${trace.total('dollars'):.6f}, {trace.total('seconds'):.2f} s"
+    )
+    return "\n".join(lines)
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from cascade_core.cascade import CascadeError, run_cascade, trace_to_dict
+    from cascade_core.prompts import validate_question
+    from models.factory import build_cascade
+
+    question = Question(text=args.question, options=tuple(args.options or ()), subject=args.subject or "")
+    validate_question(question)
+    preset = load_preset(args.preset)
+    stages = build_cascade(preset, only=args.stages, progress=not args.json)
+
+    def on_event(event, stage, step):
+        if not args.json and event == "start":
+            print(f"... {stage.name}", file=sys.stderr, flush=True)
+
+    try:
+        trace = run_cascade(stages, question, on_event=on_event, max_new_tokens=args.max_new_tokens)
+    except CascadeError as err:
+        trace = err.args[1]
+        if args.json:
+            print(json.dumps(trace_to_dict(trace)))
+        else:
+            print(trace_table(trace, {s.name: s.probe is not None for s in stages}))
+        print(f"error: {err.args[0]}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(trace_to_dict(trace)))
+    else:
+        print(trace_table(trace, {s.name: s.probe is not None for s in stages}))
+    return 0
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from models.factory import fetch_preset_models
+
+    preset = load_preset(args.preset)
+    for name, path in fetch_preset_models(preset, include_extra=args.all):
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    for name in list_presets():
+        preset = load_preset(name)
+        stages = " -> ".join(s.name for s in preset.stages)
+        print(f"{name:<14} {stages}{'   (needs network)' if preset.needs_network else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cascade_core", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    route = sub.add_parser("route", help="route one question through a cascade and print the trace")
+    route.add_argument("question")
+    route.add_argument("--options", nargs="+", metavar="OPTION", help="answer options (2-26); none = free-form")
+    route.add_argument("--subject", default="", help="subject for the prompt header, e.g. anatomy")
+    route.add_argument("--preset", default="default", help="preset name or TOML path (default: default)")
+    route.add_argument("--stages", nargs="+", metavar="NAME", help="use only these stages of the preset")
+    route.add_argument("--max-new-tokens", type=int, default=64, help="for free-form answers")
+    route.add_argument("--json", action="store_true", help="print the trace as JSON")
+    route.set_defaults(func=cmd_route)
+
+    models = sub.add_parser("models", help="manage the models of a preset")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    fetch = models_sub.add_parser("fetch", help="fetch and prepare a preset's models (skips what is there)")
+    fetch.add_argument("--preset", default="default")
+    fetch.add_argument("--all", action="store_true", help="also the preset's extra stages")
+    fetch.set_defaults(func=cmd_models_fetch)
+
+    presets = sub.add_parser("presets", help="list the shipped presets")
+    presets.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (PresetError, UsageError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
