@@ -1,0 +1,170 @@
+"""Benchmark runner: every stage's model over a question set, one record per (question, model).
+
+Records are what the replay, the frontier, the report and the dashboard read, so the runner
+guards them: every batch is appended with an atomic rewrite (temp file + rename), so an
+interrupted run loses at most the batch in flight and never leaves a corrupt file, and a rerun
+skips the questions already done. Hidden-state features go to separate chunk files (kept out of
+git; `bench` regenerates them) because they are large and only the probes need them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cascade_core import __version__
+from cascade_core.cost import flops as flop_cost
+from cascade_core.io import atomic_write_npz, atomic_write_parquet, read_parquet_checked
+from cascade_core.prompts import PROMPT_FORMAT_VERSION, format_prompt
+from cascade_core.signals import mc_signals, option_probabilities
+from cascade_core.types import Backend, Question
+
+RECORD_COLUMNS = [
+    "qid", "subject", "category", "split", "stage", "model_id", "answer", "prediction", "correct",
+    "p_t", "margin", "entropy", "option_probs", "prompt_tokens", "output_tokens", "flops",
+    "seconds", "model_hash", "prompt_format", "dtype", "quantization", "code_version", "created_at",
+]
+
+Progress = Callable[[int, int], None]
+
+
+def code_version() -> str:
+    """Package version plus the git commit when run from a checkout (records say what made them)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+def feature_layers(n_hidden_states: int, count: int = 8) -> list[int]:
+    """Evenly spaced layers (never the embeddings, always the last) whose features are kept."""
+    last = n_hidden_states - 1
+    picks = np.unique(np.round(np.linspace(1, last, num=min(count, last))).astype(int))
+    return [int(x) for x in picks]
+
+
+@dataclass(frozen=True)
+class BenchPaths:
+    """Where one stage's records and features live for one dataset."""
+
+    records: Path
+    features_dir: Path
+
+    @classmethod
+    def for_stage(cls, results_dir: Path, features_root: Path, dataset: str, stage: str) -> "BenchPaths":
+        return cls(results_dir / dataset / f"{stage}.parquet", features_root / dataset / stage)
+
+
+def load_records(path: Path) -> pd.DataFrame:
+    """A stage's records, or an empty frame when it has none yet (clear error when corrupt)."""
+    if not path.exists():
+        return pd.DataFrame(columns=RECORD_COLUMNS)
+    return read_parquet_checked(path, required=("qid", "correct", "prediction", "p_t"))
+
+
+def load_features(features_dir: Path) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """All feature chunks of a stage: (qids, {layer: (n, hidden) float32}); later chunks win."""
+    qids: list[np.ndarray] = []
+    layers: dict[int, list[np.ndarray]] = {}
+    for chunk in sorted(features_dir.glob("chunk-*.npz")):
+        with np.load(chunk, allow_pickle=False) as data:
+            qids.append(data["qid"].astype(str))
+            for key in data.files:
+                if key.startswith("layer_"):
+                    layers.setdefault(int(key[6:]), []).append(data[key].astype(np.float32))
+    if not qids:
+        return np.array([], dtype=str), {}
+    all_qids = np.concatenate(qids)
+    _, last_index = np.unique(all_qids[::-1], return_index=True)
+    keep = np.sort(len(all_qids) - 1 - last_index)
+    return all_qids[keep], {layer: np.concatenate(parts)[keep] for layer, parts in layers.items()}
+
+
+def _question(row) -> Question:
+    return Question(text=row.question, options=tuple(row.options), subject=row.subject,
+                    answer=int(row.answer), qid=row.qid)
+
+
+def run_stage(
+    backend: Backend,
+    stage: str,
+    questions: pd.DataFrame,
+    paths: BenchPaths,
+    batch_size: int = 8,
+    model_hash: str = "",
+    dtype: str = "",
+    quantization: str = "",
+    progress: Progress | None = None,
+    max_batches: int | None = None,
+) -> pd.DataFrame:
+    """Score every question of `questions` not yet in the stage's records; return all records.
+
+    `questions` has columns qid, subject, category, split, question, options, answer. Each batch is
+    one forward pass; its records are appended with an atomic rewrite, its features written as a
+    chunk file first, so a crash between the two only makes a rerun redo that batch.
+    """
+    records = load_records(paths.records)
+    done = set(records["qid"].astype(str))
+    todo = questions[~questions["qid"].astype(str).isin(done)]
+    total, finished = len(questions), len(questions) - len(todo)
+    if progress:
+        progress(finished, total)
+    if todo.empty:
+        return records
+    version = code_version()
+    paths.features_dir.mkdir(parents=True, exist_ok=True)
+    rows = list(todo.itertuples(index=False))
+    for b, start in enumerate(range(0, len(rows), batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        batch = [_question(r) for r in rows[start : start + batch_size]]
+        prompts = [format_prompt(q) for q in batch]
+        started = time.perf_counter()
+        scores = backend.score_options(prompts, [len(q.options) for q in batch], None)
+        seconds = (time.perf_counter() - started) / len(batch)
+        logits = np.stack([np.asarray(s.letter_logits, dtype=np.float64) for s in scores])
+        prediction, p_t, margin, entropy = mc_signals(logits)
+        probs = option_probabilities(logits)
+        if backend.has_hidden_states and scores[0].hidden_states:
+            keep_layers = feature_layers(len(scores[0].hidden_states))
+            arrays = {f"layer_{l}": np.stack([s.hidden_states[l] for s in scores]).astype(np.float16) for l in keep_layers}
+            chunk = paths.features_dir / f"chunk-{time.time_ns()}.npz"
+            atomic_write_npz(chunk, qid=np.array([q.qid for q in batch]), **arrays)
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        source = rows[start : start + batch_size]
+        new = pd.DataFrame({
+            "qid": [q.qid for q in batch],
+            "subject": [r.subject for r in source],
+            "category": [r.category for r in source],
+            "split": [r.split for r in source],
+            "stage": stage,
+            "model_id": backend.model_id,
+            "answer": [q.answer for q in batch],
+            "prediction": prediction.astype(np.int16),
+            "correct": prediction == np.array([q.answer for q in batch]),
+            "p_t": p_t, "margin": margin, "entropy": entropy,
+            "option_probs": [p.tolist() for p in probs],
+            "prompt_tokens": [s.prompt_tokens for s in scores],
+            "output_tokens": [s.output_tokens for s in scores],
+            "flops": [flop_cost(backend.non_embedding_params, s.prompt_tokens + s.output_tokens) for s in scores],
+            "seconds": seconds,
+            "model_hash": model_hash, "prompt_format": PROMPT_FORMAT_VERSION, "dtype": dtype,
+            "quantization": quantization, "code_version": version, "created_at": now,
+        })
+        records = new if records.empty else pd.concat([records, new], ignore_index=True)
+        atomic_write_parquet(records, paths.records)
+        finished += len(batch)
+        if progress:
+            progress(finished, total)
+    return records
