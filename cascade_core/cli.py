@@ -10,10 +10,15 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Sequence
 
-from cascade_core.presets import PresetError, list_presets, load_preset
+from cascade_core.presets import REPO_ROOT, PresetError, list_presets, load_preset
 from cascade_core.types import Question, Trace
+
+
+DEFAULT_RESULTS_DIR = REPO_ROOT / "data" / "results"
+DEFAULT_FEATURES_DIR = REPO_ROOT / "data" / "features"
 
 
 class UsageError(ValueError):
@@ -97,6 +102,40 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from cascade_core.bench import BenchPaths, run_stage
+    from cascade_core.datasets import load_mmlu
+    from models.factory import build_backend, describe_backend
+
+    if args.dataset != "mmlu":
+        raise UsageError(f"unknown dataset {args.dataset!r}; available: mmlu")
+    preset = load_preset(args.preset)
+    questions = load_mmlu(split=None if args.split == "all" else args.split, per_subject=args.per_subject)
+    configs = [c for c in preset.stages + preset.extra_stages if not args.stages or c.name in args.stages]
+    for config in configs:
+        if config.backend == "recorded":
+            print(f"{config.name}: recorded stage, nothing to run")
+            continue
+        paths = BenchPaths.for_stage(Path(args.results_dir), Path(args.features_dir), args.dataset, config.name)
+        backend = build_backend(config)
+        bar = tqdm(total=len(questions), desc=config.name, unit="q", disable=args.quiet)
+
+        def progress(done: int, total: int, bar=bar) -> None:
+            bar.n = done
+            bar.refresh()
+
+        records = run_stage(
+            backend, config.name, questions, paths, batch_size=args.batch_size or config.batch_size,
+            progress=progress, **describe_backend(config, backend),
+        )
+        bar.close()
+        print(f"{config.name}: {len(records)} records, accuracy {records['correct'].mean():.3f} -> {paths.records}")
+        del backend
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for name in list_presets():
         preset = load_preset(name)
@@ -125,6 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--preset", default="default")
     fetch.add_argument("--all", action="store_true", help="also the preset's extra stages")
     fetch.set_defaults(func=cmd_models_fetch)
+
+    bench = sub.add_parser("bench", help="run every stage over a dataset and cache per-question records")
+    bench.add_argument("--preset", default="default")
+    bench.add_argument("--dataset", default="mmlu")
+    bench.add_argument("--per-subject", type=int, default=None, metavar="N",
+                       help="N questions per subject, half calibration, half test (default: all)")
+    bench.add_argument("--split", choices=["all", "calibration", "test"], default="all")
+    bench.add_argument("--stages", nargs="+", metavar="NAME", help="only these stages")
+    bench.add_argument("--batch-size", type=int, default=None)
+    bench.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR))
+    bench.add_argument("--features-dir", default=str(DEFAULT_FEATURES_DIR))
+    bench.add_argument("--quiet", action="store_true")
+    bench.set_defaults(func=cmd_bench)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=cmd_presets)

@@ -99,3 +99,17 @@ def fetch_preset_models(preset: Preset, include_extra: bool = False) -> Iterable
             yield config.name, f"{config.model} (loaded from the Hub or a local folder on first use)"
         else:
             yield config.name, f"{config.backend} stage: nothing to fetch"
+
+
+def describe_backend(config: StageConfig, backend: Backend) -> dict[str, str]:
+    """What made a record: model file hash (packaged GGUF SHA-256), dtype, quantisation."""
+    model_hash = ""
+    if config.backend == "packaged":
+        from models.packaged import PACKAGED_MODELS
+
+        model_hash = PACKAGED_MODELS[config.model].sha256
+    return {
+        "model_hash": model_hash,
+        "dtype": str(getattr(backend, "dtype", config.dtype)).replace("torch.", ""),
+        "quantization": str(getattr(backend, "quantization", config.quantization)),
+    }
