@@ -1,0 +1,179 @@
+"""OpenAIStage against real HTTP servers on 127.0.0.1.
+
+- the project's own single-stage server (SmolLM2-135M, in a subprocess) for the real answers;
+- a small fault-injecting FastAPI app (in a thread) for what a healthy server never does:
+  HTTP 500, a hang, an answer without logprobs, an error body that echoes the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from _loopback import SubprocessServer, ThreadServer, free_port
+from cascade_core.presets import StageConfig
+from cascade_core.types import Backend, Question
+from models.openai_stage import EndpointError, OpenAIStage, letter_logprobs
+
+KEY_ENV = "CASCADE_TEST_OPENAI_KEY"
+PLANTED_KEY = "sk-planted-4f1c2e9a7b3d5e6f0a1b2c3d"
+
+QUESTION = Question(
+    text="What is the capital of France?",
+    options=("Berlin", "Madrid", "Paris", "Rome"),
+    subject="geography",
+    answer=2,
+    qid="q-france",
+)
+
+
+# ---- pure parts -----------------------------------------------------------------------------
+
+
+def test_letter_logprobs_maps_spaced_and_bare_tokens_and_keeps_the_best():
+    top = [(" A", -0.5), ("A", -2.0), ("B", -1.0), (" C\n", -3.0), ("The", -0.1), ("E", -0.2), ("a", -0.3)]
+    scores = letter_logprobs(top, 4)
+    assert scores.tolist() == [-0.5, -1.0, -3.0, -math.inf]  # E is beyond 4 options; "a" is not a letter
+
+
+def test_missing_key_variable_is_named_and_repr_hides_the_key(monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(EndpointError, match=KEY_ENV):
+        OpenAIStage("m", "http://127.0.0.1:9/v1", api_key_env=KEY_ENV)
+    monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
+    stage = OpenAIStage("m", "http://127.0.0.1:9/v1", api_key_env=KEY_ENV)
+    assert PLANTED_KEY not in repr(stage) and PLANTED_KEY not in repr(vars(stage))
+    assert isinstance(stage, Backend) and stage.has_hidden_states is False
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"api_base": "127.0.0.1:8000/v1"}, "api_base"),
+    ({"mode": "legacy"}, "mode"),
+    ({"timeout_s": 0}, "timeout_s"),
+    ({"concurrency": 0}, "concurrency"),
+])
+def test_bad_arguments_are_refused(kwargs, match):
+    args = {"model": "m", "api_base": "http://127.0.0.1:9/v1", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        OpenAIStage(**args)
+
+
+def test_from_config_takes_every_endpoint_field(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
+    config = StageConfig(name="api", backend="openai", model="gpt-x", api_base="http://127.0.0.1:9/v1/",
+                         api_key_env=KEY_ENV, api_mode="completions", timeout_s=7, max_retries=5,
+                         concurrency=3, price_in=2.5, price_out=10)
+    stage = OpenAIStage.from_config(config)
+    assert (stage.model_id, stage.api_base, stage.mode, stage.timeout_s, stage.max_retries, stage.concurrency,
+            stage.price_in, stage.price_out) == ("gpt-x", "http://127.0.0.1:9/v1", "completions", 7.0, 5, 3, 2.5, 10.0)
+    assert stage.total_params == 0 and stage.non_embedding_params == 0
+
+
+# ---- a fault-injecting server -----------------------------------------------------------------
+
+
+def _chat_answer(top: list[tuple[str, float]] | None) -> dict:
+    logprobs = None if top is None else {"content": [{
+        "token": top[0][0], "logprob": top[0][1],
+        "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top]}]}
+    return {"id": "x", "object": "chat.completion", "model": "fault",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": top[0][0] if top else "C"},
+                         "logprobs": logprobs, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 1, "total_tokens": 12}}
+
+
+def fault_app():
+    """Each path prefix misbehaves in one way; `hits` counts requests per prefix."""
+    app = FastAPI()
+    hits: dict[str, int] = {}
+
+    @app.post("/{kind}/v1/chat/completions")
+    async def chat(kind: str, request: Request):
+        hits[kind] = hits.get(kind, 0) + 1
+        if kind == "e500":
+            return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+        if kind == "flaky":  # 503 twice, then a good answer
+            if hits[kind] <= 2:
+                return JSONResponse({"error": {"message": "busy"}}, status_code=503, headers={"Retry-After": "0"})
+            return _chat_answer([(" B", -0.1), (" A", -2.5)])
+        if kind == "hang":
+            await asyncio.sleep(3)
+            return _chat_answer([(" A", -0.1)])
+        if kind == "nologprobs":
+            return _chat_answer(None)
+        if kind == "noletters":
+            return _chat_answer([("The", -0.2), (" answer", -1.0)])
+        if kind == "echo":  # a 400 whose body echoes the Authorization header back
+            return JSONResponse({"error": {"message": f"bad request, header was {request.headers.get('authorization')}"}},
+                                status_code=400)
+        return JSONResponse({"error": "unknown"}, status_code=404)
+
+    return app, hits
+
+
+@pytest.fixture(scope="module")
+def faults():
+    app, hits = fault_app()
+    with ThreadServer(app) as server:
+        server.hits = hits
+        yield server
+
+
+@pytest.fixture
+def keyed(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
+
+
+def fault_stage(faults, kind: str, **kwargs) -> OpenAIStage:
+    args = {"api_key_env": KEY_ENV, "timeout_s": 0.5, "max_retries": 2, "backoff_s": 0.01, **kwargs}
+    return OpenAIStage("fault", f"{faults.url}/{kind}/v1", **args)
+
+
+def test_5xx_is_retried_then_fails_with_the_status(faults, keyed):
+    before = faults.hits.get("e500", 0)
+    with pytest.raises(EndpointError, match="HTTP 500") as err:
+        fault_stage(faults, "e500").score_options(["Q?"], [4])
+    assert faults.hits["e500"] - before == 3  # 1 + max_retries
+    assert "3 attempt" in str(err.value)
+
+
+def test_503_with_retry_after_recovers(faults, keyed):
+    (scores,) = fault_stage(faults, "flaky").score_options(["Q?"], [4])
+    assert scores.letter_logits[1] == -0.1 and scores.letter_logits[0] == -2.5
+    assert np.isneginf(scores.letter_logits[2:]).all()
+    assert (scores.prompt_tokens, scores.output_tokens) == (11, 1)
+
+
+def test_other_4xx_fail_at_once_and_the_echoed_key_is_redacted(faults, keyed, caplog):
+    caplog.set_level(logging.DEBUG)
+    before = faults.hits.get("echo", 0)
+    with pytest.raises(EndpointError, match="HTTP 400") as err:
+        fault_stage(faults, "echo").score_options(["Q?"], [4])
+    assert faults.hits["echo"] - before == 1
+    assert "Bearer ***" in str(err.value) and PLANTED_KEY not in str(err.value)
+    assert PLANTED_KEY not in caplog.text
+
+
+def test_hang_past_the_timeout_fails(faults, keyed):
+    with pytest.raises(EndpointError, match="ReadTimeout"):
+        fault_stage(faults, "hang", timeout_s=0.3, max_retries=1).score_options(["Q?"], [4])
+
+
+def test_connection_refused_fails(keyed):
+    stage = OpenAIStage("m", f"http://127.0.0.1:{free_port()}/v1", api_key_env=KEY_ENV, max_retries=1, backoff_s=0.01)
+    with pytest.raises(EndpointError, match="ConnectError"):
+        stage.score_options(["Q?"], [4])
+
+
+def test_answer_without_logprobs_or_letters_is_a_clear_error(faults, keyed):
+    with pytest.raises(EndpointError, match="no logprobs"):
+        fault_stage(faults, "nologprobs").score_options(["Q?"], [4])
+    with pytest.raises(EndpointError, match="none of the top 2 tokens is an option letter A-D"):
+        fault_stage(faults, "noletters").score_options(["Q?"], [4])
