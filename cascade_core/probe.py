@@ -1,0 +1,314 @@
+"""The P(IK) probe: logistic regression on one layer's hidden state, predicting "this answer is right".
+
+It feels like a scikit-learn estimator (`fit`, `predict_proba`), but prediction is plain numpy
+over four stored arrays, so a probe loaded from disk gives bit-for-bit the predictions it gave
+before saving, and the live cascade needs nothing but numpy to use it.
+
+File format (one file, no pickle): a `.npz` holding `coef` (d,), `intercept` (1,), `mean` (d,),
+`scale` (d,) — the standardisation fitted on the training rows — and `metadata_json`, a 0-d
+string array with JSON: format, format_version, layer, model_id, feature_size, n_train,
+positive_rate, C, class_weight, cv_auroc, cv_folds, created_at, code_version (+ any extras the
+trainer added). It is written atomically (temp file + rename), so a crash never leaves half a
+probe behind.
+
+Default `class_weight=None`: the probe's output is then an estimate of P(correct) and can be
+read as a probability by a threshold and by the calibration plots. "balanced" can raise the
+AUROC a little on very skewed labels but pushes every prediction towards 0.5.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.preprocessing import StandardScaler
+
+from cascade_core import __version__
+from cascade_core.calibration import auroc
+from cascade_core.io import CorruptFileError, atomic_write_npz
+
+FORMAT = "cascade-pik-probe"
+FORMAT_VERSION = 1
+
+
+class ProbeMismatchError(ValueError):
+    """A probe used with a model, layer or feature size it was not trained for."""
+
+
+def _check_features(X, name: str = "X") -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D (rows, features), got shape {X.shape}; for one row use x[None, :]"
+        )
+    if not np.isfinite(X).all():
+        bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
+        raise ValueError(f"{name} has non-finite values (inf/NaN) in rows {bad[:10].tolist()}")
+    return X
+
+
+def _check_labels(y, n_rows: int) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != n_rows:
+        raise ValueError(f"y must be 1-D with one label per row ({n_rows}), got shape {y.shape}")
+    if y.dtype != bool:
+        if not np.isin(y, (0, 1)).all():
+            raise ValueError("y must hold booleans or 0/1 (1 = the model's answer was correct)")
+        y = y.astype(bool)
+    positives = int(y.sum())
+    if min(positives, n_rows - positives) < 2:
+        raise ValueError(
+            f"a probe needs at least 2 correct and 2 wrong answers, got {positives} correct "
+            f"and {n_rows - positives} wrong"
+        )
+    return y
+
+
+def _fit_arrays(X: np.ndarray, y: np.ndarray, C: float, class_weight, max_iter: int):
+    """Standardise, fit, return (mean, scale, coef, intercept) for the numpy predictor."""
+    scaler = StandardScaler().fit(X)
+    model = LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter, solver="lbfgs")
+    model.fit(scaler.transform(X), y)
+    return scaler.mean_.copy(), scaler.scale_.copy(), model.coef_[0].copy(), float(model.intercept_[0])
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    out = np.empty_like(z)
+    positive = z >= 0
+    out[positive] = 1.0 / (1.0 + np.exp(-z[positive]))
+    e = np.exp(z[~positive])
+    out[~positive] = e / (1.0 + e)
+    return out
+
+
+def _p_correct(X: np.ndarray, mean, scale, coef, intercept) -> np.ndarray:
+    return _sigmoid(((X - mean) / scale) @ coef + intercept)
+
+
+class PIKProbe:
+    """P(IK) for one model at one layer: StandardScaler + LogisticRegression, stored as arrays."""
+
+    def __init__(
+        self,
+        layer: int,
+        model_id: str,
+        C: float = 1.0,
+        class_weight: str | None = None,
+        max_iter: int = 2000,
+    ):
+        if C <= 0:
+            raise ValueError(f"C must be > 0, got {C}")
+        if class_weight not in (None, "balanced"):
+            raise ValueError(f"class_weight must be None or 'balanced', got {class_weight!r}")
+        self.layer = int(layer)
+        self.model_id = str(model_id)
+        self.C = float(C)
+        self.class_weight = class_weight
+        self.max_iter = int(max_iter)
+        self.metadata: dict = {}
+
+    def __repr__(self) -> str:
+        fitted = f", feature_size={self.n_features_in_}" if self.is_fitted else ", unfitted"
+        return f"PIKProbe(layer={self.layer}, model_id={self.model_id!r}, C={self.C}{fitted})"
+
+    @property
+    def is_fitted(self) -> bool:
+        return hasattr(self, "coef_")
+
+    @property
+    def feature_size(self) -> int:
+        self._require_fitted()
+        return self.n_features_in_
+
+    def fit(self, X, y, cv_folds: int = 0, seed: int = 0, metadata: dict | None = None) -> "PIKProbe":
+        """Fit on all rows. With `cv_folds >= 2`, also record the cross-validated AUROC.
+
+        X: (n, d) hidden states of this model at `self.layer`; y: True where the model's answer
+        was correct. `metadata` adds entries (dataset, split, ...) to the saved metadata.
+        """
+        X = _check_features(X)
+        y = _check_labels(y, len(X))
+        cv_auroc = None
+        if cv_folds >= 2:
+            oof = out_of_fold_p_ik(X, y, folds=cv_folds, seed=seed, C=self.C,
+                                   class_weight=self.class_weight, max_iter=self.max_iter)
+            cv_auroc = auroc(oof, y)
+        self.mean_, self.scale_, self.coef_, self.intercept_ = _fit_arrays(
+            X, y, self.C, self.class_weight, self.max_iter
+        )
+        self.n_features_in_ = X.shape[1]
+        self.metadata = {
+            "n_train": int(len(y)),
+            "positive_rate": float(y.mean()),
+            "cv_auroc": cv_auroc,
+            "cv_folds": int(cv_folds) if cv_folds >= 2 else None,
+            "seed": int(seed),
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "code_version": __version__,
+            **(metadata or {}),
+        }
+        return self
+
+    def _require_fitted(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(f"{self!r} is not fitted: call fit() or PIKProbe.load() first")
+
+    def p_ik(self, X) -> np.ndarray:
+        """P(IK) = P(correct) for each row of X, shape (n,)."""
+        self._require_fitted()
+        X = _check_features(X)
+        if X.shape[1] != self.n_features_in_:
+            raise ProbeMismatchError(
+                f"the probe for {self.model_id!r} (layer {self.layer}) expects "
+                f"{self.n_features_in_} features, got {X.shape[1]}"
+            )
+        return _p_correct(X, self.mean_, self.scale_, self.coef_, self.intercept_)
+
+    def predict_proba(self, X) -> np.ndarray:
+        """(n, 2) like scikit-learn: column 0 = P(wrong), column 1 = P(correct)."""
+        p = self.p_ik(X)
+        return np.column_stack([1.0 - p, p])
+
+    def save(self, path: Path | str) -> Path:
+        """Write the probe to one `.npz` file atomically; returns the path."""
+        self._require_fitted()
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "layer": self.layer,
+            "model_id": self.model_id,
+            "feature_size": int(self.n_features_in_),
+            "C": self.C,
+            "class_weight": self.class_weight,
+            "max_iter": self.max_iter,
+            **self.metadata,
+        }
+        path = Path(path)
+        atomic_write_npz(
+            path,
+            coef=self.coef_,
+            intercept=np.array([self.intercept_]),
+            mean=self.mean_,
+            scale=self.scale_,
+            metadata_json=np.array(json.dumps(meta, sort_keys=True, allow_nan=False)),
+        )
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: Path | str,
+        expected_model_id: str | None = None,
+        expected_feature_size: int | None = None,
+        expected_layer: int | None = None,
+    ) -> "PIKProbe":
+        """Read a probe file; check it was trained for the model, feature size and layer given.
+
+        Raises FileNotFoundError, CorruptFileError (damaged or not a probe file, naming the file)
+        or ProbeMismatchError (naming the file and both values).
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"probe file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in ("coef", "intercept", "mean", "scale", "metadata_json")}
+            meta = json.loads(str(arrays["metadata_json"]))
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as err:
+            raise CorruptFileError(f"cannot read probe file {path}: {type(err).__name__}: {err}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise CorruptFileError(f"{path} is not a P(IK) probe file (format tag missing)")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CorruptFileError(
+                f"{path} has probe format version {meta.get('format_version')!r}; this code reads {FORMAT_VERSION}"
+            )
+        d = int(meta.get("feature_size", -1))
+        shapes_ok = (
+            arrays["coef"].shape == (d,) and arrays["mean"].shape == (d,)
+            and arrays["scale"].shape == (d,) and arrays["intercept"].shape == (1,)
+        )
+        if not shapes_ok or not all(np.isfinite(arrays[k]).all() for k in ("coef", "intercept", "mean", "scale")):
+            raise CorruptFileError(f"{path} is damaged: its arrays do not match feature_size={d} or are not finite")
+        if expected_model_id is not None and meta["model_id"] != expected_model_id:
+            raise ProbeMismatchError(
+                f"probe {path} was trained for model {meta['model_id']!r}, not {expected_model_id!r}"
+            )
+        if expected_feature_size is not None and d != int(expected_feature_size):
+            raise ProbeMismatchError(
+                f"probe {path} expects feature size {d}, but the model gives {int(expected_feature_size)}"
+            )
+        if expected_layer is not None and int(meta["layer"]) != int(expected_layer):
+            raise ProbeMismatchError(
+                f"probe {path} was trained on layer {meta['layer']}, not layer {int(expected_layer)}"
+            )
+        probe = cls(meta["layer"], meta["model_id"], C=meta.get("C", 1.0),
+                    class_weight=meta.get("class_weight"), max_iter=meta.get("max_iter", 2000))
+        probe.coef_ = arrays["coef"].astype(np.float64)
+        probe.intercept_ = float(arrays["intercept"][0])
+        probe.mean_ = arrays["mean"].astype(np.float64)
+        probe.scale_ = arrays["scale"].astype(np.float64)
+        probe.n_features_in_ = d
+        reserved = {"format", "format_version", "layer", "model_id", "feature_size", "C", "class_weight", "max_iter"}
+        probe.metadata = {k: v for k, v in meta.items() if k not in reserved}
+        return probe
+
+
+def out_of_fold_p_ik(
+    X,
+    y,
+    folds: int = 5,
+    seed: int = 0,
+    C: float = 1.0,
+    class_weight: str | None = None,
+    max_iter: int = 2000,
+) -> np.ndarray:
+    """P(IK) for every row from a probe trained on the other folds (stratified, shuffled).
+
+    Use this for the calibration split: thresholds chosen on these values are chosen on
+    predictions the probe never saw the labels of.
+    """
+    X = _check_features(X)
+    y = _check_labels(y, len(X))
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    out = np.empty(len(y), dtype=np.float64)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for train, test in splitter.split(X, y):
+        if y[train].all() or not y[train].any():
+            raise ValueError("a training fold has only one class: use fewer folds or more rows")
+        params = _fit_arrays(X[train], y[train], C, class_weight, max_iter)
+        out[test] = _p_correct(X[test], *params)
+    return out
+
+
+def choose_layer(
+    features_by_layer: dict[int, np.ndarray],
+    y,
+    folds: int = 5,
+    seed: int = 0,
+    C: float = 1.0,
+    class_weight: str | None = None,
+) -> tuple[int, dict[int, float]]:
+    """The layer whose probe has the best cross-validated AUROC, and every layer's AUROC.
+
+    All layers use the same folds (same seed), so their AUROCs are compared on equal terms. On a
+    tie the lower layer wins.
+    """
+    if not features_by_layer:
+        raise ValueError("features_by_layer is empty: no layer to choose from")
+    scores: dict[int, float] = {}
+    for layer in sorted(features_by_layer):
+        X = features_by_layer[layer]
+        if len(X) != len(np.asarray(y)):
+            raise ValueError(f"layer {layer} has {len(X)} rows but y has {len(np.asarray(y))}")
+        oof = out_of_fold_p_ik(X, y, folds=folds, seed=seed, C=C, class_weight=class_weight)
+        scores[int(layer)] = auroc(oof, np.asarray(y).astype(bool))
+    best = max(scores, key=lambda layer: (scores[layer], -layer))
+    return best, scores
