@@ -1,0 +1,110 @@
+"""Greedy decoding of a local transformers model with top-k log-probabilities at each position.
+
+What an OpenAI-compatible server needs to answer `logprobs`/`top_logprobs`: the full next-token
+distribution at every generated position. It works on any object with a transformers causal LM
+on `.model` and its tokenizer on `.tokenizer` (an `HFBackend`), so the server stays model-agnostic.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its text, log-probability and the top alternatives (best first)."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: list[TokenLogprob]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (end-of-sequence or a stop string) | "length"
+
+
+class GreedyLogprobEngine:
+    """Greedy generation with a KV cache; not thread-safe (the server holds a lock around it)."""
+
+    def __init__(self, backend):
+        model = getattr(backend, "model", None)
+        tokenizer = getattr(backend, "tokenizer", None)
+        if model is None or tokenizer is None:
+            raise TypeError(f"{type(backend).__name__} has no .model/.tokenizer: a local transformers backend is needed")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        # transformers renamed `past_key_values` to `cache` (5.2x); speak whichever this one knows.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def chat_prompt(self, messages: Sequence[dict]) -> tuple[str, bool]:
+        """Messages -> prompt text, and whether it already holds the special tokens."""
+        if self.has_chat_template:
+            text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            return text, True
+        lines = [f"{m['role']}: {m['content']}" for m in messages]
+        return "\n".join(lines) + "\nassistant:", False
+
+    def encode(self, prompt: str, special_tokens_included: bool = False) -> list[int]:
+        return list(self.tokenizer(prompt, add_special_tokens=not special_tokens_included)["input_ids"])
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([int(token_id)], skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+
+    @torch.inference_mode()
+    def complete(self, prompt_ids: list[int], max_tokens: int, top_k: int = 0,
+                 stop: Sequence[str] = ()) -> Completion:
+        """Up to `max_tokens` greedy tokens after `prompt_ids`, each with its top-`top_k` logprobs."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty after tokenization")
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        past = None
+        generated: list[int] = []
+        tokens: list[TokenLogprob] = []
+        finish = "length"
+        for _ in range(max_tokens):
+            out = self.model(input_ids=ids, use_cache=True, **{self._cache_arg: past}, **self._last_logits_only)
+            past = getattr(out, self._cache_arg)
+            logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            next_id = int(torch.argmax(logprobs))
+            top: list[tuple[str, float]] = []
+            if top_k > 0:
+                values, indices = torch.topk(logprobs, k=min(top_k, logprobs.shape[-1]))
+                top = [(self._token_text(i), float(v)) for v, i in zip(values.tolist(), indices.tolist())]
+            # The end-of-sequence token is reported (its position's distribution is information,
+            # as vLLM does) but never part of the text.
+            tokens.append(TokenLogprob(self._token_text(next_id), float(logprobs[next_id]), top))
+            if next_id in self.eos_ids:
+                finish = "stop"
+                break
+            generated.append(next_id)
+            if stop:
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                if any(s in text for s in stop):
+                    finish = "stop"
+                    break
+            ids = torch.tensor([[next_id]], dtype=torch.long, device=self.device)
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        if stop:
+            cut = min((text.index(s) for s in stop if s in text), default=None)
+            if cut is not None:
+                text = text[:cut]
+        return Completion(text=text, tokens=tokens, prompt_tokens=len(prompt_ids), finish_reason=finish)
