@@ -17,7 +17,7 @@ from cascade_core.cost import dollars as dollar_cost
 from cascade_core.cost import flops as flop_cost
 from cascade_core.policy import StagePolicy, explain, keep_mask
 from cascade_core.prompts import format_prompt
-from cascade_core.signals import freeform_signals, mc_signals
+from cascade_core.signals import freeform_signals, mc_signals, option_probabilities
 from cascade_core.types import OPTION_LETTERS, Backend, Question, StageStep, Trace
 
 StageEvent = Callable[[str, "RuntimeStage", StageStep | None], None]
@@ -61,8 +61,7 @@ def _score_multiple_choice(stage: RuntimeStage, question: Question, step: StageS
     prompt = format_prompt(question)
     (scores,) = stage.backend.score_options([prompt], [len(question.options)], _probe_layers(stage))
     index, p_t, margin, entropy = mc_signals(np.asarray(scores.letter_logits, dtype=np.float64))
-    probs = np.exp(scores.letter_logits - np.max(scores.letter_logits))
-    step.option_probs = [float(p) for p in probs / probs.sum()]
+    step.option_probs = [float(p) for p in option_probabilities(scores.letter_logits)]
     step.answer_index = int(index)
     step.answer = OPTION_LETTERS[int(index)]
     step.p_t, step.margin, step.entropy = float(p_t), float(margin), float(entropy)

@@ -64,7 +64,7 @@ def load_probe(config: StageConfig, backend: Backend):
         return None
     from cascade_core.probe import PIKProbe
 
-    return PIKProbe.load(path, expected_model_id=backend.model_id)
+    return PIKProbe.load(path, expected_model_id=backend.model_id, expected_layer=config.probe_layer)
 
 
 def runtime_stage(config: StageConfig, backend: Backend | None = None) -> RuntimeStage:
