@@ -136,6 +136,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probes_train(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from cascade_core.bench import BenchPaths, load_features, load_records
+    from cascade_core.io import atomic_write_parquet
+    from cascade_core.probe_training import align_features, train_probe
+
+    preset = load_preset(args.preset)
+    for config in preset.stages + preset.extra_stages:
+        if args.stages and config.name not in args.stages:
+            continue
+        paths = BenchPaths.for_stage(Path(args.results_dir), Path(args.features_dir), args.dataset, config.name)
+        if config.backend == "recorded" or not paths.records.exists():
+            continue
+        records = load_records(paths.records)
+        qids, features = load_features(paths.features_dir)
+        if not features:
+            print(f"{config.name}: no hidden-state features under {paths.features_dir}; skipped")
+            continue
+        aligned = align_features(records, qids, features)
+        result = train_probe(records, aligned, model_id=str(records["model_id"].iloc[0]), seed=args.seed)
+        probe_path = config.probe_path() or Path(args.probes_dir) / f"{config.name}.npz"
+        result.probe.metadata["test_auroc"] = result.test_auroc
+        result.probe.metadata["layer_cv_auroc"] = {str(k): v for k, v in result.layer_auroc.items()}
+        result.probe.save(probe_path)
+        records = records.assign(
+            p_ik=result.p_ik,
+            p_ik_source=np.where(records["split"].astype(str) == "calibration", "out-of-fold", "probe"),
+        )
+        atomic_write_parquet(records, paths.records)
+        print(f"{config.name}: layer {result.probe.layer}, held-out AUROC {result.test_auroc:.3f} -> {probe_path}")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for name in list_presets():
         preset = load_preset(name)
@@ -177,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--features-dir", default=str(DEFAULT_FEATURES_DIR))
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_bench)
+
+    probes = sub.add_parser("probes", help="P(IK) probes")
+    probes_sub = probes.add_subparsers(dest="probes_command", required=True)
+    train = probes_sub.add_parser("train", help="train one probe per model on the calibration split")
+    train.add_argument("--preset", default="default")
+    train.add_argument("--dataset", default="mmlu")
+    train.add_argument("--stages", nargs="+", metavar="NAME")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR))
+    train.add_argument("--features-dir", default=str(DEFAULT_FEATURES_DIR))
+    train.add_argument("--probes-dir", default=str(REPO_ROOT / "data" / "probes"))
+    train.set_defaults(func=cmd_probes_train)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=cmd_presets)
