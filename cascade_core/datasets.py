@@ -123,7 +123,9 @@ def load_mmlu(
         table = take_per_subject(table, per_subject)
     if split in SPLITS:
         table = table[table["split"] == split]
-    return table[COLUMNS].reset_index(drop=True).copy()
+    out = table[COLUMNS].reset_index(drop=True).copy()
+    out["options"] = [list(o) for o in out["options"]]  # callers may edit; the cache stays whole
+    return out
 
 
 def load_split(path: Path | str = MMLU_SPLIT_PATH) -> dict[str, str]:
