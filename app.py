@@ -44,5 +44,5 @@ rows = [
     for s in preset.stages
 ]
 st.subheader("Stages, smallest first")
-st.dataframe(rows, hide_index=True, use_container_width=True)
+st.dataframe(rows, hide_index=True, width="stretch")
 st.caption("The last enabled stage always answers.")

@@ -177,3 +177,167 @@ def test_answer_without_logprobs_or_letters_is_a_clear_error(faults, keyed):
         fault_stage(faults, "nologprobs").score_options(["Q?"], [4])
     with pytest.raises(EndpointError, match="none of the top 2 tokens is an option letter A-D"):
         fault_stage(faults, "noletters").score_options(["Q?"], [4])
+
+
+# ---- the project's own server, for real ------------------------------------------------------
+
+QUESTIONS = [
+    QUESTION,
+    Question(text="How many legs does a spider have?", options=("Four", "Six", "Eight", "Ten"), subject="biology"),
+    Question(text="What is 7 times 8?", options=("54", "56", "58", "64"), subject="elementary mathematics"),
+    Question(text="Which gas do plants absorb from the air?", options=("Oxygen", "Nitrogen", "Carbon dioxide", "Helium"),
+             subject="biology"),
+]
+
+
+@pytest.fixture(scope="module")
+def live(smollm2_backend, tmp_path_factory):
+    """`python -m cascade_core.server.single_stage` serving SmolLM2-135M, the planted key required."""
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    args = ["--packaged", "smollm2-135m", "--model-name", "smollm2-135m", "--api-key-env", KEY_ENV]
+    with SubprocessServer("cascade_core.server.single_stage", args, env={KEY_ENV: PLANTED_KEY},
+                          log_path=log_path) as server:
+        yield server
+
+
+def live_stage(live, mode: str = "completions", **kwargs) -> OpenAIStage:
+    return OpenAIStage("smollm2-135m", f"{live.url}/v1", api_key_env=KEY_ENV, mode=mode, **kwargs)
+
+
+def _renormalised(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)[mask]
+    p = np.exp(x - x.max())
+    return p / p.sum()
+
+
+def test_completions_letter_scores_match_the_local_model(live, smollm2_backend, keyed):
+    from cascade_core.prompts import format_prompt
+
+    prompts = [format_prompt(q) for q in QUESTIONS]
+    with live_stage(live, concurrency=4) as stage:
+        remote = stage.score_options(prompts, [4] * len(prompts))
+    local = smollm2_backend.score_options(prompts, [4] * len(prompts))
+    all_four = 0
+    for r, l in zip(remote, local):
+        finite = np.isfinite(r.letter_logits)
+        assert finite.sum() >= 2, r.letter_logits
+        # Softmax over the letters the server returned = the local softmax renormalised over them;
+        # with all letters in the top 20 the two P(T) are the same number.
+        np.testing.assert_allclose(_renormalised(r.letter_logits, finite), _renormalised(l.letter_logits, finite),
+                                   atol=2e-3)
+        all_four += int(finite.all())
+        assert r.hidden_states is None and r.output_tokens == 1
+        assert r.prompt_tokens == l.prompt_tokens
+    assert all_four >= 1
+
+
+def test_chat_mode_scores_letters_through_the_chat_template(live, smollm2_backend, keyed):
+    from cascade_core.prompts import format_prompt
+
+    prompt = format_prompt(QUESTION)
+    (scores,) = live_stage(live, mode="chat").score_options([prompt], [4])
+    assert np.isfinite(scores.letter_logits).sum() >= 1 and (scores.letter_logits <= 0).all()
+    (local,) = smollm2_backend.score_options([prompt], [4])
+    assert scores.prompt_tokens > local.prompt_tokens  # the template's role markers
+    assert scores.output_tokens == 1
+
+
+def test_batch_runs_in_parallel_and_keeps_the_order(live, keyed):
+    from cascade_core.prompts import format_prompt
+
+    prompts = [format_prompt(q) for q in QUESTIONS]
+    with live_stage(live, concurrency=1) as one_by_one, live_stage(live, concurrency=4) as parallel:
+        sequential = one_by_one.score_options(prompts, [4] * 4)
+        together = parallel.score_options(prompts * 2, [4] * 8)
+    for i, scores in enumerate(together):
+        np.testing.assert_allclose(scores.letter_logits, sequential[i % 4].letter_logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["completions", "chat"])
+def test_generate_returns_text_and_token_logprobs(live, keyed, mode):
+    generation = live_stage(live, mode=mode).generate("Name the capital of France.", max_new_tokens=6)
+    assert generation.text and 1 <= generation.output_tokens <= 6
+    assert len(generation.token_logprobs) == generation.output_tokens
+    assert (generation.token_logprobs <= 0).all() and generation.prompt_tokens > 0
+
+
+def _stages(first, second, *, first_keeps: bool, price=(2.5, 10.0), on_error="escalate"):
+    from cascade_core.cascade import RuntimeStage
+    from cascade_core.policy import StagePolicy
+
+    policy = StagePolicy(tau_t=0.0 if first_keeps else 1.0, rule="pt_only")
+    a_price = price if isinstance(first, OpenAIStage) else (0.0, 0.0)
+    b_price = price if isinstance(second, OpenAIStage) else (0.0, 0.0)
+    return [RuntimeStage("first", first, policy=policy, price_in=a_price[0], price_out=a_price[1], on_error=on_error),
+            RuntimeStage("second", second, price_in=b_price[0], price_out=b_price[1])]
+
+
+def test_cascade_local_then_remote_costs_tokens_and_dollars(live, smollm2_backend, keyed, caplog):
+    from cascade_core.cascade import run_cascade, trace_to_dict
+
+    caplog.set_level(logging.DEBUG)
+    remote = live_stage(live)
+    trace = run_cascade(_stages(smollm2_backend, remote, first_keeps=False), QUESTION)
+    local_step, remote_step = trace.steps
+    assert (local_step.decision, remote_step.decision) == ("escalate", "final")
+    assert local_step.flops > 0 and local_step.dollars == 0
+    assert remote_step.prompt_tokens == local_step.prompt_tokens and remote_step.output_tokens == 1
+    assert remote_step.dollars == pytest.approx((remote_step.prompt_tokens * 2.5 + 1 * 10.0) / 1e6)
+    assert remote_step.flops == 0 and math.isnan(remote_step.p_ik) and 0 < remote_step.p_t <= 1
+    assert remote_step.answer in "ABCD" and trace.answered_by is remote_step
+    text = json.dumps(trace_to_dict(trace))
+    assert PLANTED_KEY not in text and PLANTED_KEY not in caplog.text
+
+
+def test_cascade_remote_first_keeps(live, smollm2_backend, keyed):
+    from cascade_core.cascade import run_cascade
+
+    trace = run_cascade(_stages(live_stage(live), smollm2_backend, first_keeps=True), QUESTION)
+    assert [s.decision for s in trace.steps] == ["keep"]
+    assert trace.total("dollars") == pytest.approx((trace.steps[0].prompt_tokens * 2.5 + 10.0) / 1e6)
+
+
+# ---- faults become error rows, never crashes -------------------------------------------------
+
+FAULTS = {
+    "down": ("ConnectError", None),
+    "e500": ("HTTP 500", "e500"),
+    "hang": ("ReadTimeout", "hang"),
+    "nologprobs": ("no logprobs", "nologprobs"),
+    "echo": ("HTTP 400", "echo"),
+}
+
+
+def _faulty_stage(faults, fault: str) -> OpenAIStage:
+    _needle, kind = FAULTS[fault]
+    if kind is None:
+        return OpenAIStage("down", f"http://127.0.0.1:{free_port()}/v1", api_key_env=KEY_ENV, max_retries=1,
+                           backoff_s=0.01)
+    return fault_stage(faults, kind, timeout_s=0.3, max_retries=1)
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_a_failing_stage_is_an_error_row_and_the_cascade_escalates(faults, smollm2_backend, keyed, caplog, fault):
+    from cascade_core.cascade import run_cascade, trace_to_dict
+
+    caplog.set_level(logging.DEBUG)
+    trace = run_cascade(_stages(_faulty_stage(faults, fault), smollm2_backend, first_keeps=True), QUESTION)
+    failed, answered = trace.steps
+    assert failed.decision == "error" and FAULTS[fault][0] in failed.error
+    assert failed.dollars == 0 and answered.decision == "final" and trace.answer in "ABCD"
+    text = json.dumps(trace_to_dict(trace))
+    assert PLANTED_KEY not in text and PLANTED_KEY not in caplog.text
+
+
+@pytest.mark.parametrize("fault", ["down", "echo"])
+def test_on_error_fail_raises_cascade_error_with_the_trace(faults, smollm2_backend, keyed, caplog, fault):
+    from cascade_core.cascade import CascadeError, run_cascade, trace_to_dict
+
+    caplog.set_level(logging.DEBUG)
+    stages = _stages(_faulty_stage(faults, fault), smollm2_backend, first_keeps=True, on_error="fail")
+    with pytest.raises(CascadeError) as err:
+        run_cascade(stages, QUESTION)
+    _message, trace = err.value.args
+    assert [s.decision for s in trace.steps] == ["error"]
+    assert PLANTED_KEY not in str(err.value) and PLANTED_KEY not in json.dumps(trace_to_dict(trace))
+    assert PLANTED_KEY not in caplog.text
