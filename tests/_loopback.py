@@ -70,9 +70,15 @@ class SubprocessServer:
             return self.log_path.read_text(errors="replace")[-3000:]
         return ""
 
+    def start(self) -> "SubprocessServer":
+        """Launch without waiting, so the caller can do other slow work while the model loads."""
+        if self.proc is None:
+            log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+            self.proc = subprocess.Popen(self.cmd, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
     def __enter__(self) -> "SubprocessServer":
-        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.start()
         deadline = time.monotonic() + 180
         while True:
             if self.proc.poll() is not None:

