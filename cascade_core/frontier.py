@@ -1,0 +1,516 @@
+"""Many policies at once: the threshold sweep, the Pareto frontier, baselines and router metrics.
+
+The sweep evaluates every combination of per-stage quantile thresholds, for the full cascade and
+for every sub-cascade with stages switched off, in one batched pass. The trick: for a cascade
+whose stages before the last two are fixed (a "prefix" that lets the questions in R through),
+the outcome over all thresholds of the second-to-last stage is one matrix product:
+
+    correct count[p, k] = R[p] . (K[k] * y_a + ~K[k] * y_b)
+    cost[p, k]          = R[p] . (c_a + ~K[k] * c_b)
+
+with R the (prefix, N) 0/1 matrix of questions that reach stage a, K the (k, N) keep masks of
+stage a's candidate thresholds. Counts of 0/1 values are exact in float64; costs equal the replay
+up to float summation order. Each candidate's keep mask comes from `policy.keep_mask`, so every
+row of the sweep is a policy that `replay` reproduces.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas
+
+from cascade_core.cost import COST_UNITS, check_unit, compute_reduction
+from cascade_core.policy import RULES, CascadePolicy, LearnedCombiner, StagePolicy, fit_combiner, keep_mask
+from cascade_core.records import RecordTable
+from cascade_core.replay import ReplayResult, replay
+
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it trapz
+DEFAULT_QUANTILES = {"both": 8, "pt_only": 50, "pik_only": 50, "learned": 50}
+_CHUNK_ROWS = 256
+
+
+# -- candidates ---------------------------------------------------------------------------------
+def _quantile_thresholds(values: np.ndarray, n: int) -> np.ndarray:
+    """Up to n distinct thresholds taken from the data (quantile levels 0..1, 'lower' method)."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.array([0.0])
+    return np.unique(np.quantile(finite, np.linspace(0.0, 1.0, n), method="lower"))
+
+
+@dataclass(frozen=True)
+class StageCandidates:
+    """The thresholds tried at one stage and the keep mask each gives (one row per candidate)."""
+
+    policies: tuple[StagePolicy, ...]
+    keep: np.ndarray  # (c, N) bool
+
+
+def stage_candidates(table: RecordTable, stage: int, rule: str = "both", n_quantiles: int | None = None,
+                     combiner: LearnedCombiner | None = None) -> StageCandidates:
+    """Candidate policies for one stage from quantiles of its signals; duplicate masks dropped.
+
+    `both` tries an n x n grid of (P(T), P(IK)) quantiles; a stage without P(IK) routes on P(T)
+    alone and gets n x n quantiles of P(T) instead. Single-signal rules try n quantiles.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; rules: {', '.join(RULES)}")
+    n = DEFAULT_QUANTILES[rule] if n_quantiles is None else int(n_quantiles)
+    if n < 1:
+        raise ValueError(f"n_quantiles must be >= 1, got {n}")
+    p_t, p_ik = table.p_t[stage], table.p_ik[stage]
+    has_pik = bool(np.isfinite(p_ik).any())
+    if rule == "both" and has_pik:
+        grid = itertools.product(_quantile_thresholds(p_t, n), _quantile_thresholds(p_ik, n))
+        policies = [StagePolicy(tau_t=t, tau_ik=k, rule=rule) for t, k in grid]
+    elif rule in ("both", "pt_only") or (rule == "pik_only" and not has_pik):
+        count = n * n if rule == "both" else n
+        policies = [StagePolicy(tau_t=t, rule=rule) for t in _quantile_thresholds(p_t, count)]
+    elif rule == "pik_only":
+        policies = [StagePolicy(tau_ik=k, rule=rule) for k in _quantile_thresholds(p_ik, n)]
+    else:
+        if combiner is None:
+            raise ValueError(f"rule 'learned' needs a combiner for stage {table.names[stage]!r}")
+        score = combiner.score(p_t, p_ik, table.margin[stage], table.entropy[stage])
+        policies = [StagePolicy(tau_learned=t, rule=rule, combiner=combiner) for t in _quantile_thresholds(score, n)]
+    keep = np.stack([keep_mask(p, p_t, p_ik, table.margin[stage], table.entropy[stage]) for p in policies])
+    _, first = np.unique(np.packbits(keep, axis=1), axis=0, return_index=True)
+    first = np.sort(first)
+    return StageCandidates(policies=tuple(policies[i] for i in first), keep=keep[first])
+
+
+def cascade_subsets(table: RecordTable, include_skips: bool = True) -> list[tuple[int, ...]]:
+    """The stage subsets to sweep: all non-empty ordered subsets (or only the full cascade).
+
+    A recorded stage has no P(T) to route on, so it appears only as the last stage of a subset.
+    """
+    S = table.n_stages
+    if not include_skips:
+        return [tuple(range(S))]
+    subsets = []
+    for size in range(1, S + 1):
+        for combo in itertools.combinations(range(S), size):
+            if not any(table.recorded[s] for s in combo[:-1]):
+                subsets.append(combo)
+    return subsets
+
+
+# -- the sweep ----------------------------------------------------------------------------------
+@dataclass
+class SweepResult:
+    """Every swept policy's outcome. Arrays have one row per policy (P) and one column per stage (S).
+
+    Thresholds are NaN where they do not apply (switched-off stages, the last enabled stage, the
+    threshold a rule does not read). `mean_cost[unit]` is the mean cost per question.
+    """
+
+    names: tuple[str, ...]
+    rule: str
+    enabled: np.ndarray
+    tau_t: np.ndarray
+    tau_ik: np.ndarray
+    tau_learned: np.ndarray
+    accuracy: np.ndarray
+    mean_cost: dict[str, np.ndarray]
+    reach_rate: np.ndarray
+    escalation_rate: np.ndarray
+    n_questions: int
+    combiners: tuple[LearnedCombiner | None, ...] = field(default=())
+
+    def __len__(self) -> int:
+        return len(self.accuracy)
+
+    def policy(self, index: int) -> CascadePolicy:
+        """Swept policy `index` as a CascadePolicy that `replay` reproduces."""
+        stages = []
+        for s in range(len(self.names)):
+            value = lambda a: 0.0 if np.isnan(a[index, s]) else float(a[index, s])  # noqa: E731
+            combiner = self.combiners[s] if self.combiners else None
+            tau_learned = 0.5 if np.isnan(self.tau_learned[index, s]) else float(self.tau_learned[index, s])
+            stages.append(StagePolicy(tau_t=value(self.tau_t), tau_ik=value(self.tau_ik), rule=self.rule,
+                                      enabled=bool(self.enabled[index, s]), tau_learned=tau_learned,
+                                      combiner=combiner))
+        return CascadePolicy(tuple(stages))
+
+    def cost(self, unit: str) -> np.ndarray:
+        return self.mean_cost[check_unit(unit)]
+
+    def frontier(self, unit: str = "flops") -> np.ndarray:
+        """Indices of the non-dominated policies in (mean cost in `unit`, accuracy), by cost."""
+        return pareto_frontier(self.cost(unit), self.accuracy)
+
+    def frame(self) -> pandas.DataFrame:
+        """One row per policy: stages used, thresholds, accuracy, mean costs, reach/escalation."""
+        data: dict[str, np.ndarray] = {"policy": np.arange(len(self))}
+        labels = np.array(self.names, dtype=object)
+        data["stages"] = np.array([" -> ".join(labels[row]) for row in self.enabled], dtype=object)
+        data["n_enabled"] = self.enabled.sum(axis=1)
+        data["accuracy"] = self.accuracy
+        for unit in COST_UNITS:
+            data[f"cost_{unit}"] = self.mean_cost[unit]
+        for s, name in enumerate(self.names):
+            data[f"{name}:enabled"] = self.enabled[:, s]
+            data[f"{name}:tau_t"] = self.tau_t[:, s]
+            data[f"{name}:tau_ik"] = self.tau_ik[:, s]
+            if self.rule == "learned":
+                data[f"{name}:tau_learned"] = self.tau_learned[:, s]
+            data[f"{name}:reach"] = self.reach_rate[:, s]
+            data[f"{name}:escalation"] = self.escalation_rate[:, s]
+        return pandas.DataFrame(data)
+
+
+def _thresholds(policies: Sequence[StagePolicy], rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    t = np.array([p.tau_t for p in policies])
+    ik = np.array([p.tau_ik for p in policies])
+    learned = np.array([p.tau_learned for p in policies])
+    nan = np.full(len(policies), np.nan)
+    if rule == "pt_only":
+        return t, nan, nan
+    if rule == "pik_only":
+        return t, ik, nan
+    if rule == "learned":
+        return t, nan, learned
+    return t, ik, nan
+
+
+def _evaluate_subset(table: RecordTable, subset: tuple[int, ...], candidates: dict[int, StageCandidates],
+                     rule: str) -> dict[str, np.ndarray]:
+    """All threshold combinations of one sub-cascade (stages `subset` on, the rest off)."""
+    S, N = table.n_stages, table.n_questions
+    U = len(COST_UNITS)
+    costs = table.cost_stack()  # (U, S, N)
+    y = table.correct
+    m = len(subset)
+    if m == 1:
+        s = subset[0]
+        P = 1
+        acc = np.array([np.count_nonzero(y[s]) / N])
+        mean_cost = costs[:, s].sum(axis=1)[None, :] / N
+        reach = np.zeros((1, S))
+        reach[0, s] = 1.0
+        choice: list[np.ndarray] = []
+    else:
+        routed = subset[:-1]
+        prefix, (a, b) = subset[:-2], subset[-2:]
+        # Prefix: explicit reach masks R (P_pre, N), with what the prefix stages answered and cost.
+        R = np.ones((1, N), dtype=bool)
+        acc_pre = np.zeros(1)
+        cost_pre = np.zeros((1, U))
+        reach_pre: list[np.ndarray] = []
+        for s in prefix:
+            K = candidates[s].keep
+            Rf = R.astype(np.float64)
+            reach_pre.append(Rf.sum(axis=1))
+            acc_pre = (acc_pre[:, None] + Rf @ (K & y[s]).T.astype(np.float64)).ravel()
+            cost_pre = (cost_pre + Rf @ costs[:, s].T)[:, None, :].repeat(len(K), axis=1).reshape(-1, U)
+            reach_pre = [r.repeat(len(K)) for r in reach_pre]
+            R = (R[:, None, :] & ~K[None, :, :]).reshape(-1, N)
+        K = candidates[a].keep
+        c = len(K)
+        notK = (~K).T.astype(np.float64)  # (N, c)
+        blocks = [(K & y[a]).T + notK * y[b][:, None], notK]
+        blocks += [costs[u, a][:, None] + notK * costs[u, b][:, None] for u in range(U)]
+        W = np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float64)  # (N, c * (2 + U))
+        P_pre = len(R)
+        out = np.empty((P_pre, W.shape[1]))
+        reach_a = np.empty(P_pre)
+        for start in range(0, P_pre, _CHUNK_ROWS):
+            Rf = R[start:start + _CHUNK_ROWS].astype(np.float64)
+            out[start:start + _CHUNK_ROWS] = Rf @ W
+            reach_a[start:start + _CHUNK_ROWS] = Rf.sum(axis=1)
+        out = out.reshape(P_pre, 2 + U, c)
+        P = P_pre * c
+        acc = (acc_pre[:, None] + out[:, 0]).ravel() / N
+        mean_cost = (cost_pre[:, None, :] + out[:, 2:].transpose(0, 2, 1)).reshape(P, U) / N
+        reach = np.zeros((P, S))
+        for s, r in zip(prefix, reach_pre):
+            reach[:, s] = np.repeat(r, c) / N
+        reach[:, a] = np.repeat(reach_a, c) / N
+        reach[:, b] = out[:, 1].ravel() / N
+        # Which candidate each routed stage uses in each policy (row-major over the product).
+        sizes = [len(candidates[s].keep) for s in routed]
+        choice = list(np.unravel_index(np.arange(P), sizes))
+    enabled = np.zeros((P, S), dtype=bool)
+    enabled[:, list(subset)] = True
+    tau = {k: np.full((P, S), np.nan) for k in ("t", "ik", "learned")}
+    for s, pick in zip(subset[:-1], choice):
+        t, ik, learned = _thresholds(candidates[s].policies, rule)
+        tau["t"][:, s], tau["ik"][:, s], tau["learned"][:, s] = t[pick], ik[pick], learned[pick]
+    escalation = np.full((P, S), np.nan)
+    for j, s in enumerate(subset):
+        nxt = reach[:, subset[j + 1]] if j + 1 < m else np.zeros(P)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            escalation[:, s] = np.where(reach[:, s] > 0, nxt / np.where(reach[:, s] > 0, reach[:, s], 1), np.nan)
+    return {"enabled": enabled, "tau_t": tau["t"], "tau_ik": tau["ik"], "tau_learned": tau["learned"],
+            "accuracy": acc, "mean_cost": mean_cost, "reach_rate": reach, "escalation_rate": escalation}
+
+
+def sweep(
+    table: RecordTable,
+    rule: str = "both",
+    n_quantiles: int | None = None,
+    include_skips: bool = True,
+    combiners: Sequence[LearnedCombiner | None] | None = None,
+    max_policies: int = 500_000,
+) -> SweepResult:
+    """Evaluate every threshold combination of every (sub-)cascade of `table`.
+
+    Candidates per stage come from quantiles of its own signals (`stage_candidates`); the last
+    stage of each sub-cascade always answers. `include_skips` adds every cascade with stages
+    switched off, single models included, so a choice over the sweep is never worse than its best
+    single stage. For `rule="learned"` without `combiners`, one is fitted per stage on `table`
+    itself: sweep the calibration split, never the test split.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; rules: {', '.join(RULES)}")
+    subsets = cascade_subsets(table, include_skips)
+    routed = sorted({s for subset in subsets for s in subset[:-1]})
+    if rule == "learned":
+        if combiners is None:
+            combiners = [None] * table.n_stages
+            for s in routed:
+                combiners[s] = fit_combiner(table.p_t[s], table.p_ik[s], table.margin[s], table.entropy[s], table.correct[s])
+        if len(combiners) != table.n_stages:
+            raise ValueError(f"{len(combiners)} combiners for {table.n_stages} stages")
+    combiners = tuple(combiners) if combiners is not None else ()
+    candidates = {s: stage_candidates(table, s, rule, n_quantiles, combiners[s] if combiners else None) for s in routed}
+    total = sum(int(np.prod([len(candidates[s].keep) for s in subset[:-1]])) for subset in subsets)
+    if total > max_policies:
+        raise ValueError(f"the sweep would evaluate {total} policies (max_policies={max_policies}); "
+                         "lower n_quantiles or switch include_skips off")
+    parts = [_evaluate_subset(table, subset, candidates, rule) for subset in subsets]
+    joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    mean_cost = {u: np.ascontiguousarray(joined["mean_cost"][:, k]) for k, u in enumerate(COST_UNITS)}
+    return SweepResult(names=table.names, rule=rule, enabled=joined["enabled"], tau_t=joined["tau_t"],
+                       tau_ik=joined["tau_ik"], tau_learned=joined["tau_learned"], accuracy=joined["accuracy"],
+                       mean_cost=mean_cost, reach_rate=joined["reach_rate"],
+                       escalation_rate=joined["escalation_rate"], n_questions=table.n_questions,
+                       combiners=combiners)
+
+
+# -- frontier -----------------------------------------------------------------------------------
+def pareto_frontier(cost, accuracy) -> np.ndarray:
+    """Indices of the non-dominated points (no other point is as cheap and as accurate, one
+    strictly), sorted by cost. Of identical points only the first is kept; NaN points are skipped.
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    accuracy = np.asarray(accuracy, dtype=np.float64)
+    if cost.shape != accuracy.shape or cost.ndim != 1:
+        raise ValueError(f"cost and accuracy must be 1-D arrays of one length, got {cost.shape} and {accuracy.shape}")
+    valid = np.flatnonzero(np.isfinite(cost) & np.isfinite(accuracy))
+    order = valid[np.lexsort((valid, -accuracy[valid], cost[valid]))]
+    acc_sorted = accuracy[order]
+    best_before = np.concatenate([[-np.inf], np.maximum.accumulate(acc_sorted)[:-1]])
+    return order[acc_sorted > best_before]
+
+
+def upper_hull(cost, accuracy) -> tuple[np.ndarray, np.ndarray]:
+    """The non-decreasing concave (convex-hull) envelope of (cost, accuracy) points, by cost.
+
+    Any point on it is reachable by mixing two policies at random, which is why RouterBench's AIQ
+    integrates it rather than the raw points.
+    """
+    front = pareto_frontier(cost, accuracy)
+    x = np.asarray(cost, dtype=np.float64)[front]
+    y = np.asarray(accuracy, dtype=np.float64)[front]
+    hull: list[int] = []
+    for i in range(len(x)):
+        while len(hull) >= 2:
+            o, a = hull[-2], hull[-1]
+            cross = (x[a] - x[o]) * (y[i] - y[o]) - (y[a] - y[o]) * (x[i] - x[o])
+            if cross >= 0:  # a lies on or under the chord o -> i
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return x[hull], y[hull]
+
+
+# -- baselines ----------------------------------------------------------------------------------
+def single_models(table: RecordTable) -> pandas.DataFrame:
+    """Each stage alone on every question: accuracy, mean cost per unit, compute reduction."""
+    rows = []
+    N = table.n_questions
+    for s in range(table.n_stages):
+        row = {"stage": table.names[s], "model_id": table.model_ids[s], "accuracy": np.count_nonzero(table.correct[s]) / N}
+        for unit in COST_UNITS:
+            row[f"cost_{unit}"] = float(table.cost(unit)[s].sum() / N)
+        for unit in COST_UNITS:
+            row[f"reduction_{unit}"] = compute_reduction(table.cost(unit)[s].sum(), table.cost(unit)[-1].sum())
+        rows.append(row)
+    return pandas.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    """A baseline's accuracy and mean cost per unit (and, for the oracle, who answered what)."""
+
+    name: str
+    accuracy: float
+    mean_cost: dict[str, float]
+    reach_rate: np.ndarray
+    compute_reduction: dict[str, float]
+    answered_by: np.ndarray | None = None
+    correct: np.ndarray | None = None
+
+
+def _reductions(table: RecordTable, mean_cost: dict[str, float]) -> dict[str, float]:
+    return {u: compute_reduction(mean_cost[u], table.cost(u)[-1].mean()) for u in COST_UNITS}
+
+
+def random_routing(table: RecordTable, rates, enabled: Sequence[bool] | None = None) -> BaselineResult:
+    """Expected outcome when each stage escalates a random share of what reaches it.
+
+    `rates` are per-stage escalation rates (conditional on reaching the stage), e.g. a policy's
+    `ReplayResult` (its rates and enabled stages are used). A stage that is off, or whose rate
+    is NaN, is skipped; the last enabled stage answers everything that reaches it. Because the
+    choice ignores the question, the questions a stage answers are a random sample of all, so the
+    expectation is analytic: accuracy = sum_s reach_s (1 - r_s) acc_s, cost = sum_s reach_s c_s.
+    """
+    if isinstance(rates, ReplayResult):
+        if enabled is None and isinstance(rates.policy, CascadePolicy):
+            enabled = [s.enabled for s in rates.policy.stages]
+        rates = rates.escalation_rate
+    rates = np.asarray(rates, dtype=np.float64)
+    S = table.n_stages
+    if rates.shape != (S,):
+        raise ValueError(f"rates must have one value per stage ({S}), got shape {rates.shape}")
+    on = np.ones(S, dtype=bool) if enabled is None else np.asarray(enabled, dtype=bool)
+    on = on & ~np.isnan(rates) if enabled is None else on
+    if not on.any():
+        raise ValueError("random routing needs at least one enabled stage")
+    if np.any((rates[on] < 0) | (rates[on] > 1)):
+        raise ValueError("escalation rates must lie in [0, 1]")
+    stages = np.flatnonzero(on)
+    reach = np.zeros(S)
+    remaining, accuracy = 1.0, 0.0
+    mean_cost = {u: 0.0 for u in COST_UNITS}
+    for j, s in enumerate(stages):
+        r = 0.0 if j == len(stages) - 1 else float(np.nan_to_num(rates[s]))
+        reach[s] = remaining
+        accuracy += remaining * (1 - r) * table.correct[s].mean()
+        for u in COST_UNITS:
+            mean_cost[u] += remaining * float(table.cost(u)[s].mean())
+        remaining *= r
+    return BaselineResult("random", float(accuracy), mean_cost, reach, _reductions(table, mean_cost))
+
+
+def oracle(table: RecordTable, unit: str = "flops") -> BaselineResult:
+    """Each question answered by the model that gets it right at the lowest cost (in `unit`) on
+    that question; if none does, by the cheapest model. It pays that model's cost ONLY.
+
+    This is the lower bound a router could reach: any cascade that answers a question correctly
+    visited at least one model that gets it right and paid at least that model's cost, so no
+    policy reaches the oracle's accuracy at a lower cost in `unit`. Ties go to the earlier stage.
+    """
+    check_unit(unit)
+    cost = table.cost(unit)
+    N = table.n_questions
+    penalised = np.where(table.correct, cost, np.inf)
+    any_right = table.correct.any(axis=0)
+    pick = np.where(any_right, np.argmin(penalised, axis=0), np.argmin(cost, axis=0))
+    columns = np.arange(N)
+    correct = table.correct[pick, columns]
+    mean_cost = {u: float(table.cost(u)[pick, columns].sum() / N) for u in COST_UNITS}
+    reach = np.bincount(pick, minlength=table.n_stages) / N
+    return BaselineResult("oracle", float(np.count_nonzero(correct) / N), mean_cost, reach,
+                          _reductions(table, mean_cost), answered_by=pick, correct=correct)
+
+
+# -- metrics ------------------------------------------------------------------------------------
+def _points(points) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(points, pandas.DataFrame):
+        cost_columns = [c for c in points.columns if c == "cost" or c.startswith("cost")]
+        if "accuracy" not in points.columns or len(cost_columns) != 1:
+            raise ValueError("a points frame needs an 'accuracy' column and exactly one cost column")
+        return points[cost_columns[0]].to_numpy(float), points["accuracy"].to_numpy(float)
+    cost, accuracy = points
+    cost, accuracy = np.asarray(cost, dtype=np.float64), np.asarray(accuracy, dtype=np.float64)
+    if cost.shape != accuracy.shape:
+        raise ValueError(f"cost and accuracy differ in shape: {cost.shape} vs {accuracy.shape}")
+    return cost, accuracy
+
+
+def cheapest_at_accuracy(points, min_accuracy: float) -> int:
+    """Index of the cheapest point whose accuracy >= `min_accuracy` (ties: more accurate), or -1."""
+    cost, accuracy = _points(points)
+    ok = np.flatnonzero(accuracy >= min_accuracy - 1e-12)
+    if ok.size == 0:
+        return -1
+    return int(ok[np.lexsort((-accuracy[ok], cost[ok]))[0]])
+
+
+def cost_reduction_at_iso_accuracy(points, ref_acc: float, ref_cost: float, tolerance: float = 0.0) -> float:
+    """The paper's headline: 1 - (cost of the cheapest point with accuracy >= ref_acc - tolerance)
+    / ref_cost, with the reference usually the largest model alone (Chen, Chen, Yen 2026). `points`
+    is (cost, accuracy) arrays or a frame with `accuracy` and one cost column. NaN if no point
+    qualifies.
+    """
+    index = cheapest_at_accuracy(points, ref_acc - tolerance)
+    if index < 0:
+        return float("nan")
+    cost, _ = _points(points)
+    return compute_reduction(cost[index], ref_cost)
+
+
+def accuracy_difference(accuracy, reference_accuracy):
+    """PD: the accuracy difference to the largest model, accuracy - reference (negative = a drop),
+    as the paper reports it next to the cost reduction; its CI and McNemar test live in `stats`.
+    """
+    out = np.asarray(accuracy, dtype=np.float64) - float(reference_accuracy)
+    return float(out) if out.ndim == 0 else out
+
+
+pd = accuracy_difference  # the paper's name (this module imports pandas as `pandas`)
+
+
+def apgr(points, weak: tuple[float, float], strong: tuple[float, float]) -> float:
+    """APGR (RouteLLM, Ong et al. 2024, `evaluate.py`): the router's area under its accuracy-vs-
+    cost curve, minus the weak model's, over the strong model's minus the weak model's.
+
+    RouteLLM's x-axis is the share of calls to the strong model; ours generalises it to the cost
+    normalised as (cost - cost_weak) / (cost_strong - cost_weak). As in RouteLLM, the trapezoid
+    rule runs over the given points sorted by cost, so it equals the mean performance gap
+    recovered, PGR = (acc - acc_weak) / (acc_strong - acc_weak), over the points' cost range.
+    `weak` and `strong` are (cost, accuracy); pass a curve (e.g. a frontier), at least 2 points.
+    """
+    cost, accuracy = _points(points)
+    (cost_w, acc_w), (cost_s, acc_s) = weak, strong
+    if acc_s == acc_w:
+        raise ValueError("APGR is undefined when the strong and the weak model are equally accurate")
+    if cost_s == cost_w:
+        raise ValueError("APGR needs the strong and the weak model to differ in cost")
+    if len(cost) < 2:
+        raise ValueError("APGR needs a curve of at least 2 points")
+    order = np.argsort(cost, kind="stable")
+    x = (cost[order] - cost_w) / (cost_s - cost_w)
+    if x[-1] == x[0]:
+        raise ValueError("APGR needs points that differ in cost")
+    pgr = (accuracy[order] - acc_w) / (acc_s - acc_w)
+    return float(_trapezoid(pgr, x) / (x[-1] - x[0]))
+
+
+def aiq(points, cost_range: tuple[float, float] | None = None) -> float:
+    """AIQ (RouterBench, Hu et al. 2024): area under the non-decreasing convex hull of the
+    (cost, accuracy) points, divided by the cost range, i.e. 1/(c_max - c_min) * integral of the
+    hull over [c_min, c_max]. Beyond its last point the hull stays flat (RouterBench extends it to
+    c_max); before its first point it counts 0. Default range: the points' own min and max cost.
+    """
+    cost, accuracy = _points(points)
+    x, y = upper_hull(cost, accuracy)
+    if len(x) == 0:
+        raise ValueError("AIQ needs at least one finite point")
+    finite = cost[np.isfinite(cost)]
+    lo, hi = (float(finite.min()), float(finite.max())) if cost_range is None else map(float, cost_range)
+    if not hi > lo:
+        raise ValueError(f"AIQ needs a cost range with max > min, got [{lo}, {hi}]")
+    start = max(lo, float(x[0]))
+    if start >= hi:
+        return 0.0
+    xs = np.concatenate([[start], x[(x > start) & (x < hi)], [hi]])
+    ys = np.interp(xs, x, y)  # flat beyond the last hull point
+    return float(_trapezoid(ys, xs) / (hi - lo))
