@@ -29,8 +29,8 @@ _SLACK = 1e-12
 
 @dataclass(frozen=True)
 class SubjectPolicy:
-    """A policy per subject (chosen on that subject's calibration questions) and a default for
-    subjects with too few calibration questions or none."""
+    """A policy per subject (chosen on that subject's calibration questions, or on the pooled
+    questions of the small subjects) and a default for subjects calibration never saw."""
 
     by_subject: dict[str, CascadePolicy]
     default: CascadePolicy
@@ -103,8 +103,9 @@ def select_policy(
     Give `target_max_loss` (accuracy points you accept to lose against the largest model, default
     0.01) or `cost_budget` (mean cost per question in `unit`), not both. `per_subject` chooses a
     policy per subject on that subject's questions with the same criterion (so the overall
-    target or budget holds too); subjects with fewer than `min_subject_questions` questions use
-    the policy chosen on all questions.
+    target or budget holds too); subjects with fewer than `min_subject_questions` questions share
+    one policy chosen on their pooled questions (so the guarantee still holds), and a subject not
+    seen in calibration gets the policy chosen on all questions (`SubjectPolicy.default`).
     """
     check_unit(unit)
     if target_max_loss is not None and cost_budget is not None:
@@ -120,18 +121,27 @@ def select_policy(
     subjects: dict[str, dict] = {}
     chosen: CascadePolicy | SubjectPolicy = policy
     if per_subject:
-        by_subject = {}
+        by_subject: dict[str, CascadePolicy] = {}
+        small = np.zeros(calib_table.n_questions, dtype=bool)
+        shared = combiners or _combiners_of(policy)
         for subject in np.unique(calib_table.subjects):
             mask = calib_table.subjects == subject
             if mask.sum() < min_subject_questions:
-                subjects[str(subject)] = {"questions": int(mask.sum()), "policy": "default"}
+                small |= mask
                 continue
             sub = calib_table.subset(mask)
-            sub_policy, sub_reference, _, count = _choose(sub, unit, rule, target_max_loss, cost_budget,
-                                                          n_quantiles, combiners or _combiners_of(policy))
+            sub_policy, sub_reference, _, count = _choose(sub, unit, rule, target_max_loss, cost_budget, n_quantiles, shared)
             by_subject[str(subject)] = sub_policy
             subjects[str(subject)] = {"questions": int(mask.sum()), "policy": "own",
                                       "reference_accuracy": sub_reference, "n_policies": count}
+        if small.any():  # the small subjects share one policy chosen on their pooled questions
+            pooled = calib_table.subset(small)
+            pooled_policy, pooled_reference, _, count = _choose(pooled, unit, rule, target_max_loss, cost_budget,
+                                                                n_quantiles, shared)
+            for subject in np.unique(pooled.subjects):
+                by_subject[str(subject)] = pooled_policy
+                subjects[str(subject)] = {"questions": int((pooled.subjects == subject).sum()), "policy": "pooled",
+                                          "reference_accuracy": pooled_reference, "n_policies": count}
         chosen = SubjectPolicy(by_subject=by_subject, default=policy)
     return Selection(policy=chosen, calibration=evaluate_on(calib_table, chosen), unit=unit, rule=rule,
                      reference_accuracy=reference, target_accuracy=float(min_accuracy),
