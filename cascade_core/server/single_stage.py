@@ -183,7 +183,8 @@ def create_single_stage_app(
         if not token:
             raise ValueError(f"environment variable {api_key_env} is not set: it must hold the server's API key")
     engine = engine if engine is not None else _engine_for(backend)
-    lock = threading.Lock()
+    # Share the backend's own lock when it has one: the same model may also serve other callers.
+    lock = getattr(backend, "lock", None) or threading.Lock()
     created = int(time.time())
     app = FastAPI(title=f"cascade single-stage server: {model_name}", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -298,7 +299,8 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "nf4", "int8"])
     parser.add_argument("--api-key-env", help="NAME of an env variable whose value clients must send as bearer token")
     parser.add_argument("--max-body-bytes", type=int, default=1_000_000)
     parser.add_argument("--max-prompt-chars", type=int, default=100_000)
@@ -312,9 +314,10 @@ def main(argv: list[str] | None = None) -> None:
 
     args = _parse_args(argv)
     if args.packaged:
-        backend = HFBackend.from_packaged(args.packaged, device=args.device, dtype=args.dtype)
+        backend = HFBackend.from_packaged(args.packaged, progress=False, device=args.device, dtype=args.dtype,
+                                          quantization=args.quantization)
     else:
-        backend = HFBackend(args.hf, device=args.device, dtype=args.dtype)
+        backend = HFBackend(args.hf, device=args.device, dtype=args.dtype, quantization=args.quantization)
     app = create_single_stage_app(backend, args.model_name or args.packaged or args.hf, api_key_env=args.api_key_env,
                                   max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
