@@ -25,6 +25,13 @@ class PresetError(ValueError):
     """A preset that cannot be used; the message names the file and the key."""
 
 
+def _repo_path(value: str | None) -> Path | None:
+    if not value:
+        return None
+    path = Path(value)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 class StageConfig(BaseModel):
     """One stage of a cascade as written in a preset."""
 
@@ -57,6 +64,7 @@ class StageConfig(BaseModel):
     rule: Rule = "both"
     probe: str | None = None
     probe_layer: int | None = None
+    combiner: str | None = None  # JSON of a LearnedCombiner (policy.LearnedCombiner.to_dict), rule "learned"
     enabled: bool = True
 
     @field_validator("tau_t", "tau_ik", "tau_learned")
@@ -70,6 +78,8 @@ class StageConfig(BaseModel):
     def _backend_needs(self) -> "StageConfig":
         if self.backend == "openai" and not self.api_base:
             raise ValueError("an 'openai' stage needs api_base (e.g. http://127.0.0.1:8000/v1)")
+        if self.rule == "learned" and not self.combiner:
+            raise ValueError("rule 'learned' needs combiner = path to its JSON (fit on the calibration split)")
         if self.api_key_env is not None and not self.api_key_env.replace("_", "").isalnum():
             raise ValueError("api_key_env must be the NAME of an environment variable, not a key")
         return self
@@ -80,10 +90,10 @@ class StageConfig(BaseModel):
 
     def probe_path(self) -> Path | None:
         """The probe file, relative paths taken from the repository root."""
-        if not self.probe:
-            return None
-        path = Path(self.probe)
-        return path if path.is_absolute() else REPO_ROOT / path
+        return _repo_path(self.probe)
+
+    def combiner_path(self) -> Path | None:
+        return _repo_path(self.combiner)
 
 
 class Preset(BaseModel):

@@ -6,12 +6,13 @@ and the app all get the same stages from the same file.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from cascade_core.cascade import RuntimeStage
-from cascade_core.policy import StagePolicy
+from cascade_core.policy import LearnedCombiner, StagePolicy
 from cascade_core.presets import Preset, StageConfig
 from cascade_core.types import Backend
 
@@ -48,9 +49,19 @@ def build_backend(config: StageConfig) -> Backend:
 
 
 def stage_policy(config: StageConfig) -> StagePolicy:
+    """The stage's routing policy; a `learned` rule reads its combiner from the JSON file named."""
+    combiner = None
+    path = config.combiner_path()
+    if path is not None:
+        try:
+            combiner = LearnedCombiner.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise ValueError(f"stage {config.name!r}: combiner file not found: {path}") from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"stage {config.name!r}: invalid combiner file {path}: {err}") from None
     return StagePolicy(
         tau_t=config.tau_t, tau_ik=config.tau_ik, rule=config.rule,
-        enabled=config.enabled, tau_learned=config.tau_learned,
+        enabled=config.enabled, tau_learned=config.tau_learned, combiner=combiner,
     )
 
 

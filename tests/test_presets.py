@@ -94,3 +94,27 @@ def test_duplicate_stage_names_and_all_disabled(tmp_path):
         load_preset(write(tmp_path, 'name = "x"\n' + GOOD_STAGE + GOOD_STAGE))
     with pytest.raises(PresetError, match="at least one stage must be enabled"):
         load_preset(write(tmp_path, 'name = "x"\n' + GOOD_STAGE + "enabled = false\n"))
+
+
+def test_learned_rule_needs_a_combiner_file(tmp_path):
+    with pytest.raises(PresetError, match="combiner"):
+        load_preset(write(tmp_path, 'name = "x"\n' + GOOD_STAGE + 'rule = "learned"\n'))
+
+
+def test_learned_combiner_is_read_into_the_policy(tmp_path):
+    import json
+
+    import numpy as np
+
+    from cascade_core.policy import fit_combiner
+    from models.factory import stage_policy
+
+    rng = np.random.default_rng(0)
+    p_t = rng.uniform(0.25, 1, 400)
+    correct = rng.uniform(size=400) < p_t
+    combiner = fit_combiner(p_t, np.full(400, np.nan), 1 - p_t, p_t * 0 + 1.0, correct)
+    (tmp_path / "c.json").write_text(json.dumps(combiner.to_dict()))
+    text = 'name = "x"\n' + GOOD_STAGE + f'rule = "learned"\ncombiner = "{tmp_path / "c.json"}"\n'
+    policy = stage_policy(load_preset(write(tmp_path, text)).stages[0])
+    assert policy.rule == "learned" and policy.combiner == combiner
+
