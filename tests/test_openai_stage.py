@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 
 from _loopback import SubprocessServer, ThreadServer, free_port
 from cascade_core.presets import StageConfig
+from cascade_core.signals import option_probabilities
 from cascade_core.types import Backend, Question
 from models.openai_stage import EndpointError, OpenAIStage, letter_logprobs
 
@@ -236,9 +237,13 @@ def test_completions_letter_scores_match_the_local_model(live, smollm2_backend, 
         assert finite.sum() >= 2, r.letter_logits
         # Softmax over the letters the server returned = the local softmax renormalised over them;
         # with all letters in the top 20 the two P(T) are the same number.
+        # (Measured: within 2e-6; fp32 on both sides, padded batch here vs one unpadded sequence there.)
         np.testing.assert_allclose(_renormalised(r.letter_logits, finite), _renormalised(l.letter_logits, finite),
-                                   atol=2e-3)
-        all_four += int(finite.all())
+                                   atol=1e-4)
+        if finite.all():
+            all_four += 1
+            assert option_probabilities(r.letter_logits).max() == pytest.approx(
+                option_probabilities(l.letter_logits).max(), abs=1e-4)
         assert r.hidden_states is None and r.output_tokens == 1
         assert r.prompt_tokens == l.prompt_tokens
     assert all_four >= 1

@@ -20,7 +20,7 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
