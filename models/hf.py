@@ -129,6 +129,10 @@ def count_parameters(model) -> tuple[int, int]:
     return total, total - excluded
 
 
+def _drop_int8_cast_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
 class HFBackend:
     """A transformers causal LM (HF id or local folder) behind the `Backend` protocol."""
 
@@ -208,6 +212,8 @@ class HFBackend:
         if self.quantization == "nf4":
             return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_compute_dtype=self.dtype)
+        # bitsandbytes logs a warning on every int8 matmul that it casts the inputs to float16.
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_int8_cast_notice)
         return BitsAndBytesConfig(load_in_8bit=True)
 
     @classmethod
@@ -313,11 +319,12 @@ class HFBackend:
         size = int(batch_size or self.batch_size)
         if size < 1:
             raise ValueError(f"batch_size must be >= 1, got {size}")
-        encoded = [self.encode(p, multiple_choice=True) for p in prompts]
-        # Similar lengths together: less padding, same results (each row is independent).
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        results: list[OptionScores | None] = [None] * len(encoded)
+        results: list[OptionScores | None] = [None] * len(prompts)
+        # The lock covers tokenizing too: a fast tokenizer is not safe to share between threads.
         with self.lock, torch.inference_mode():
+            encoded = [self.encode(p, multiple_choice=True) for p in prompts]
+            # Similar lengths together: less padding, same results (each row is independent).
+            order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
             for start in range(0, len(order), size):
                 chunk = order[start:start + size]
                 began = time.perf_counter()
@@ -343,19 +350,19 @@ class HFBackend:
         """Greedy continuation; `token_logprobs` has one entry per generated token (end token included)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        ids = self.encode(prompt, multiple_choice=False, reserve=max_new_tokens)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         with self.lock, torch.inference_mode():
             began = time.perf_counter()
+            ids = self.encode(prompt, multiple_choice=False, reserve=max_new_tokens)
+            input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                 do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1,
                 output_logits=True, return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id,
             )
+            new = out.sequences[0, len(ids):]
+            logprobs = [float(torch.log_softmax(step[0].float(), dim=-1)[token])
+                        for step, token in zip(out.logits, new.tolist())]
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
             seconds = time.perf_counter() - began
-        new = out.sequences[0, len(ids):]
-        logprobs = [float(torch.log_softmax(step[0].float(), dim=-1)[token])
-                    for step, token in zip(out.logits, new.tolist())]
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
         return Generation(text=text, token_logprobs=np.asarray(logprobs, dtype=np.float64),
                           prompt_tokens=len(ids), output_tokens=len(logprobs), seconds=seconds)

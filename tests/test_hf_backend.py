@@ -195,3 +195,17 @@ def test_threads_sharing_the_model_get_their_own_answers(smollm2_backend):
         t.join()
     for i, want in enumerate(expected):
         np.testing.assert_allclose(results[i][0].letter_logits, want, rtol=0, atol=1e-3)
+
+
+def test_nf4_on_the_cpu_counts_the_original_weights(smollm2_path, smollm2_backend):
+    """The GPU default (bitsandbytes nf4) also loads on a CPU; packed 4-bit weights count as unpacked."""
+    from models.hf import HFBackend
+
+    b = HFBackend(smollm2_path, device="cpu", quantization="nf4", model_id="smollm2-135m")
+    assert b.quantization == "nf4" and b.dtype == torch.float32
+    assert (b.total_params, b.non_embedding_params) == (smollm2_backend.total_params, smollm2_backend.non_embedding_params)
+    (scores,) = b.score_options(PROMPTS[:1], [4], layers=[LAYERS])
+    (reference,) = smollm2_backend.score_options(PROMPTS[:1], [4], layers=[LAYERS])
+    assert np.isfinite(scores.letter_logits).all() and scores.hidden_states[LAYERS].shape == (HIDDEN,)
+    # Re-quantising the de-quantised GGUF weights moves them, but not far.
+    assert np.corrcoef(scores.hidden_states[LAYERS], reference.hidden_states[LAYERS])[0, 1] > 0.8
