@@ -329,10 +329,12 @@ class HFBackend:
                 chunk = order[start:start + size]
                 began = time.perf_counter()
                 out = self._forward([encoded[i] for i in chunk], want_hidden=bool(wanted))
-                last = out.logits[:, -1, :].float()
-                hidden = ({layer: out.hidden_states[layer][:, -1, :].float().cpu().numpy() for layer in wanted}
-                          if wanted else None)
-                last = last.cpu().numpy()
+                last = out.logits[:, -1, :].float().cpu().numpy()
+                hidden = None
+                if wanted:  # one device-to-host copy for all layers, not one per layer
+                    stacked = torch.stack([out.hidden_states[layer][:, -1, :] for layer in wanted], dim=1)
+                    stacked = stacked.float().cpu().numpy()
+                    hidden = {layer: stacked[:, j, :] for j, layer in enumerate(wanted)}
                 seconds = time.perf_counter() - began
                 tokens = sum(len(encoded[i]) for i in chunk)
                 for row, i in enumerate(chunk):

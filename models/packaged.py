@@ -248,6 +248,9 @@ def _disk(where: Path, need_hint: str = "") -> Iterator[None]:
                 f"disk full while writing {where}{free}. {need_hint}Free space there or point "
                 f"${CACHE_ENV} at a disk with room."
             ) from exc
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise ModelFetchError(f"cannot write to {where} ({exc.strerror}); point ${CACHE_ENV} at a "
+                                  f"writable folder") from exc
         raise
 
 
@@ -505,7 +508,8 @@ def fetch(key: str, cache_dir: str | os.PathLike | None = None, progress: bool =
         return dest
     with _disk(root):
         root.mkdir(parents=True, exist_ok=True)
-    with _lock(root, spec.key):
+        (root / "locks").mkdir(exist_ok=True)
+    with _lock(root, spec.key), _disk(root):
         if is_ready(key, root):  # another process finished it while we waited
             return dest
         _warn_if_short_of_space(spec, root)
