@@ -1,0 +1,131 @@
+"""Plotly figures and the routing-path picture. They draw numbers computed elsewhere."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from cascade_core.types import StageStep
+
+BLUE, GREEN, ORANGE, GREY, RED, INK = "#2563eb", "#16a34a", "#ea580c", "#94a3b8", "#dc2626", "#0f172a"
+_LAYOUT = dict(template="plotly_white", margin=dict(l=10, r=10, t=40, b=10), font=dict(size=13))
+
+
+def fmt_number(value: float, digits: int = 3) -> str:
+    """Compact engineering format (1.2e+11 -> '120G'), '–' for NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.{digits}g}{suffix}"
+    return f"{value:.{digits}g}"
+
+
+def frontier_figure(*, cloud: tuple[np.ndarray, np.ndarray], frontier: tuple[np.ndarray, np.ndarray],
+                    singles: Sequence[dict], oracle: tuple[float, float], random_curve: tuple[np.ndarray, np.ndarray],
+                    random_point: tuple[float, float], current: tuple[float, float], unit_label: str,
+                    current_label: str) -> go.Figure:
+    """Accuracy versus mean cost per question: every swept policy, the Pareto frontier, each model
+    alone, the oracle, random routing, and the current operating point."""
+    fig = go.Figure()
+    fig.add_trace(go.Scattergl(x=cloud[0], y=cloud[1], mode="markers", name="swept policies",
+                               marker=dict(size=4, color="#cbd5e1"), hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=random_curve[0], y=random_curve[1], mode="lines", name="random routing",
+                             line=dict(color=GREY, dash="dot")))
+    fig.add_trace(go.Scatter(x=frontier[0], y=frontier[1], mode="lines+markers", name="Pareto frontier",
+                             line=dict(color=BLUE, shape="hv"), marker=dict(size=5)))
+    fig.add_trace(go.Scatter(
+        x=[s["cost"] for s in singles], y=[s["accuracy"] for s in singles], mode="markers+text",
+        name="single models", text=[s["label"] for s in singles], textposition="top center",
+        marker=dict(size=11, color=INK, symbol=["diamond-open" if s.get("recorded") else "diamond" for s in singles])))
+    fig.add_trace(go.Scatter(x=[oracle[0]], y=[oracle[1]], mode="markers", name="oracle",
+                             marker=dict(size=14, color=GREEN, symbol="star")))
+    fig.add_trace(go.Scatter(x=[random_point[0]], y=[random_point[1]], mode="markers",
+                             name="random routing at these rates", marker=dict(size=10, color=GREY, symbol="x")))
+    fig.add_trace(go.Scatter(x=[current[0]], y=[current[1]], mode="markers", name=current_label,
+                             marker=dict(size=18, color=ORANGE, line=dict(color="white", width=2))))
+    fig.update_layout(**_LAYOUT, height=460, xaxis_title=f"mean cost per question ({unit_label})",
+                      yaxis_title="accuracy", legend=dict(orientation="h", y=-0.18), uirevision="frontier")
+    return fig
+
+
+def gauge(value: float, threshold: float | None, title: str, applies: bool = True) -> go.Figure:
+    """A 0-1 gauge with the stage's threshold marked (dashed grey when the rule ignores it)."""
+    good = threshold is None or (not math.isnan(value) and value >= threshold)
+    bar = GREEN if good else ORANGE
+    steps = [] if threshold is None else [dict(range=[0, threshold], color="#f1f5f9")]
+    fig = go.Figure(go.Indicator(
+        mode="gauge+number", value=None if math.isnan(value) else value, number=dict(valueformat=".2f"),
+        title=dict(text=title, font=dict(size=14)),
+        gauge=dict(axis=dict(range=[0, 1], tickvals=[0, 0.25, 0.5, 0.75, 1]), bar=dict(color=bar), steps=steps,
+                   threshold=None if threshold is None else dict(
+                       line=dict(color=INK if applies else GREY, width=4), thickness=0.85, value=threshold)),
+    ))
+    fig.update_layout(template="plotly_white", height=190, margin=dict(l=25, r=25, t=45, b=5))
+    return fig
+
+
+def reliability_figure(curves: dict[str, dict], signal_label: str) -> go.Figure:
+    """Accuracy per confidence bin against the diagonal of perfect calibration, one line per stage."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfectly calibrated",
+                             line=dict(color=GREY, dash="dash")))
+    for name, item in curves.items():
+        curve = item["curve"]
+        filled = curve["count"] > 0
+        fig.add_trace(go.Scatter(
+            x=curve["mean_confidence"][filled], y=curve["accuracy"][filled], mode="lines+markers",
+            name=f"{name} (ECE {item['ece']:.3f}, AUROC {item['auroc']:.3f})",
+            customdata=curve["count"][filled], hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}<br>%{customdata} questions"))
+    fig.update_layout(**_LAYOUT, height=420, xaxis=dict(range=[0, 1], title=f"mean {signal_label} in bin"),
+                      yaxis=dict(range=[0, 1], title="accuracy in bin"), legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def subject_heatmap(frame, stages: Sequence[str]) -> go.Figure:
+    """Subjects x stages accuracy (a frame from ui_data.per_subject_accuracy)."""
+    values = frame[list(stages)].to_numpy()
+    fig = go.Figure(go.Heatmap(z=values, x=list(stages), y=list(frame.index), zmin=0, zmax=1, colorscale="Blues",
+                               colorbar=dict(title="accuracy"),
+                               hovertemplate="%{y}<br>%{x}: %{z:.2f}<extra></extra>"))
+    fig.update_layout(**_LAYOUT, height=max(360, 17 * len(frame) + 80), yaxis=dict(autorange="reversed"))
+    return fig
+
+
+def _dot_label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def routing_path_dot(stages: Sequence[tuple[str, str]], steps: Sequence[StageStep]) -> str:
+    """Graphviz DOT of the cascade: visited stages filled, the answering stage highlighted in green,
+    failed stages red, stages never reached dashed grey; arrows carry the decision."""
+    by_name = {s.stage: s for s in steps}
+    lines = ["digraph cascade {", "rankdir=LR;", 'bgcolor="transparent";',
+             'node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=12];',
+             'edge [fontname="Helvetica", fontsize=10];', 'question [label="question", shape=ellipse, fillcolor="#e2e8f0"];']
+    for i, (name, label) in enumerate(stages):
+        step = by_name.get(name)
+        if step is None:
+            attrs = 'fillcolor="#ffffff", color="#94a3b8", fontcolor="#94a3b8", style="rounded,dashed"'
+            text = f"{label}\\nnot reached"
+        elif step.decision in ("keep", "final"):
+            attrs = f'fillcolor="#dcfce7", color="{GREEN}", penwidth=3'
+            text = f"{label}\\nanswered {step.answer or ''}"
+        elif step.decision == "error":
+            attrs = f'fillcolor="#fee2e2", color="{RED}"'
+            text = f"{label}\\nfailed"
+        else:
+            attrs = 'fillcolor="#ffedd5", color="#ea580c"'
+            text = f"{label}\\nescalated"
+        lines.append(f'n{i} [label="{_dot_label(text)}", {attrs}];')
+    lines.append('question -> n0 [label=""];')
+    for i in range(len(stages) - 1):
+        step = by_name.get(stages[i][0])
+        taken = step is not None and step.decision in ("escalate", "error")
+        style = f'color="{ORANGE}", penwidth=2, label="{"escalate" if step is not None and step.decision == "escalate" else "on error"}"' if taken else 'color="#cbd5e1", style=dashed'
+        lines.append(f"n{i} -> n{i + 1} [{style}];")
+    lines.append("}")
+    return "\n".join(lines)

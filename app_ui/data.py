@@ -1,0 +1,225 @@
+"""Cached records for the pages: the preset's record table, its threshold sweep, MMLU questions.
+
+Records come from the benchmark's files (data/results/<dataset>/<stage>.parquet, or the folder
+named by $CASCADE_RESULTS_DIR). They are cached with `st.cache_data` under a key that includes
+each file's size and modification time, so records a benchmark adds show up on the next rerun
+while an unchanged file is read once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from cascade_core.frontier import SweepResult, sweep
+from cascade_core.presets import REPO_ROOT, Preset, StageConfig, list_presets, load_preset, parse_preset
+from cascade_core.records import RecordTable
+
+RESULTS_ENV = "CASCADE_RESULTS_DIR"
+DATASET = "mmlu"
+SPLIT_CHOICES = ("test", "calibration", "all")
+
+
+def results_dir() -> Path:
+    """Where benchmark records live: $CASCADE_RESULTS_DIR, else data/results in the repository."""
+    value = os.environ.get(RESULTS_ENV, "").strip()
+    return Path(value) if value else REPO_ROOT / "data" / "results"
+
+
+def features_dir() -> Path:
+    """Where a benchmark run from the app keeps hidden-state features: beside the results folder
+    ($CASCADE_FEATURES_DIR, else data/features, or <results>/../features for a custom results folder)."""
+    value = os.environ.get("CASCADE_FEATURES_DIR", "").strip()
+    if value:
+        return Path(value)
+    if os.environ.get(RESULTS_ENV, "").strip():
+        return results_dir().parent / "features"
+    return REPO_ROOT / "data" / "features"
+
+
+def record_path(stage: str, dataset: str = DATASET, root: Path | None = None) -> Path:
+    return (root or results_dir()) / dataset / f"{stage}.parquet"
+
+
+def _signature(paths: list[Path]) -> tuple:
+    out = []
+    for path in paths:
+        try:
+            stat = path.stat()
+            out.append((str(path), stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            out.append((str(path), None, None))
+    return tuple(out)
+
+
+def recorded_choices(preset: Preset) -> dict[str, StageConfig]:
+    """Recorded stages that can end a cascade in the explorer: the preset's own, else the shipped
+    ones (GPT-4 from the api-recorded preset, and Mixtral), by stage name."""
+    own = [s for s in preset.stages if s.backend == "recorded"]
+    if own:
+        return {s.name: s for s in own}
+    found: dict[str, StageConfig] = {}
+    for name in list_presets():
+        try:
+            for s in load_preset(name).stages:
+                if s.backend == "recorded":
+                    found.setdefault(s.name, s)
+        except ValueError:
+            continue
+    found.setdefault("mixtral-recorded", StageConfig(
+        name="mixtral-recorded", label="Mixtral-8x7B-Instruct (recorded)", backend="recorded",
+        model="mixtral-8x7b-instruct"))
+    return found
+
+
+def _local_stages(preset: Preset) -> list[StageConfig]:
+    return [s for s in preset.stages if s.backend != "recorded" and s.enabled]
+
+
+def _recorded_frame(config: StageConfig):
+    """A recorded stage's records as the benchmark would write them (correctness + prompt tokens)."""
+    import pandas as pd
+
+    from cascade_core.cost import dollars, flops
+    from cascade_core.datasets import load_recorded_outcomes, load_split
+    from models.recorded import ALIASES, RECORDED_MODELS
+
+    name = ALIASES.get(config.model.strip().lower(), config.model.strip().lower())
+    if name not in RECORDED_MODELS:
+        raise ValueError(f"no recording for model {config.model!r}; recorded: {', '.join(RECORDED_MODELS)}")
+    correct_column, tokens_column, _total, non_embedding = RECORDED_MODELS[name]
+    outcomes = load_recorded_outcomes()
+    split = load_split()
+    tokens = outcomes[tokens_column].to_numpy()
+    return pd.DataFrame({
+        "qid": outcomes["qid"].astype(str), "subject": outcomes["subject"].astype(str),
+        "split": outcomes["qid"].astype(str).map(split).fillna(""), "stage": config.name, "model_id": name,
+        "correct": outcomes[correct_column].astype(bool), "prompt_tokens": tokens, "output_tokens": 0,
+        "flops": flops(non_embedding, tokens), "seconds": 0.0,
+        "dollars": dollars(tokens, 0, config.price_in, config.price_out), "recorded": True,
+    })
+
+
+def _build_table(preset: Preset, recorded: StageConfig | None, root: Path, dataset: str) -> tuple[RecordTable | None, tuple[str, ...]]:
+    """Records of every enabled local stage that has them, in preset order, ended by `recorded`.
+
+    Returns (table or None, names of the stages without records).
+    """
+    from cascade_core.bench import load_records
+
+    frames, names, missing = [], [], []
+    for config in _local_stages(preset):
+        path = record_path(config.name, dataset, root)
+        records = load_records(path) if path.exists() else None
+        if records is None or records.empty:
+            missing.append(config.name)
+            continue
+        frames.append(records)
+        names.append(config.name)
+    if recorded is not None and frames:
+        frames.append(_recorded_frame(recorded))
+        names.append(recorded.name)
+    if not frames:
+        return None, tuple(missing)
+    return RecordTable.from_frames(frames, names=names), tuple(missing)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A record table for a page, or None, with what is missing and why."""
+
+    table: RecordTable | None
+    missing: tuple[str, ...]
+    error: str | None = None
+
+
+@st.cache_data(show_spinner="Loading benchmark records…", max_entries=24)
+def _cached_table(preset_json: str, recorded_json: str | None, root: str, dataset: str, split: str,
+                  signature: tuple) -> Loaded:
+    preset = parse_preset(json.loads(preset_json), "session preset")
+    recorded = StageConfig.model_validate_json(recorded_json) if recorded_json else None
+    try:
+        table, missing = _build_table(preset, recorded, Path(root), dataset)
+    except (ValueError, OSError, KeyError) as err:
+        return Loaded(None, (), f"{type(err).__name__}: {err}")
+    if table is not None and split != "all":
+        if not (table.splits == split).any():
+            return Loaded(None, missing, f"the records have no question in the {split} split")
+        table = table.subset(split)
+    return Loaded(table, missing)
+
+
+def load_table(preset: Preset, split: str = "test", recorded: StageConfig | None = None,
+               dataset: str = DATASET) -> Loaded:
+    """The preset's record table on `split` ("calibration", "test" or "all"), cached.
+
+    `recorded` ends the cascade with a recorded stage (GPT-4, Mixtral) when given.
+    """
+    if split not in SPLIT_CHOICES:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLIT_CHOICES)}")
+    root = results_dir()
+    paths = [record_path(s.name, dataset, root) for s in _local_stages(preset)]
+    return _cached_table(preset.model_dump_json(), recorded.model_dump_json() if recorded else None,
+                         str(root), dataset, split, _signature(paths))
+
+
+@st.cache_data(show_spinner="Sweeping thresholds over the records…", max_entries=24)
+def _cached_sweep(preset_json: str, recorded_json: str | None, root: str, dataset: str, split: str,
+                  signature: tuple, rule: str) -> SweepResult:
+    loaded = _cached_table(preset_json, recorded_json, root, dataset, split, signature)
+    return sweep(loaded.table, rule=rule)
+
+
+def load_sweep(preset: Preset, split: str, recorded: StageConfig | None, rule: str,
+               dataset: str = DATASET) -> SweepResult:
+    """Every threshold combination of every sub-cascade (`frontier.sweep`), cached."""
+    root = results_dir()
+    paths = [record_path(s.name, dataset, root) for s in _local_stages(preset)]
+    return _cached_sweep(preset.model_dump_json(), recorded.model_dump_json() if recorded else None,
+                         str(root), dataset, split, _signature(paths), rule)
+
+
+@st.cache_data(show_spinner="Loading MMLU…", max_entries=2)
+def mmlu_questions(split: str = "test"):
+    """MMLU questions of one split (a DataFrame: qid, subject, question, options, answer)."""
+    from cascade_core.datasets import load_mmlu
+
+    return load_mmlu(split=split)
+
+
+@st.cache_data(show_spinner="Choosing thresholds on the calibration split…", max_entries=8)
+def _cached_headline(preset_json: str, root: str, dataset: str, signature: tuple, target: float) -> dict | None:
+    from cascade_core.frontier import accuracy_difference
+    from cascade_core.selection import evaluate_on, select_policy
+
+    calib = _cached_table(preset_json, None, root, dataset, "calibration", signature)
+    test = _cached_table(preset_json, None, root, dataset, "test", signature)
+    if calib.table is None and test.table is None and not (calib.error or test.error):
+        return None
+    if calib.table is None or test.table is None:
+        return {"error": calib.error or test.error or "records of one split are missing"}
+    try:
+        chosen = select_policy(calib.table, target_max_loss=target, unit="flops")
+        result = evaluate_on(test.table, chosen.policy)
+    except ValueError as err:
+        return {"error": str(err)}
+    table = test.table
+    return {
+        "questions": table.n_questions, "accuracy": result.accuracy, "reference": table.names[-1],
+        "pd": float(accuracy_difference(result.accuracy, table.correct[-1].mean())),
+        "reduction": result.compute_reduction["flops"], "mean_flops": result.mean_cost["flops"],
+        "stages": " → ".join(n for n, s in zip(table.names, chosen.policy.stages) if s.enabled),
+        "missing": list(test.missing),
+    }
+
+
+def headline(preset: Preset, target: float = 0.01, dataset: str = DATASET) -> dict | None:
+    """The paper's headline on the cached records: thresholds chosen on calibration for at most
+    `target` accuracy loss against the largest stage, compute reduction and PD on test."""
+    root = results_dir()
+    paths = [record_path(s.name, dataset, root) for s in _local_stages(preset)]
+    return _cached_headline(preset.model_dump_json(), str(root), dataset, _signature(paths), target)

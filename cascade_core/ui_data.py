@@ -1,0 +1,228 @@
+"""Data shaping for the dashboard: the numbers its pages draw, from the library's own functions.
+
+The pages only arrange and draw; every number they show is computed here from `replay`,
+`frontier`, `stats` and `calibration`, so it is the number those modules give (and the tests can
+check the page against them). Nothing here imports Streamlit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cascade_core.calibration import auroc, expected_calibration_error, reliability_curve
+from cascade_core.cost import COST_UNITS, compute_reduction
+from cascade_core.frontier import accuracy_difference, random_routing
+from cascade_core.policy import CascadePolicy, StagePolicy
+from cascade_core.records import RecordTable
+from cascade_core.replay import ReplayResult
+from cascade_core.stats import accuracy_ci, mcnemar_exact
+
+UNIT_LABELS = {"flops": "FLOPs", "tokens": "tokens", "dollars": "dollars", "seconds": "seconds", "calls": "API calls"}
+
+
+# -- thresholds <-> URL query parameters ----------------------------------------------------------
+@dataclass(frozen=True)
+class StageSetting:
+    """What the explorer's widgets hold for one stage (the rule is shared by all stages)."""
+
+    tau_t: float
+    tau_ik: float
+    enabled: bool = True
+
+
+def _unit_float(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number in [0, 1], got {text!r}") from None
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{what} must be a number in [0, 1], got {text!r}")
+    return value
+
+
+def settings_to_params(settings: Mapping[str, StageSetting], rule: str) -> dict[str, str]:
+    """Explorer state -> query parameters: `rule`, and per stage `t.<stage>`, `ik.<stage>`, `on.<stage>`."""
+    params = {"rule": rule}
+    for name, s in settings.items():
+        params[f"t.{name}"] = f"{s.tau_t:.4g}"
+        params[f"ik.{name}"] = f"{s.tau_ik:.4g}"
+        if not s.enabled:
+            params[f"on.{name}"] = "0"
+    return params
+
+
+def settings_from_params(params: Mapping[str, str], defaults: Mapping[str, StageSetting],
+                         rules: Sequence[str]) -> tuple[dict[str, StageSetting], str | None, list[str]]:
+    """Query parameters -> (settings for the stages in `defaults`, rule or None, problems).
+
+    A parameter that cannot be read is skipped with a problem message (a shared link with a typo
+    must still open the page); parameters of stages not in `defaults` are ignored.
+    """
+    problems: list[str] = []
+    out = dict(defaults)
+    for name, default in defaults.items():
+        tau_t, tau_ik, enabled = default.tau_t, default.tau_ik, default.enabled
+        for key, attr in ((f"t.{name}", "tau_t"), (f"ik.{name}", "tau_ik")):
+            if key in params:
+                try:
+                    value = _unit_float(params[key], f"URL parameter {key}")
+                except ValueError as err:
+                    problems.append(str(err))
+                    continue
+                if attr == "tau_t":
+                    tau_t = value
+                else:
+                    tau_ik = value
+        if f"on.{name}" in params:
+            enabled = str(params[f"on.{name}"]).strip().lower() not in ("0", "false", "off", "no")
+        out[name] = StageSetting(tau_t, tau_ik, enabled)
+    rule = params.get("rule")
+    if rule is not None and rule not in rules:
+        problems.append(f"URL parameter rule={rule!r} is not one of {', '.join(rules)}")
+        rule = None
+    return out, rule, problems
+
+
+def policy_from_settings(names: Sequence[str], settings: Mapping[str, StageSetting], rule: str) -> CascadePolicy:
+    """One StagePolicy per table stage, in table order (ValueError when every stage is off)."""
+    return CascadePolicy(tuple(StagePolicy(tau_t=settings[n].tau_t, tau_ik=settings[n].tau_ik, rule=rule,
+                                           enabled=settings[n].enabled) for n in names))
+
+
+def settings_from_policy(names: Sequence[str], policy: CascadePolicy) -> dict[str, StageSetting]:
+    return {n: StageSetting(p.tau_t, p.tau_ik, p.enabled) for n, p in zip(names, policy.stages)}
+
+
+# -- the operating point ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A replayed policy's numbers as the explorer shows them (all from cascade_core)."""
+
+    accuracy: float
+    accuracy_low: float
+    accuracy_high: float
+    mean_cost: float
+    compute_reduction: float
+    reference_name: str
+    reference_accuracy: float
+    pd: float
+    mcnemar_p: float
+    discordant: tuple[int, int]
+    escalation_rate: dict[str, float]
+    answer_rate: dict[str, float]
+    random_accuracy: float
+    random_cost: float
+
+
+def operating_point(table: RecordTable, result: ReplayResult, unit: str) -> OperatingPoint:
+    """Accuracy with its Wilson CI, compute reduction against the last (largest) stage alone, PD
+    and exact McNemar p against that stage, escalation rates, and random routing at the same rates."""
+    acc = accuracy_ci(result.correct)
+    reference = table.correct[-1]
+    p_value, b, c = mcnemar_exact(result.correct, reference)
+    rand = random_routing(table, result)
+    return OperatingPoint(
+        accuracy=acc.value, accuracy_low=acc.low, accuracy_high=acc.high,
+        mean_cost=result.mean_cost[unit], compute_reduction=result.compute_reduction[unit],
+        reference_name=table.names[-1], reference_accuracy=float(reference.mean()),
+        pd=float(accuracy_difference(result.accuracy, reference.mean())), mcnemar_p=p_value, discordant=(b, c),
+        escalation_rate={n: float(r) for n, r in zip(table.names, result.escalation_rate)},
+        answer_rate={n: float(r) for n, r in zip(table.names, result.answer_rate)},
+        random_accuracy=rand.accuracy, random_cost=rand.mean_cost[unit],
+    )
+
+
+def random_routing_curve(table: RecordTable, enabled: Sequence[bool], unit: str, points: int = 21) -> pd.DataFrame:
+    """Random routing over the enabled stages, every routed stage escalating the same share r,
+    for r from 0 to 1: the line a router must beat (its expectation, `frontier.random_routing`)."""
+    rows = []
+    for r in np.linspace(0.0, 1.0, points):
+        base = random_routing(table, np.full(table.n_stages, r), enabled=enabled)
+        rows.append({"rate": float(r), "accuracy": base.accuracy, "cost": base.mean_cost[unit]})
+    return pd.DataFrame(rows)
+
+
+# -- per model ----------------------------------------------------------------------------------------
+def stage_summary(table: RecordTable) -> pd.DataFrame:
+    """Per stage: questions, accuracy with Wilson CI, AUROC and ECE of P(T) and P(IK), mean costs."""
+    rows = []
+    for s, name in enumerate(table.names):
+        correct = table.correct[s]
+        ci = accuracy_ci(correct)
+        row = {"stage": name, "model": table.model_ids[s], "recorded": bool(table.recorded[s]),
+               "questions": int(table.n_questions), "accuracy": ci.value, "ci_low": ci.low, "ci_high": ci.high}
+        for signal in ("p_t", "p_ik"):
+            values = getattr(table, signal)[s]
+            complete = np.isfinite(values).all()
+            row[f"auroc_{signal}"] = auroc(values, correct) if complete else float("nan")
+            row[f"ece_{signal}"] = expected_calibration_error(values, correct) if complete else float("nan")
+        for unit in ("tokens", "flops", "dollars", "seconds"):
+            row[f"mean_{unit}"] = float(table.cost(unit)[s].mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def per_subject_accuracy(table: RecordTable) -> pd.DataFrame:
+    """Subjects x stages accuracy (and a `questions` column), subjects sorted by name."""
+    subjects, inverse = np.unique(table.subjects, return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(subjects))
+    data = {"questions": counts}
+    for s, name in enumerate(table.names):
+        hits = np.bincount(inverse, weights=table.correct[s].astype(np.float64), minlength=len(subjects))
+        data[name] = hits / np.maximum(counts, 1)
+    frame = pd.DataFrame(data, index=pd.Index(subjects, name="subject"))
+    return frame
+
+
+def reliability(table: RecordTable, signal: str, bins: int = 10) -> dict[str, dict]:
+    """Per stage with a complete signal: its reliability curve, ECE and AUROC (stages without it
+    are left out: P(IK) before a probe is trained, P(T) of a recorded stage)."""
+    out = {}
+    for s, name in enumerate(table.names):
+        values = getattr(table, signal)[s]
+        if not np.isfinite(values).all():
+            continue
+        correct = table.correct[s]
+        out[name] = {"curve": reliability_curve(values, correct, bins),
+                     "ece": expected_calibration_error(values, correct, bins),
+                     "auroc": auroc(values, correct)}
+    return out
+
+
+def record_frames(table: RecordTable, qids: Sequence[str] | None = None, splits: Sequence[str] | None = None) -> list[pd.DataFrame]:
+    """One frame per stage in the benchmark runner's column layout, from a table (the inverse of
+    `RecordTable.from_frames`); `qids`/`splits` relabel the questions, e.g. to put synthetic
+    records on real MMLU ids. Lets the app and its benchmark run on synthetic records."""
+    qids = table.qids if qids is None else np.asarray(qids, dtype=str)
+    splits = table.splits if splits is None else np.asarray(splits, dtype=str)
+    if len(qids) != table.n_questions or len(splits) != table.n_questions:
+        raise ValueError(f"need {table.n_questions} qids and splits, got {len(qids)} and {len(splits)}")
+    frames = []
+    for s, name in enumerate(table.names):
+        frame = pd.DataFrame({
+            "qid": qids, "subject": table.subjects, "split": splits, "stage": name, "model_id": table.model_ids[s],
+            "prediction": table.prediction[s], "correct": table.correct[s],
+            **{k: getattr(table, k)[s] for k in ("p_t", "p_ik", "margin", "entropy", "prompt_tokens",
+                                                 "output_tokens", "flops", "seconds", "dollars")},
+        })
+        if not table.has_hidden[s]:
+            frame = frame.drop(columns="p_ik")
+        frames.append(frame)
+    return frames
+
+
+def unit_reduction(cost: float, reference: float) -> float:
+    """Compute reduction of a mean cost against a reference mean cost (NaN when it costs nothing)."""
+    return float(compute_reduction(cost, reference))
+
+
+__all__ = [
+    "COST_UNITS", "UNIT_LABELS", "OperatingPoint", "StageSetting", "operating_point", "per_subject_accuracy",
+    "policy_from_settings", "random_routing_curve", "record_frames", "reliability", "settings_from_params", "settings_from_policy",
+    "settings_to_params", "stage_summary", "unit_reduction",
+]

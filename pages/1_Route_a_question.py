@@ -1,0 +1,245 @@
+"""Route a question: run the cascade live, stage by stage, and show why each stage kept or escalated."""
+
+from __future__ import annotations
+
+import math
+
+import streamlit as st
+
+from app_ui import charts, data, models, state
+from cascade_core.cascade import CascadeError, run_cascade
+from cascade_core.policy import StagePolicy
+from cascade_core.prompts import validate_question
+from cascade_core.types import OPTION_LETTERS, Question, StageStep
+
+st.set_page_config(page_title="Route a question", page_icon="🔀", layout="wide")
+
+PAGE = "route"
+MAX_QUESTION_CHARS = 6000  # about 1,500 tokens: longer prompts would be cut from the left by the models
+MAX_OPTION_CHARS = 1000
+LAST_KEY = "_route_last"
+
+st.title("Route a question")
+preset = state.preset_picker(PAGE)
+if preset is None:
+    st.stop()
+settings, explorer_rule, source = state.stage_thresholds(preset)
+configs = {s.name: s for s in preset.stages}
+
+# ---- which stages -------------------------------------------------------------------------------------
+names = list(configs)
+stages_key = f"stages::{preset.name}@{PAGE}"
+if stages_key not in st.session_state or not set(st.session_state[stages_key]) <= set(names):
+    st.session_state[stages_key] = [n for n in names if settings[n].enabled]
+chosen = st.sidebar.multiselect("Stages to run", names, key=stages_key, format_func=lambda n: state.label_of(configs[n]),
+                                help="Kept in cascade order, smallest first; the last one always answers.")
+chosen = [n for n in names if n in chosen]
+st.sidebar.page_link("pages/4_Settings.py", label="Add a stage or fetch models", icon="⚙️")
+
+# ---- the question -------------------------------------------------------------------------------------
+mode = st.radio("Question", ["type", "mmlu"], horizontal=True, key="route_mode",
+                format_func={"type": "Type a question", "mmlu": "Pick an MMLU question (test split)"}.get)
+question: Question | None = None
+input_problem: str | None = None
+if mode == "type":
+    text = st.text_area("Question", key="route_text", max_chars=MAX_QUESTION_CHARS, height=100,
+                        placeholder="e.g. Which planet is known as the Red Planet?")
+    options_text = st.text_area("Answer options, one per line (leave empty for a free-form answer)", key="route_options",
+                                height=120, placeholder="Venus\nMars\nJupiter\nSaturn")
+    subject = st.text_input("Subject (optional, goes into the prompt header)", key="route_subject", max_chars=100)
+    options = tuple(line.strip() for line in options_text.splitlines() if line.strip())
+    if len(text) > MAX_QUESTION_CHARS or any(len(o) > MAX_OPTION_CHARS for o in options):
+        input_problem = (f"The question is too long: at most {MAX_QUESTION_CHARS:,} characters for the question and "
+                         f"{MAX_OPTION_CHARS:,} per option.")
+    question = Question(text=text, options=options, subject=subject.strip())
+else:
+    try:
+        pool = data.mmlu_questions("test")
+    except (OSError, ValueError) as err:
+        st.error(f"The MMLU questions cannot be read: {err}")
+        st.stop()
+    subjects = sorted(pool["subject"].unique())
+    left, right = st.columns([3, 1])
+    subject = left.selectbox("Subject", subjects, key="route_mmlu_subject", format_func=lambda s: s.replace("_", " "))
+    in_subject = pool[pool["subject"] == subject].reset_index(drop=True)
+    number = right.number_input(f"Question (1–{len(in_subject)})", 1, len(in_subject), 1, key=f"route_mmlu_n::{subject}")
+    row = in_subject.iloc[int(number) - 1]
+    question = Question(text=row["question"], options=tuple(row["options"]), subject=row["subject"],
+                        answer=int(row["answer"]), qid=row["qid"])
+    with st.container(border=True):
+        st.markdown(f"**{question.text}**")
+        st.markdown("\n".join(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(question.options)))
+        st.caption(f"MMLU `{question.qid}`; the right answer is shown after routing.")
+
+# ---- thresholds ---------------------------------------------------------------------------------------
+
+
+def stage_policy(name: str) -> StagePolicy:
+    from models.factory import stage_policy as preset_policy
+
+    base = preset_policy(configs[name])
+    s = settings[name]
+    return StagePolicy(tau_t=s.tau_t, tau_ik=s.tau_ik, rule=explorer_rule or base.rule, enabled=True,
+                       tau_learned=base.tau_learned, combiner=base.combiner)
+
+
+with st.expander(f"Thresholds (from {source})", expanded=False):
+    st.dataframe([{"stage": state.label_of(configs[n]), "τ_T": settings[n].tau_t, "τ_IK": settings[n].tau_ik,
+                   "rule": explorer_rule or configs[n].rule} for n in chosen], hide_index=True, width="stretch")
+    st.page_link("pages/2_Explore_thresholds.py", label="Change them in the threshold explorer", icon="🎚️")
+
+
+# ---- one stage's card ---------------------------------------------------------------------------------
+def draw_card(step: StageStep, policy: StagePolicy, label: str, recorded: bool, options: tuple[str, ...]) -> None:
+    if step.decision == "error":
+        st.error(f"**{label} failed**: {step.error}")
+        st.caption("A failing stage passes the question on to the next one.")
+        return
+    final = step.decision == "final"
+    left, middle, right = st.columns([1, 1, 1.4])
+    if recorded:
+        left.info("Recorded outcome: no probabilities (it only knows right or wrong).")
+    else:
+        applies_t = policy.rule != "pik_only" or math.isnan(step.p_ik)
+        left.plotly_chart(charts.gauge(step.p_t, None if final else policy.tau_t, "P(T)", applies_t),
+                          key=f"gauge_pt_{step.stage}", config={"displayModeBar": False})
+        if math.isnan(step.p_ik):
+            middle.info("No P(IK): no probe trained for this model yet, so it routes on P(T) alone.")
+        else:
+            applies_ik = policy.rule in ("both", "pik_only")
+            middle.plotly_chart(charts.gauge(step.p_ik, None if final else policy.tau_ik, "P(IK)", applies_ik),
+                                key=f"gauge_pik_{step.stage}", config={"displayModeBar": False})
+    with right:
+        if step.answer_index is not None and options:
+            st.markdown(f"Answer: **{step.answer}. {options[step.answer_index]}**")
+        else:
+            st.markdown(f"Answer: **{step.answer}**")
+        if step.decision == "keep":
+            st.success(f"**Keep**: {step.reason.removeprefix('keep: ')}")
+        elif step.decision == "escalate":
+            st.warning(f"**Escalate**: {step.reason.removeprefix('escalate: ')}")
+        else:
+            st.info("**Answers**: the last stage always answers.")
+        dollars = f" · ${step.dollars:.6f}" if step.dollars else ""
+        st.caption(f"{step.prompt_tokens + step.output_tokens:,} tokens · {charts.fmt_number(step.flops)} FLOPs"
+                   f"{dollars} · {step.seconds:.2f} s")
+
+
+def status_label(step: StageStep, label: str) -> str:
+    verdict = {"keep": "kept its answer", "escalate": "escalated", "final": "answered (last stage)",
+               "error": "failed"}.get(step.decision, step.decision)
+    return f"{label}: {verdict}"
+
+
+# ---- run ----------------------------------------------------------------------------------------------
+run = st.button("Route", type="primary", key="route_button", disabled=not chosen)
+if not chosen:
+    st.info("Choose at least one stage in the sidebar.")
+
+if run:
+    st.session_state.pop(LAST_KEY, None)
+    problem = input_problem
+    if problem is None:
+        try:
+            validate_question(question)
+        except ValueError as err:
+            problem = f"This question cannot be asked: {err}."
+    recorded_chosen = [n for n in chosen if configs[n].backend == "recorded"]
+    if problem is None and recorded_chosen and not question.qid:
+        problem = (f"{state.label_of(configs[recorded_chosen[0]])} replays recorded MMLU outcomes only: pick an MMLU "
+                   "question, or leave that stage out.")
+    if problem is None:
+        for name in chosen:
+            ready, why = models.fetched_status(configs[name])
+            if not ready:
+                problem = (f"{state.label_of(configs[name])} cannot run: {why}. Fetch it on the Settings page "
+                           "(or `make fetch`), or leave the stage out.")
+                break
+    if problem:
+        st.error(problem)
+    else:
+        stages, failed = [], None
+        for name in chosen:
+            if not models.is_loaded(configs[name]):
+                with st.spinner(f"Loading {state.label_of(configs[name])} (once per server)…"):
+                    try:
+                        models.get_backend(configs[name])
+                    except Exception as err:  # noqa: BLE001 - any load failure becomes a message
+                        failed = f"{state.label_of(configs[name])} could not be loaded: {err}"
+                        break
+            try:
+                stages.append(models.runtime_stage(configs[name], stage_policy(name)))
+            except Exception as err:  # noqa: BLE001
+                failed = f"{state.label_of(configs[name])} is not usable: {err}"
+                break
+        if failed:
+            st.error(failed)
+        else:
+            boxes: dict[str, object] = {}
+
+            def on_event(event, stage, step):
+                label = state.label_of(configs[stage.name])
+                if event == "start":
+                    boxes[stage.name] = st.status(f"{label}: running…", expanded=True)
+                    return
+                box = boxes[stage.name]
+                with box:
+                    draw_card(step, stage.policy, label, stage.recorded, question.options)
+                box.update(label=status_label(step, label), state="error" if event == "error" else "complete")
+
+            failure = None
+            try:
+                trace = run_cascade(stages, question, on_event=on_event)
+            except CascadeError as err:
+                trace, failure = err.args[1], err.args[0]
+            except ValueError as err:
+                trace, failure = None, str(err)
+            if trace is None:
+                st.error(f"The cascade cannot run this question: {failure}")
+            else:
+                st.session_state[LAST_KEY] = {
+                    "trace": trace, "failure": failure, "drawn": True, "preset": preset.name,
+                    "stages": [(n, state.label_of(configs[n])) for n in chosen],
+                    "policies": {s.name: s.policy for s in stages},
+                    "recorded": {s.name: s.recorded for s in stages},
+                }
+
+last = st.session_state.get(LAST_KEY)
+if last and last["preset"] == preset.name:
+    trace = last["trace"]
+    labels = dict(last["stages"])
+    if not last.pop("drawn", False):  # a later rerun: draw the stored trace again
+        for step in trace.steps:
+            with st.status(status_label(step, labels[step.stage]), state="error" if step.decision == "error" else "complete",
+                           expanded=True):
+                draw_card(step, last["policies"][step.stage], labels[step.stage], last["recorded"][step.stage],
+                          trace.question.options)
+    if last["failure"]:
+        st.error(f"The cascade could not answer: {last['failure']}")
+    st.subheader("Routing path")
+    st.graphviz_chart(charts.routing_path_dot(last["stages"], trace.steps))
+    final = trace.answered_by
+    q = trace.question
+    if final is not None:
+        answer = final.answer or ""
+        if final.answer_index is not None and q.options:
+            answer = f"{final.answer}. {q.options[final.answer_index]}"
+        message = f"The cascade answers **{answer}** (by {labels[final.stage]})."
+        if q.answer is not None and q.options:
+            right = f"{OPTION_LETTERS[q.answer]}. {q.options[q.answer]}"
+            if final.answer_index is not None:
+                (st.success if final.answer_index == q.answer else st.error)(f"{message} The right answer is **{right}**.")
+            else:
+                st.info(f"{message} The right answer is **{right}**.")
+        else:
+            st.info(message)
+    st.subheader("Cost")
+    cols = st.columns(5)
+    cols[0].metric("Stages visited", len(trace.steps))
+    cols[1].metric("FLOPs", charts.fmt_number(trace.total("flops")))
+    cols[2].metric("Tokens", f"{int(trace.total('prompt_tokens') + trace.total('output_tokens')):,}")
+    cols[3].metric("Dollars", f"${trace.total('dollars'):.6f}")
+    cols[4].metric("Seconds", f"{trace.total('seconds'):.2f}")
+    st.dataframe([{"stage": labels[s.stage], "decision": s.decision, "tokens": s.prompt_tokens + s.output_tokens,
+                   "FLOPs": s.flops, "dollars": s.dollars, "seconds": round(s.seconds, 3)} for s in trace.steps],
+                 hide_index=True, width="stretch")

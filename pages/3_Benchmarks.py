@@ -1,0 +1,144 @@
+"""Benchmarks: how each model did on the cached records (per model, per subject), how well its
+P(T) and P(IK) predict a right answer, and a way to run or extend a benchmark from the page."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import streamlit as st
+
+from app_ui import charts, data, models, state
+from cascade_core.ui_data import per_subject_accuracy, reliability, stage_summary
+
+st.set_page_config(page_title="Benchmarks", page_icon="📊", layout="wide")
+
+PAGE = "bench"
+NO_RECORDED = "(none)"
+RECENT_WRITE_S = 120
+
+
+def pct(x: float, digits: int = 1) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x:.{digits}%}"
+
+
+def num(x: float, digits: int = 3) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+st.title("Benchmarks")
+preset = state.preset_picker(PAGE)
+if preset is None:
+    st.stop()
+configs = {s.name: s for s in preset.stages + preset.extra_stages}
+
+split = st.sidebar.selectbox("Split", list(data.SPLIT_CHOICES), key=f"split@{PAGE}")
+recorded_options = data.recorded_choices(preset)
+configs.update(recorded_options)
+end = st.sidebar.selectbox("Compare with a recorded model", [NO_RECORDED, *recorded_options], key=f"end::{preset.name}@{PAGE}",
+                           format_func=lambda n: n if n == NO_RECORDED else state.label_of(recorded_options[n]))
+recorded = None if end == NO_RECORDED else recorded_options[end]
+
+
+def label(name: str) -> str:
+    return state.label_of(configs[name]) if name in configs else name
+
+
+loaded = data.load_table(preset, split, recorded)
+if loaded.error:
+    st.error(f"The benchmark records cannot be read: {loaded.error}")
+elif loaded.table is None:
+    st.info(f"No benchmark records yet for the stages of preset **{preset.name}** in "
+            f"`{data.results_dir() / data.DATASET}`. Run `make bench`, or run a small one below.")
+else:
+    table = loaded.table
+    if loaded.missing:
+        st.warning(f"No records yet for {', '.join(map(label, loaded.missing))}.")
+    st.caption(f"{table.n_questions:,} MMLU questions ({split} split) that every stage shown has answered.")
+
+    st.subheader("Per model")
+    summary = stage_summary(table)
+    st.dataframe([{
+        "stage": label(r.stage), "model": r.model, "questions": r.questions,
+        "accuracy": pct(r.accuracy), "95% CI": f"{pct(r.ci_low)} – {pct(r.ci_high)}",
+        "AUROC P(T)": num(r.auroc_p_t), "AUROC P(IK)": num(r.auroc_p_ik),
+        "ECE P(T)": num(r.ece_p_t), "ECE P(IK)": num(r.ece_p_ik),
+        "tokens / q": f"{r.mean_tokens:.0f}", "FLOPs / q": charts.fmt_number(r.mean_flops),
+        "$ / q": f"{r.mean_dollars:.6f}", "s / q": f"{r.mean_seconds:.3f}",
+    } for r in summary.itertuples()], hide_index=True, width="stretch")
+    st.caption("AUROC: how well the signal ranks right answers above wrong ones (0.5 = no signal). ECE: how far "
+               "its values are from the accuracy they predict. P(IK) appears once a probe is trained "
+               "(`python -m cascade_core probes train`); recorded models have no probabilities.")
+
+    st.subheader("Reliability of the confidence signals")
+    tabs = st.tabs(["P(T)", "P(IK)"])
+    for tab, (signal, signal_label) in zip(tabs, (("p_t", "P(T)"), ("p_ik", "P(IK)"))):
+        with tab:
+            curves = reliability(table, signal)
+            if curves:
+                st.plotly_chart(charts.reliability_figure(curves, signal_label), key=f"reliability_{signal}")
+            else:
+                st.info(f"No stage has {signal_label} on these records yet.")
+
+    st.subheader("Per subject")
+    subjects = per_subject_accuracy(table)
+    st.plotly_chart(charts.subject_heatmap(subjects, list(table.names)), key="subject_heatmap")
+    with st.expander("Per-subject table"):
+        st.dataframe(subjects.style.format({n: "{:.1%}" for n in table.names}), width="stretch")
+
+# ---- run or extend a benchmark --------------------------------------------------------------------
+st.subheader("Run or extend a benchmark")
+runnable = [c for c in preset.stages + preset.extra_stages if c.backend != "recorded"]
+if not runnable:
+    st.info("This preset has no stage that can be benchmarked here (recorded stages are built in).")
+    st.stop()
+with st.form("bench_form"):
+    cols = st.columns([2, 1, 1])
+    stage_name = cols[0].selectbox("Stage", [c.name for c in runnable], key="bench_stage", format_func=label)
+    per_subject = cols[1].number_input("Questions per subject", 0, 400, 0, step=2, key="bench_per_subject",
+                                       help="Half calibration, half test; 0 runs nothing. Questions already in the "
+                                            "records are skipped, so a larger number extends a run.")
+    from cascade_core.datasets import MMLU_SUBJECTS
+
+    subjects_chosen = st.multiselect("Subjects (none = all 57)", list(MMLU_SUBJECTS), key="bench_subjects")
+    anyway = st.checkbox("Run even if another run is writing this stage's records", key="bench_anyway")
+    go = st.form_submit_button("Run benchmark", type="primary")
+
+config = configs[stage_name]
+path = data.record_path(stage_name)
+recent = path.exists() and time.time() - path.stat().st_mtime < RECENT_WRITE_S
+if recent:
+    st.warning(f"`{path}` was written in the last {RECENT_WRITE_S} s: another benchmark may be running on "
+               f"{label(stage_name)}. Two runs writing one file lose records; wait for it or tick the box.")
+if go:
+    ready, why = models.fetched_status(config)
+    if per_subject <= 0:
+        st.info("Choose how many questions per subject to run (0 runs nothing).")
+    elif recent and not anyway:
+        st.error("Not started: another run seems to be writing these records.")
+    elif not ready:
+        st.error(f"{label(stage_name)} cannot run: {why}. Fetch it on the Settings page (or `make fetch`).")
+    else:
+        from cascade_core.bench import BenchPaths, run_stage
+        from cascade_core.datasets import load_mmlu
+        from models.factory import describe_backend
+
+        try:
+            questions = load_mmlu(per_subject=int(per_subject), subjects=subjects_chosen or None)
+            with st.spinner(f"Loading {label(stage_name)}…"):
+                backend = models.get_backend(config)
+            bar = st.progress(0.0, text="starting…")
+            started = time.perf_counter()
+
+            def progress(done: int, total: int) -> None:
+                bar.progress(done / max(total, 1), text=f"{label(stage_name)}: {done:,} / {total:,} questions")
+
+            paths = BenchPaths(path, data.features_dir() / data.DATASET / stage_name)
+            records = run_stage(backend, stage_name, questions, paths, batch_size=config.batch_size,
+                                progress=progress, **describe_backend(config, backend))
+        except Exception as err:  # noqa: BLE001 - a failed run is a message, never a traceback
+            st.error(f"The benchmark stopped: {type(err).__name__}: {err}")
+        else:
+            st.success(f"{label(stage_name)}: {len(records):,} records (accuracy {records['correct'].mean():.1%}) in "
+                       f"{time.perf_counter() - started:.1f} s → `{path}`. The tables above include them on the next rerun.")
+            st.button("Refresh the tables", key="bench_refresh")

