@@ -1,5 +1,5 @@
-"""Home page of the Streamlit app: what the tool does, the active preset's stages, the headline
-result from the cached benchmark, and links to the other pages."""
+"""The Streamlit app: `streamlit run app.py`. This file is the Home page and the navigation; the
+other pages are files under pages/ (each a short script over cascade_core and app_ui)."""
 
 from __future__ import annotations
 
@@ -9,25 +9,11 @@ import streamlit as st
 
 from app_ui import charts, data, models, state
 
-st.set_page_config(page_title="Confidence-driven cascade", page_icon="🪜", layout="wide")
-
-st.title("Confidence-driven model cascade")
-st.markdown(
-    "Every question goes to the **smallest model first**. It keeps its answer when it is confident "
-    "enough (its probability for the answer, **P(T)**, and a probe on its hidden state, **P(IK)**, "
-    "both pass the stage's thresholds) and escalates to the next larger model otherwise. "
-    "You pay for the big model only on the questions the small ones cannot handle."
-)
-
-preset = state.preset_picker("home", container=st)
-if preset is None:
-    st.stop()
-st.caption(preset.description)
-if preset.needs_network:
-    st.warning("This preset needs network access (the Hugging Face Hub or an API) and, for 4-bit stages, a GPU.")
+PAGES_DIR = "pages"
 
 
 def size_of(config) -> str:
+    """Parameters of a stage's model as far as they are known without loading it."""
     if config.backend == "packaged":
         from models.packaged import PACKAGED_MODELS
 
@@ -38,41 +24,70 @@ def size_of(config) -> str:
     return "–"
 
 
-rows = [{
-    "stage": state.label_of(s), "backend": s.backend + (" (recorded outcomes)" if s.backend == "recorded" else ""),
-    "model": s.model, "size": size_of(s), "quantisation": s.quantization, "device": s.device, "rule": s.rule,
-    "τ_T": s.tau_t, "τ_IK": s.tau_ik, "status": models.fetched_status(s)[1],
-} for s in preset.stages if s.enabled]
-st.subheader("Stages, smallest first")
-st.dataframe(rows, hide_index=True, width="stretch")
-st.caption("The last stage always answers.")
+def home() -> None:
+    """What the tool does, the active preset's stages, the headline result, links to the pages."""
+    st.title("Confidence-driven model cascade")
+    st.markdown(
+        "Every question goes to the **smallest model first**. It keeps its answer when it is confident "
+        "enough (its probability for the answer, **P(T)**, and a probe on its hidden state, **P(IK)**, "
+        "both pass the stage's thresholds) and escalates to the next larger model otherwise. "
+        "You pay for the big model only on the questions the small ones cannot handle."
+    )
+    preset = state.preset_picker("home")
+    if preset is None:
+        st.stop()
+    st.caption(f"Preset **{preset.name}**: {preset.description}")
+    if preset.needs_network:
+        st.warning("This preset needs network access (the Hugging Face Hub or an API) and, for 4-bit stages, a GPU.")
 
-st.subheader("Headline from the cached benchmark")
-headline = data.headline(preset)
-if headline is None:
-    st.info(f"No benchmark records for this preset's stages yet (looked in `{data.results_dir() / data.DATASET}`). "
-            "Run `make bench` or a small benchmark on the Benchmarks page.")
-elif "error" in headline:
-    st.warning(f"No headline: {headline['error']}")
-else:
+    st.subheader("Stages, smallest first")
+    st.dataframe([{
+        "stage": state.label_of(s), "backend": s.backend, "model": s.model, "size": size_of(s),
+        "quantisation": s.quantization, "device": s.device, "rule": s.rule, "τ_T": s.tau_t, "τ_IK": s.tau_ik,
+        "status": models.fetched_status(s)[1],
+    } for s in preset.stages if s.enabled], hide_index=True, width="stretch")
+    st.caption("The last stage always answers. Recorded stages replay real per-question outcomes (MMLU only).")
+
+    st.subheader("Headline from the cached benchmark")
+    headline = data.headline(preset)
+    if headline is None:
+        st.info(f"No benchmark records for this preset's stages yet (looked in `{data.results_dir() / data.DATASET}`). "
+                "Run `make bench`, or a small benchmark on the Benchmarks page.")
+    elif "error" in headline:
+        st.warning(f"No headline yet: {headline['error']}")
+    else:
+        cols = st.columns(4)
+        cols[0].metric("Test questions", f"{headline['questions']:,}")
+        cols[1].metric("Cascade accuracy", f"{headline['accuracy']:.1%}",
+                       f"{headline['pd']:+.1%} vs {headline['reference']}")
+        reduction = headline["reduction"]
+        cols[2].metric("Compute reduction (FLOPs)", "–" if math.isnan(reduction) else f"{reduction:.1%}")
+        cols[3].metric("Mean FLOPs / question", charts.fmt_number(headline["mean_flops"]))
+        missing = f" No records yet for {', '.join(headline['missing'])}." if headline["missing"] else ""
+        st.caption(f"Thresholds chosen on the calibration split for at most 1 accuracy point below "
+                   f"{headline['reference']} alone, reported on the test split. Cascade used: "
+                   f"{headline['stages']}.{missing}")
+
+    st.subheader("Pages")
     cols = st.columns(4)
-    cols[0].metric("Test questions", f"{headline['questions']:,}")
-    cols[1].metric("Cascade accuracy", f"{headline['accuracy']:.1%}",
-                   f"{headline['pd']:+.1%} vs {headline['reference']}")
-    reduction = headline["reduction"]
-    cols[2].metric("Compute reduction (FLOPs)", "–" if math.isnan(reduction) else f"{reduction:.1%}")
-    cols[3].metric("Mean FLOPs / question", charts.fmt_number(headline["mean_flops"]))
-    st.caption(f"Thresholds chosen on the calibration split for at most 1 accuracy point below "
-               f"{headline['reference']} alone, reported on the test split; cascade used: {headline['stages']}. "
-               + (f"No records yet for {', '.join(headline['missing'])}." if headline["missing"] else ""))
+    for col, (page, text) in zip(cols, PAGE_TEXT.items()):
+        col.page_link(page)
+        col.caption(text)
 
-st.subheader("Pages")
-cols = st.columns(4)
-cols[0].page_link("pages/1_Route_a_question.py", label="Route a question", icon="🔀")
-cols[0].caption("Run the cascade live and see each stage's P(T), P(IK) and decision.")
-cols[1].page_link("pages/2_Explore_thresholds.py", label="Explore thresholds", icon="🎚️")
-cols[1].caption("Drag thresholds; accuracy against cost on the Pareto frontier.")
-cols[2].page_link("pages/3_Benchmarks.py", label="Benchmarks", icon="📊")
-cols[2].caption("Per model and subject accuracy, calibration of the signals, run a benchmark.")
-cols[3].page_link("pages/4_Settings.py", label="Settings and models", icon="⚙️")
-cols[3].caption("Stage status, fetch models, add a stage.")
+
+PAGES = [
+    st.Page(home, title="Home", icon=":material/home:", default=True),
+    st.Page(f"{PAGES_DIR}/1_Route_a_question.py", title="Route a question", icon=":material/alt_route:"),
+    st.Page(f"{PAGES_DIR}/2_Explore_thresholds.py", title="Explore thresholds", icon=":material/tune:"),
+    st.Page(f"{PAGES_DIR}/3_Benchmarks.py", title="Benchmarks", icon=":material/bar_chart:"),
+    st.Page(f"{PAGES_DIR}/4_Settings.py", title="Settings and models", icon=":material/settings:"),
+]
+PAGE_TEXT = {
+    PAGES[1]: "Run the cascade live; see each stage's P(T), P(IK) and decision.",
+    PAGES[2]: "Drag thresholds; accuracy against cost on the Pareto frontier.",
+    PAGES[3]: "Accuracy per model and subject, calibration of the signals, run a benchmark.",
+    PAGES[4]: "Stage status, fetch models, add a stage.",
+}
+
+st.set_page_config(page_title="Confidence-driven cascade", page_icon="🪜", layout="wide")
+st.navigation(PAGES).run()

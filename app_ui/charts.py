@@ -37,9 +37,14 @@ def frontier_figure(*, cloud: tuple[np.ndarray, np.ndarray], frontier: tuple[np.
                              line=dict(color=GREY, dash="dot")))
     fig.add_trace(go.Scatter(x=frontier[0], y=frontier[1], mode="lines+markers", name="Pareto frontier",
                              line=dict(color=BLUE, shape="hv"), marker=dict(size=5)))
+    order = np.argsort([s["cost"] for s in singles], kind="stable")
+    position = np.empty(len(singles), dtype=object)
+    position[order] = ["middle left" if rank >= len(singles) / 2 and rank > 0 else "middle right"
+                       for rank in range(len(singles))]
     fig.add_trace(go.Scatter(
         x=[s["cost"] for s in singles], y=[s["accuracy"] for s in singles], mode="markers+text",
-        name="single models", text=[s["label"] for s in singles], textposition="top center",
+        name="single models", text=[f" {s['label']} " for s in singles], textposition=list(position),
+        cliponaxis=False,
         marker=dict(size=11, color=INK, symbol=["diamond-open" if s.get("recorded") else "diamond" for s in singles])))
     fig.add_trace(go.Scatter(x=[oracle[0]], y=[oracle[1]], mode="markers", name="oracle",
                              marker=dict(size=14, color=GREEN, symbol="star")))

@@ -12,7 +12,6 @@ from cascade_core.policy import StagePolicy
 from cascade_core.prompts import validate_question
 from cascade_core.types import OPTION_LETTERS, Question, StageStep
 
-st.set_page_config(page_title="Route a question", page_icon="🔀", layout="wide")
 
 PAGE = "route"
 MAX_QUESTION_CHARS = 6000  # about 1,500 tokens: longer prompts would be cut from the left by the models
@@ -34,7 +33,7 @@ if stages_key not in st.session_state or not set(st.session_state[stages_key]) <
 chosen = st.sidebar.multiselect("Stages to run", names, key=stages_key, format_func=lambda n: state.label_of(configs[n]),
                                 help="Kept in cascade order, smallest first; the last one always answers.")
 chosen = [n for n in names if n in chosen]
-st.sidebar.page_link("pages/4_Settings.py", label="Add a stage or fetch models", icon="⚙️")
+st.sidebar.page_link("pages/4_Settings.py", label="Add a stage or fetch models", icon=":material/settings:")
 
 # ---- the question -------------------------------------------------------------------------------------
 mode = st.radio("Question", ["type", "mmlu"], horizontal=True, key="route_mode",
@@ -86,7 +85,7 @@ def stage_policy(name: str) -> StagePolicy:
 with st.expander(f"Thresholds (from {source})", expanded=False):
     st.dataframe([{"stage": state.label_of(configs[n]), "τ_T": settings[n].tau_t, "τ_IK": settings[n].tau_ik,
                    "rule": explorer_rule or configs[n].rule} for n in chosen], hide_index=True, width="stretch")
-    st.page_link("pages/2_Explore_thresholds.py", label="Change them in the threshold explorer", icon="🎚️")
+    st.page_link("pages/2_Explore_thresholds.py", label="Change them in the threshold explorer", icon=":material/tune:")
 
 
 # ---- one stage's card ---------------------------------------------------------------------------------
@@ -112,8 +111,11 @@ def draw_card(step: StageStep, policy: StagePolicy, label: str, recorded: bool, 
     with right:
         if step.answer_index is not None and options:
             st.markdown(f"Answer: **{step.answer}. {options[step.answer_index]}**")
-        else:
+        elif recorded:
             st.markdown(f"Answer: **{step.answer}**")
+        else:
+            st.markdown("Answer (free-form):")
+            st.text(step.answer if (step.answer or "").strip() else "(an empty answer)")
         if step.decision == "keep":
             st.success(f"**Keep**: {step.reason.removeprefix('keep: ')}")
         elif step.decision == "escalate":
@@ -220,12 +222,15 @@ if last and last["preset"] == preset.name:
     st.graphviz_chart(charts.routing_path_dot(last["stages"], trace.steps))
     final = trace.answered_by
     q = trace.question
-    if final is not None:
+    if final is not None and not q.options:
+        st.info(f"The cascade's free-form answer, by {labels[final.stage]}:")
+        st.text(final.answer if (final.answer or "").strip() else "(an empty answer)")
+    elif final is not None:
         answer = final.answer or ""
-        if final.answer_index is not None and q.options:
+        if final.answer_index is not None:
             answer = f"{final.answer}. {q.options[final.answer_index]}"
         message = f"The cascade answers **{answer}** (by {labels[final.stage]})."
-        if q.answer is not None and q.options:
+        if q.answer is not None:
             right = f"{OPTION_LETTERS[q.answer]}. {q.options[q.answer]}"
             if final.answer_index is not None:
                 (st.success if final.answer_index == q.answer else st.error)(f"{message} The right answer is **{right}**.")

@@ -17,7 +17,6 @@ from cascade_core.selection import evaluate_on, select_policy
 from cascade_core.ui_data import (UNIT_LABELS, StageSetting, operating_point, policy_from_settings,
                                   random_routing_curve, settings_from_params, settings_to_params)
 
-st.set_page_config(page_title="Explore thresholds", page_icon="🎚️", layout="wide")
 
 PAGE = "explore"
 RULE_LABELS = {"both": "both: P(T) ≥ τ_T and P(IK) ≥ τ_IK (the paper's)", "pt_only": "P(T) only",
@@ -89,7 +88,7 @@ if loaded.table is None:
     st.info(f"No benchmark records yet for the stages of preset **{preset.name}** in "
             f"`{data.results_dir() / data.DATASET}`. Run `make bench` (or the Benchmarks page) first; "
             "this page replays those records.")
-    st.page_link("pages/3_Benchmarks.py", label="Benchmarks", icon="📊")
+    st.page_link("pages/3_Benchmarks.py", label="Benchmarks", icon=":material/bar_chart:")
     st.stop()
 table = loaded.table
 if loaded.missing:
@@ -134,7 +133,8 @@ def apply_found(policy, names: tuple[str, ...], preset_name: str) -> None:
         st.session_state[widget_key(preset_name, name, "on")] = bool(stage.enabled)
 
 
-controls, main = st.columns([1, 2.2], gap="large")
+metrics_area = st.container()
+controls, main = st.columns([1, 2.4], gap="large")
 with controls:
     st.subheader("Stages, smallest first")
     enabled_now = [bool(st.session_state[widget_key(preset.name, n, "on")]) for n in table.names]
@@ -148,8 +148,9 @@ with controls:
                 st.caption("Recorded outcomes: no probabilities, so it can only be last: it answers all it receives.")
                 continue
             if i == last_enabled:
-                st.caption("Last stage in use: it always answers, its thresholds do not apply.")
-            off = not enabled_now[i] or i == last_enabled
+                st.caption("Last stage in use: it always answers, so it has no thresholds.")
+                continue
+            off = not enabled_now[i]
             has_pik = bool(table.has_hidden[i])
             st.slider("τ_T (keep when P(T) ≥ τ_T)", 0.0, 1.0, step=0.001, format="%.3f",
                       key=widget_key(preset.name, name, "tau_t"), disabled=off or (rule == "pik_only" and has_pik))
@@ -176,18 +177,18 @@ with main:
     point = operating_point(table, result, unit)
     unit_label = UNIT_LABELS[unit]
 
-    m = st.columns(5)
+    m = metrics_area.columns(5)
     m[0].metric("Accuracy", pct(point.accuracy), help=f"95% Wilson interval {pct(point.accuracy_low)} – "
                 f"{pct(point.accuracy_high)} over {table.n_questions:,} questions ({split})")
-    m[1].metric(f"Compute reduction ({unit_label})", pct(point.compute_reduction),
+    m[1].metric(f"Compute saved ({unit_label})", pct(point.compute_reduction),
                 help=f"1 − cost of the cascade / cost of {point.reference_name} alone, on the same questions")
-    m[2].metric(f"Mean cost ({unit_label} / question)", charts.fmt_number(point.mean_cost))
+    m[2].metric(f"{unit_label} / question", charts.fmt_number(point.mean_cost))
     m[3].metric(f"PD vs {point.reference_name}", f"{point.pd:+.2%}",
                 help=f"Accuracy difference to {point.reference_name} alone ({pct(point.reference_accuracy)})")
     m[4].metric("McNemar p", f"{point.mcnemar_p:.3g}",
                 help=f"Exact paired test against {point.reference_name}: the cascade alone right on "
                      f"{point.discordant[0]} questions, {point.reference_name} alone right on {point.discordant[1]}")
-    st.caption(f"Accuracy {pct(point.accuracy)} (95% CI {pct(point.accuracy_low)} – {pct(point.accuracy_high)}); "
+    metrics_area.caption(f"Accuracy {pct(point.accuracy)} (95% CI {pct(point.accuracy_low)} – {pct(point.accuracy_high)}); "
                f"random routing at the same escalation rates: {pct(point.random_accuracy)} at "
                f"{charts.fmt_number(point.random_cost)} {unit_label}.")
 

@@ -11,7 +11,6 @@ import streamlit as st
 from app_ui import charts, data, models, state
 from cascade_core.ui_data import per_subject_accuracy, reliability, stage_summary
 
-st.set_page_config(page_title="Benchmarks", page_icon="📊", layout="wide")
 
 PAGE = "bench"
 NO_RECORDED = "(none)"

@@ -12,7 +12,6 @@ from pydantic import ValidationError
 from app_ui import models, state
 from cascade_core.presets import PresetError, StageConfig, load_preset
 
-st.set_page_config(page_title="Settings and models", page_icon="⚙️", layout="wide")
 
 PAGE = "settings"
 
