@@ -170,6 +170,26 @@ def cmd_probes_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from cascade_core.io import atomic_write_text
+    from cascade_core.report import build_report
+    from cascade_core.report_markdown import render
+    from cascade_core.results import load_report_inputs
+
+    inputs = load_report_inputs(args.preset, args.dataset, args.results_dir, args.features_dir)
+    for stage, why in inputs["meta"]["features_missing"].items():
+        print(f"{stage}: no OOD / label-free probes ({why})", file=sys.stderr)
+    say = (lambda message: None) if args.quiet else (lambda message: print(f"... {message}", file=sys.stderr, flush=True))
+    report = build_report(inputs["table"], questions=inputs["questions"], features=inputs["features"],
+                          meta=inputs["meta"], progress=say)
+    if args.out:
+        atomic_write_text(Path(args.out), render(report))
+        print(f"wrote {args.out}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report, allow_nan=False))
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for name in list_presets():
         preset = load_preset(name)
@@ -223,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--features-dir", default=str(DEFAULT_FEATURES_DIR))
     train.add_argument("--probes-dir", default=str(REPO_ROOT / "data" / "probes"))
     train.set_defaults(func=cmd_probes_train)
+
+    report = sub.add_parser("report", help="the paper's experiment on the records -> docs/RESULTS.md")
+    report.add_argument("--preset", default="default")
+    report.add_argument("--dataset", default="mmlu")
+    report.add_argument("--json", action="store_true", help="also print every number as JSON")
+    report.add_argument("--out", default=str(REPO_ROOT / "docs" / "RESULTS.md"), help="'' to skip the file")
+    report.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR))
+    report.add_argument("--features-dir", default=str(DEFAULT_FEATURES_DIR))
+    report.add_argument("--quiet", action="store_true")
+    report.set_defaults(func=cmd_report)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=cmd_presets)
