@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.requirements-installed
 PRESET ?= default
 PORT   ?= 8501
+SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup run test test-fast fetch bench report serve clean-venv
+.PHONY: setup browser run test test-fast fetch bench report serve clean-venv
 
 $(STAMP): requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +25,12 @@ fetch: setup
 run: fetch
 	$(BIN)/streamlit run app.py --server.port $(PORT)
 
+## browser: Debian's Chromium for the real-browser app test (installed only when missing)
+browser:
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+
 ## test: set up and run the whole test suite
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
 
 ## test-fast: the tests that need no model

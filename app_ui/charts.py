@@ -101,7 +101,7 @@ def subject_heatmap(frame, stages: Sequence[str]) -> go.Figure:
 
 
 def _dot_label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def routing_path_dot(stages: Sequence[tuple[str, str]], steps: Sequence[StageStep]) -> str:
@@ -115,16 +115,17 @@ def routing_path_dot(stages: Sequence[tuple[str, str]], steps: Sequence[StageSte
         step = by_name.get(name)
         if step is None:
             attrs = 'fillcolor="#ffffff", color="#94a3b8", fontcolor="#94a3b8", style="rounded,dashed"'
-            text = f"{label}\\nnot reached"
+            text = f"{label}\nnot reached"
         elif step.decision in ("keep", "final"):
             attrs = f'fillcolor="#dcfce7", color="{GREEN}", penwidth=3'
-            text = f"{label}\\nanswered {step.answer or ''}"
+            short = (step.answer or "").strip().replace("\n", " ")
+            text = f"{label}\nanswered {short[:18] + '…' if len(short) > 18 else short}"
         elif step.decision == "error":
             attrs = f'fillcolor="#fee2e2", color="{RED}"'
-            text = f"{label}\\nfailed"
+            text = f"{label}\nfailed"
         else:
             attrs = 'fillcolor="#ffedd5", color="#ea580c"'
-            text = f"{label}\\nescalated"
+            text = f"{label}\nescalated"
         lines.append(f'n{i} [label="{_dot_label(text)}", {attrs}];')
     lines.append('question -> n0 [label=""];')
     for i in range(len(stages) - 1):

@@ -16,7 +16,7 @@ from pathlib import Path
 import streamlit as st
 
 from cascade_core.frontier import SweepResult, sweep
-from cascade_core.presets import REPO_ROOT, Preset, StageConfig, list_presets, load_preset, parse_preset
+from cascade_core.presets import REPO_ROOT, Preset, StageConfig, parse_preset
 from cascade_core.records import RecordTable
 
 RESULTS_ENV = "CASCADE_RESULTS_DIR"
@@ -41,6 +41,14 @@ def features_dir() -> Path:
     return REPO_ROOT / "data" / "features"
 
 
+def report_path() -> Path | None:
+    """docs/RESULTS.md (what `python -m cascade_core report` writes) when it exists and describes
+    the records the app reads (the default results folder)."""
+    path = REPO_ROOT / "docs" / "RESULTS.md"
+    default = (REPO_ROOT / "data" / "results").resolve()
+    return path if path.exists() and results_dir().resolve() == default else None
+
+
 def record_path(stage: str, dataset: str = DATASET, root: Path | None = None) -> Path:
     return (root or results_dir()) / dataset / f"{stage}.parquet"
 
@@ -57,75 +65,35 @@ def _signature(paths: list[Path]) -> tuple:
 
 
 def recorded_choices(preset: Preset) -> dict[str, StageConfig]:
-    """Recorded stages that can end a cascade in the explorer: the preset's own, else the shipped
-    ones (GPT-4 from the api-recorded preset, and Mixtral), by stage name."""
+    """Recorded stages that can end a cascade in the explorer, by stage name: the preset's own,
+    else GPT-4 (results.GPT4_STAGE, with its list prices) and Mixtral (no price: compare it in
+    FLOPs, tokens or calls)."""
+    from cascade_core.results import GPT4_STAGE
+
     own = [s for s in preset.stages if s.backend == "recorded"]
     if own:
         return {s.name: s for s in own}
-    found: dict[str, StageConfig] = {}
-    for name in list_presets():
-        try:
-            for s in load_preset(name).stages:
-                if s.backend == "recorded":
-                    found.setdefault(s.name, s)
-        except ValueError:
-            continue
-    found.setdefault("mixtral-recorded", StageConfig(
-        name="mixtral-recorded", label="Mixtral-8x7B-Instruct (recorded)", backend="recorded",
-        model="mixtral-8x7b-instruct"))
-    return found
+    mixtral = StageConfig(name="mixtral-recorded", label="Mixtral-8x7B-Instruct (recorded)", backend="recorded",
+                          model="mixtral-8x7b-instruct")
+    return {GPT4_STAGE.name: GPT4_STAGE, mixtral.name: mixtral}
 
 
 def _local_stages(preset: Preset) -> list[StageConfig]:
     return [s for s in preset.stages if s.backend != "recorded" and s.enabled]
 
 
-def _recorded_frame(config: StageConfig):
-    """A recorded stage's records as the benchmark would write them (correctness + prompt tokens)."""
-    import pandas as pd
-
-    from cascade_core.cost import dollars, flops
-    from cascade_core.datasets import load_recorded_outcomes, load_split
-    from models.recorded import ALIASES, RECORDED_MODELS
-
-    name = ALIASES.get(config.model.strip().lower(), config.model.strip().lower())
-    if name not in RECORDED_MODELS:
-        raise ValueError(f"no recording for model {config.model!r}; recorded: {', '.join(RECORDED_MODELS)}")
-    correct_column, tokens_column, _total, non_embedding = RECORDED_MODELS[name]
-    outcomes = load_recorded_outcomes()
-    split = load_split()
-    tokens = outcomes[tokens_column].to_numpy()
-    return pd.DataFrame({
-        "qid": outcomes["qid"].astype(str), "subject": outcomes["subject"].astype(str),
-        "split": outcomes["qid"].astype(str).map(split).fillna(""), "stage": config.name, "model_id": name,
-        "correct": outcomes[correct_column].astype(bool), "prompt_tokens": tokens, "output_tokens": 0,
-        "flops": flops(non_embedding, tokens), "seconds": 0.0,
-        "dollars": dollars(tokens, 0, config.price_in, config.price_out), "recorded": True,
-    })
-
-
 def _build_table(preset: Preset, recorded: StageConfig | None, root: Path, dataset: str) -> tuple[RecordTable | None, tuple[str, ...]]:
-    """Records of every enabled local stage that has them, in preset order, ended by `recorded`.
+    """Records of every enabled local stage that has them, in preset order, ended by `recorded`
+    (results.load_preset_table, the loader the report uses). Returns (table or None, names of
+    the local stages without records)."""
+    from cascade_core.results import MissingRecordsError, load_preset_table
 
-    Returns (table or None, names of the stages without records).
-    """
-    from cascade_core.bench import load_records
-
-    frames, names, missing = [], [], []
-    for config in _local_stages(preset):
-        path = record_path(config.name, dataset, root)
-        records = load_records(path) if path.exists() else None
-        if records is None or records.empty:
-            missing.append(config.name)
-            continue
-        frames.append(records)
-        names.append(config.name)
-    if recorded is not None and frames:
-        frames.append(_recorded_frame(recorded))
-        names.append(recorded.name)
-    if not frames:
-        return None, tuple(missing)
-    return RecordTable.from_frames(frames, names=names), tuple(missing)
+    local = [s.name for s in _local_stages(preset)]
+    try:
+        table = load_preset_table(preset, dataset, root, include_recorded=recorded or False, skip_missing=True)
+    except MissingRecordsError:
+        return None, tuple(local)
+    return table, tuple(n for n in local if n not in table.names)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 
 from cascade_core.calibration import auroc, expected_calibration_error, reliability_curve
-from cascade_core.cost import COST_UNITS, compute_reduction
 from cascade_core.frontier import accuracy_difference, random_routing
 from cascade_core.policy import CascadePolicy, StagePolicy
 from cascade_core.records import RecordTable
@@ -92,10 +91,6 @@ def policy_from_settings(names: Sequence[str], settings: Mapping[str, StageSetti
     """One StagePolicy per table stage, in table order (ValueError when every stage is off)."""
     return CascadePolicy(tuple(StagePolicy(tau_t=settings[n].tau_t, tau_ik=settings[n].tau_ik, rule=rule,
                                            enabled=settings[n].enabled) for n in names))
-
-
-def settings_from_policy(names: Sequence[str], policy: CascadePolicy) -> dict[str, StageSetting]:
-    return {n: StageSetting(p.tau_t, p.tau_ik, p.enabled) for n, p in zip(names, policy.stages)}
 
 
 # -- the operating point ----------------------------------------------------------------------------
@@ -216,13 +211,7 @@ def record_frames(table: RecordTable, qids: Sequence[str] | None = None, splits:
     return frames
 
 
-def unit_reduction(cost: float, reference: float) -> float:
-    """Compute reduction of a mean cost against a reference mean cost (NaN when it costs nothing)."""
-    return float(compute_reduction(cost, reference))
-
-
 __all__ = [
-    "COST_UNITS", "UNIT_LABELS", "OperatingPoint", "StageSetting", "operating_point", "per_subject_accuracy",
-    "policy_from_settings", "random_routing_curve", "record_frames", "reliability", "settings_from_params", "settings_from_policy",
-    "settings_to_params", "stage_summary", "unit_reduction",
+    "UNIT_LABELS", "OperatingPoint", "StageSetting", "operating_point", "per_subject_accuracy", "policy_from_settings",
+    "random_routing_curve", "record_frames", "reliability", "settings_from_params", "settings_to_params", "stage_summary",
 ]

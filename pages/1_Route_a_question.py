@@ -36,7 +36,7 @@ chosen = [n for n in names if n in chosen]
 st.sidebar.page_link("pages/4_Settings.py", label="Add a stage or fetch models", icon=":material/settings:")
 
 # ---- the question -------------------------------------------------------------------------------------
-mode = st.radio("Question", ["type", "mmlu"], horizontal=True, key="route_mode",
+mode = st.radio("Where the question comes from", ["type", "mmlu"], horizontal=True, key="route_mode",
                 format_func={"type": "Type a question", "mmlu": "Pick an MMLU question (test split)"}.get)
 question: Question | None = None
 input_problem: str | None = None
@@ -187,7 +187,8 @@ if run:
                 box = boxes[stage.name]
                 with box:
                     draw_card(step, stage.policy, label, stage.recorded, question.options)
-                box.update(label=status_label(step, label), state="error" if event == "error" else "complete")
+                box.update(label=status_label(step, label), state="error" if event == "error" else "complete",
+                           expanded=True)
 
             failure = None
             try:
@@ -243,7 +244,8 @@ if last and last["preset"] == preset.name:
     cols[0].metric("Stages visited", len(trace.steps))
     cols[1].metric("FLOPs", charts.fmt_number(trace.total("flops")))
     cols[2].metric("Tokens", f"{int(trace.total('prompt_tokens') + trace.total('output_tokens')):,}")
-    cols[3].metric("Dollars", f"${trace.total('dollars'):.6f}")
+    dollars = trace.total("dollars")
+    cols[3].metric("Dollars", f"${dollars:.6f}" if dollars else "$0 (local)")
     cols[4].metric("Seconds", f"{trace.total('seconds'):.2f}")
     st.dataframe([{"stage": labels[s.stage], "decision": s.decision, "tokens": s.prompt_tokens + s.output_tokens,
                    "FLOPs": s.flops, "dollars": s.dollars, "seconds": round(s.seconds, 3)} for s in trace.steps],

@@ -9,6 +9,7 @@ import time
 import streamlit as st
 
 from app_ui import charts, data, models, state
+from cascade_core.presets import REPO_ROOT
 from cascade_core.ui_data import per_subject_accuracy, reliability, stage_summary
 
 
@@ -84,6 +85,25 @@ else:
     st.plotly_chart(charts.subject_heatmap(subjects, list(table.names)), key="subject_heatmap")
     with st.expander("Per-subject table"):
         st.dataframe(subjects.style.format({n: "{:.1%}" for n in table.names}), width="stretch")
+
+# ---- the report -------------------------------------------------------------------------------------
+st.subheader("The report")
+report_path = data.report_path()
+if report_path is None:
+    st.info("No report for these records yet: `python -m cascade_core report` writes docs/RESULTS.md (the paper's "
+            "experiment: cascades, the API scenario, ablations, baselines; it takes minutes, so it is not run here).")
+else:
+    text = report_path.read_text(encoding="utf-8")
+    sections = {part.split("\n", 1)[0].strip(): part for part in text.split("\n## ")[1:]}
+    shown_path = report_path.relative_to(REPO_ROOT) if report_path.is_relative_to(REPO_ROOT) else report_path
+    st.caption(f"From `{shown_path}`, written "
+               f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(report_path.stat().st_mtime))} by "
+               "`python -m cascade_core report`.")
+    for title in ("Summary", "1. Each model alone"):
+        if title in sections:
+            st.markdown("#### " + sections[title])
+    with st.expander("The whole report"):
+        st.markdown(text)
 
 # ---- run or extend a benchmark --------------------------------------------------------------------
 st.subheader("Run or extend a benchmark")

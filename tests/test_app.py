@@ -9,38 +9,23 @@ routing uses the real SmolLM2-135M.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from _records import DEFAULT_STAGES as STAGES
+from _records import write_synthetic_records
 from app_ui import state
-from cascade_core.datasets import load_mmlu
-from cascade_core.io import atomic_write_parquet
 from cascade_core.policy import CascadePolicy, StagePolicy
-from cascade_core.records import RecordTable, synthetic_table
+from cascade_core.records import RecordTable
 from cascade_core.replay import replay
 from cascade_core.selection import evaluate_on, select_policy
-from cascade_core.ui_data import StageSetting, record_frames
+from cascade_core.ui_data import StageSetting
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 ROUTE, EXPLORE, BENCH, SETTINGS = ("pages/1_Route_a_question.py", "pages/2_Explore_thresholds.py",
                                    "pages/3_Benchmarks.py", "pages/4_Settings.py")
-STAGES = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
-N_QUESTIONS = 1600
-
-
-def write_synthetic_records(root: Path, n: int = N_QUESTIONS, names=STAGES, seed: int = 3) -> RecordTable:
-    """Synthetic records for `names` on the first n MMLU questions; returns the full table."""
-    mmlu = load_mmlu().iloc[:n]
-    table = synthetic_table(n, len(names), seed=seed)
-    frames = record_frames(table, qids=mmlu["qid"].to_numpy(), splits=mmlu["split"].to_numpy())
-    for name, frame in zip(names, frames):
-        frame = frame.assign(stage=name, model_id=name, subject=mmlu["subject"].to_numpy())
-        atomic_write_parquet(frame, root / "mmlu" / f"{name}.parquet")
-    return RecordTable.from_frames([f.assign(stage=n) for f, n in zip(frames, names)], names=list(names))
 
 
 @pytest.fixture(scope="module")
@@ -362,6 +347,21 @@ def test_benchmarks_numbers_come_from_cascade_core(app, synthetic_results):
 
     assert list(shown["AUROC P(T)"]) == [f"{auroc(test.p_t[s], test.correct[s]):.3f}" for s in range(3)]
     assert len(at.get("plotly_chart")) == 3  # P(T) and P(IK) reliability, subject heatmap
+
+
+def test_benchmarks_shows_the_report_when_there_is_one(app, monkeypatch, tmp_path):
+    from app_ui import data
+
+    at = open_page(app, BENCH)
+    assert "python -m cascade_core report" in texts(at.info)
+    report = tmp_path / "RESULTS.md"
+    report.write_text("# Results\n\nintro\n\n## Summary\n\n- the headline line\n\n## 1. Each model alone\n\n"
+                      "| model | accuracy |\n|---|---|\n| `m` | 0.5 |\n\n## 2. Cascades\n\nmore\n", encoding="utf-8")
+    monkeypatch.setattr(data, "report_path", lambda: report)
+    at.run()
+    no_exception(at)
+    shown = texts(at.markdown)
+    assert "the headline line" in shown and "| `m` | 0.5 |" in shown
 
 
 def test_benchmarks_run_asks_for_a_number_first(app):

@@ -1,0 +1,162 @@
+"""End to end in a real browser: `streamlit run app.py` on a free loopback port, driven by Debian's
+Chromium through Playwright. It moves a threshold slider and switches stages off on the explorer
+(the metric and the chart's operating point must change, the URL must carry the threshold),
+routes a question on SmolLM2 (one card), and saves a screenshot of every page under
+test-artifacts/browser/.
+
+Chromium comes from the project's set-up (`make browser`, Debian's package); never from
+`playwright install`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from _loopback import free_port
+from _records import write_synthetic_records
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO / "test-artifacts" / "browser"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [pytest.mark.browser, pytest.mark.model, pytest.mark.slow,
+              pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is missing: run `make browser` (Debian's chromium)")]
+
+
+@pytest.fixture
+def server(tmp_path, smollm2_path):
+    """The app on a free loopback port, on synthetic records in a temporary results folder."""
+    write_synthetic_records(tmp_path / "results")
+    port = free_port()
+    log = open(tmp_path / "streamlit.log", "wb")
+    env = {**os.environ, "CASCADE_RESULTS_DIR": str(tmp_path / "results")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address", "127.0.0.1",
+         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/_stcore/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"streamlit did not start:\n{(tmp_path / 'streamlit.log').read_text()[-3000:]}")
+        time.sleep(0.3)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+    log.close()
+
+
+_POINT_JS = """() => {
+    const plot = document.querySelector('.js-plotly-plot');
+    const trace = plot && plot.data && plot.data.find(t => t.name === 'these thresholds');
+    return trace ? [trace.x[0], trace.y[0]] : null;
+}"""
+
+
+def operating_point(page, other_than: tuple[float, float] | None = None) -> tuple[float, float]:
+    """The explorer chart's current point, read from the plotly figure drawn in the page (waiting
+    until it is drawn and, with `other_than`, until it has moved away from that point)."""
+    page.wait_for_function(f"() => {{ const p = ({_POINT_JS})(); return p && JSON.stringify(p) !== "
+                           f"{json.dumps(json.dumps(list(other_than)) if other_than else '')}; }}", timeout=60_000)
+    return tuple(page.evaluate(_POINT_JS))
+
+
+def wait_idle(page) -> None:
+    """Until Streamlit has finished the current run (its 'running' widget gone)."""
+    page.wait_for_timeout(300)
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=120_000)
+
+
+def go_to(page, title: str) -> None:
+    page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+    wait_idle(page)
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_browser_end_to_end(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=60_000)  # the 2-core machine may be busy; Streamlit reruns can take seconds
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            page.set_default_timeout(60_000)
+            page.goto(server)
+            expect(page.get_by_role("heading", name="Confidence-driven model cascade")).to_be_visible()
+            wait_idle(page)
+            expect(page.get_by_text("Headline from the cached benchmark")).to_be_visible()
+            shot(page, "1-home")
+
+            # Explore: move SmolLM2's τ_T to its maximum; the metric and the chart's point follow.
+            go_to(page, "Explore thresholds")
+            accuracy = page.get_by_test_id("stMetricValue").first
+            expect(accuracy).to_contain_text("%")
+            before_text, before_point = accuracy.inner_text(), operating_point(page)
+            slider = page.get_by_test_id("stSlider").filter(has_text="τ_T").first.get_by_role("slider")
+            slider.focus()
+            slider.press("End")
+            expect(accuracy).not_to_have_text(before_text)
+            wait_idle(page)
+            moved_point = operating_point(page, other_than=before_point)
+            assert moved_point[1] != before_point[1]
+            assert "t.smollm2-135m=1" in page.url
+            shot(page, "2-explore-thresholds")
+
+            # Switch the two Qwen stages off: SmolLM2 alone, so routing runs one small model.
+            for label in ("Qwen2.5-Coder-0.5B-Instruct", "Qwen2.5-Coder-1.5B-Instruct"):
+                text = accuracy.inner_text()
+                page.get_by_test_id("stCheckbox").filter(has_text=label).locator("label").click()
+                expect(accuracy).not_to_have_text(text)
+                wait_idle(page)
+            assert operating_point(page, other_than=moved_point) != moved_point
+            assert "on.qwen2.5-coder-0.5b=0" in page.url
+
+            # Route: the stages and thresholds follow the explorer; one card for the one stage.
+            go_to(page, "Route a question")
+            page.get_by_role("textbox", name="Question", exact=True).fill("Which planet is known as the Red Planet?")
+            page.get_by_label("Answer options, one per line (leave empty for a free-form answer)").fill(
+                "Venus\nMars\nJupiter\nSaturn")
+            page.get_by_role("button", name="Route").click()
+            expect(page.get_by_text("SmolLM2-135M-Instruct: answered (last stage)")).to_be_visible(timeout=180_000)
+            wait_idle(page)
+            assert page.get_by_test_id("stExpander").filter(has_text="answered (last stage)").count() == 1
+            expect(page.get_by_text("Routing path")).to_be_visible()
+            page.get_by_test_id("stGraphVizChart").locator("svg").first.wait_for()
+            shot(page, "3-route-a-question")
+
+            go_to(page, "Benchmarks")
+            expect(page.get_by_role("heading", name="Per model")).to_be_visible()
+            shot(page, "4-benchmarks")
+
+            go_to(page, "Settings and models")
+            expect(page.get_by_role("heading", name="Add a stage (this browser session only)")).to_be_visible()
+            shot(page, "5-settings")
+            assert not page.get_by_test_id("stException").count()
+        finally:
+            browser.close()
