@@ -1,5 +1,9 @@
 """The Streamlit app: `streamlit run app.py`. This file is the Home page and the navigation; the
-other pages are files under pages/ (each a short script over cascade_core and app_ui)."""
+other pages are files under app_pages/ (each a short script over cascade_core and app_ui).
+
+The folder is not called `pages/`: with a `pages/` folder Streamlit falls back to its older
+multipage mode on a deep link (a shared explorer URL) and runs the page without this file.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import streamlit as st
 
 from app_ui import charts, data, models, state
 
-PAGES_DIR = "pages"
+PAGES_DIR = "app_pages"
 
 
 def size_of(config) -> str:
@@ -77,10 +81,10 @@ def home() -> None:
 
 PAGES = [
     st.Page(home, title="Home", icon=":material/home:", default=True),
-    st.Page(f"{PAGES_DIR}/1_Route_a_question.py", title="Route a question", icon=":material/alt_route:"),
-    st.Page(f"{PAGES_DIR}/2_Explore_thresholds.py", title="Explore thresholds", icon=":material/tune:"),
-    st.Page(f"{PAGES_DIR}/3_Benchmarks.py", title="Benchmarks", icon=":material/bar_chart:"),
-    st.Page(f"{PAGES_DIR}/4_Settings.py", title="Settings and models", icon=":material/settings:"),
+    st.Page(f"{PAGES_DIR}/1_Route_a_question.py", title="Route a question", icon=":material/alt_route:", url_path="route"),
+    st.Page(f"{PAGES_DIR}/2_Explore_thresholds.py", title="Explore thresholds", icon=":material/tune:", url_path="explore"),
+    st.Page(f"{PAGES_DIR}/3_Benchmarks.py", title="Benchmarks", icon=":material/bar_chart:", url_path="benchmarks"),
+    st.Page(f"{PAGES_DIR}/4_Settings.py", title="Settings and models", icon=":material/settings:", url_path="settings"),
 ]
 PAGE_TEXT = {
     PAGES[1]: "Run the cascade live; see each stage's P(T), P(IK) and decision.",

@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 from cascade_core.types import StageStep
 
 BLUE, GREEN, ORANGE, GREY, RED, INK = "#2563eb", "#16a34a", "#ea580c", "#94a3b8", "#dc2626", "#0f172a"
+MAX_CLOUD_POINTS = 6000
 _LAYOUT = dict(template="plotly_white", margin=dict(l=10, r=10, t=40, b=10), font=dict(size=13))
 
 
@@ -31,7 +32,13 @@ def frontier_figure(*, cloud: tuple[np.ndarray, np.ndarray], frontier: tuple[np.
     """Accuracy versus mean cost per question: every swept policy, the Pareto frontier, each model
     alone, the oracle, random routing, and the current operating point."""
     fig = go.Figure()
-    fig.add_trace(go.Scattergl(x=cloud[0], y=cloud[1], mode="markers", name="swept policies",
+    cloud_x, cloud_y = np.asarray(cloud[0]), np.asarray(cloud[1])
+    name = "swept policies"
+    if len(cloud_x) > MAX_CLOUD_POINTS:  # a 4-stage sweep has ~150k points: too much to send on every rerun
+        pick = np.sort(np.random.default_rng(0).choice(len(cloud_x), MAX_CLOUD_POINTS, replace=False))
+        cloud_x, cloud_y = cloud_x[pick], cloud_y[pick]
+        name = f"swept policies (a sample of {MAX_CLOUD_POINTS:,})"
+    fig.add_trace(go.Scattergl(x=cloud_x, y=cloud_y, mode="markers", name=name,
                                marker=dict(size=4, color="#cbd5e1"), hoverinfo="skip"))
     fig.add_trace(go.Scatter(x=random_curve[0], y=random_curve[1], mode="lines", name="random routing",
                              line=dict(color=GREY, dash="dot")))
@@ -63,7 +70,7 @@ def gauge(value: float, threshold: float | None, title: str, applies: bool = Tru
     bar = GREEN if good else ORANGE
     steps = [] if threshold is None else [dict(range=[0, threshold], color="#f1f5f9")]
     fig = go.Figure(go.Indicator(
-        mode="gauge+number", value=None if math.isnan(value) else value, number=dict(valueformat=".2f"),
+        mode="gauge+number", value=None if math.isnan(value) else value, number=dict(valueformat=".2f", font=dict(color=INK)),
         title=dict(text=title, font=dict(size=14)),
         gauge=dict(axis=dict(range=[0, 1], tickvals=[0, 0.25, 0.5, 0.75, 1]), bar=dict(color=bar), steps=steps,
                    threshold=None if threshold is None else dict(

@@ -24,8 +24,8 @@ from cascade_core.selection import evaluate_on, select_policy
 from cascade_core.ui_data import StageSetting
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
-ROUTE, EXPLORE, BENCH, SETTINGS = ("pages/1_Route_a_question.py", "pages/2_Explore_thresholds.py",
-                                   "pages/3_Benchmarks.py", "pages/4_Settings.py")
+ROUTE, EXPLORE, BENCH, SETTINGS = ("app_pages/1_Route_a_question.py", "app_pages/2_Explore_thresholds.py",
+                                   "app_pages/3_Benchmarks.py", "app_pages/4_Settings.py")
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +203,8 @@ def test_explorer_can_end_with_the_recorded_gpt4_stage(app, synthetic_results):
     at.selectbox(key="end::default@explore").set_value("gpt-4-recorded").run()
     no_exception(at)
     assert "GPT-4-1106-preview (recorded)" in [c.label.strip("*") for c in at.checkbox]  # labelled as recorded
+    # the preset's last stage now passes questions on: it starts at 0.5 / 0.5, not "keep everything"
+    assert at.slider(key=key("qwen2.5-coder-1.5b", "tau_t")).value == pytest.approx(0.5)
     assert "PD vs gpt-4-recorded" in metrics(at)
     assert "gpt-4-recorded costs nothing in FLOPs" in texts(at.info)  # its size is unknown: pick another unit
     at.selectbox(key="unit@explore").set_value("dollars").run()

@@ -158,5 +158,13 @@ def test_browser_end_to_end(server):
             expect(page.get_by_role("heading", name="Add a stage (this browser session only)")).to_be_visible()
             shot(page, "5-settings")
             assert not page.get_by_test_id("stException").count()
+
+            # A shared link opens the explorer in a new session with its thresholds.
+            shared = browser.new_page(viewport={"width": 1400, "height": 1800})
+            shared.goto(f"{server}/explore?t.smollm2-135m=0.7&rule=pt_only")
+            expect(shared.get_by_test_id("stSlider").filter(has_text="τ_T").first).to_contain_text("0.700")
+            expect(shared.get_by_test_id("stSidebarNav").get_by_text("Home", exact=True)).to_be_visible()
+            assert shared.get_by_role("radio", name="P(T) only").is_checked()
+            shot(shared, "6-shared-explorer-link")
         finally:
             browser.close()

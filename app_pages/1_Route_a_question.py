@@ -33,7 +33,7 @@ if stages_key not in st.session_state or not set(st.session_state[stages_key]) <
 chosen = st.sidebar.multiselect("Stages to run", names, key=stages_key, format_func=lambda n: state.label_of(configs[n]),
                                 help="Kept in cascade order, smallest first; the last one always answers.")
 chosen = [n for n in names if n in chosen]
-st.sidebar.page_link("pages/4_Settings.py", label="Add a stage or fetch models", icon=":material/settings:")
+st.sidebar.page_link("app_pages/4_Settings.py", label="Add a stage or fetch models", icon=":material/settings:")
 
 # ---- the question -------------------------------------------------------------------------------------
 mode = st.radio("Where the question comes from", ["type", "mmlu"], horizontal=True, key="route_mode",
@@ -85,7 +85,7 @@ def stage_policy(name: str) -> StagePolicy:
 with st.expander(f"Thresholds (from {source})", expanded=False):
     st.dataframe([{"stage": state.label_of(configs[n]), "τ_T": settings[n].tau_t, "τ_IK": settings[n].tau_ik,
                    "rule": explorer_rule or configs[n].rule} for n in chosen], hide_index=True, width="stretch")
-    st.page_link("pages/2_Explore_thresholds.py", label="Change them in the threshold explorer", icon=":material/tune:")
+    st.page_link("app_pages/2_Explore_thresholds.py", label="Change them in the threshold explorer", icon=":material/tune:")
 
 
 # ---- one stage's card ---------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ if loaded.table is None:
     st.info(f"No benchmark records yet for the stages of preset **{preset.name}** in "
             f"`{data.results_dir() / data.DATASET}`. Run `make bench` (or the Benchmarks page) first; "
             "this page replays those records.")
-    st.page_link("pages/3_Benchmarks.py", label="Benchmarks", icon=":material/bar_chart:")
+    st.page_link("app_pages/3_Benchmarks.py", label="Benchmarks", icon=":material/bar_chart:")
     st.stop()
 table = loaded.table
 if loaded.missing:
@@ -98,8 +98,21 @@ if table.n_questions < 50:
 
 # ---- thresholds: defaults, URL, widgets -------------------------------------------------------------
 configs = {s.name: s for s in preset.stages + tuple(recorded_options.values())}
-defaults = {n: StageSetting(configs[n].tau_t, configs[n].tau_ik, configs[n].enabled) if n in configs
-            else StageSetting(0.5, 0.5) for n in table.names}
+
+
+def preset_setting(name: str, position: int) -> StageSetting:
+    """The preset's thresholds; a stage the preset runs last (no thresholds there) that now passes
+    questions on to a later stage starts at 0.5 / 0.5 instead of "keep everything"."""
+    config = configs.get(name)
+    if config is None:
+        return StageSetting(0.5, 0.5)
+    last_in_preset = name == [s.name for s in preset.stages if s.enabled][-1]
+    if last_in_preset and position < table.n_stages - 1 and config.tau_t == 0.0 and config.tau_ik == 0.0:
+        return StageSetting(0.5, 0.5, config.enabled)
+    return StageSetting(config.tau_t, config.tau_ik, config.enabled)
+
+
+defaults = {n: preset_setting(n, i) for i, n in enumerate(table.names)}
 stored = state.explorer_thresholds(preset.name)
 rule_default = "both"
 if stored:
@@ -112,6 +125,15 @@ if first_visit:
 st.session_state["_explore_seen"] = True
 for message in problems:
     st.warning(f"Ignored from the link: {message}")
+
+layout_key = f"_explore_layout::{preset.name}"
+previous = st.session_state.get(layout_key)
+if previous and previous[-1] in table.names and previous[-1] != table.names[-1]:
+    # A stage that was last (no thresholds) now passes questions on, e.g. to a recorded GPT-4.
+    fresh = preset_setting(previous[-1], table.names.index(previous[-1]))
+    st.session_state[widget_key(preset.name, previous[-1], "tau_t")] = fresh.tau_t
+    st.session_state[widget_key(preset.name, previous[-1], "tau_ik")] = fresh.tau_ik
+st.session_state[layout_key] = table.names
 
 rule_key = widget_key(preset.name, "*", "rule")
 if rule_key not in st.session_state:
@@ -184,7 +206,7 @@ with main:
     m[2].metric(f"{unit_label} / question", charts.fmt_number(point.mean_cost))
     m[3].metric(f"PD vs {point.reference_name}", f"{point.pd:+.2%}",
                 help=f"Accuracy difference to {point.reference_name} alone ({pct(point.reference_accuracy)})")
-    m[4].metric("McNemar p", f"{point.mcnemar_p:.3g}",
+    m[4].metric("McNemar p", "< 0.0001" if point.mcnemar_p < 1e-4 else f"{point.mcnemar_p:.3g}",
                 help=f"Exact paired test against {point.reference_name}: the cascade alone right on "
                      f"{point.discordant[0]} questions, {point.reference_name} alone right on {point.discordant[1]}")
     metrics_area.caption(f"Accuracy {pct(point.accuracy)} (95% CI {pct(point.accuracy_low)} – {pct(point.accuracy_high)}); "
