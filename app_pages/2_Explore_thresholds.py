@@ -219,8 +219,7 @@ with main:
                 "(a local model has no price; GPT-4's size, hence its FLOPs, is unknown): pick another cost unit "
                 "to compare them.")
 
-    sweep = data.load_sweep(preset, split, recorded, rule)
-    front = sweep.frontier(unit)
+    swept = data.load_frontier(preset, split, recorded, rule, unit)
     singles_frame = single_models(table)
     singles = [{"label": state.label_of(configs[r.stage]) if r.stage in configs else r.stage,
                 "cost": getattr(r, f"cost_{unit}"), "accuracy": r.accuracy, "recorded": bool(table.recorded[i])}
@@ -228,13 +227,14 @@ with main:
     best = oracle(table, unit)
     curve = random_routing_curve(table, [s.enabled for s in policy.stages], unit)
     figure = charts.frontier_figure(
-        cloud=(sweep.cost(unit), sweep.accuracy), frontier=(sweep.cost(unit)[front], sweep.accuracy[front]),
+        cloud=swept["cloud"], frontier=swept["frontier"],
+        cloud_label="swept policies" + (" (a sample)" if swept["sampled"] else ""),
         singles=singles, oracle=(best.mean_cost[unit], best.accuracy),
         random_curve=(curve["cost"].to_numpy(), curve["accuracy"].to_numpy()),
         random_point=(point.random_cost, point.random_accuracy), current=(point.mean_cost, point.accuracy),
         unit_label=unit_label, current_label="these thresholds")
     st.plotly_chart(figure, key="frontier_chart", config={"displaylogo": False})
-    st.caption(f"{len(sweep):,} swept policies (every sub-cascade, quantile thresholds); the oracle answers each "
+    st.caption(f"{swept['policies']:,} swept policies (every sub-cascade, quantile thresholds); the oracle answers each "
                "question with the cheapest model that gets it right, the limit no router can beat.")
 
     st.subheader("Where the questions go")

@@ -11,7 +11,6 @@ import plotly.graph_objects as go
 from cascade_core.types import StageStep
 
 BLUE, GREEN, ORANGE, GREY, RED, INK = "#2563eb", "#16a34a", "#ea580c", "#94a3b8", "#dc2626", "#0f172a"
-MAX_CLOUD_POINTS = 6000
 _LAYOUT = dict(template="plotly_white", margin=dict(l=10, r=10, t=40, b=10), font=dict(size=13))
 
 
@@ -25,20 +24,15 @@ def fmt_number(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
-def frontier_figure(*, cloud: tuple[np.ndarray, np.ndarray], frontier: tuple[np.ndarray, np.ndarray],
+def frontier_figure(*, cloud: tuple[np.ndarray, np.ndarray], cloud_label: str, frontier: tuple[np.ndarray, np.ndarray],
                     singles: Sequence[dict], oracle: tuple[float, float], random_curve: tuple[np.ndarray, np.ndarray],
                     random_point: tuple[float, float], current: tuple[float, float], unit_label: str,
                     current_label: str) -> go.Figure:
     """Accuracy versus mean cost per question: every swept policy, the Pareto frontier, each model
     alone, the oracle, random routing, and the current operating point."""
     fig = go.Figure()
-    cloud_x, cloud_y = np.asarray(cloud[0]), np.asarray(cloud[1])
-    name = "swept policies"
-    if len(cloud_x) > MAX_CLOUD_POINTS:  # a 4-stage sweep has ~150k points: too much to send on every rerun
-        pick = np.sort(np.random.default_rng(0).choice(len(cloud_x), MAX_CLOUD_POINTS, replace=False))
-        cloud_x, cloud_y = cloud_x[pick], cloud_y[pick]
-        name = f"swept policies (a sample of {MAX_CLOUD_POINTS:,})"
-    fig.add_trace(go.Scattergl(x=cloud_x, y=cloud_y, mode="markers", name=name,
+    cloud_x, cloud_y = cloud
+    fig.add_trace(go.Scattergl(x=cloud_x, y=cloud_y, mode="markers", name=cloud_label,
                                marker=dict(size=4, color="#cbd5e1"), hoverinfo="skip"))
     fig.add_trace(go.Scatter(x=random_curve[0], y=random_curve[1], mode="lines", name="random routing",
                              line=dict(color=GREY, dash="dot")))

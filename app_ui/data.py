@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import streamlit as st
 
 from cascade_core.frontier import SweepResult, sweep
@@ -135,9 +136,11 @@ def load_table(preset: Preset, split: str = "test", recorded: StageConfig | None
                          str(root), dataset, split, _signature(paths))
 
 
-@st.cache_data(show_spinner="Sweeping thresholds over the records…", max_entries=24)
+@st.cache_resource(show_spinner="Sweeping thresholds over the records…", max_entries=12)
 def _cached_sweep(preset_json: str, recorded_json: str | None, root: str, dataset: str, split: str,
                   signature: tuple, rule: str) -> SweepResult:
+    # cache_resource, not cache_data: a 4-stage sweep holds ~150k policies (tens of MB) that
+    # cache_data would copy on every rerun; the result is never modified, so sharing it is safe.
     loaded = _cached_table(preset_json, recorded_json, root, dataset, split, signature)
     return sweep(loaded.table, rule=rule)
 
@@ -149,6 +152,29 @@ def load_sweep(preset: Preset, split: str, recorded: StageConfig | None, rule: s
     paths = [record_path(s.name, dataset, root) for s in _local_stages(preset)]
     return _cached_sweep(preset.model_dump_json(), recorded.model_dump_json() if recorded else None,
                          str(root), dataset, split, _signature(paths), rule)
+
+
+@st.cache_data(max_entries=48, show_spinner=False)
+def _cached_frontier(preset_json: str, recorded_json: str | None, root: str, dataset: str, split: str,
+                     signature: tuple, rule: str, unit: str, max_points: int) -> dict:
+    result = _cached_sweep(preset_json, recorded_json, root, dataset, split, signature, rule)
+    cost, accuracy = result.cost(unit), result.accuracy
+    front = result.frontier(unit)
+    cloud = np.arange(len(result))
+    if len(cloud) > max_points:
+        cloud = np.sort(np.random.default_rng(0).choice(len(cloud), max_points, replace=False))
+    return {"policies": len(result), "cloud": (cost[cloud], accuracy[cloud]), "sampled": len(cloud) < len(result),
+            "frontier": (cost[front], accuracy[front])}
+
+
+def load_frontier(preset: Preset, split: str, recorded: StageConfig | None, rule: str, unit: str,
+                  max_points: int = 6000, dataset: str = DATASET) -> dict:
+    """What the explorer's chart needs from the sweep, small: the Pareto frontier in `unit`, a
+    sample of at most `max_points` swept policies, and how many policies there are."""
+    root = results_dir()
+    paths = [record_path(s.name, dataset, root) for s in _local_stages(preset)]
+    return _cached_frontier(preset.model_dump_json(), recorded.model_dump_json() if recorded else None,
+                            str(root), dataset, split, _signature(paths), rule, unit, max_points)
 
 
 @st.cache_data(show_spinner="Loading MMLU…", max_entries=2)
