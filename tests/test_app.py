@@ -90,6 +90,27 @@ def test_every_page_renders_with_records(app, page):
     assert not at.error, texts(at.error)
 
 
+@pytest.mark.parametrize("n_stages", [1, 2])
+@pytest.mark.parametrize("end", ["(none)", "gpt-4-recorded"])
+def test_explorer_works_with_the_stages_that_have_records(monkeypatch, tmp_path, n_stages, end):
+    table = write_synthetic_records(tmp_path / "results", n=600, names=STAGES[:n_stages])
+    monkeypatch.setenv("CASCADE_RESULTS_DIR", str(tmp_path / "results"))
+    app = AppTest.from_file(APP, default_timeout=120)
+    app.query_params.update({"end": end})
+    at = open_page(app, EXPLORE)
+    assert f"No records yet for {', '.join(STAGES[n_stages:])}" in texts(at.warning)
+    from cascade_core.results import GPT4_STAGE, load_preset_table
+
+    expected = load_preset_table("default", results_dir=tmp_path / "results", skip_missing=True, split="test",
+                                 include_recorded=GPT4_STAGE if end != "(none)" else False)
+    assert expected.names[:n_stages] == table.names
+    result = replay(expected, CascadePolicy(tuple(StagePolicy(0.5, 0.5) for _ in expected.names)))
+    assert metrics(at)["Accuracy"] == f"{result.accuracy:.2%}"
+    for page in (BENCH, ROUTE, SETTINGS):
+        at.switch_page(page).run()
+        no_exception(at)
+
+
 @pytest.mark.parametrize("page", [None, EXPLORE, BENCH])
 def test_pages_without_records_say_so(empty_app, page):
     at = open_page(empty_app, page) if page else empty_app.run()
