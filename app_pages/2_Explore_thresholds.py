@@ -93,6 +93,9 @@ table = loaded.table
 if loaded.missing:
     st.warning(f"No records yet for {', '.join(loaded.missing)}: the explorer uses the stages that have them "
                f"({', '.join(table.names)}).")
+if table.n_stages == 1:
+    st.info("Only one stage has records, so there is nothing to cascade yet: the page shows that model alone. "
+            "Benchmark another stage (or end with a recorded stage in the sidebar) to explore thresholds.")
 if table.n_questions < 50:
     st.warning(f"Only {table.n_questions} questions have records from every stage: the numbers are noisy.")
 
@@ -234,7 +237,7 @@ with main:
         random_point=(point.random_cost, point.random_accuracy), current=(point.mean_cost, point.accuracy),
         unit_label=unit_label, current_label="these thresholds")
     st.plotly_chart(figure, key="frontier_chart", config={"displaylogo": False})
-    st.caption(f"{swept['policies']:,} swept policies (every sub-cascade, quantile thresholds); the oracle answers each "
+    st.caption(f"{swept['policies']:,} swept polic{'y' if swept['policies'] == 1 else 'ies'} (every sub-cascade, quantile thresholds); the oracle answers each "
                "question with the cheapest model that gets it right, the limit no router can beat.")
 
     st.subheader("Where the questions go")

@@ -4,6 +4,7 @@ server's environment, never in the page)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import streamlit as st
@@ -106,7 +107,8 @@ if submitted:
         fields["name"] = str(fields.get("model") or "").split("/")[-1].lower()
     try:
         config = StageConfig(**fields)
-        if config.api_key_env and config.api_key_env.lower().startswith("sk"):
+        env = config.api_key_env or ""
+        if env.startswith(("sk-", "sk_")) or (len(env) >= 24 and any(c.islower() for c in env)):
             raise ValueError("that looks like a key: give the NAME of the environment variable that holds it")
         candidate = state.added_stages(preset.name) + [config.model_dump(exclude_defaults=True)]
         state.with_added_stages(load_preset(preset.name), candidate)  # unique names, recorded stage last
@@ -131,7 +133,7 @@ if added:
     st.markdown("**Stages added in this session**")
     for i, stage in enumerate(added):
         cols = st.columns([4, 1])
-        cols[0].code(", ".join(f"{k} = {v!r}" for k, v in stage.items()), language="toml")
+        cols[0].code("[[stages]]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in stage.items()), language="toml")
         if cols[1].button("Remove", key=f"remove_stage_{i}"):
             state.set_added_stages(preset.name, added[:i] + added[i + 1:])
             st.rerun()

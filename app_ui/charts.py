@@ -53,8 +53,16 @@ def frontier_figure(*, cloud: tuple[np.ndarray, np.ndarray], cloud_label: str, f
                              name="random routing at these rates", marker=dict(size=10, color=GREY, symbol="x")))
     fig.add_trace(go.Scatter(x=[current[0]], y=[current[1]], mode="markers", name=current_label,
                              marker=dict(size=18, color=ORANGE, line=dict(color="white", width=2))))
-    fig.update_layout(**_LAYOUT, height=460, xaxis_title=f"mean cost per question ({unit_label})",
-                      yaxis_title="accuracy", legend=dict(orientation="h", y=-0.18), uirevision="frontier")
+    xs = np.concatenate([np.ravel(cloud_x), [s["cost"] for s in singles], [oracle[0], current[0]]]).astype(float)
+    ys = np.concatenate([np.ravel(cloud_y), [s["accuracy"] for s in singles], [oracle[1], current[1]]]).astype(float)
+    xs, ys = xs[np.isfinite(xs)], ys[np.isfinite(ys)]
+    x_pad = max(0.06 * (xs.max() - xs.min()), 0.05 * abs(xs.max()), 1e-12) if xs.size else 1.0
+    y_pad = max(0.06 * (ys.max() - ys.min()), 0.02) if ys.size else 0.1
+    fig.update_layout(**_LAYOUT, height=460, legend=dict(orientation="h", y=-0.18), uirevision="frontier",
+                      xaxis=dict(title=f"mean cost per question ({unit_label})", tickformat="~s",
+                                 range=[xs.min() - x_pad, xs.max() + x_pad] if xs.size else None),
+                      yaxis=dict(title="accuracy", tickformat=".0%",
+                                 range=[max(0.0, ys.min() - y_pad), min(1.0, ys.max() + y_pad)] if ys.size else [0, 1]))
     return fig
 
 
