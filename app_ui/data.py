@@ -145,15 +145,6 @@ def _cached_sweep(preset_json: str, recorded_json: str | None, root: str, datase
     return sweep(loaded.table, rule=rule)
 
 
-def load_sweep(preset: Preset, split: str, recorded: StageConfig | None, rule: str,
-               dataset: str = DATASET) -> SweepResult:
-    """Every threshold combination of every sub-cascade (`frontier.sweep`), cached."""
-    root = results_dir()
-    paths = [record_path(s.name, dataset, root) for s in _local_stages(preset)]
-    return _cached_sweep(preset.model_dump_json(), recorded.model_dump_json() if recorded else None,
-                         str(root), dataset, split, _signature(paths), rule)
-
-
 @st.cache_data(max_entries=48, show_spinner=False)
 def _cached_frontier(preset_json: str, recorded_json: str | None, root: str, dataset: str, split: str,
                      signature: tuple, rule: str, unit: str, max_points: int) -> dict:
