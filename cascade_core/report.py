@@ -20,6 +20,7 @@ every number reported is measured on the test split. Sections:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -254,7 +255,7 @@ def oracle_saving(test: RecordTable, unit: str, target: float) -> dict:
 
 def cascade_section(table: RecordTable, settings: ReportSettings, progress: Progress) -> list[dict]:
     local = _local_indices(table)
-    subsets = [list(c) for size in range(2, len(local) + 1) for c in _combinations(local, size)]
+    subsets = [list(c) for size in range(2, len(local) + 1) for c in itertools.combinations(local, size)]
     out = []
     for stages in subsets:
         progress(f"cascade {' -> '.join(table.names[s] for s in stages)}")
@@ -268,12 +269,6 @@ def cascade_section(table: RecordTable, settings: ReportSettings, progress: Prog
         entry["best_single_stage"] = _best_single(test, settings)
         out.append(_strip(entry))
     return out
-
-
-def _combinations(items, size):
-    import itertools
-
-    return itertools.combinations(items, size)
 
 
 def _best_single(test: RecordTable, settings: ReportSettings) -> dict:
@@ -332,24 +327,20 @@ def _cv_variant(calib: RecordTable, rule: str, per_group: bool, target: float, u
             "cost_saved": _num(1.0 - dollars[reached].sum() / dollars.sum()) if dollars.sum() > 0 else None}
 
 
-def _variants(table: RecordTable, settings: ReportSettings, calib: RecordTable, categories: np.ndarray) -> list[tuple]:
+def _variants(settings: ReportSettings, calib: RecordTable, calib_categories: np.ndarray) -> list[tuple]:
+    """(rule, grouping, calibration target) to try; a grouping whose groups would all share the
+    pooled policy (too few questions each) is the global variant again and is left out."""
     has_pik = bool(np.isfinite(calib.p_ik[:-1]).any())
     rules = [r for r in settings.rules if has_pik or r in ("pt_only", "learned")]
     out = []
     for grouping in settings.api_groupings:
-        groups = _groups(calib, grouping, categories[calib_mask(table)])
-        if grouping != "global":
-            counts = pd.Series(groups).value_counts()
-            if (counts >= settings.min_group_questions).sum() < 2:
-                continue  # every group would share the pooled policy: the same as global
+        groups = _groups(calib, grouping, calib_categories)
+        if groups is not None and (pd.Series(groups).value_counts() >= settings.min_group_questions).sum() < 2:
+            continue
         for rule in rules:
             for target in settings.api_calibration_targets:
                 out.append((rule, grouping, target))
     return out
-
-
-def calib_mask(table: RecordTable) -> np.ndarray:
-    return table.splits == "calibration"
 
 
 def api_cascade(table: RecordTable, stages: Sequence[int], categories: np.ndarray, settings: ReportSettings,
@@ -359,7 +350,7 @@ def api_cascade(table: RecordTable, stages: Sequence[int], categories: np.ndarra
     sub = _subtable(table, stages)
     calib_full, test_full = split_tables(sub)
     variants = []
-    for rule, grouping, target in _variants(sub, settings, calib_full, categories):
+    for rule, grouping, target in _variants(settings, calib_full, categories[sub.splits == "calibration"]):
         groups = _groups(sub, grouping, categories)
         table_g = sub if groups is None else with_groups(sub, groups)
         calib, test = split_tables(table_g)
@@ -475,8 +466,6 @@ def _curve_metrics(cost: np.ndarray, acc: np.ndarray, weak: tuple[float, float],
 
 def _random_points(test: RecordTable, unit: str, grid: int = 11) -> tuple[np.ndarray, np.ndarray]:
     """(mean cost, accuracy) of random routing over every sub-cascade and a grid of escalation rates."""
-    import itertools
-
     rates = np.linspace(0, 1, grid)
     cost: list[float] = []
     acc: list[float] = []

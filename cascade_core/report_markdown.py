@@ -169,6 +169,26 @@ def _summary(report: dict) -> list[str]:
     best_api = _best_api_line(report)
     if best_api:
         lines.append(best_api)
+    for b in report["baselines"]:
+        m = b["methods"]
+        parts = [f"{name.replace('_', ' ')} {num(m[name]['aiq'])}" for name in ("cascade", "pregen_router", "random", "oracle")
+                 if name in m]
+        lines.append(f"- **AIQ on {' → '.join(b['stages'])}** (area under the cost–accuracy hull, cost in "
+                     f"{_unit_word(b['unit'])}): {', '.join(parts)}.")
+    ood = report.get("ood", {})
+    if ood.get("categories"):
+        gaps = [v["ood_auroc"] - v["in_distribution_auroc"] for e in ood["categories"] for v in e["probes"].values()
+                if _ok(v["ood_auroc"]) and _ok(v["in_distribution_auroc"])]
+        if gaps:
+            lines.append(f"- **Out of distribution:** a P(IK) probe that never saw the held-out category scores "
+                         f"{sum(gaps) / len(gaps):+.3f} AUROC on average against the "
+                         "in-distribution probe (per category and stage in section 6).")
+    lf = report.get("label_free", {})
+    if lf.get("stages"):
+        text = ", ".join(f"{s['stage']} {num(s['label_free_auroc'], '.2f')} vs {num(s['gold_auroc'], '.2f')}"
+                         for s in lf["stages"])
+        lines.append(f"- **Label-free probes** (trained on agreement with {lf['largest']}, no gold labels): test AUROC "
+                     f"label-free vs gold: {text}.")
     return lines
 
 
