@@ -327,20 +327,25 @@ def _cv_variant(calib: RecordTable, rule: str, per_group: bool, target: float, u
             "cost_saved": _num(1.0 - dollars[reached].sum() / dollars.sum()) if dollars.sum() > 0 else None}
 
 
-def _variants(settings: ReportSettings, calib: RecordTable, calib_categories: np.ndarray) -> list[tuple]:
-    """(rule, grouping, calibration target) to try; a grouping whose groups would all share the
-    pooled policy (too few questions each) is the global variant again and is left out."""
+def _variants(settings: ReportSettings, calib: RecordTable, calib_categories: np.ndarray) -> tuple[list[tuple], dict]:
+    """(rule, grouping, calibration target) to try, and the groupings left out with why: one whose
+    groups would nearly all share the pooled policy (too few questions each) is the global variant."""
     has_pik = bool(np.isfinite(calib.p_ik[:-1]).any())
     rules = [r for r in settings.rules if has_pik or r in ("pt_only", "learned")]
-    out = []
+    out, skipped = [], {}
     for grouping in settings.api_groupings:
         groups = _groups(calib, grouping, calib_categories)
-        if groups is not None and (pd.Series(groups).value_counts() >= settings.min_group_questions).sum() < 2:
-            continue
+        if groups is not None:
+            counts = pd.Series(groups).value_counts()
+            if (counts >= settings.min_group_questions).sum() < 2:
+                skipped[grouping] = (f"only {int((counts >= settings.min_group_questions).sum())} of {counts.size} "
+                                     f"{grouping} groups have >= {settings.min_group_questions} calibration "
+                                     "questions: the rest share one pooled policy, i.e. the global variant")
+                continue
         for rule in rules:
             for target in settings.api_calibration_targets:
                 out.append((rule, grouping, target))
-    return out
+    return out, skipped
 
 
 def api_cascade(table: RecordTable, stages: Sequence[int], categories: np.ndarray, settings: ReportSettings,
@@ -350,7 +355,8 @@ def api_cascade(table: RecordTable, stages: Sequence[int], categories: np.ndarra
     sub = _subtable(table, stages)
     calib_full, test_full = split_tables(sub)
     variants = []
-    for rule, grouping, target in _variants(settings, calib_full, categories[sub.splits == "calibration"]):
+    tried, skipped = _variants(settings, calib_full, categories[sub.splits == "calibration"])
+    for rule, grouping, target in tried:
         groups = _groups(sub, grouping, categories)
         table_g = sub if groups is None else with_groups(sub, groups)
         calib, test = split_tables(table_g)
@@ -375,7 +381,7 @@ def api_cascade(table: RecordTable, stages: Sequence[int], categories: np.ndarra
     return {
         "stages": list(sub.names), "unit": unit, "target_max_loss": settings.target_max_loss,
         "gpt4_accuracy": float(test_full.correct[-1].mean()),
-        "variants": variants, "chosen": best["name"],
+        "variants": variants, "skipped_groupings": skipped, "chosen": best["name"],
         "chosen_test": best["test"],
         "target_met_on_test": best["test"]["accuracy_loss"] <= settings.target_max_loss + 1e-12,
         "oracle_calls_saved": float(np.mean(test_full.correct[:-1].any(axis=0) | ~test_full.correct[-1])),

@@ -296,7 +296,8 @@ def _api(report: dict) -> list[str]:
              "target on calibration buys a margin against the give-back on test). The headline variant is the one "
              "with the largest cross-validated saving (3 folds **inside the calibration split**) among those whose "
              "cross-validated loss is ≤ 1 pt; all variants' test numbers are shown so nothing is hidden, but only the "
-             "chosen one is a held-out result."]
+             "chosen one is a held-out result. Tables: one row per rule and threshold grouping, with the "
+             "calibration target cross-validation prefers for it; every variant is in `report --json`."]
     for entry in report["api"]:
         c = entry["chosen_test"]
         lines += ["", f"### {' → '.join(entry['stages'])}", "",
@@ -319,8 +320,8 @@ def _api(report: dict) -> list[str]:
                          _thresholds(v["thresholds"]) if v["grouping"] == "global" else f"per {v['grouping']}"])
         lines.append(table(["rule, thresholds", "calib. target (by CV)", "CV Δacc (calib)", "CV calls saved (calib)",
                             "calls saved (test)", "tokens saved (test)", "Δacc vs GPT-4 (test)", "thresholds"], rows))
-    lines += ["", "One row per rule and threshold grouping, with the calibration target that cross-validation "
-              "prefers for it; every variant is in `report --json`."]
+        for grouping, why in entry.get("skipped_groupings", {}).items():
+            lines += ["", f"Thresholds per {grouping} not tried: {why}."]
     return lines
 
 
