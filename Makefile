@@ -37,6 +37,18 @@ test: setup browser
 test-fast: setup
 	$(BIN)/python -m pytest -m "not model"
 
+## bench: the cached results: every stage of the preset over MMLU (resumable), then the P(IK) probes
+PER_SUBJECT ?= 40
+THREADS     ?= 1
+bench: fetch
+	$(BIN)/python -m cascade_core bench --preset $(PRESET) --per-subject $(PER_SUBJECT) --threads $(THREADS)
+	$(BIN)/python -m cascade_core probes train --preset $(PRESET)
+
+## report: docs/RESULTS.md from the cached results
+report: setup
+	$(BIN)/python -m cascade_core report --preset $(PRESET)
+
+## serve: the cascade behind an OpenAI-compatible API on 127.0.0.1:8000
 serve: fetch
 	$(BIN)/python -m cascade_core serve --preset $(PRESET)
 

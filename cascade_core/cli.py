@@ -111,6 +111,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.dataset != "mmlu":
         raise UsageError(f"unknown dataset {args.dataset!r}; available: mmlu")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     preset = load_preset(args.preset)
     questions = load_mmlu(split=None if args.split == "all" else args.split, per_subject=args.per_subject)
     configs = [c for c in preset.stages + preset.extra_stages if not args.stages or c.name in args.stages]
@@ -229,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=None)
     bench.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR))
     bench.add_argument("--features-dir", default=str(DEFAULT_FEATURES_DIR))
+    bench.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="CPU threads for torch (default: torch's choice; 1 is fastest when other work shares the cores)")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_bench)
 
