@@ -14,30 +14,23 @@ in `models.greedy_logprobs`; it is imported only when the app is built from a ba
 from __future__ import annotations
 
 import argparse
-import hmac
-import json
-import os
 import threading
 import time
 import uuid
 from typing import Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+
+from cascade_core.server.common import (ApiError, bearer_checker, check_bind_host, install_error_handlers, read_json,
+                                        read_token, validate_body)
+
+__all__ = ["ApiError", "create_single_stage_app", "main"]
 
 MAX_TOP_LOGPROBS = 20
 DEFAULT_MAX_TOKENS = 16
 MAX_NEW_TOKENS = 1024
-
-
-class ApiError(Exception):
-    """An error answered in the OpenAI error shape."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
 class _Request(BaseModel):
@@ -68,44 +61,6 @@ class ChatRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-
-
-def _error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(status_code=err.status, content={
-        "error": {"message": err.message, "type": err.kind, "param": err.param, "code": None}})
-
-
-async def _read_json(request: Request, max_body_bytes: int) -> dict:
-    """The body as a JSON object, refusing (413) a body over the limit before reading it all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-        raise ApiError(413, f"request body over the limit of {max_body_bytes} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_body_bytes:
-            raise ApiError(413, f"request body over the limit of {max_body_bytes} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        raise ApiError(400, "empty request body: send a JSON object")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"request body is not valid JSON ({err.__class__.__name__}: {err})") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return data
-
-
-def _validate(model: type[BaseModel], data: dict):
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()[:5])
-        first = err.errors()[0]["loc"] if err.errors() else ()
-        raise ApiError(400, f"invalid request: {problems}", param=str(first[0]) if first else None) from None
 
 
 def _common_checks(req: _Request, max_tokens: int | None) -> tuple[int, list[str]]:
@@ -177,29 +132,14 @@ def create_single_stage_app(
         raise ValueError("model_name must be non-empty")
     if max_body_bytes < 1 or max_prompt_chars < 1:
         raise ValueError("max_body_bytes and max_prompt_chars must be >= 1")
-    token: str | None = None
-    if api_key_env is not None:
-        token = os.environ.get(api_key_env, "").strip()
-        if not token:
-            raise ValueError(f"environment variable {api_key_env} is not set: it must hold the server's API key")
+    check_auth = bearer_checker(read_token(api_key_env))
     engine = engine if engine is not None else _engine_for(backend)
     # Share the backend's own lock when it has one: the same model may also serve other callers.
     lock = getattr(backend, "lock", None) or threading.Lock()
     created = int(time.time())
     app = FastAPI(title=f"cascade single-stage server: {model_name}", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, err: ApiError):
-        return _error_response(err)
-
-    def check_auth(request: Request) -> None:
-        if token is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
-                           kind="authentication_error")
+    install_error_handlers(app)
 
     def check_model(req: _Request) -> None:
         if req.model is not None and req.model != model_name:
@@ -234,7 +174,7 @@ def create_single_stage_app(
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_auth(request)
-        req = _validate(CompletionRequest, await _read_json(request, max_body_bytes))
+        req = validate_body(CompletionRequest, await read_json(request, max_body_bytes))
         check_model(req)
         max_tokens, stop = _common_checks(req, req.max_tokens)
         if req.echo:
@@ -261,7 +201,7 @@ def create_single_stage_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_auth(request)
-        req = _validate(ChatRequest, await _read_json(request, max_body_bytes))
+        req = validate_body(ChatRequest, await read_json(request, max_body_bytes))
         check_model(req)
         max_tokens, stop = _common_checks(req, req.max_completion_tokens or req.max_tokens)
         if req.top_logprobs and not req.logprobs:
@@ -298,6 +238,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-name", help="the name clients send as `model` (default: the key or id)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--allow-remote", action="store_true", help="allow a --host other machines can reach")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--quantization", default="auto", choices=["auto", "none", "nf4", "int8"])
@@ -313,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     from models.hf import HFBackend
 
     args = _parse_args(argv)
+    check_bind_host(args.host, args.allow_remote)
     if args.packaged:
         backend = HFBackend.from_packaged(args.packaged, progress=False, device=args.device, dtype=args.dtype,
                                           quantization=args.quantization)

@@ -1,0 +1,82 @@
+"""A bounded admission queue per served model: at most N requests running and M waiting.
+
+Everything here runs on the event loop's thread, so plain counters suffice. A slot is held until
+the model work really ends (not when the client gives up or the request times out): the bound is
+on the work the machine does, which is what keeps memory and latency bounded under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Awaitable, Callable
+
+
+class QueueFull(Exception):
+    """No room to wait: answer 429."""
+
+
+class GaveUp(Exception):
+    """The deadline passed or the client left while waiting; `reason` says which."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Gate:
+    """At most `max_in_flight` holders of a slot and `max_waiting` callers queued for one."""
+
+    def __init__(self, max_in_flight: int, max_waiting: int):
+        if max_in_flight < 1 or max_waiting < 0:
+            raise ValueError(f"max_in_flight must be >= 1 and max_waiting >= 0, got {max_in_flight}, {max_waiting}")
+        self.max_in_flight, self.max_waiting = int(max_in_flight), int(max_waiting)
+        self.in_flight = 0
+        self._waiters: deque[asyncio.Future] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for f in self._waiters if not f.done())
+
+    def snapshot(self) -> dict:
+        return {"in_flight": self.in_flight, "waiting": self.waiting,
+                "max_in_flight": self.max_in_flight, "max_waiting": self.max_waiting}
+
+    async def acquire(self, deadline: float, gone: Callable[[], Awaitable[bool]], poll_s: float = 0.25) -> None:
+        """Take a slot, waiting in line until `deadline` (monotonic); raise QueueFull or GaveUp."""
+        if self.in_flight < self.max_in_flight and not self.waiting:
+            self.in_flight += 1
+            return
+        if self.waiting >= self.max_waiting:
+            raise QueueFull()
+        granted: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._waiters.append(granted)
+        try:
+            while not granted.done():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise GaveUp("timeout")
+                await asyncio.wait({granted}, timeout=min(poll_s, remaining))
+                if not granted.done() and await gone():
+                    raise GaveUp("client disconnected")
+        except BaseException:
+            if granted.done() and not granted.cancelled():
+                self.release()  # the slot arrived as we gave up: hand it on
+            else:
+                granted.cancel()
+            raise
+        finally:
+            try:
+                self._waiters.remove(granted)
+            except ValueError:
+                pass
+
+    def release(self) -> None:
+        """Free a slot, or hand it straight to the first caller still waiting."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # in_flight stays: the slot changes hands
+                return
+        self.in_flight -= 1
