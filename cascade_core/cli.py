@@ -204,6 +204,49 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The cascade (or, with --single-stage, one packaged model) behind the OpenAI API."""
+    import uvicorn
+
+    from cascade_core.server.common import check_bind_host
+
+    check_bind_host(args.host, args.allow_remote)
+    for name in ("max_body_bytes", "max_prompt_chars", "max_in_flight", "port"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_queue < 0 or not args.timeout_s > 0:
+        raise UsageError("--max-queue must be >= 0 and --timeout-s > 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.single_stage:
+        from cascade_core.server.single_stage import create_single_stage_app
+        from models.hf import HFBackend
+
+        backend = HFBackend.from_packaged(args.single_stage, progress=False, device=args.device)
+        app = create_single_stage_app(backend, args.single_stage, api_key_env=args.token_env,
+                                      max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars)
+        served = [args.single_stage]
+    else:
+        from cascade_core.server.cascade_app import create_cascade_app
+        from models.factory import build_cascade
+
+        preset = load_preset(args.preset)
+        stages = build_cascade(preset, only=args.stages, progress=False)
+        app = create_cascade_app({preset.name: stages}, api_key_env=args.token_env,
+                                 max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
+                                 max_in_flight=args.max_in_flight, max_waiting=args.max_queue,
+                                 timeout_s=args.timeout_s, default_max_new_tokens=args.max_new_tokens)
+        served = list(app.state.served)
+    print(f"serving {', '.join(served)} on http://{args.host}:{args.port}/v1"
+          f"{' (bearer token required)' if args.token_env else ''}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cascade_core", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +304,27 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--features-dir", default=str(DEFAULT_FEATURES_DIR))
     report.add_argument("--quiet", action="store_true")
     report.set_defaults(func=cmd_report)
+
+    serve = sub.add_parser("serve", help="serve the cascade (or one model) behind the OpenAI API; see docs/SERVING.md")
+    serve.add_argument("--preset", default="default", help="preset name or TOML path (default: default)")
+    serve.add_argument("--stages", nargs="+", metavar="NAME", help="serve only these stages of the preset")
+    serve.add_argument("--single-stage", metavar="MODEL",
+                       help="serve one packaged model (e.g. smollm2-135m) as a plain endpoint with logprobs")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--allow-remote", action="store_true", help="allow a --host that other machines can reach")
+    serve.add_argument("--token-env", metavar="NAME",
+                       help="NAME of an environment variable holding the bearer token clients must send")
+    serve.add_argument("--max-body-bytes", type=int, default=1_000_000, help="413 above (default 1000000)")
+    serve.add_argument("--max-prompt-chars", type=int, default=32_000, help="400 above (default 32000)")
+    serve.add_argument("--max-in-flight", type=int, default=4, help="requests running per model (default 4)")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting per model; 429 beyond (default 64)")
+    serve.add_argument("--timeout-s", type=float, default=120.0, help="per-request limit; 504 after (default 120)")
+    serve.add_argument("--max-new-tokens", type=int, default=64, help="free-form answers, unless the request says")
+    serve.add_argument("--device", default="auto", help="--single-stage only (presets name their own devices)")
+    serve.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch")
+    serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=cmd_serve)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=cmd_presets)
