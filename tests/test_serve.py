@@ -203,7 +203,6 @@ def test_bearer_auth(smollm2_backend, remote_stage, monkeypatch):
 # ---- a slow stage: the queue, the timeout, a client that leaves -----------------------------
 
 
-
 @pytest.fixture(scope="module")
 def slow_endpoint():
     """An OpenAI-compatible endpoint that answers 'A' after sleeping 2 s (a real server on loopback)."""
