@@ -301,6 +301,25 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
 GOOD_STAGE = '[[stages]]\nname = "a"\nbackend = "packaged"\nmodel = "smollm2-135m"\n'
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["", "--options", "a", "b"], "the question is empty"),
+    (["  \t ", "--options", "a", "b"], "the question is empty"),
+    (["Q\x07?", "--options", "a", "b"], "control characters (U+0007)"),
+    (["Q\udcff?"], "control characters (U+DCFF)"),  # an undecodable byte in argv (surrogateescape)
+    (["Q?", "--options", "only"], "at least 2 options"),
+    (["Q?", "--options", *[f"o{i}" for i in range(27)]], "at most 26"),
+    (["Q?", "--options", "same", "other", "same"], "options A and C are the same"),
+])
+def test_bad_questions_on_the_route_cli_are_one_line_messages(capsys, argv, needle):
+    code, text = run_cli(capsys, "route", *argv)
+    assert code == 2 and text.startswith("error: ") and needle in text and "Traceback" not in text
+
+
+def test_serve_single_stage_with_an_unknown_model_is_a_cli_message(capsys):
+    code, text = run_cli(capsys, "serve", "--single-stage", "no-such-model")
+    assert code == 2 and "no-such-model" in text and "Traceback" not in text
+
+
 @pytest.mark.parametrize("line", ["tau_t = nan", "tau_t = -1", "tau_ik = 2", "tau_learned = nan"])
 @pytest.mark.parametrize("command", [["route", "Q?", "--options", "a", "b"], ["serve"]])
 def test_bad_thresholds_in_a_preset_are_a_cli_message(tmp_path, capsys, line, command):

@@ -281,6 +281,18 @@ def test_a_client_that_disconnects_mid_request_neither_crashes_nor_wedges_the_se
         assert after.status_code == 200
 
 
+def test_a_model_marked_unavailable_answers_503(slow_endpoint):
+    with slow_server(slow_endpoint) as running:
+        running.server.config.app.state.set_unavailable("cascade-slow", "stage being restarted")
+        response = httpx.post(f"{running.url}/v1/chat/completions", json=QUESTION, timeout=60)
+        assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+        assert "not available: stage being restarted" in response.json()["error"]["message"]
+        health = httpx.get(f"{running.url}/health").json()
+        assert health["status"] == "degraded" and health["unavailable"] == {"cascade-slow": "stage being restarted"}
+        models = httpx.get(f"{running.url}/v1/models").json()["data"]
+        assert [m["available"] for m in models] == [False, True]
+
+
 def test_metrics_after_requests(server):
     chat(server, MC_MESSAGE, model="cascade-local-first")
     metrics = ok(server.client.get("/metrics"))
