@@ -228,7 +228,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         backend = HFBackend.from_packaged(args.single_stage, progress=False, device=args.device)
         app = create_single_stage_app(backend, args.single_stage, api_key_env=args.token_env,
-                                      max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars)
+                                      max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
+                                      max_in_flight=args.max_in_flight, max_waiting=args.max_queue,
+                                      timeout_s=args.timeout_s)
         served = [args.single_stage]
     else:
         from cascade_core.server.cascade_app import create_cascade_app

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -291,6 +293,38 @@ def test_a_model_marked_unavailable_answers_503(slow_endpoint):
         assert health["status"] == "degraded" and health["unavailable"] == {"cascade-slow": "stage being restarted"}
         models = httpx.get(f"{running.url}/v1/models").json()["data"]
         assert [m["available"] for m in models] == [False, True]
+
+
+class SlowEngine:
+    """Stands in for the model of the single-stage server: two seconds per completion."""
+
+    max_positions = 1000
+
+    def encode(self, prompt, special_tokens_included=False):
+        return [1, 2, 3]
+
+    def chat_prompt(self, messages):
+        return messages[-1]["content"], False
+
+    def complete(self, prompt_ids, max_tokens, top_k=0, stop=()):
+        time.sleep(2)
+        token = SimpleNamespace(token=" A", logprob=-0.1, top=[(" A", -0.1)])
+        return SimpleNamespace(text=" A", tokens=[token], prompt_tokens=3, finish_reason="length")
+
+
+def test_the_single_stage_server_has_a_bounded_queue_and_a_timeout():
+    from cascade_core.server.single_stage import create_single_stage_app
+
+    app = create_single_stage_app(None, "slow", engine=SlowEngine(), max_in_flight=1, max_waiting=1)
+    body = {"prompt": "Q?", "max_tokens": 1, "logprobs": 1}
+    with ThreadServer(app) as running, ThreadPoolExecutor(max_workers=3) as pool:
+        url = f"{running.url}/v1/completions"
+        statuses = sorted(pool.map(lambda _: httpx.post(url, json=body, timeout=60).status_code, range(3)))
+        assert statuses == [200, 200, 429]  # one runs, one waits, one is refused
+    app = create_single_stage_app(None, "slow", engine=SlowEngine(), timeout_s=0.3)
+    with ThreadServer(app) as running:
+        late = httpx.post(f"{running.url}/v1/completions", json=body, timeout=60)
+        assert late.status_code == 504 and "no answer within 0.3 s" in late.json()["error"]["message"]
 
 
 def test_metrics_after_requests(server):

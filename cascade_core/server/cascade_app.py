@@ -14,8 +14,6 @@ queue 429, a model marked unavailable (or a server shutting down) 503.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import math
 import time
 import uuid
@@ -32,10 +30,9 @@ from cascade_core.server.chat_question import question_from_chat
 from cascade_core.server.common import (ApiError, bearer_checker, install_error_handlers, read_json, read_token,
                                         validate_body)
 from cascade_core.server.metrics import Metrics
-from cascade_core.server.queue import Gate, GaveUp, QueueFull
+from cascade_core.server.queue import Gate, GaveUp, QueueFull, run_in_slot
 from cascade_core.types import MAX_OPTIONS, Question, Trace
 
-log = logging.getLogger(__name__)
 
 CASCADE_PREFIX = "cascade-"
 MAX_NEW_TOKENS = 1024
@@ -271,43 +268,20 @@ def create_cascade_app(
         return trace
 
     async def run_bounded(request: Request, model: str, question: Question, max_new: int) -> Trace | None:
-        """The trace, or None when the client left; 429/503/504 as ApiError."""
-        deadline = time.monotonic() + timeout_s
+        """The trace, or None when the client left; 429/504 as ApiError."""
         gate = gates[model]
         try:
-            await gate.acquire(deadline, request.is_disconnected)
+            return await run_in_slot(gate, executor, work, model, question, max_new,
+                                     deadline=time.monotonic() + timeout_s, gone=request.is_disconnected)
         except QueueFull:
             raise ApiError(429, f"model {model!r} is busy: {gate.in_flight} requests running and "
                                 f"{gate.max_waiting} waiting (the queue's limit); retry later",
                            kind="rate_limit_error", headers={"Retry-After": "1"}) from None
         except GaveUp as gave_up:
-            if gave_up.reason == "timeout":
-                raise ApiError(504, f"no answer within {timeout_s:g} s: the request waited in the queue "
-                                    f"of {model!r} the whole time", kind="timeout_error") from None
-            return None
-        loop = asyncio.get_running_loop()
-        try:
-            future = loop.run_in_executor(executor, work, model, question, max_new)
-        except BaseException:
-            gate.release()
-            raise
-
-        def finished(f: asyncio.Future) -> None:
-            gate.release()  # only now: the slot bounds the work really running
-            if not f.cancelled():
-                f.exception()  # retrieved, so an abandoned failure is not logged as unhandled
-
-        future.add_done_callback(finished)
-        while not future.done():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ApiError(504, f"no answer within {timeout_s:g} s from {model!r}; the request was "
-                                    "abandoned (the stage finishes its current step in the background)",
-                               kind="timeout_error")
-            await asyncio.wait({future}, timeout=min(0.25, remaining))
-            if not future.done() and await request.is_disconnected():
-                return None
-        return future.result()
+            where = ("the request waited in the queue the whole time" if gave_up.reason == "queue timeout"
+                     else "the request was abandoned (the stage finishes its current step in the background)")
+            raise ApiError(504, f"no answer within {timeout_s:g} s from {model!r}: {where}",
+                           kind="timeout_error") from None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -80,3 +80,40 @@ class Gate:
                 waiter.set_result(None)  # in_flight stays: the slot changes hands
                 return
         self.in_flight -= 1
+
+
+async def run_in_slot(gate: Gate, executor, fn: Callable, *args, deadline: float,
+                      gone: Callable[[], Awaitable[bool]], poll_s: float = 0.25):
+    """`fn(*args)` in `executor` while holding a slot of `gate`; None when the client left first.
+
+    Raises QueueFull (no room to wait), GaveUp("queue timeout") or GaveUp("timeout") when
+    `deadline` passes while waiting or running, and whatever `fn` raised. The slot is freed when
+    `fn` really returns, even when the caller stopped waiting for it.
+    """
+    try:
+        await gate.acquire(deadline, gone, poll_s)
+    except GaveUp as gave_up:
+        if gave_up.reason == "timeout":
+            raise GaveUp("queue timeout") from None
+        return None
+    loop = asyncio.get_running_loop()
+    try:
+        future = loop.run_in_executor(executor, fn, *args)
+    except BaseException:
+        gate.release()
+        raise
+
+    def finished(f: asyncio.Future) -> None:
+        gate.release()
+        if not f.cancelled():
+            f.exception()  # retrieved, so an abandoned failure is not reported as never retrieved
+
+    future.add_done_callback(finished)
+    while not future.done():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise GaveUp("timeout")
+        await asyncio.wait({future}, timeout=min(poll_s, remaining))
+        if not future.done() and await gone():
+            return None
+    return future.result()

@@ -17,14 +17,16 @@ import argparse
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 from fastapi import FastAPI, Request
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from cascade_core.server.common import (ApiError, bearer_checker, check_bind_host, install_error_handlers, read_json,
                                         read_token, validate_body)
+from cascade_core.server.queue import Gate, GaveUp, QueueFull, run_in_slot
 
 __all__ = ["ApiError", "create_single_stage_app", "main"]
 
@@ -121,17 +123,24 @@ def create_single_stage_app(
     max_body_bytes: int = 1_000_000,
     max_prompt_chars: int = 100_000,
     engine=None,
+    max_in_flight: int = 1,
+    max_waiting: int = 64,
+    timeout_s: float = 300.0,
 ) -> FastAPI:
     """An OpenAI-compatible app serving `backend` (an HFBackend) as `model_name`.
 
     With `api_key_env`, every /v1 route needs `Authorization: Bearer <value of that variable>`;
     the variable is read once here, and a missing one is an error now rather than an open server.
     `engine` (a `GreedyLogprobEngine`-like object) overrides the one built from `backend`.
+    At most `max_in_flight` requests run (one forward pass at a time either way) and
+    `max_waiting` wait; beyond that 429, and 504 past `timeout_s`.
     """
     if not model_name:
         raise ValueError("model_name must be non-empty")
-    if max_body_bytes < 1 or max_prompt_chars < 1:
-        raise ValueError("max_body_bytes and max_prompt_chars must be >= 1")
+    if max_body_bytes < 1 or max_prompt_chars < 1 or not timeout_s > 0:
+        raise ValueError("max_body_bytes and max_prompt_chars must be >= 1 and timeout_s > 0")
+    gate = Gate(max_in_flight, max_waiting)
+    executor = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="single-stage")
     check_auth = bearer_checker(read_token(api_key_env))
     engine = engine if engine is not None else _engine_for(backend)
     # Share the backend's own lock when it has one: the same model may also serve other callers.
@@ -161,6 +170,19 @@ def create_single_stage_app(
             except Exception as err:  # noqa: BLE001 - answered as a 500, never a traceback
                 raise ApiError(500, f"inference failed: {type(err).__name__}: {err}", kind="server_error") from err
 
+    async def bounded(request: Request, *args):
+        """`run(*args)` in a queue slot; 429 when the queue is full, 504 past the deadline."""
+        try:
+            completion = await run_in_slot(gate, executor, run, *args, deadline=time.monotonic() + timeout_s,
+                                           gone=request.is_disconnected)
+        except QueueFull:
+            raise ApiError(429, f"{model_name} is busy: {gate.in_flight} running and {gate.max_waiting} waiting "
+                                "(the queue's limit); retry later", kind="rate_limit_error",
+                           headers={"Retry-After": "1"}) from None
+        except GaveUp:
+            raise ApiError(504, f"no answer within {timeout_s:g} s", kind="timeout_error") from None
+        return completion  # None: the client left
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name}
@@ -189,7 +211,9 @@ def create_single_stage_app(
             raise ApiError(400, f"prompt is {len(prompt)} characters, over the limit of {max_prompt_chars}",
                            param="prompt")
         top_k = req.logprobs or 0
-        completion = await run_in_threadpool(run, prompt, False, max_tokens, top_k, stop)
+        completion = await bounded(request, prompt, False, max_tokens, top_k, stop)
+        if completion is None:
+            return Response(status_code=499)  # the client left; nobody reads this
         return {
             "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": model_name,
@@ -216,7 +240,9 @@ def create_single_stage_app(
                     for m in req.messages]
         text, special = engine.chat_prompt(messages)
         top_k = (req.top_logprobs or 0) if req.logprobs else 0
-        completion = await run_in_threadpool(run, text, special, max_tokens, top_k, stop)
+        completion = await bounded(request, text, special, max_tokens, top_k, stop)
+        if completion is None:
+            return Response(status_code=499)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model_name,
