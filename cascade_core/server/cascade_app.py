@@ -193,7 +193,7 @@ def create_cascade_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
-        for name in served:  # whatever still waits gets 503, not a hang
+        for name in served:  # requests arriving while the server drains get 503
             unavailable.setdefault(name, "the server is shutting down")
         executor.shutdown(wait=False, cancel_futures=True)
 
