@@ -237,6 +237,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from models.factory import build_cascade
 
         preset = load_preset(args.preset)
+        recorded = [c.name for c in preset.stages if c.enabled and c.backend == "recorded"
+                    and (not args.stages or c.name in args.stages)]
+        if recorded:
+            raise UsageError(f"preset {preset.name!r}: {', '.join(recorded)} replay recorded MMLU outcomes and cannot "
+                             "answer live questions; serve the other stages with --stages NAME ...")
         stages = build_cascade(preset, only=args.stages, progress=False)
         app = create_cascade_app({preset.name: stages}, api_key_env=args.token_env,
                                  max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,

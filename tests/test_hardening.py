@@ -350,6 +350,11 @@ def test_serve_refuses_a_non_loopback_host(capsys):
     check_bind_host("0.0.0.0", allow_remote=True)  # said explicitly: allowed
 
 
+def test_serve_refuses_a_recorded_stage_before_loading_models(capsys):
+    code, text = run_cli(capsys, "serve", "--preset", "api-recorded")
+    assert code == 2 and "gpt-4-recorded" in text and "cannot answer live questions" in text
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_corrupted_results_parquet_is_a_cli_message(tmp_path, capsys, damage):
     import pandas as pd
