@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from types import SimpleNamespace
 
 import httpx
@@ -296,9 +296,13 @@ def test_a_model_marked_unavailable_answers_503(slow_endpoint):
 
 
 class SlowEngine:
-    """Stands in for the model of the single-stage server: two seconds per completion."""
+    """Stands in for the model of the single-stage server: a completion waits until `release` is set
+    (at most 30 s), so the test, not the clock, decides when the queue drains."""
 
     max_positions = 1000
+
+    def __init__(self):
+        self.release = threading.Event()
 
     def encode(self, prompt, special_tokens_included=False):
         return [1, 2, 3]
@@ -307,7 +311,7 @@ class SlowEngine:
         return messages[-1]["content"], False
 
     def complete(self, prompt_ids, max_tokens, top_k=0, stop=()):
-        time.sleep(2)
+        self.release.wait(timeout=30)
         token = SimpleNamespace(token=" A", logprob=-0.1, top=[(" A", -0.1)])
         return SimpleNamespace(text=" A", tokens=[token], prompt_tokens=3, finish_reason="length")
 
@@ -315,15 +319,21 @@ class SlowEngine:
 def test_the_single_stage_server_has_a_bounded_queue_and_a_timeout():
     from cascade_core.server.single_stage import create_single_stage_app
 
-    app = create_single_stage_app(None, "slow", engine=SlowEngine(), max_in_flight=1, max_waiting=1)
+    engine = SlowEngine()
+    app = create_single_stage_app(None, "slow", engine=engine, max_in_flight=1, max_waiting=1)
     body = {"prompt": "Q?", "max_tokens": 1, "logprobs": 1}
     with ThreadServer(app) as running, ThreadPoolExecutor(max_workers=3) as pool:
         url = f"{running.url}/v1/completions"
-        statuses = sorted(pool.map(lambda _: httpx.post(url, json=body, timeout=60).status_code, range(3)))
-        assert statuses == [200, 200, 429]  # one runs, one waits, one is refused
-    app = create_single_stage_app(None, "slow", engine=SlowEngine(), timeout_s=0.3)
+        futures = [pool.submit(lambda: httpx.post(url, json=body, timeout=60).status_code) for _ in range(3)]
+        first = next(as_completed(futures))  # one runs, one waits, so the third is refused at once
+        assert first.result() == 429
+        engine.release.set()
+        assert sorted(f.result() for f in futures) == [200, 200, 429]
+    engine = SlowEngine()
+    app = create_single_stage_app(None, "slow", engine=engine, timeout_s=0.3)
     with ThreadServer(app) as running:
         late = httpx.post(f"{running.url}/v1/completions", json=body, timeout=60)
+        engine.release.set()
         assert late.status_code == 504 and "no answer within 0.3 s" in late.json()["error"]["message"]
 
 
