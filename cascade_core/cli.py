@@ -166,13 +166,14 @@ def cmd_probes_train(args: argparse.Namespace) -> int:
         probe_path = config.probe_path() or Path(args.probes_dir) / f"{config.name}.npz"
         result.probe.metadata["test_auroc"] = result.test_auroc
         result.probe.metadata["layer_cv_auroc"] = {str(k): v for k, v in result.layer_auroc.items()}
+        result.probe.metadata["grid_cv_auroc"] = {f"{l}/{c:g}": v for (l, c), v in (result.grid_auroc or {}).items()}
         result.probe.save(probe_path)
         records = records.assign(
             p_ik=result.p_ik,
             p_ik_source=np.where(records["split"].astype(str) == "calibration", "out-of-fold", "probe"),
         )
         atomic_write_parquet(records, paths.records)
-        print(f"{config.name}: layer {result.probe.layer}, held-out AUROC {result.test_auroc:.3f} -> {probe_path}")
+        print(f"{config.name}: layer {result.probe.layer}, C {result.probe.C:g}, held-out AUROC {result.test_auroc:.3f} -> {probe_path}")
     return 0
 
 

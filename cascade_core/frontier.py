@@ -16,7 +16,6 @@ row of the sweep is a policy that `replay` reproduces.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -24,6 +23,7 @@ from typing import Sequence
 import numpy as np
 import pandas
 
+from cascade_core.blas import blas_threads as _blas_threads
 from cascade_core.cost import COST_UNITS, check_unit, compute_reduction
 from cascade_core.policy import RULES, CascadePolicy, LearnedCombiner, StagePolicy, fit_combiner, keep_mask
 from cascade_core.records import RecordTable
@@ -98,17 +98,6 @@ def cascade_subsets(table: RecordTable, include_skips: bool = True) -> list[tupl
             if not any(table.recorded[s] for s in combo[:-1]):
                 subsets.append(combo)
     return subsets
-
-
-def _blas_threads(limit: int | None):
-    """A context that caps BLAS threads (threadpoolctl ships with scikit-learn); no-op if absent."""
-    if limit is None:
-        return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - scikit-learn always brings it
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=limit, user_api="blas")
 
 
 # -- the sweep ----------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ import zipfile
 import zlib
 from pathlib import Path
 
+from typing import Sequence
+
 import numpy as np
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
@@ -31,6 +33,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from cascade_core import __version__
+from cascade_core.blas import blas_threads
 from cascade_core.calibration import auroc
 from cascade_core.io import CorruptFileError, atomic_write_npz
 
@@ -312,3 +315,35 @@ def choose_layer(
         scores[int(layer)] = auroc(oof, np.asarray(y).astype(bool))
     best = max(scores, key=lambda layer: (scores[layer], -layer))
     return best, scores
+
+
+# Regularisation strengths tried by `choose_probe`. Hidden states are wide (576-1536 features) and
+# calibration sets small (~1,000 rows), so strong regularisation wins: on Qwen2.5-Coder-1.5B's
+# MMLU calibration half C = 0.001 gave a cross-validated AUROC of 0.73 against 0.68 at C = 0.1,
+# and fit 10x faster than C = 1.
+PROBE_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def choose_probe(
+    features_by_layer: dict[int, np.ndarray],
+    y,
+    folds: int = 5,
+    seed: int = 0,
+    Cs: Sequence[float] = PROBE_CS,
+    class_weight: str | None = None,
+) -> tuple[int, float, dict[tuple[int, float], float]]:
+    """The (layer, C) whose probe has the best cross-validated AUROC, and every pair's AUROC.
+
+    One grid over layers and regularisation strengths, same folds for every pair. On a tie the
+    lower layer and then the stronger regularisation (smaller C) wins. BLAS runs on one thread:
+    these fits are small, and on a shared 2-core machine two threads made them 100x slower.
+    """
+    if not Cs or any(not (c > 0) for c in Cs):
+        raise ValueError(f"Cs must be a non-empty sequence of positive numbers, got {Cs!r}")
+    scores: dict[tuple[int, float], float] = {}
+    with blas_threads(1):
+        for C in sorted(Cs):
+            _, per_layer = choose_layer(features_by_layer, y, folds=folds, seed=seed, C=C, class_weight=class_weight)
+            scores.update({(layer, float(C)): value for layer, value in per_layer.items()})
+    best = max(scores, key=lambda key: (scores[key], -key[0], -key[1]))
+    return best[0], best[1], scores

@@ -8,12 +8,14 @@ trains a probe: the training mask is built from the split column alone, and chec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from cascade_core.blas import blas_threads
 from cascade_core.calibration import auroc
-from cascade_core.probe import PIKProbe, choose_layer, out_of_fold_p_ik
+from cascade_core.probe import PROBE_CS, PIKProbe, choose_probe, out_of_fold_p_ik
 
 
 @dataclass
@@ -22,8 +24,9 @@ class ProbeResult:
 
     probe: PIKProbe
     p_ik: np.ndarray
-    layer_auroc: dict[int, float]
+    layer_auroc: dict[int, float]  # best cross-validated AUROC of each layer over the C grid
     test_auroc: float
+    grid_auroc: dict[tuple[int, float], float] | None = None  # every (layer, C) tried
 
 
 def align_features(records: pd.DataFrame, qids: np.ndarray, features: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
@@ -48,6 +51,7 @@ def train_probe(
     train_mask: np.ndarray | None = None,
     folds: int = 5,
     seed: int = 0,
+    Cs: Sequence[float] = PROBE_CS,
 ) -> ProbeResult:
     """Fit on rows in `train_mask` (default: the calibration split) with `labels` (default: correct).
 
@@ -64,13 +68,18 @@ def train_probe(
         raise ValueError(f"only {int(train_mask.sum())} training records: too few to train a probe")
     gold = records["correct"].to_numpy(dtype=bool)
     y = gold if labels is None else np.asarray(labels, dtype=bool)
-    layer, layer_auroc = choose_layer({l: f[train_mask] for l, f in features.items()}, y[train_mask], folds=folds, seed=seed)
+    layer, C, grid = choose_probe({l: f[train_mask] for l, f in features.items()}, y[train_mask],
+                                  folds=folds, seed=seed, Cs=Cs)
+    layer_auroc: dict[int, float] = {}
+    for (l, _), value in grid.items():
+        layer_auroc[l] = max(layer_auroc.get(l, -np.inf), value)
     X = features[layer]
     p_ik = np.full(len(records), np.nan)
-    p_ik[train_mask] = out_of_fold_p_ik(X[train_mask], y[train_mask], folds=folds, seed=seed)
-    probe = PIKProbe(layer=layer, model_id=model_id).fit(X[train_mask], y[train_mask])
+    with blas_threads(1):
+        p_ik[train_mask] = out_of_fold_p_ik(X[train_mask], y[train_mask], folds=folds, seed=seed, C=C)
+        probe = PIKProbe(layer=layer, model_id=model_id, C=C).fit(X[train_mask], y[train_mask])
     held_out = ~train_mask
     if held_out.any():
         p_ik[held_out] = probe.p_ik(X[held_out])
     test_auroc = auroc(p_ik[held_out], gold[held_out]) if held_out.any() else float("nan")
-    return ProbeResult(probe=probe, p_ik=p_ik, layer_auroc=layer_auroc, test_auroc=test_auroc)
+    return ProbeResult(probe=probe, p_ik=p_ik, layer_auroc=layer_auroc, test_auroc=test_auroc, grid_auroc=grid)

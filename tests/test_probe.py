@@ -6,7 +6,7 @@ from sklearn.exceptions import NotFittedError
 
 from cascade_core.calibration import auroc, expected_calibration_error
 from cascade_core.io import CorruptFileError
-from cascade_core.probe import PIKProbe, ProbeMismatchError, choose_layer, out_of_fold_p_ik
+from cascade_core.probe import PIKProbe, ProbeMismatchError, choose_layer, choose_probe, out_of_fold_p_ik
 
 
 def _separable(n=1000, d=64, seed=0):
@@ -99,6 +99,21 @@ def test_choose_layer_picks_the_informative_one():
     assert set(scores) == {3, 9, 15}
     assert scores[9] > 0.95 and scores[9] > scores[15] > scores[3] - 0.1
     assert abs(scores[3] - 0.5) < 0.1
+
+
+def test_choose_probe_searches_layers_and_regularisation_together():
+    rng = np.random.default_rng(3)
+    n, d = 200, 400
+    y = rng.random(n) < 0.5
+    signal = rng.normal(size=(n, d))
+    signal[:, :5] += y[:, None] * 0.8
+    noise = rng.normal(size=(n, d))
+    layer, C, scores = choose_probe({4: noise, 8: signal}, y, folds=4, seed=0, Cs=(1.0, 1e-3))
+    assert set(scores) == {(4, 1e-3), (4, 1.0), (8, 1e-3), (8, 1.0)}
+    assert (layer, C) == max(scores, key=scores.get) and layer == 8
+    assert min(scores[(8, 1e-3)], scores[(8, 1.0)]) > max(scores[(4, 1e-3)], scores[(4, 1.0)])
+    with pytest.raises(ValueError, match="Cs must be"):
+        choose_probe({8: signal}, y, Cs=(0.0,))
 
 
 def test_choose_layer_bad_input():
