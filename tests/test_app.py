@@ -261,8 +261,9 @@ def test_route_one_stage_on_smollm2_shows_one_card(app, smollm2_path):
     assert [s.label for s in at.status] == ["SmolLM2-135M-Instruct: answered (last stage)"]
     assert metrics(at)["Stages visited"] == "1"
     assert "The cascade answers" in texts(at.info)
-    assert len(at.get("plotly_chart")) == 1  # the P(T) gauge; P(IK) needs a probe, which says so
-    assert "No P(IK)" in texts(at.info)
+    # P(T) and P(IK): the probe in data/probes/ was trained by `probes train` on the cached results
+    assert [c.key for c in at.get("plotly_chart")] == ["gauge_pt_smollm2-135m", "gauge_pik_smollm2-135m"]
+    assert "No P(IK)" not in texts(at.info)
     at.run()  # a rerun draws the same trace again
     no_exception(at)
     assert len(at.status) == 1
@@ -279,7 +280,10 @@ def test_route_two_stages_one_card_per_stage_visited(app, smollm2_path):
     assert [s.label for s in at.status] == ["SmolLM2-135M-Instruct: escalated", "SmolLM2 again: answered (last stage)"]
     assert metrics(at)["Stages visited"] == "2"
     assert "Escalate" in texts(at.warning)
-    assert len(at.get("plotly_chart")) == 2
+    # the added stage has no probe: its card shows P(T) alone and says why
+    assert [c.key for c in at.get("plotly_chart")] == ["gauge_pt_smollm2-135m", "gauge_pik_smollm2-135m",
+                                                       "gauge_pt_smollm2-b"]
+    assert "No P(IK)" in texts(at.info)
     assert "not reached" not in at.get("graphviz_chart")[0].proto.spec
 
     at.session_state[state.POLICY_KEY] = {"default": {"rule": "pt_only", "stages": {"smollm2-135m": StageSetting(0.0, 0.0)}}}
