@@ -164,11 +164,16 @@ def test_a_stage_by_name_answers_alone(server):
     assert body["cascade"]["path"] == ["local:final"]  # alone, a stage always answers
 
 
-def test_openai_client_if_installed(server):
-    openai = pytest.importorskip("openai")
+def test_the_stock_openai_client_reads_answer_and_trace(server):
+    import openai
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
-    reply = client.chat.completions.create(model="cascade-remote-first", messages=[{"role": "user", "content": MC_MESSAGE}])
+    raw = client.chat.completions.with_raw_response.create(
+        model="cascade-remote-first", messages=[{"role": "user", "content": MC_MESSAGE}])
+    reply = raw.parse()
     assert reply.choices[0].message.content[0] in "ABCD"
+    trace = reply.model_extra["cascade"]  # the extra field survives the stock client's parsing
+    assert trace["stage"] == raw.headers["X-Cascade-Stage"]
+    assert [step["stage"] for step in trace["steps"]][-1] == trace["stage"]
 
 
 @pytest.mark.parametrize("payload, status, needle", [
