@@ -54,6 +54,13 @@ def write_synthetic(root: Path) -> None:
         atomic_write_parquet(frame, root / "mmlu" / f"{name}.parquet")
 
 
+def explorer_failed(at) -> bool:
+    """True (and says why on stderr) when the last run of the page raised."""
+    if at.exception:
+        print("the explorer failed:", [e.value for e in at.exception], file=sys.stderr)
+    return bool(at.exception)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="slider changes to time")
@@ -78,8 +85,7 @@ def main() -> int:
         started = time.perf_counter()
         at.run()
         first = time.perf_counter() - started
-        if at.exception:
-            print("the explorer failed:", [e.value for e in at.exception], file=sys.stderr)
+        if explorer_failed(at):
             return 1
         shown = next(m for m in at.metric if m.label == "Accuracy").help or ""
         if f"over {N_MMLU:,} questions" not in shown:
@@ -94,8 +100,7 @@ def main() -> int:
             t0 = time.perf_counter()
             at.run()
             elapsed = time.perf_counter() - t0
-            if at.exception:
-                print("the explorer failed:", [e.value for e in at.exception], file=sys.stderr)
+            if explorer_failed(at):
                 return 1
             accuracies.add(next(m.value for m in at.metric if m.label == "Accuracy"))
             if i >= 3:  # the first reruns warm Python's own caches

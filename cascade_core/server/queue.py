@@ -25,6 +25,20 @@ class GaveUp(Exception):
         self.reason = reason
 
 
+async def wait_or_leave(future: asyncio.Future, deadline: float, gone: Callable[[], Awaitable[bool]],
+                        poll_s: float) -> bool:
+    """Wait for `future`, checking every `poll_s` whether the client left: True when it is done,
+    False when the client left first; GaveUp("timeout") when `deadline` (monotonic) passes."""
+    while not future.done():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise GaveUp("timeout")
+        await asyncio.wait({future}, timeout=min(poll_s, remaining))
+        if not future.done() and await gone():
+            return False
+    return True
+
+
 class Gate:
     """At most `max_in_flight` holders of a slot and `max_waiting` callers queued for one."""
 
@@ -53,13 +67,8 @@ class Gate:
         granted: asyncio.Future = asyncio.get_running_loop().create_future()
         self._waiters.append(granted)
         try:
-            while not granted.done():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise GaveUp("timeout")
-                await asyncio.wait({granted}, timeout=min(poll_s, remaining))
-                if not granted.done() and await gone():
-                    raise GaveUp("client disconnected")
+            if not await wait_or_leave(granted, deadline, gone, poll_s):
+                raise GaveUp("client disconnected")
         except BaseException:
             if granted.done() and not granted.cancelled():
                 self.release()  # the slot arrived as we gave up: hand it on
@@ -109,11 +118,6 @@ async def run_in_slot(gate: Gate, executor, fn: Callable, *args, deadline: float
             f.exception()  # retrieved, so an abandoned failure is not reported as never retrieved
 
     future.add_done_callback(finished)
-    while not future.done():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise GaveUp("timeout")
-        await asyncio.wait({future}, timeout=min(poll_s, remaining))
-        if not future.done() and await gone():
-            return None
+    if not await wait_or_leave(future, deadline, gone, poll_s):
+        return None
     return future.result()
