@@ -96,6 +96,43 @@ def _question(row) -> Question:
                     answer=int(row.answer), qid=row.qid)
 
 
+def _score_batch(backend: Backend, batch: list[Question]):
+    """One forward pass over a batch: (scores, seconds per question, prediction, p_t, margin, entropy, probs)."""
+    prompts = [format_prompt(q) for q in batch]
+    started = time.perf_counter()
+    scores = backend.score_options(prompts, [len(q.options) for q in batch], None)
+    seconds = (time.perf_counter() - started) / len(batch)
+    logits = np.stack([np.asarray(s.letter_logits, dtype=np.float64) for s in scores])
+    prediction, p_t, margin, entropy = mc_signals(logits)
+    return scores, seconds, prediction, p_t, margin, entropy, option_probabilities(logits)
+
+
+def _write_feature_chunk(backend: Backend, paths: BenchPaths, batch: list[Question], scores,
+                         prediction: np.ndarray, p_t: np.ndarray) -> bool:
+    """The batch's hidden states (evenly spaced layers, float16) as one chunk file; False when none.
+
+    The chunk also carries the batch's prediction and P(T), so features made in a later pass
+    (`backfill_features`) can be checked against the records they are joined to.
+    """
+    if not (backend.has_hidden_states and scores[0].hidden_states):
+        return False
+    keep_layers = feature_layers(len(scores[0].hidden_states))
+    arrays = {f"layer_{l}": np.stack([s.hidden_states[l] for s in scores]).astype(np.float16) for l in keep_layers}
+    chunk = paths.features_dir / f"chunk-{time.time_ns()}.npz"
+    atomic_write_npz(chunk, qid=np.array([q.qid for q in batch]), prediction=prediction.astype(np.int16),
+                     p_t=p_t.astype(np.float32), **arrays)
+    return True
+
+
+def feature_qids(features_dir: Path) -> set[str]:
+    """The qids that have a feature chunk (reads only the qid arrays)."""
+    found: set[str] = set()
+    for chunk in sorted(features_dir.glob("chunk-*.npz")):
+        with np.load(chunk, allow_pickle=False) as data:
+            found.update(data["qid"].astype(str).tolist())
+    return found
+
+
 def run_stage(
     backend: Backend,
     stage: str,
@@ -129,18 +166,8 @@ def run_stage(
         if max_batches is not None and b >= max_batches:
             break
         batch = [_question(r) for r in rows[start : start + batch_size]]
-        prompts = [format_prompt(q) for q in batch]
-        started = time.perf_counter()
-        scores = backend.score_options(prompts, [len(q.options) for q in batch], None)
-        seconds = (time.perf_counter() - started) / len(batch)
-        logits = np.stack([np.asarray(s.letter_logits, dtype=np.float64) for s in scores])
-        prediction, p_t, margin, entropy = mc_signals(logits)
-        probs = option_probabilities(logits)
-        if backend.has_hidden_states and scores[0].hidden_states:
-            keep_layers = feature_layers(len(scores[0].hidden_states))
-            arrays = {f"layer_{l}": np.stack([s.hidden_states[l] for s in scores]).astype(np.float16) for l in keep_layers}
-            chunk = paths.features_dir / f"chunk-{time.time_ns()}.npz"
-            atomic_write_npz(chunk, qid=np.array([q.qid for q in batch]), **arrays)
+        scores, seconds, prediction, p_t, margin, entropy, probs = _score_batch(backend, batch)
+        _write_feature_chunk(backend, paths, batch, scores, prediction, p_t)
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         source = rows[start : start + batch_size]
         new = pd.DataFrame({
@@ -168,3 +195,47 @@ def run_stage(
         if progress:
             progress(finished, total)
     return records
+
+
+def backfill_features(
+    backend: Backend,
+    questions: pd.DataFrame,
+    paths: BenchPaths,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+    max_batches: int | None = None,
+) -> dict[str, int]:
+    """Hidden-state features for questions that have records but no features; records stay as they are.
+
+    Records made before features were kept (or on a machine whose feature files are gone) get
+    their features from a fresh forward pass of the same prompt. The records are never
+    rewritten: the pass only adds chunk files, each carrying its own prediction, and the return
+    value counts how many of those agree with the recorded prediction (bfloat16 numerics can
+    differ with the batch a question was padded in). Resumable like `run_stage`.
+    """
+    if not backend.has_hidden_states:
+        raise ValueError(f"{backend.model_id}: this backend gives no hidden states; nothing to backfill")
+    records = load_records(paths.records)
+    recorded = records.set_index(records["qid"].astype(str))["prediction"]
+    have = feature_qids(paths.features_dir) if paths.features_dir.exists() else set()
+    qids = questions["qid"].astype(str)
+    wanted = questions[qids.isin(recorded.index)]
+    todo = wanted[~wanted["qid"].astype(str).isin(have)]
+    total, finished = len(wanted), len(wanted) - len(todo)
+    counts = {"questions": total, "backfilled": 0, "agree": 0}
+    if progress:
+        progress(finished, total)
+    paths.features_dir.mkdir(parents=True, exist_ok=True)
+    rows = list(todo.itertuples(index=False))
+    for b, start in enumerate(range(0, len(rows), batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        batch = [_question(r) for r in rows[start : start + batch_size]]
+        scores, _, prediction, p_t, _, _, _ = _score_batch(backend, batch)
+        _write_feature_chunk(backend, paths, batch, scores, prediction, p_t)
+        counts["backfilled"] += len(batch)
+        counts["agree"] += int(np.sum(prediction == recorded.loc[[q.qid for q in batch]].to_numpy()))
+        finished += len(batch)
+        if progress:
+            progress(finished, total)
+    return counts

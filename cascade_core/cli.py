@@ -105,8 +105,11 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from cascade_core.bench import BenchPaths, run_stage
+    from cascade_core.bench import BenchPaths, backfill_features, run_stage
+    import numpy as np
+
     from cascade_core.datasets import load_mmlu
+    from cascade_core.split import seeded_ranks
     from models.factory import build_backend, describe_backend
 
     if args.dataset != "mmlu":
@@ -119,6 +122,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     preset = load_preset(args.preset)
     questions = load_mmlu(split=None if args.split == "all" else args.split, per_subject=args.per_subject)
+    # Round-robin over subjects in their seeded order: a run stopped part-way leaves records that
+    # are still a balanced per-subject sample, half calibration and half test.
+    questions = questions.iloc[np.lexsort((questions["subject"].to_numpy(), seeded_ranks(questions).to_numpy()))]
     configs = [c for c in preset.stages + preset.extra_stages if not args.stages or c.name in args.stages]
     for config in configs:
         if config.backend == "recorded":
@@ -126,18 +132,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
             continue
         paths = BenchPaths.for_stage(Path(args.results_dir), Path(args.features_dir), args.dataset, config.name)
         backend = build_backend(config)
-        bar = tqdm(total=len(questions), desc=config.name, unit="q", disable=args.quiet)
+        bars: list = []
 
-        def progress(done: int, total: int, bar=bar) -> None:
-            bar.n = done
-            bar.refresh()
+        def progress(done: int, total: int, bars=bars, name=config.name) -> None:
+            # The bar starts at what is already done, so its rate and ETA count this run's work only.
+            if not bars:
+                bars.append(tqdm(total=total, initial=done, desc=name, unit="q", disable=args.quiet,
+                                 smoothing=0.05))
+            bars[0].update(done - bars[0].n)
 
-        records = run_stage(
-            backend, config.name, questions, paths, batch_size=args.batch_size or config.batch_size,
-            progress=progress, **describe_backend(config, backend),
-        )
-        bar.close()
-        print(f"{config.name}: {len(records)} records, accuracy {records['correct'].mean():.3f} -> {paths.records}")
+        size = args.batch_size or config.batch_size
+        if args.backfill_features:
+            counts = backfill_features(backend, questions, paths, batch_size=size, progress=progress)
+            for bar in bars:
+                bar.close()
+            print(f"{config.name}: features for {counts['questions']} recorded questions "
+                  f"({counts['backfilled']} computed now, {counts['agree']} of them agree with the "
+                  f"recorded prediction) -> {paths.features_dir}")
+        else:
+            records = run_stage(backend, config.name, questions, paths, batch_size=size,
+                                progress=progress, **describe_backend(config, backend))
+            for bar in bars:
+                bar.close()
+            print(f"{config.name}: {len(records)} records, accuracy {records['correct'].mean():.3f} -> {paths.records}")
         del backend
     return 0
 
@@ -198,6 +215,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
+    if args.stages:  # for scripts: the preset's enabled stages that a benchmark runs, one a line
+        for config in load_preset(args.stages).stages:
+            if config.enabled and config.backend != "recorded":
+                print(config.name)
+        return 0
     for name in list_presets():
         preset = load_preset(name)
         stages = " -> ".join(s.name for s in preset.stages)
@@ -288,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--features-dir", default=str(DEFAULT_FEATURES_DIR))
     bench.add_argument("--threads", type=int, default=None, metavar="N",
                        help="CPU threads for torch (default: torch's choice; 1 is fastest when other work shares the cores)")
+    bench.add_argument("--backfill-features", action="store_true",
+                       help="only compute hidden-state features for questions that have records but none")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_bench)
 
@@ -335,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
+    presets.add_argument("--stages", metavar="PRESET", help="print this preset's benchmarked stages, one a line")
     presets.set_defaults(func=cmd_presets)
     return parser
 

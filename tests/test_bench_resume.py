@@ -21,8 +21,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cascade_core.bench import BenchPaths, load_features, load_records, run_stage
+from cascade_core.bench import BenchPaths, backfill_features, load_features, load_records, run_stage
 from cascade_core.datasets import load_mmlu
+
+pytestmark = pytest.mark.model
 
 STAGE = "smollm2-135m"
 BATCH = 4
@@ -134,3 +136,23 @@ def test_rerunning_a_finished_benchmark_is_a_no_op(clean_run, smollm2_backend):
     again = run_stage(smollm2_backend, STAGE, _questions(), paths, batch_size=BATCH)
     assert _snapshot(paths) == before
     pd.testing.assert_frame_equal(again, records)
+
+
+def test_backfill_adds_features_to_records_made_without_them(tmp_path, smollm2_backend, clean_run):
+    """Records whose feature files are gone get features from a new pass; the records stay untouched."""
+    paths = _paths(tmp_path)
+    clean_paths, clean = clean_run
+    paths.records.parent.mkdir(parents=True)
+    paths.records.write_bytes(clean_paths.records.read_bytes())
+    before = paths.records.read_bytes()
+
+    first = backfill_features(smollm2_backend, _questions(), paths, batch_size=BATCH, max_batches=2)
+    assert first == {"questions": 24, "backfilled": 2 * BATCH, "agree": first["agree"]}
+    rest = backfill_features(smollm2_backend, _questions(), paths, batch_size=BATCH)
+    assert rest["backfilled"] == 24 - 2 * BATCH  # resumed: the first two batches are not redone
+    assert first["agree"] + rest["agree"] == 24  # float32, same prompts: the same answers
+    assert paths.records.read_bytes() == before
+
+    qids, layers = load_features(paths.features_dir)
+    assert sorted(qids) == sorted(clean["qid"])
+    assert backfill_features(smollm2_backend, _questions(), paths, batch_size=BATCH)["backfilled"] == 0
