@@ -37,6 +37,9 @@ MIN_OPTIONS = 2
 _MC_HEADER = "The following are multiple choice questions (with answers)"
 _FREE_HEADER = "The following is a question (with answer)"
 _ALLOWED_CONTROLS = {"\n", "\t", "\r"}
+# Categories that draw nothing on their own: format (Cf), control (Cc), surrogate (Cs),
+# private use (Co), unassigned (Cn), combining marks (Mn, Me).
+_INVISIBLE_CATEGORIES = {"Cf", "Cc", "Cs", "Co", "Cn", "Mn", "Me"}
 
 
 def _clean(text: str) -> str:
@@ -87,11 +90,27 @@ def _control_characters(text: str) -> list[str]:
     return bad
 
 
+def has_visible_text(text: str) -> bool:
+    """True when `text` has a character a reader would see.
+
+    Whitespace, format characters (zero-width space and joiners, direction overrides, the BOM:
+    category Cf), controls, unassigned and private-use code points and lone combining marks show
+    nothing by themselves; a question made only of those is empty to a reader but not to a model.
+    """
+    for ch in text:
+        if ch.isspace():
+            continue
+        if unicodedata.category(ch) not in _INVISIBLE_CATEGORIES:
+            return True
+    return False
+
+
 def validate_question(question: Question) -> Question:
     """Check a question typed by a user (CLI, server, app); return it unchanged when it is fine.
 
     Beyond `check_format`: no control characters (tab and line ends are fine) in the question,
-    the options or the subject, and no two options the same after stripping whitespace.
+    the options or the subject, a visible character in the question and in every option, and no
+    two options the same after stripping whitespace.
     """
     check_format(question)
     fields = [("the question", question.text), ("the subject", question.subject or "")]
@@ -102,6 +121,9 @@ def validate_question(question: Question) -> Question:
         bad = _control_characters(text)
         if bad:
             raise ValueError(f"{name} contains control characters ({', '.join(sorted(set(bad)))})")
+        if name != "the subject" and not has_visible_text(text):
+            raise ValueError(f"{name} has no visible characters (only zero-width, direction-override or other "
+                             "invisible characters)")
     seen: dict[str, int] = {}
     for i, option in enumerate(question.options):
         key = _clean(option)

@@ -86,3 +86,16 @@ def test_dataset_quirks_pass_the_format_check():
 
 def test_version_is_a_nonempty_string():
     assert isinstance(PROMPT_FORMAT_VERSION, str) and PROMPT_FORMAT_VERSION
+
+
+@pytest.mark.parametrize("text", ["\u200b\u200c\u200d", "\u202e\u2066\u2069", "\ufeff \u2060\n", "\u0301\u0301"])
+def test_a_question_with_no_visible_characters_is_refused(text):
+    with pytest.raises(ValueError, match="the question has no visible characters"):
+        validate_question(Question(text=text))
+    with pytest.raises(ValueError, match="option B has no visible characters"):
+        validate_question(Question(text="Q?", options=("yes", text)))
+
+
+def test_invisible_characters_next_to_visible_ones_are_fine():
+    q = Question(text="\u202eQ?\u200b", options=("e\u0301", "n\u200do"))
+    assert validate_question(q) is q
