@@ -1,8 +1,8 @@
 """The Streamlit app: `streamlit run app.py`. This file is the Home page and the navigation; the
-other pages are files under app_pages/ (each a short script over cascade_core and app_ui).
+other pages are files under pages/ (each a short script over cascade_core and app_ui).
 
-The folder is not called `pages/`: with a `pages/` folder Streamlit falls back to its older
-multipage mode on a deep link (a shared explorer URL) and runs the page without this file.
+`st.navigation` below owns the pages, so a deep link (a shared explorer URL) runs this file
+first; that holds with Streamlit's default file watcher (see .streamlit/config.toml).
 """
 
 from __future__ import annotations
@@ -11,17 +11,15 @@ import math
 
 import streamlit as st
 
-from app_ui import charts, data, models, state
+from app_ui import backends, charts, data, state
 
-PAGES_DIR = "app_pages"
+PAGES_DIR = "pages"
 
 
 def size_of(config) -> str:
     """Parameters of a stage's model as far as they are known without loading it."""
     if config.backend == "packaged":
-        from models.packaged import PACKAGED_MODELS
-
-        spec = PACKAGED_MODELS.get(config.model)
+        spec = backends.packaged_models().get(config.model)
         return f"{spec.total_params / 1e6:,.0f} M" if spec else "?"
     if config.backend == "recorded":
         return "46.7 B (8×7B MoE)" if "mixtral" in config.model.lower() else "not published"
@@ -48,7 +46,7 @@ def home() -> None:
     st.dataframe([{
         "stage": state.label_of(s), "backend": s.backend, "model": s.model, "size": size_of(s),
         "quantisation": s.quantization, "device": s.device, "rule": s.rule, "τ_T": s.tau_t, "τ_IK": s.tau_ik,
-        "status": models.fetched_status(s)[1],
+        "status": backends.fetched_status(s)[1],
     } for s in preset.stages if s.enabled], hide_index=True, width="stretch")
     st.caption("The last stage always answers. Recorded stages replay real per-question outcomes (MMLU only).")
 

@@ -1,7 +1,7 @@
 """Cached records for the pages: the preset's record table, its threshold sweep, MMLU questions.
 
 Records come from the benchmark's files (data/results/<dataset>/<stage>.parquet, or the folder
-named by $CASCADE_RESULTS_DIR). They are cached with `st.cache_data` under a key that includes
+named by $CASCADE_RESULTS_DIR: `compose.locations`). They are cached with `st.cache_data` under a key that includes
 each file's size and modification time, so records a benchmark adds show up on the next rerun
 while an unchanged file is read once.
 """
@@ -9,49 +9,44 @@ while an unchanged file is read once.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import streamlit as st
 
+from cascade_core.compose.locations import RESULTS_DOC, Locations, locations
 from cascade_core.frontier import SweepResult, sweep
-from cascade_core.presets import REPO_ROOT, Preset, StageConfig, parse_preset
+from cascade_core.presets import Preset, StageConfig, parse_preset
 from cascade_core.records import RecordTable
 
-RESULTS_ENV = "CASCADE_RESULTS_DIR"
 DATASET = "mmlu"
 SPLIT_CHOICES = ("test", "calibration", "all")
 
 
+def where() -> Locations:
+    """The app's folders (`compose.locations`: $CASCADE_RESULTS_DIR and friends, else data/)."""
+    return locations()
+
+
 def results_dir() -> Path:
     """Where benchmark records live: $CASCADE_RESULTS_DIR, else data/results in the repository."""
-    value = os.environ.get(RESULTS_ENV, "").strip()
-    return Path(value) if value else REPO_ROOT / "data" / "results"
+    return where().results
 
 
 def features_dir() -> Path:
-    """Where a benchmark run from the app keeps hidden-state features: beside the results folder
-    ($CASCADE_FEATURES_DIR, else data/features, or <results>/../features for a custom results folder)."""
-    value = os.environ.get("CASCADE_FEATURES_DIR", "").strip()
-    if value:
-        return Path(value)
-    if os.environ.get(RESULTS_ENV, "").strip():
-        return results_dir().parent / "features"
-    return REPO_ROOT / "data" / "features"
+    """Where a benchmark run from the app keeps hidden-state features (see `compose.locations`)."""
+    return where().features
 
 
 def report_path() -> Path | None:
     """docs/RESULTS.md (what `python -m cascade_core report` writes) when it exists and describes
     the records the app reads (the default results folder)."""
-    path = REPO_ROOT / "docs" / "RESULTS.md"
-    default = (REPO_ROOT / "data" / "results").resolve()
-    return path if path.exists() and results_dir().resolve() == default else None
+    return RESULTS_DOC if RESULTS_DOC.exists() and where().is_default_results else None
 
 
-def record_path(stage: str, dataset: str = DATASET, root: Path | None = None) -> Path:
-    return (root or results_dir()) / dataset / f"{stage}.parquet"
+def record_path(stage: str, dataset: str = DATASET) -> Path:
+    return where().record_path(stage, dataset)
 
 
 def _signature(paths: list[Path]) -> tuple:
@@ -67,9 +62,9 @@ def _signature(paths: list[Path]) -> tuple:
 
 def recorded_choices(preset: Preset) -> dict[str, StageConfig]:
     """Recorded stages that can end a cascade in the explorer, by stage name: the preset's own,
-    else GPT-4 (results.GPT4_STAGE, with its list prices) and Mixtral (no price: compare it in
+    else GPT-4 (compose.tables.GPT4_STAGE, with its list prices) and Mixtral (no price: compare it in
     FLOPs, tokens or calls)."""
-    from cascade_core.results import GPT4_STAGE
+    from cascade_core.compose.tables import GPT4_STAGE
 
     own = [s for s in preset.stages if s.backend == "recorded"]
     if own:
@@ -85,9 +80,9 @@ def _local_stages(preset: Preset) -> list[StageConfig]:
 
 def _build_table(preset: Preset, recorded: StageConfig | None, root: Path, dataset: str) -> tuple[RecordTable | None, tuple[str, ...]]:
     """Records of every enabled local stage that has them, in preset order, ended by `recorded`
-    (results.load_preset_table, the loader the report uses). Returns (table or None, names of
+    (compose.tables.load_preset_table, the loader the report uses). Returns (table or None, names of
     the local stages without records)."""
-    from cascade_core.results import MissingRecordsError, load_preset_table
+    from cascade_core.compose.tables import MissingRecordsError, load_preset_table
 
     local = [s.name for s in _local_stages(preset)]
     try:
@@ -131,7 +126,7 @@ def load_table(preset: Preset, split: str = "test", recorded: StageConfig | None
     if split not in SPLIT_CHOICES:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLIT_CHOICES)}")
     root = results_dir()
-    paths = [record_path(s.name, dataset, root) for s in _local_stages(preset)]
+    paths = [record_path(s.name, dataset) for s in _local_stages(preset)]
     return _cached_table(preset.model_dump_json(), recorded.model_dump_json() if recorded else None,
                          str(root), dataset, split, _signature(paths))
 
@@ -163,7 +158,7 @@ def load_frontier(preset: Preset, split: str, recorded: StageConfig | None, rule
     """What the explorer's chart needs from the sweep, small: the Pareto frontier in `unit`, a
     sample of at most `max_points` swept policies, and how many policies there are."""
     root = results_dir()
-    paths = [record_path(s.name, dataset, root) for s in _local_stages(preset)]
+    paths = [record_path(s.name, dataset) for s in _local_stages(preset)]
     return _cached_frontier(preset.model_dump_json(), recorded.model_dump_json() if recorded else None,
                             str(root), dataset, split, _signature(paths), rule, unit, max_points)
 
@@ -206,5 +201,5 @@ def headline(preset: Preset, target: float = 0.01, dataset: str = DATASET) -> di
     """The paper's headline on the cached records: thresholds chosen on calibration for at most
     `target` accuracy loss against the largest stage, compute reduction and PD on test."""
     root = results_dir()
-    paths = [record_path(s.name, dataset, root) for s in _local_stages(preset)]
+    paths = [record_path(s.name, dataset) for s in _local_stages(preset)]
     return _cached_headline(preset.model_dump_json(), str(root), dataset, _signature(paths), target)

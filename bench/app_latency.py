@@ -81,7 +81,7 @@ def main() -> int:
         at = AppTest.from_file(str(REPO / "app.py"), default_timeout=300)
         at.query_params.update({"split": "all", **({"end": args.end} if args.end else {})})
         at.run()
-        at.switch_page("app_pages/2_Explore_thresholds.py")
+        at.switch_page("pages/2_Explore_thresholds.py")
         started = time.perf_counter()
         at.run()
         first = time.perf_counter() - started

@@ -23,14 +23,11 @@ from cascade_core import __version__
 from cascade_core.cost import flops as flop_cost
 from cascade_core.io import atomic_write_npz, atomic_write_parquet, read_parquet_checked
 from cascade_core.prompts import PROMPT_FORMAT_VERSION, format_prompt
+from cascade_core.record_schema import REQUIRED, RUNNER_COLUMNS, validate_records
 from cascade_core.signals import mc_signals, option_probabilities
 from cascade_core.types import Backend, Question
 
-RECORD_COLUMNS = [
-    "qid", "subject", "category", "split", "stage", "model_id", "answer", "prediction", "correct",
-    "p_t", "margin", "entropy", "option_probs", "prompt_tokens", "output_tokens", "flops",
-    "seconds", "model_hash", "prompt_format", "dtype", "quantization", "code_version", "created_at",
-]
+RECORD_COLUMNS = list(RUNNER_COLUMNS)  # the columns the runner writes (cascade_core.record_schema)
 
 Progress = Callable[[int, int], None]
 
@@ -67,10 +64,11 @@ class BenchPaths:
 
 
 def load_records(path: Path) -> pd.DataFrame:
-    """A stage's records, or an empty frame when it has none yet (clear error when corrupt)."""
+    """A stage's records, or an empty frame when it has none yet; a corrupt file, or one that
+    breaks the record schema, is refused naming the file and the column."""
     if not path.exists():
         return pd.DataFrame(columns=RECORD_COLUMNS)
-    return read_parquet_checked(path, required=("qid", "correct", "prediction", "p_t"))
+    return validate_records(read_parquet_checked(path, required=REQUIRED), str(path))
 
 
 def load_features(features_dir: Path) -> tuple[np.ndarray, dict[int, np.ndarray]]:

@@ -24,7 +24,19 @@ StageEvent = Callable[[str, "RuntimeStage", StageStep | None], None]
 
 
 class CascadeError(RuntimeError):
-    """The cascade could not answer: the failing stage's policy says fail, or the last stage failed."""
+    """The cascade could not answer: the failing stage's policy says fail, or the last stage failed.
+
+    `trace` holds the stages visited up to the failure; `str(err)` is the message. (`args` is
+    still `(message, trace)` for callers not yet reading `.trace`.)
+    """
+
+    def __init__(self, message: str, trace: Trace | None = None):
+        super().__init__(message, trace)
+        self.message = message
+        self.trace = trace
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass

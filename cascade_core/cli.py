@@ -1,7 +1,8 @@
-"""`python -m cascade_core ...`: route a question, fetch models, and (as they land) bench, report, serve.
+"""`python -m cascade_core ...`: route a question, fetch models, bench, train probes, report, serve.
 
-The CLI is glue: it parses arguments, builds the cascade from a preset through `models.factory`
-and prints what `cascade_core` computed. Errors the user can fix are printed as one line, exit 2.
+The CLI is glue: it parses arguments, asks the composition layer (`cascade_core.compose`) for
+folders, cascades and jobs, and prints what `cascade_core` computed. It imports nothing from
+`models/`. Errors the user can fix are printed as one line, exit 2.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cascade_core.presets import REPO_ROOT, PresetError, list_presets, load_preset
+from cascade_core.compose.locations import RESULTS_DOC, locations
+from cascade_core.presets import PresetError, list_presets, load_preset
 from cascade_core.types import Question, Trace
 
-
-DEFAULT_RESULTS_DIR = REPO_ROOT / "data" / "results"
-DEFAULT_FEATURES_DIR = REPO_ROOT / "data" / "features"
+FOLDER_HELP = "default: ${}, else {}"
 
 
 class UsageError(ValueError):
@@ -64,8 +64,8 @@ def trace_table(trace: Trace, has_probe: dict[str, bool]) -> str:
 
 def cmd_route(args: argparse.Namespace) -> int:
     from cascade_core.cascade import CascadeError, run_cascade, trace_to_dict
+    from cascade_core.compose.live import build_cascade
     from cascade_core.prompts import validate_question
-    from models.factory import build_cascade
 
     question = Question(text=args.question, options=tuple(args.options or ()), subject=args.subject or "")
     validate_question(question)
@@ -79,12 +79,12 @@ def cmd_route(args: argparse.Namespace) -> int:
     try:
         trace = run_cascade(stages, question, on_event=on_event, max_new_tokens=args.max_new_tokens)
     except CascadeError as err:
-        trace = err.args[1]
+        trace = err.trace
         if args.json:
             print(json.dumps(trace_to_dict(trace)))
         else:
             print(trace_table(trace, {s.name: s.probe is not None for s in stages}))
-        print(f"error: {err.args[0]}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(trace_to_dict(trace)))
@@ -94,7 +94,7 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
-    from models.factory import fetch_preset_models
+    from cascade_core.compose.live import fetch_preset_models
 
     preset = load_preset(args.preset)
     for name, path in fetch_preset_models(preset, include_extra=args.all):
@@ -105,12 +105,7 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from cascade_core.bench import BenchPaths, backfill_features, run_stage
-    import numpy as np
-
-    from cascade_core.datasets import load_mmlu
-    from cascade_core.split import seeded_ranks
-    from models.factory import build_backend, describe_backend
+    from cascade_core.compose.jobs import bench_configs, bench_questions, bench_stage
 
     if args.dataset != "mmlu":
         raise UsageError(f"unknown dataset {args.dataset!r}; available: mmlu")
@@ -121,17 +116,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     preset = load_preset(args.preset)
-    questions = load_mmlu(split=None if args.split == "all" else args.split, per_subject=args.per_subject)
-    # Round-robin over subjects in their seeded order: a run stopped part-way leaves records that
-    # are still a balanced per-subject sample, half calibration and half test.
-    questions = questions.iloc[np.lexsort((questions["subject"].to_numpy(), seeded_ranks(questions).to_numpy()))]
-    configs = [c for c in preset.stages + preset.extra_stages if not args.stages or c.name in args.stages]
-    for config in configs:
+    where = locations(args.results_dir, args.features_dir)
+    questions = bench_questions(args.dataset, split=args.split, per_subject=args.per_subject)
+    for config in bench_configs(preset, args.stages):
         if config.backend == "recorded":
             print(f"{config.name}: recorded stage, nothing to run")
             continue
-        paths = BenchPaths.for_stage(Path(args.results_dir), Path(args.features_dir), args.dataset, config.name)
-        backend = build_backend(config)
         bars: list = []
 
         def progress(done: int, total: int, bars=bars, name=config.name) -> None:
@@ -141,56 +131,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  smoothing=0.05))
             bars[0].update(done - bars[0].n)
 
-        size = args.batch_size or config.batch_size
+        result = bench_stage(config, questions, where, args.dataset, batch_size=args.batch_size,
+                             progress=progress, backfill=args.backfill_features)
+        for bar in bars:
+            bar.close()
         if args.backfill_features:
-            counts = backfill_features(backend, questions, paths, batch_size=size, progress=progress)
-            for bar in bars:
-                bar.close()
-            print(f"{config.name}: features for {counts['questions']} recorded questions "
-                  f"({counts['backfilled']} computed now, {counts['agree']} of them agree with the "
-                  f"recorded prediction) -> {paths.features_dir}")
+            print(f"{config.name}: features for {result['questions']} recorded questions "
+                  f"({result['backfilled']} computed now, {result['agree']} of them agree with the "
+                  f"recorded prediction) -> {where.features_dir(config.name, args.dataset)}")
         else:
-            records = run_stage(backend, config.name, questions, paths, batch_size=size,
-                                progress=progress, **describe_backend(config, backend))
-            for bar in bars:
-                bar.close()
-            print(f"{config.name}: {len(records)} records, accuracy {records['correct'].mean():.3f} -> {paths.records}")
-        del backend
+            print(f"{config.name}: {len(result)} records, accuracy {result['correct'].mean():.3f} -> "
+                  f"{where.record_path(config.name, args.dataset)}")
+        del result
     return 0
 
 
 def cmd_probes_train(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from cascade_core.bench import BenchPaths, load_features, load_records
-    from cascade_core.io import atomic_write_parquet
-    from cascade_core.probe_training import align_features, train_probe
+    from cascade_core.compose.jobs import train_probes
 
     preset = load_preset(args.preset)
-    for config in preset.stages + preset.extra_stages:
-        if args.stages and config.name not in args.stages:
-            continue
-        paths = BenchPaths.for_stage(Path(args.results_dir), Path(args.features_dir), args.dataset, config.name)
-        if config.backend == "recorded" or not paths.records.exists():
-            continue
-        records = load_records(paths.records)
-        qids, features = load_features(paths.features_dir)
-        if not features:
-            print(f"{config.name}: no hidden-state features under {paths.features_dir}; skipped")
-            continue
-        aligned = align_features(records, qids, features)
-        result = train_probe(records, aligned, model_id=str(records["model_id"].iloc[0]), seed=args.seed)
-        probe_path = config.probe_path() or Path(args.probes_dir) / f"{config.name}.npz"
-        result.probe.metadata["test_auroc"] = result.test_auroc
-        result.probe.metadata["layer_cv_auroc"] = {str(k): v for k, v in result.layer_auroc.items()}
-        result.probe.metadata["grid_cv_auroc"] = {f"{l}/{c:g}": v for (l, c), v in (result.grid_auroc or {}).items()}
-        result.probe.save(probe_path)
-        records = records.assign(
-            p_ik=result.p_ik,
-            p_ik_source=np.where(records["split"].astype(str) == "calibration", "out-of-fold", "probe"),
-        )
-        atomic_write_parquet(records, paths.records)
-        print(f"{config.name}: layer {result.probe.layer}, C {result.probe.C:g}, held-out AUROC {result.test_auroc:.3f} -> {probe_path}")
+    where = locations(args.results_dir, args.features_dir, args.probes_dir)
+    for outcome in train_probes(preset, where, args.dataset, stages=args.stages, seed=args.seed):
+        print(f"{outcome.stage}: {outcome.message}")
     return 0
 
 
@@ -198,7 +160,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from cascade_core.io import atomic_write_text
     from cascade_core.report import build_report
     from cascade_core.report_markdown import render
-    from cascade_core.results import load_report_inputs
+    from cascade_core.compose.tables import load_report_inputs
 
     inputs = load_report_inputs(args.preset, args.dataset, args.results_dir, args.features_dir)
     for stage, why in inputs["meta"]["features_missing"].items():
@@ -256,8 +218,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                       timeout_s=args.timeout_s)
         served = [args.single_stage]
     else:
+        from cascade_core.compose.live import build_cascade
         from cascade_core.server.cascade_app import create_cascade_app
-        from models.factory import build_cascade
 
         preset = load_preset(args.preset)
         recorded = [c.name for c in preset.stages if c.enabled and c.backend == "recorded"
@@ -306,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--split", choices=["all", "calibration", "test"], default="all")
     bench.add_argument("--stages", nargs="+", metavar="NAME", help="only these stages")
     bench.add_argument("--batch-size", type=int, default=None)
-    bench.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR))
-    bench.add_argument("--features-dir", default=str(DEFAULT_FEATURES_DIR))
+    bench.add_argument("--results-dir", default=None, help=FOLDER_HELP.format("CASCADE_RESULTS_DIR", "data/results"))
+    bench.add_argument("--features-dir", default=None, help=FOLDER_HELP.format("CASCADE_FEATURES_DIR", "data/features"))
     bench.add_argument("--threads", type=int, default=None, metavar="N",
                        help="CPU threads for torch (default: torch's choice; 1 is fastest when other work shares the cores)")
     bench.add_argument("--backfill-features", action="store_true",
@@ -322,18 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", default="mmlu")
     train.add_argument("--stages", nargs="+", metavar="NAME")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR))
-    train.add_argument("--features-dir", default=str(DEFAULT_FEATURES_DIR))
-    train.add_argument("--probes-dir", default=str(REPO_ROOT / "data" / "probes"))
+    train.add_argument("--results-dir", default=None, help=FOLDER_HELP.format("CASCADE_RESULTS_DIR", "data/results"))
+    train.add_argument("--features-dir", default=None, help=FOLDER_HELP.format("CASCADE_FEATURES_DIR", "data/features"))
+    train.add_argument("--probes-dir", default=None, help="for stages whose preset names no probe file; "
+                       + FOLDER_HELP.format("CASCADE_PROBES_DIR", "data/probes"))
     train.set_defaults(func=cmd_probes_train)
 
     report = sub.add_parser("report", help="the paper's experiment on the records -> docs/RESULTS.md")
     report.add_argument("--preset", default="default")
     report.add_argument("--dataset", default="mmlu")
     report.add_argument("--json", action="store_true", help="also print every number as JSON")
-    report.add_argument("--out", default=str(REPO_ROOT / "docs" / "RESULTS.md"), help="'' to skip the file")
-    report.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR))
-    report.add_argument("--features-dir", default=str(DEFAULT_FEATURES_DIR))
+    report.add_argument("--out", default=str(RESULTS_DOC), help="'' to skip the file")
+    report.add_argument("--results-dir", default=None, help=FOLDER_HELP.format("CASCADE_RESULTS_DIR", "data/results"))
+    report.add_argument("--features-dir", default=None, help=FOLDER_HELP.format("CASCADE_FEATURES_DIR", "data/features"))
     report.add_argument("--quiet", action="store_true")
     report.set_defaults(func=cmd_report)
 

@@ -2,7 +2,10 @@
 
 A preset is the one place a user describes a cascade (which models, where they run, what they
 cost, their thresholds). Validation happens here, once, so that every error names the file and the
-key instead of surfacing later as a model-loading traceback.
+key instead of surfacing later as a model-loading traceback. Numbers and booleans are strict:
+`tau_t = "0.5"` or `enabled = "yes"` is a type error, not a silent conversion. Files a stage
+names (probe, combiner) are checked by `Preset.check_files` / `check_stage_files`, which the
+live cascade runs before loading any model (`load_preset(..., check_files=True)` runs it at load).
 """
 
 from __future__ import annotations
@@ -10,12 +13,13 @@ from __future__ import annotations
 import math
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from cascade_core.compose.locations import REPO_ROOT
 
 PRESET_DIR = Path(__file__).parent / "presets"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 BackendKind = Literal["packaged", "hf", "openai", "recorded"]
 Rule = Literal["both", "pt_only", "pik_only", "learned"]
@@ -44,28 +48,29 @@ class StageConfig(BaseModel):
     quantization: Literal["auto", "none", "nf4", "int8"] = "auto"
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    chat_template: bool = False
-    batch_size: int = Field(default=8, ge=1, le=1024)
+    chat_template: bool = Field(default=False, strict=True)
+    batch_size: int = Field(default=8, ge=1, le=1024, strict=True)
     # Dollars per million tokens; local stages usually leave them at 0 and are costed in FLOPs.
-    price_in: float = Field(default=0.0, ge=0.0)
-    price_out: float = Field(default=0.0, ge=0.0)
+    price_in: float = Field(default=0.0, ge=0.0, strict=True)
+    price_out: float = Field(default=0.0, ge=0.0, strict=True)
     # OpenAI-compatible stages.
     api_base: str | None = None
     api_key_env: str | None = None
     api_mode: Literal["chat", "completions"] = "chat"
-    timeout_s: float = Field(default=30.0, gt=0.0)
-    max_retries: int = Field(default=2, ge=0, le=10)
-    concurrency: int = Field(default=4, ge=1, le=256)
+    timeout_s: float = Field(default=30.0, gt=0.0, strict=True)
+    max_retries: int = Field(default=2, ge=0, le=10, strict=True)
+    concurrency: int = Field(default=4, ge=1, le=256, strict=True)
     on_error: Literal["escalate", "fail"] = "escalate"
     # Routing.
-    tau_t: float = 0.0
-    tau_ik: float = 0.0
-    tau_learned: float = 0.5
+    tau_t: float = Field(default=0.0, strict=True)
+    tau_ik: float = Field(default=0.0, strict=True)
+    tau_learned: float = Field(default=0.5, strict=True)
     rule: Rule = "both"
     probe: str | None = None
-    probe_layer: int | None = None
+    probe_optional: bool = Field(default=False, strict=True)  # a missing probe file routes on P(T) alone
+    probe_layer: int | None = Field(default=None, strict=True)
     combiner: str | None = None  # JSON of a LearnedCombiner (policy.LearnedCombiner.to_dict), rule "learned"
-    enabled: bool = True
+    enabled: bool = Field(default=True, strict=True)
 
     @field_validator("tau_t", "tau_ik", "tau_learned")
     @classmethod
@@ -96,6 +101,20 @@ class StageConfig(BaseModel):
         return _repo_path(self.combiner)
 
 
+def check_stage_files(config: StageConfig, source: str = "", key: str = "") -> None:
+    """Refuse a stage whose probe file is missing (unless `probe_optional`) or whose combiner file
+    is missing; the message names the preset file, the key and the file."""
+    where = f"preset {source}: " if source else ""
+    key = key or f"stage {config.name!r}"
+    probe = config.probe_path()
+    if probe is not None and not config.probe_optional and not probe.is_file():
+        raise PresetError(f"{where}{key}.probe: probe file not found: {probe} (train it with `python -m "
+                          f"cascade_core probes train`, or set probe_optional = true to route on P(T) alone)")
+    combiner = config.combiner_path()
+    if combiner is not None and not combiner.is_file():
+        raise PresetError(f"{where}{key}.combiner: combiner file not found: {combiner}")
+
+
 class Preset(BaseModel):
     """An ordered cascade of stages; the last enabled stage always answers."""
 
@@ -103,9 +122,10 @@ class Preset(BaseModel):
 
     name: str = Field(min_length=1)
     description: str = ""
-    needs_network: bool = False
     stages: tuple[StageConfig, ...] = Field(min_length=1)
     extra_stages: tuple[StageConfig, ...] = ()
+    needs_network: bool = Field(default=False, strict=True)
+    _source: str = PrivateAttr(default="")
 
     @model_validator(mode="after")
     def _stages_consistent(self) -> "Preset":
@@ -121,6 +141,18 @@ class Preset(BaseModel):
                     f"stage {stage.name!r} is recorded (no probabilities): it can only be the last stage"
                 )
         return self
+
+    @property
+    def source(self) -> str:
+        """The file the preset was loaded from ("" for a preset built from a dict)."""
+        return self._source
+
+    def check_files(self, only: Sequence[str] | None = None) -> None:
+        """`check_stage_files` for every stage (or the ones named in `only`), naming the key."""
+        for group in ("stages", "extra_stages"):
+            for i, config in enumerate(getattr(self, group)):
+                if (only and config.name in only) or (not only and group == "stages"):
+                    check_stage_files(config, self.source or self.name, f"{group}.{i}")
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages + self.extra_stages:
@@ -143,9 +175,11 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 def parse_preset(data: dict, source: str = "<dict>") -> Preset:
     """Validate a preset given as a dict (parsed TOML); errors name `source` and the key."""
     try:
-        return Preset.model_validate(data)
+        preset = Preset.model_validate(data)
     except ValidationError as err:
         raise PresetError(_format_validation_error(err, source)) from None
+    preset._source = source
+    return preset
 
 
 def preset_path(name_or_path: str | Path) -> Path:
@@ -163,14 +197,18 @@ def preset_path(name_or_path: str | Path) -> Path:
     return path
 
 
-def load_preset(name_or_path: str | Path) -> Preset:
-    """Load and validate a preset by name or path."""
+def load_preset(name_or_path: str | Path, check_files: bool = False) -> Preset:
+    """Load and validate a preset by name or path; `check_files` also refuses missing probe and
+    combiner files of its stages (what a live cascade needs)."""
     path = preset_path(name_or_path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise PresetError(f"invalid preset {path}: not valid TOML ({err})") from None
-    return parse_preset(data, str(path))
+    preset = parse_preset(data, str(path))
+    if check_files:
+        preset.check_files()
+    return preset
 
 
 def list_presets() -> list[str]:

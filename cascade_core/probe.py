@@ -225,7 +225,9 @@ class PIKProbe:
                 arrays = {k: data[k] for k in ("coef", "intercept", "mean", "scale", "metadata_json")}
             meta = json.loads(str(arrays["metadata_json"]))
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as err:
-            raise CorruptFileError(f"cannot read probe file {path}: {type(err).__name__}: {err}") from None
+            # Random bytes make numpy guess "pickled data"; say what the file is not, then why.
+            why = "not an .npz archive" if not zipfile.is_zipfile(path) else f"{type(err).__name__}: {err}"
+            raise CorruptFileError(f"{path} is not a probe file ({why})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise CorruptFileError(f"{path} is not a P(IK) probe file (format tag missing)")
         if meta.get("format_version") != FORMAT_VERSION:

@@ -17,8 +17,9 @@ import pandas as pd
 
 from cascade_core.cost import COST_UNITS, check_unit
 from cascade_core.cost import dollars as dollar_cost
+from cascade_core.record_schema import TABLE_FLOATS, TABLE_REQUIRED, TABLE_REQUIRED_RECORDED
 
-_FLOAT_FIELDS = ("p_t", "p_ik", "margin", "entropy", "prompt_tokens", "output_tokens", "flops", "seconds", "dollars")
+_FLOAT_FIELDS = TABLE_FLOATS
 
 
 @dataclass(frozen=True, eq=False)
@@ -231,9 +232,7 @@ class RecordTable:
         if recorded is None:
             recorded = [bool("recorded" in f.columns and len(f) and f["recorded"].astype(bool).all()) for f in frames]
         for i, frame in enumerate(frames):
-            required = ["qid", "correct", "prompt_tokens"]
-            if not recorded[i]:
-                required += ["prediction", "p_t", "flops", "seconds"]
+            required = TABLE_REQUIRED_RECORDED if recorded[i] else TABLE_REQUIRED
             missing = [c for c in required if c not in frame.columns]
             if missing:
                 raise ValueError(f"records of stage {names[i]!r} lack column(s) {missing}")

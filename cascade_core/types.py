@@ -7,12 +7,16 @@ contract here lets `cascade_core` run, test and replay without importing any mod
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MAX_OPTIONS = len(OPTION_LETTERS)
+
+# What a stage did with a question: kept its answer, passed it on, answered as the last stage,
+# or failed (the cascade then escalates past it unless the stage says on_error = "fail").
+Decision = Literal["keep", "escalate", "final", "error"]
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ class StageStep:
     p_ik: float = float("nan")  # NaN when the stage has no probe or no hidden states
     margin: float = float("nan")
     entropy: float = float("nan")
-    decision: str = "escalate"  # "keep" | "escalate" | "final" | "error" | "skipped"
+    decision: Decision = "escalate"
     reason: str = ""
     prompt_tokens: int = 0
     output_tokens: int = 0

@@ -16,7 +16,8 @@ import pandas as pd
 
 from cascade_core.calibration import auroc, expected_calibration_error, reliability_curve
 from cascade_core.frontier import accuracy_difference, random_routing
-from cascade_core.policy import CascadePolicy, StagePolicy
+from cascade_core.policy import CascadePolicy, StagePolicy, keep_mask
+from cascade_core.record_schema import TABLE_FLOATS
 from cascade_core.records import RecordTable
 from cascade_core.replay import ReplayResult
 from cascade_core.stats import accuracy_ci, mcnemar_exact
@@ -91,6 +92,30 @@ def policy_from_settings(names: Sequence[str], settings: Mapping[str, StageSetti
     """One StagePolicy per table stage, in table order (ValueError when every stage is off)."""
     return CascadePolicy(tuple(StagePolicy(tau_t=settings[n].tau_t, tau_ik=settings[n].tau_ik, rule=rule,
                                            enabled=settings[n].enabled) for n in names))
+
+
+# -- which threshold decides (the Route page's gauges) --------------------------------------------
+def thresholds_applied(policy: StagePolicy, p_t: float, p_ik: float, margin: float = float("nan"),
+                       entropy: float = float("nan")) -> dict[str, bool]:
+    """Whether τ_T and τ_IK take part in this stage's decision on this question, asked of
+    `policy.keep_mask` itself (so every rule, `learned` and any new one, is answered alike).
+
+    A threshold takes part when moving its signal from just below it to on it can change the
+    decision, the other signal set to pass its own threshold (and P(IK) kept missing where it is
+    missing: a missing P(IK) routes on P(T) alone). τ_IK never applies without a P(IK).
+    """
+    def decides(signal: str) -> bool:
+        tau = policy.tau_t if signal == "p_t" else policy.tau_ik
+        values = {"p_t": max(1.0, policy.tau_t), "p_ik": p_ik if math.isnan(p_ik) else max(1.0, policy.tau_ik),
+                  "margin": margin, "entropy": entropy}
+        both = []
+        for x in (np.nextafter(tau, -np.inf), tau):
+            values[signal] = x
+            both.append(bool(keep_mask(policy, [values["p_t"]], [values["p_ik"]], [values["margin"]],
+                                       [values["entropy"]])[0]))
+        return both[0] != both[1]
+
+    return {"tau_t": decides("p_t"), "tau_ik": not math.isnan(p_ik) and decides("p_ik")}
 
 
 # -- the operating point ----------------------------------------------------------------------------
@@ -202,8 +227,7 @@ def record_frames(table: RecordTable, qids: Sequence[str] | None = None, splits:
         frame = pd.DataFrame({
             "qid": qids, "subject": table.subjects, "split": splits, "stage": name, "model_id": table.model_ids[s],
             "prediction": table.prediction[s], "correct": table.correct[s],
-            **{k: getattr(table, k)[s] for k in ("p_t", "p_ik", "margin", "entropy", "prompt_tokens",
-                                                 "output_tokens", "flops", "seconds", "dollars")},
+            **{k: getattr(table, k)[s] for k in TABLE_FLOATS},
         })
         if not table.has_hidden[s]:
             frame = frame.drop(columns="p_ik")
@@ -214,4 +238,5 @@ def record_frames(table: RecordTable, qids: Sequence[str] | None = None, splits:
 __all__ = [
     "UNIT_LABELS", "OperatingPoint", "StageSetting", "operating_point", "per_subject_accuracy", "policy_from_settings",
     "random_routing_curve", "record_frames", "reliability", "settings_from_params", "settings_to_params", "stage_summary",
+    "thresholds_applied",
 ]

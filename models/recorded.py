@@ -17,17 +17,20 @@ any probability. So:
   measurement and must not be shown as one (check `recorded`).
 - Questions outside the recording (not MMLU, or an edited MMLU question) raise
   `NotRecordedError`, and `generate` always does: there is no free-form recording.
+
+The backend is handed its data (the outcomes table and, for `score_options`, the prompts of the
+recorded questions) by the composition layer (`cascade_core.compose.live.recorded_backend`),
+so this module imports only the shared types. `RECORDED_MODELS` is the one table of recorded
+models; the record loader reads it too.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
+import pandas as pd
 
-from cascade_core.datasets import RECORDED_PATH, load_mmlu, load_recorded_outcomes, to_questions
-from cascade_core.prompts import format_prompt
 from cascade_core.types import Generation, OptionScores
 
 # Mixtral-8x7B (hidden 4096, 32 layers, 8 experts of which 2 run per token, FFN 14336, 8 KV
@@ -52,6 +55,20 @@ ALIASES = {
 }
 
 
+def canonical_name(model: str) -> str:
+    """'gpt-4', 'mixtral', ... -> the recording's model name; ValueError for an unknown one."""
+    name = ALIASES.get(str(model).strip().lower(), str(model).strip().lower())
+    if name not in RECORDED_MODELS:
+        raise ValueError(f"no recording for model {model!r}; recorded: {', '.join(RECORDED_MODELS)}")
+    return name
+
+
+# The recording's answer is one greedy token (the letter).
+OUTPUT_TOKENS = 1
+
+PromptSource = Callable[[], Iterable[tuple[str, str, int]]]  # -> (prompt, qid, right option index)
+
+
 class NotRecordedError(LookupError):
     """The recording has no answer for this question."""
 
@@ -65,22 +82,23 @@ class RecordedBackend:
     recorded = True
     has_hidden_states = False
 
-    def __init__(self, model: str = "gpt-4-1106-preview", price_in: float = 0.0, price_out: float = 0.0,
-                 path: Path | str = RECORDED_PATH):
-        name = ALIASES.get(str(model).strip().lower(), str(model).strip().lower())
-        if name not in RECORDED_MODELS:
-            raise ValueError(f"no recording for model {model!r}; recorded: {', '.join(RECORDED_MODELS)}")
+    def __init__(self, model: str, outcomes: pd.DataFrame, prompts: PromptSource | None = None,
+                 price_in: float = 0.0, price_out: float = 0.0):
+        """`outcomes`: the recording (qid + each model's correctness and token columns);
+        `prompts`: called once, on the first `score_options`, for (prompt, qid, right option)
+        of the recorded questions."""
+        name = canonical_name(model)
         if price_in < 0 or price_out < 0:
             raise ValueError("prices must be >= 0 (dollars per million tokens)")
         correct_column, tokens_column, total, non_embedding = RECORDED_MODELS[name]
         self.model_id = name
         self.price_in, self.price_out = float(price_in), float(price_out)
         self.total_params, self.non_embedding_params = total, non_embedding
-        table = load_recorded_outcomes(path)
         self._outcomes = {
             qid: (bool(correct), int(tokens))
-            for qid, correct, tokens in zip(table["qid"], table[correct_column], table[tokens_column])
+            for qid, correct, tokens in zip(outcomes["qid"], outcomes[correct_column], outcomes[tokens_column])
         }
+        self._prompts = prompts
         self._by_prompt: dict[str, list[tuple[str, int]]] | None = None
 
     def __repr__(self) -> str:
@@ -104,10 +122,13 @@ class RecordedBackend:
     def _prompt_index(self) -> dict[str, list[tuple[str, int]]]:
         """prompt text -> [(qid, right option)], built once from the MMLU questions recorded."""
         if self._by_prompt is None:
+            if self._prompts is None:
+                raise NotRecordedError(f"the recorded stage {self.model_id!r} was built without the recorded "
+                                       "questions' prompts; use answer(qid)")
             index: dict[str, list[tuple[str, int]]] = {}
-            for q in to_questions(load_mmlu()):
-                if q.qid in self._outcomes:
-                    index.setdefault(format_prompt(q), []).append((q.qid, int(q.answer)))
+            for prompt, qid, right in self._prompts():
+                if qid in self._outcomes:
+                    index.setdefault(prompt, []).append((qid, int(right)))
             self._by_prompt = index
         return self._by_prompt
 

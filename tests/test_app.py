@@ -24,8 +24,8 @@ from cascade_core.selection import evaluate_on, select_policy
 from cascade_core.ui_data import StageSetting
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
-ROUTE, EXPLORE, BENCH, SETTINGS = ("app_pages/1_Route_a_question.py", "app_pages/2_Explore_thresholds.py",
-                                   "app_pages/3_Benchmarks.py", "app_pages/4_Settings.py")
+ROUTE, EXPLORE, BENCH, SETTINGS = ("pages/1_Route_a_question.py", "pages/2_Explore_thresholds.py",
+                                   "pages/3_Benchmarks.py", "pages/4_Settings.py")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_explorer_works_with_the_stages_that_have_records(monkeypatch, tmp_path,
     app.query_params.update({"end": end})
     at = open_page(app, EXPLORE)
     assert f"No records yet for {', '.join(STAGES[n_stages:])}" in texts(at.warning)
-    from cascade_core.results import GPT4_STAGE, load_preset_table
+    from cascade_core.compose.tables import GPT4_STAGE, load_preset_table
 
     expected = load_preset_table("default", results_dir=tmp_path / "results", skip_missing=True, split="test",
                                  include_recorded=GPT4_STAGE if end != "(none)" else False)

@@ -107,7 +107,7 @@ def test_learned_combiner_is_read_into_the_policy(tmp_path):
     import numpy as np
 
     from cascade_core.policy import fit_combiner
-    from models.factory import stage_policy
+    from cascade_core.compose.live import stage_policy
 
     rng = np.random.default_rng(0)
     p_t = rng.uniform(0.25, 1, 400)

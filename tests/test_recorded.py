@@ -7,7 +7,8 @@ from cascade_core.datasets import RECORDED_PATH, load_mmlu, load_recorded_outcom
 from cascade_core.prompts import format_prompt
 from cascade_core.signals import mc_signals
 from cascade_core.types import Backend, Question
-from models.recorded import MIXTRAL_ACTIVE_NON_EMBEDDING, MIXTRAL_TOTAL, NotRecordedError, RecordedBackend
+from cascade_core.compose.live import recorded_backend
+from models.recorded import MIXTRAL_ACTIVE_NON_EMBEDDING, MIXTRAL_TOTAL, NotRecordedError
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def recorded():
 
 @pytest.fixture(scope="module")
 def gpt4():
-    return RecordedBackend("gpt-4-1106-preview", price_in=10.0, price_out=30.0)
+    return recorded_backend("gpt-4-1106-preview", price_in=10.0, price_out=30.0)
 
 
 def test_every_mmlu_question_has_one_recorded_outcome(recorded):
@@ -47,17 +48,17 @@ def test_backend_shape(gpt4):
     assert gpt4.recorded is True and gpt4.has_hidden_states is False
     assert gpt4.model_id == "gpt-4-1106-preview" and (gpt4.price_in, gpt4.price_out) == (10.0, 30.0)
     assert gpt4.non_embedding_params == 0  # GPT-4's size is not public: no FLOPs
-    mixtral = RecordedBackend("mistralai/Mixtral-8x7B-Instruct-v0.1")
+    mixtral = recorded_backend("mistralai/Mixtral-8x7B-Instruct-v0.1")
     assert mixtral.model_id == "mixtral-8x7b-instruct"
     assert round(MIXTRAL_TOTAL / 1e9, 1) == 46.7 and round(MIXTRAL_ACTIVE_NON_EMBEDDING / 1e9, 1) == 12.6
     with pytest.raises(ValueError, match="no recording for model 'gpt-5'"):
-        RecordedBackend("gpt-5")
+        recorded_backend("gpt-5")
     with pytest.raises(ValueError, match="prices must be >= 0"):
-        RecordedBackend("gpt-4", price_in=-1)
+        recorded_backend("gpt-4", price_in=-1)
 
 
 def test_answer_replays_the_recording(gpt4, recorded):
-    mixtral = RecordedBackend("mixtral-8x7b-instruct")
+    mixtral = recorded_backend("mixtral-8x7b-instruct")
     for row in recorded.sample(50, random_state=0).itertuples():
         assert gpt4.answer(row.qid) == (bool(row.gpt4_correct), int(row.gpt4_prompt_tokens))
         assert mixtral.answer(row.qid) == (bool(row.mixtral_correct), int(row.mixtral_prompt_tokens))
@@ -109,7 +110,8 @@ def test_recorded_file_is_small():
 
 
 def test_live_cascade_uses_the_recording_as_last_stage(gpt4, recorded):
-    cascade = pytest.importorskip("cascade_core.cascade", reason="the live cascade's modules are not all in yet")
+    from cascade_core import cascade
+
     q = to_questions(load_mmlu(subjects="virology").head(1))[0]
     trace = cascade.run_cascade([cascade.RuntimeStage(name="gpt-4", backend=gpt4)], q)
     (step,) = trace.steps

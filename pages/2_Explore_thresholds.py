@@ -87,7 +87,7 @@ if loaded.table is None:
     st.info(f"No benchmark records yet for the stages of preset **{preset.name}** in "
             f"`{data.results_dir() / data.DATASET}`. Run `make bench` (or the Benchmarks page) first; "
             "this page replays those records.")
-    st.page_link("app_pages/3_Benchmarks.py", label="Benchmarks", icon=":material/bar_chart:")
+    st.page_link("pages/3_Benchmarks.py", label="Benchmarks", icon=":material/bar_chart:")
     st.stop()
 table = loaded.table
 if loaded.missing:

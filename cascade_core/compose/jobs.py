@@ -1,0 +1,107 @@
+"""The offline jobs: benchmark a preset's stages, train their probes and write P(IK) back.
+
+The CLI and the app's Benchmarks page call these, so a benchmark started from either writes the
+same files in the same places (`locations`). They wire, they do not compute: the runner is
+`bench.run_stage`, the probe `probe_training.train_probe`, the columns `record_schema`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cascade_core.bench import BenchPaths, backfill_features, load_features, load_records, run_stage
+from cascade_core.compose.live import build_backend, describe_backend
+from cascade_core.compose.locations import Locations
+from cascade_core.io import atomic_write_parquet
+from cascade_core.presets import Preset, StageConfig
+from cascade_core.record_schema import validate_records
+
+Progress = Callable[[int, int], None]
+
+
+def bench_questions(dataset: str = "mmlu", split: str | None = None, per_subject: int | None = None,
+                    subjects: Sequence[str] | None = None) -> pd.DataFrame:
+    """The questions a benchmark runs, round-robin over subjects in their seeded order, so a run
+    stopped part-way leaves a balanced per-subject sample, half calibration and half test."""
+    from cascade_core.datasets import load_mmlu
+    from cascade_core.split import seeded_ranks
+
+    if dataset != "mmlu":
+        raise ValueError(f"unknown dataset {dataset!r}; available: mmlu")
+    questions = load_mmlu(split=None if split in (None, "all") else split, per_subject=per_subject, subjects=subjects)
+    return questions.iloc[np.lexsort((questions["subject"].to_numpy(), seeded_ranks(questions).to_numpy()))]
+
+
+def stage_paths(where: Locations, config: StageConfig, dataset: str = "mmlu") -> BenchPaths:
+    return BenchPaths(where.record_path(config.name, dataset), where.features_dir(config.name, dataset))
+
+
+def bench_stage(config: StageConfig, questions: pd.DataFrame, where: Locations, dataset: str = "mmlu",
+                backend=None, batch_size: int | None = None, progress: Progress | None = None,
+                backfill: bool = False):
+    """One stage over `questions` (resumable): its records, or with `backfill` only the missing
+    hidden-state features (returns `bench.backfill_features`'s counts)."""
+    if config.backend == "recorded":
+        raise ValueError(f"stage {config.name!r} replays recorded outcomes: there is nothing to run")
+    backend = backend or build_backend(config)
+    paths = stage_paths(where, config, dataset)
+    size = batch_size or config.batch_size
+    if backfill:
+        return backfill_features(backend, questions, paths, batch_size=size, progress=progress)
+    return run_stage(backend, config.name, questions, paths, batch_size=size, progress=progress,
+                     **describe_backend(config, backend))
+
+
+def bench_configs(preset: Preset, stages: Sequence[str] | None = None) -> list[StageConfig]:
+    """The preset's stages and extra stages a benchmark runs (all, or the ones named)."""
+    return [c for c in preset.stages + preset.extra_stages if not stages or c.name in stages]
+
+
+@dataclass(frozen=True)
+class ProbeOutcome:
+    """What training one stage's probe did (for the CLI's one line per stage)."""
+
+    stage: str
+    trained: bool
+    message: str
+
+
+def with_p_ik(records: pd.DataFrame, p_ik: np.ndarray, source: str) -> pd.DataFrame:
+    """The records with the probe's P(IK) (out-of-fold on the calibration split), schema-checked."""
+    out = records.assign(
+        p_ik=p_ik,
+        p_ik_source=np.where(records["split"].astype(str) == "calibration", "out-of-fold", "probe"),
+    )
+    return validate_records(out, source)
+
+
+def train_probes(preset: Preset, where: Locations, dataset: str = "mmlu", stages: Sequence[str] | None = None,
+                 seed: int = 0) -> Iterator[ProbeOutcome]:
+    """Train each local stage's probe on its calibration records, save it, write P(IK) back."""
+    from cascade_core.probe_training import align_features, train_probe
+
+    for config in preset.stages + preset.extra_stages:
+        if stages and config.name not in stages:
+            continue
+        paths = stage_paths(where, config, dataset)
+        if config.backend == "recorded" or not paths.records.exists():
+            continue
+        records = load_records(paths.records)
+        qids, features = load_features(paths.features_dir)
+        if not features:
+            yield ProbeOutcome(config.name, False, f"no hidden-state features under {paths.features_dir}; skipped")
+            continue
+        aligned = align_features(records, qids, features)
+        result = train_probe(records, aligned, model_id=str(records["model_id"].iloc[0]), seed=seed)
+        probe_path = where.probe_path(config)
+        result.probe.metadata["test_auroc"] = result.test_auroc
+        result.probe.metadata["layer_cv_auroc"] = {str(k): v for k, v in result.layer_auroc.items()}
+        result.probe.metadata["grid_cv_auroc"] = {f"{l}/{c:g}": v for (l, c), v in (result.grid_auroc or {}).items()}
+        result.probe.save(probe_path)
+        atomic_write_parquet(with_p_ik(records, result.p_ik, str(paths.records)), paths.records)
+        yield ProbeOutcome(config.name, True, f"layer {result.probe.layer}, C {result.probe.C:g}, "
+                                              f"held-out AUROC {result.test_auroc:.3f} -> {probe_path}")
