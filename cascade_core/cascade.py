@@ -6,6 +6,7 @@ offline replay, so a policy gives the same answers live and replayed on the same
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,10 @@ class CascadeError(RuntimeError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class CascadeCancelled(CascadeError):
+    """The request was cancelled (client gone, deadline passed); the trace holds what ran."""
 
 
 @dataclass
@@ -83,13 +88,45 @@ def _score_multiple_choice(stage: RuntimeStage, question: Question, step: StageS
         step.p_ik = float(stage.probe.p_ik(features[None, :])[0])
 
 
-def _score_free_form(stage: RuntimeStage, question: Question, step: StageStep, max_new_tokens: int) -> None:
-    """Free-form answers route on P(T) from token probabilities (geometric mean) alone."""
-    generation = stage.backend.generate(format_prompt(question), max_new_tokens=max_new_tokens)
+class EmptyAnswer(ValueError):
+    """A free-form answer with no text (empty, whitespace, or only the end-of-turn token)."""
+
+
+class _StageCancelled(Exception):
+    """The stage's generation stopped because the request was cancelled."""
+
+
+def _generate(backend, prompt: str, max_new_tokens: int, cancel, on_text):
+    """`backend.generate`, handing it the cancel flag and the text callback where it takes them."""
+    try:
+        params = inspect.signature(backend.generate).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {}
+    if cancel is not None and ("cancel" in params or takes_any):
+        kwargs["cancel"] = cancel
+    if on_text is not None and ("on_text" in params or takes_any):
+        kwargs["on_text"] = on_text
+    return backend.generate(prompt, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def _score_free_form(stage: RuntimeStage, question: Question, step: StageStep, max_new_tokens: int,
+                     cancel=None, on_text=None) -> None:
+    """Free-form answers route on P(T) from token probabilities (geometric mean) alone.
+
+    An answer with no visible text gets P(T) = 0: it is never kept (`run_cascade`)."""
+    generation = _generate(stage.backend, format_prompt(question), max_new_tokens, cancel, on_text)
     step.answer = generation.text
+    step.prompt_tokens, step.output_tokens = generation.prompt_tokens, generation.output_tokens
+    step.token_logprobs = [[str(t), float(lp)] for t, lp in zip(generation.tokens, generation.token_logprobs)]
+    if getattr(generation, "finish_reason", "") == "cancelled":
+        raise _StageCancelled()
+    if not (generation.text or "").strip():
+        step.p_t = 0.0
+        return
     step.p_t, _minimum = freeform_signals(generation.token_logprobs)
     step.p_t = float(step.p_t)
-    step.prompt_tokens, step.output_tokens = generation.prompt_tokens, generation.output_tokens
 
 
 def _cost(stage: RuntimeStage, step: StageStep) -> None:
@@ -113,11 +150,18 @@ def run_cascade(
     question: Question,
     on_event: StageEvent | None = None,
     max_new_tokens: int = 64,
+    *,
+    cancel=None,
+    on_text: Callable[[str], None] | None = None,
 ) -> Trace:
     """Run `question` through `stages` in order; the trace lists every stage visited.
 
     A failing stage becomes an error row; the cascade escalates past it unless the stage says
     `on_error = "fail"` or it is the last stage, in which case `CascadeError` carries the trace.
+    An empty free-form answer is never kept: an earlier stage escalates ("empty answer"), the
+    last stage fails. `cancel` (anything with `is_set()`) is checked before every stage and,
+    by backends that take it, at every decoding step: once set, `CascadeCancelled` is raised.
+    `on_text(delta)` streams the last stage's free-form answer as it is generated.
     """
     enabled = [i for i, s in enumerate(stages) if s.policy.enabled]
     if not enabled:
@@ -131,6 +175,8 @@ def run_cascade(
     trace = Trace(question=question, steps=[])
     for i in enabled:
         stage = stages[i]
+        if cancel is not None and cancel.is_set():
+            raise CascadeCancelled("the request was cancelled", trace)
         step = StageStep(stage=stage.name, model_id=stage.backend.model_id)
         if on_event:
             on_event("start", stage, None)
@@ -139,14 +185,25 @@ def run_cascade(
             if question.is_multiple_choice:
                 _score_multiple_choice(stage, question, step)
             else:
-                _score_free_form(stage, question, step, max_new_tokens)
+                _score_free_form(stage, question, step, max_new_tokens, cancel, on_text if i == last else None)
             _cost(stage, step)
             step.seconds = time.perf_counter() - started
-            _decide(stage, step, is_last=i == last)
+            if not question.is_multiple_choice and not (step.answer or "").strip():
+                if i == last:
+                    raise EmptyAnswer("empty answer (only whitespace or the end-of-turn token)")
+                step.decision, step.reason = "escalate", "empty answer"
+            else:
+                _decide(stage, step, is_last=i == last)
+        except _StageCancelled:
+            _cost(stage, step)
+            step.seconds = time.perf_counter() - started
+            step.decision, step.reason, step.error = "error", "cancelled", "the request was cancelled"
+            trace.steps.append(step)
+            raise CascadeCancelled("the request was cancelled", trace) from None
         except Exception as err:  # noqa: BLE001 - a stage failure is data for the trace
             step.seconds = time.perf_counter() - started
             step.decision, step.error = "error", f"{type(err).__name__}: {err}"
-            step.reason = "stage failed"
+            step.reason = "empty answer" if isinstance(err, EmptyAnswer) else "stage failed"
             trace.steps.append(step)
             if on_event:
                 on_event("error", stage, step)

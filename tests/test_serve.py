@@ -180,7 +180,8 @@ def test_the_stock_openai_client_reads_answer_and_trace(server):
     ({"messages": [{"role": "user", "content": "x" * 30_000}]}, 413, "over the limit of 20000 bytes"),
     ({"messages": [{"role": "user", "content": "x" * 3_000}]}, 400, "over the prompt limit of 2000"),
     ({"messages": [{"role": "user", "content": "Q?"}], "model": "gpt-4o"}, 404, "not served here"),
-    ({"messages": [{"role": "user", "content": "Q?"}], "stream": True}, 400, "stream"),
+    ({"messages": [{"role": "user", "content": "Q?"}], "stream_options": {"include_usage": True}}, 400,
+     "only allowed with stream=true"),
     ({"messages": [{"role": "system", "content": "Be brief."}]}, 400, "no user message"),
     ({"messages": [{"role": "user", "content": "Q?"}], "max_tokens": 0}, 400, "max_tokens"),
 ])
@@ -315,7 +316,7 @@ class SlowEngine:
     def chat_prompt(self, messages):
         return messages[-1]["content"], False
 
-    def complete(self, prompt_ids, max_tokens, top_k=0, stop=()):
+    def complete(self, prompt_ids, max_tokens, top_k=0, stop=(), **_kwargs):
         self.release.wait(timeout=30)
         token = SimpleNamespace(token=" A", logprob=-0.1, top=[(" A", -0.1)])
         return SimpleNamespace(text=" A", tokens=[token], prompt_tokens=3, finish_reason="length")
@@ -355,3 +356,78 @@ def test_metrics_after_requests(server):
     assert latency["count"] == metrics["requests"]["by_status"]["200"]
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"]
     assert set(metrics["queues"]) == set(server.client.get("/health").json()["models"])
+
+
+# ---- streaming and cancellation ---------------------------------------------------------------
+
+COUNTING = "Write the numbers from 1 to 300, separated by commas."  # SmolLM2 runs to max_tokens on it
+
+
+def test_the_stock_openai_client_streams_a_kept_answer_and_the_trace(server):
+    import openai
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    chunks = list(client.chat.completions.create(model="cascade-remote-first", stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 messages=[{"role": "user", "content": MC_MESSAGE}]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.prompt_tokens > 0  # include_usage: the usage chunk comes last
+    trace = last.model_extra["cascade"]  # the trace rides in the final chunk
+    assert trace["path"] == ["remote-keeps:keep"]
+    step = trace["steps"][0]
+    assert text == f"{step['answer']}. {trace['question']['options'][step['answer_index']]}"
+
+
+def test_the_last_stage_streams_its_tokens_as_they_are_generated(server):
+    import openai
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    stream = client.chat.completions.create(model="local", stream=True, max_tokens=12,
+                                            messages=[{"role": "user", "content": COUNTING}])
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 5  # token by token, not one block at the end
+    final = server.client.post("/v1/chat/completions", json={
+        "model": "local", "max_tokens": 12, "messages": [{"role": "user", "content": COUNTING}]}).json()
+    assert "".join(pieces) == final["choices"][0]["message"]["content"] == final["cascade"]["answer"]
+    if hasattr(client.chat.completions, "stream"):  # the helper of newer clients
+        with client.chat.completions.stream(model="local", max_tokens=12,
+                                            messages=[{"role": "user", "content": COUNTING}]) as helper:
+            for _event in helper:
+                pass
+            done = helper.get_final_completion()
+        assert done.choices[0].message.content == "".join(pieces)
+
+
+def test_a_streaming_client_that_leaves_stops_the_generation_within_a_step(server):
+    before = ok(server.client.get("/metrics"))["cancelled"]
+    body = {"model": "local", "stream": True, "max_tokens": 400, "messages": [{"role": "user", "content": COUNTING}]}
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            seen = 0
+            for line in response.iter_lines():
+                if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
+                    seen += 1
+                    if seen == 3:
+                        break  # leave mid-answer: the connection closes here
+    wait_for(lambda: server.client.get("/metrics").json()["cancelled"]["total"] == before["total"] + 1,
+             "the server sees the client leave and cancels")
+    after = ok(server.client.get("/metrics"))["cancelled"]
+    generated = after["tokens_generated"] - before["tokens_generated"]
+    assert 3 <= generated < 400  # stopped early, by tokens, not by the clock
+    assert after["by_reason"]["client disconnected"] == before["by_reason"].get("client disconnected", 0) + 1
+    wait_for(lambda: server.client.get("/health").json()["queues"]["local"]["in_flight"] == 0, "the slot is freed")
+    assert ok(chat(server, MC_MESSAGE, model="local"))["cascade"]["path"] == ["local:final"]
+
+
+def test_the_deadline_cancels_a_long_generation(smollm2_backend):
+    app = create_cascade_app({"solo": [RuntimeStage("solo", smollm2_backend)]}, timeout_s=1.0, serve_stages=False)
+    with ThreadServer(app) as running:
+        response = httpx.post(f"{running.url}/v1/chat/completions", timeout=60, json={
+            "max_tokens": 400, "messages": [{"role": "user", "content": COUNTING}]})
+        assert response.status_code == 504 and "cancelled" in response.json()["error"]["message"]
+        wait_for(lambda: httpx.get(f"{running.url}/metrics").json()["cancelled"]["total"] == 1, "cancelled")
+        cancelled = httpx.get(f"{running.url}/metrics").json()["cancelled"]
+        assert cancelled["by_reason"] == {"timeout": 1} and cancelled["tokens_generated"] < 400
+        assert httpx.get(f"{running.url}/health").json()["queues"]["cascade-solo"]["in_flight"] == 0

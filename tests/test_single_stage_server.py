@@ -61,7 +61,8 @@ def teacher_forced_logprobs(backend, prompt_ids: list[int], generated: list[int]
 
 
 def test_health_and_models(server):
-    assert server.client.get("/health").json() == {"status": "ok", "model": MODEL_NAME}
+    health = server.client.get("/health").json()
+    assert (health["status"], health["model"]) == ("ok", MODEL_NAME) and health["queue"]["in_flight"] == 0
     listing = server.client.get("/v1/models").json()
     assert listing["object"] == "list" and [m["id"] for m in listing["data"]] == [MODEL_NAME]
 
@@ -138,13 +139,13 @@ def test_chat_uses_the_chat_template(server, smollm2_backend):
     ("/v1/completions", {"prompt": "   "}, 400, "prompt is empty"),
     ("/v1/completions", {"prompt": "x" * 6_000}, 400, "over the limit of 5000"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
-    ("/v1/completions", {"prompt": "hi", "stream": True}, 400, "stream"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "only allowed with stream"),
     ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n=1"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4o"}, 404, "not served here"),
     ("/v1/completions", {"prompt": "x" * 30_000}, 413, "over the limit of 20000 bytes"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages[0].content is missing"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}]}, 400, "empty"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400, "logprobs=true"),
 ])

@@ -9,68 +9,40 @@ docs/SERVING.md describes the message format, the limits and every status code.
 The app takes stages that are already built (`models.factory.build_cascade`), so tests inject
 their own and this module never imports model code. The cascade runs in worker threads; each
 served model has a bounded queue (`queue.Gate`); a request past its deadline gets 504, a full
-queue 429, a model marked unavailable (or a server shutting down) 503.
+queue 429, a model marked unavailable (or a server shutting down) 503. A request whose client
+leaves or whose deadline passes is cancelled: the stage stops within one decoding step.
+
+`stream: true` answers with server-sent events (`sse.py`): earlier stages run to their decision,
+the last stage's free-form tokens stream as they are generated (a kept or multiple-choice answer
+arrives as one piece), and the trace rides in the last chunk's `cascade` field.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Literal, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from cascade_core.cascade import CascadeError, RuntimeStage, run_cascade, trace_to_dict
+from cascade_core.cascade import CascadeCancelled, CascadeError, RuntimeStage, run_cascade, trace_to_dict
 from cascade_core.server.chat_question import question_from_chat
-from cascade_core.server.common import (ApiError, bearer_checker, install_error_handlers, read_json, read_token,
-                                        validate_body)
-from cascade_core.server.metrics import Metrics
-from cascade_core.server.queue import Gate, GaveUp, QueueFull, run_in_slot
-from cascade_core.types import MAX_OPTIONS, Question, Trace
+from cascade_core.server.common import (DEFAULT_MAX_PROMPT_CHARS, ApiError, bearer_checker, install_error_handlers,
+                                        read_json, read_token)
+from cascade_core.server.metrics import Metrics, StatusCounter
+from cascade_core.server.openai_request import MAX_NEW_TOKENS, ChatRequest, parse_chat
+from cascade_core.server.queue import CancelToken, Gate, GaveUp, QueueFull, run_in_slot, start_in_slot
+from cascade_core.server.sse import Chunks, Pieces, stream_events
+from cascade_core.types import MAX_OPTIONS, OPTION_LETTERS, Question, Trace
 
 
 CASCADE_PREFIX = "cascade-"
-MAX_NEW_TOKENS = 1024
 CLIENT_CLOSED = 499  # nginx's code for "the client went away"; only ever seen in /metrics
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict] | None = None
-
-    def text(self) -> str:
-        """Plain text of the content; a list of content parts keeps its `text` parts."""
-        if isinstance(self.content, list):
-            return "\n".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
-        return self.content or ""
-
-
-class CascadeChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # accepted; decoding is greedy
-    n: int = 1
-    stream: bool = False
-    options: list[str] | None = None  # extra field: the answer options of a multiple-choice question
-    subject: str = ""  # extra field: the subject named in the prompt header
-
-    @field_validator("options")
-    @classmethod
-    def _option_count(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and not 2 <= len(value) <= MAX_OPTIONS:
-            raise ValueError(f"a multiple-choice question needs 2 to {MAX_OPTIONS} options, got {len(value)}")
-        return value
 
 
 def _header_safe(text: str) -> str:
@@ -118,38 +90,12 @@ def answer_content(trace: Trace) -> str:
     return final.answer or ""
 
 
-class _StatusCounter:
-    """Pure ASGI middleware: counts every /v1 response's status and latency into `metrics`.
-
-    (Pure ASGI rather than @app.middleware: it adds no task of its own, so a client that hangs
-    up mid-request cannot leave it waiting.)
-    """
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
-            return await self.app(scope, receive, send)
-        started, status = time.monotonic(), [500]
-
-        async def counting_send(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, counting_send)
-        finally:
-            self.metrics.response(status[0], time.monotonic() - started)
-
-
 def create_cascade_app(
     cascades: Mapping[str, Sequence[RuntimeStage]],
     *,
     api_key_env: str | None = None,
     max_body_bytes: int = 1_000_000,
-    max_prompt_chars: int = 32_000,
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
     max_in_flight: int = 4,
     max_waiting: int = 64,
     timeout_s: float = 120.0,
@@ -199,7 +145,7 @@ def create_cascade_app(
 
     app = FastAPI(title="cascade server", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(_StatusCounter, metrics=metrics)
+    app.add_middleware(StatusCounter, metrics=metrics)
     app.state.metrics = metrics
     app.state.gates = gates
     app.state.served = served
@@ -236,11 +182,13 @@ def create_cascade_app(
         check_auth(request)
         return {"object": "list", "data": [model_card(n) for n in served]}
 
-    def parse(req: CascadeChatRequest) -> tuple[str, Question, int]:
-        if req.stream:
-            raise ApiError(400, "stream=true is not supported by this server", param="stream")
-        if req.n != 1:
-            raise ApiError(400, "only n=1 is supported (decoding is greedy)", param="n")
+    def parse(req: ChatRequest) -> tuple[str, Question, int]:
+        if req.stop_list():
+            raise ApiError(400, "stop is not supported by the cascade server (each stage answers in full)",
+                           param="stop")
+        if req.options is not None and not 2 <= len(req.options) <= MAX_OPTIONS:
+            raise ApiError(400, f"a multiple-choice question needs 2 to {MAX_OPTIONS} options, got {len(req.options)}",
+                           param="options")
         model = req.model or default_model
         if model not in served:
             raise ApiError(404, f"model {model!r} is not served here; available: {', '.join(served)}",
@@ -254,64 +202,165 @@ def create_cascade_app(
                                           options=req.options, subject=req.subject)
         except ValueError as err:
             raise ApiError(400, f"invalid question: {err}", param="messages") from None
-        max_new = req.max_completion_tokens or req.max_tokens or default_max_new_tokens
-        return model, question, max_new
+        if req.top_logprobs and not question.is_multiple_choice:
+            raise ApiError(400, "top_logprobs: a free-form answer gives the log-probability of each generated "
+                                "token, not alternatives; ask with logprobs=true alone", param="top_logprobs")
+        return model, question, req.max_new_tokens(default_max_new_tokens)
 
-    def work(model: str, question: Question, max_new: int) -> Trace:
-        """Runs in a worker thread; its trace (also of a failed run) goes into the metrics."""
+    def work(model: str, question: Question, max_new: int, cancel: CancelToken, on_text=None) -> Trace | None:
+        """Runs in a worker thread; its trace (also of a failed run) goes into the metrics.
+        None when the request was cancelled (the client left or the deadline passed)."""
         try:
-            trace = run_cascade(served[model], question, max_new_tokens=max_new)
+            trace = run_cascade(served[model], question, max_new_tokens=max_new, cancel=cancel, on_text=on_text)
+        except CascadeCancelled as err:
+            metrics.cancel(cancel.reason or "client disconnected", int(_trace_of(err).total("output_tokens")))
+            return None
         except CascadeError as err:
-            metrics.trace(model, err.args[1])
+            metrics.trace(model, _trace_of(err))
             raise
         metrics.trace(model, trace)
         return trace
 
+    def busy(model: str) -> ApiError:
+        gate = gates[model]
+        return ApiError(429, f"model {model!r} is busy: {gate.in_flight} requests running and "
+                             f"{gate.max_waiting} waiting (the queue's limit); retry later",
+                        kind="rate_limit_error", headers={"Retry-After": "1"})
+
+    def failed(model: str, err: BaseException) -> ApiError:
+        """What a failed run answers: 502 with its trace, or 400 for a question the stages cannot take."""
+        if isinstance(err, CascadeError):
+            trace = _trace_of(err)
+            return ApiError(502, f"the cascade could not answer: {err.args[0]}", kind="server_error",
+                            extra={"cascade": trace_field(model, trace)}, headers=trace_headers(trace))
+        if isinstance(err, ValueError):  # e.g. free-form to a recorded stage
+            return ApiError(400, f"invalid question for {model!r}: {err}", param="messages")
+        if isinstance(err, ApiError):
+            return err
+        return ApiError(500, f"internal error ({type(err).__name__}); see the server log", kind="server_error")
+
     async def run_bounded(request: Request, model: str, question: Question, max_new: int) -> Trace | None:
         """The trace, or None when the client left; 429/504 as ApiError."""
-        gate = gates[model]
+        deadline = time.monotonic() + timeout_s
+        cancel = CancelToken(deadline)
         try:
-            return await run_in_slot(gate, executor, work, model, question, max_new,
-                                     deadline=time.monotonic() + timeout_s, gone=request.is_disconnected)
+            return await run_in_slot(gates[model], executor, work, model, question, max_new, cancel,
+                                     deadline=deadline, gone=request.is_disconnected, cancel=cancel)
         except QueueFull:
-            raise ApiError(429, f"model {model!r} is busy: {gate.in_flight} requests running and "
-                                f"{gate.max_waiting} waiting (the queue's limit); retry later",
-                           kind="rate_limit_error", headers={"Retry-After": "1"}) from None
+            raise busy(model) from None
         except GaveUp as gave_up:
             where = ("the request waited in the queue the whole time" if gave_up.reason == "queue timeout"
-                     else "the request was abandoned (the stage finishes its current step in the background)")
+                     else "the request was cancelled (its stage stops within one decoding step)")
             raise ApiError(504, f"no answer within {timeout_s:g} s from {model!r}: {where}",
                            kind="timeout_error") from None
+
+    def usage(trace: Trace) -> dict:
+        prompt_tokens = int(trace.total("prompt_tokens"))
+        completion_tokens = int(trace.total("output_tokens"))
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    async def stream(request: Request, req: ChatRequest, model: str, question: Question, max_new: int):
+        deadline = time.monotonic() + timeout_s
+        cancel = CancelToken(deadline)
+        try:
+            await gates[model].acquire(deadline, request.is_disconnected)
+        except QueueFull:
+            raise busy(model) from None
+        except GaveUp as gave_up:
+            if gave_up.reason == "timeout":
+                raise ApiError(504, f"no answer within {timeout_s:g} s from {model!r}: the request waited in "
+                                    "the queue the whole time", kind="timeout_error") from None
+            return Response(status_code=CLIENT_CLOSED)
+        pieces = Pieces(asyncio.get_running_loop())
+        future = start_in_slot(gates[model], executor, work, model, question, max_new, cancel, pieces.push)
+        metrics.stream()
+        chunks = Chunks(model)
+        sent: list[str] = []
+
+        def piece_chunks(delta) -> list[dict]:
+            sent.append(delta)
+            return [chunks.chunk(content=delta)] if delta else []
+
+        def finish(trace: Trace | None) -> list[dict]:
+            if trace is None:
+                raise ApiError(504, f"no answer within {timeout_s:g} s from {model!r}: the request was cancelled",
+                               kind="timeout_error")
+            content, streamed = answer_content(trace), "".join(sent)
+            rest = content[len(streamed):] if content.startswith(streamed) else content
+            lp = answer_logprobs(trace, req.top_logprobs or 0) if req.logprobs else None
+            extra = {"cascade": trace_field(model, trace)}
+            last = chunks.chunk(content=rest or None, finish_reason="stop", logprobs=lp,
+                                **({} if req.include_usage() else extra))
+            if not req.include_usage():
+                return [last]
+            return [last, chunks.usage(usage(trace), **extra)]
+
+        first = [chunks.chunk(role="assistant", content="")]
+        body = stream_events(future, pieces, cancel, first=first, piece_chunks=piece_chunks, finish=finish,
+                             gone=request.is_disconnected, timeout_s=timeout_s, on_error=lambda e: failed(model, e))
+        return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_auth(request)
-        req = validate_body(CascadeChatRequest, await read_json(request, max_body_bytes))
+        req = parse_chat(await read_json(request, max_body_bytes))
         model, question, max_new = parse(req)
         if model in unavailable:
             raise ApiError(503, f"model {model!r} is not available: {unavailable[model]}", kind="server_error",
                            headers={"Retry-After": "5"})
+        if req.stream:
+            return await stream(request, req, model, question, max_new)
         try:
             trace = await run_bounded(request, model, question, max_new)
-        except CascadeError as err:
-            message, trace = err.args
-            raise ApiError(502, f"the cascade could not answer: {message}", kind="server_error",
-                           extra={"cascade": trace_field(model, trace)}, headers=trace_headers(trace)) from None
-        except ValueError as err:  # the stages cannot take this question (e.g. free-form to a recorded stage)
-            raise ApiError(400, f"invalid question for {model!r}: {err}", param="messages") from None
+        except (CascadeError, ValueError) as err:
+            raise failed(model, err) from None
         if trace is None:
             return Response(status_code=CLIENT_CLOSED)
-        prompt_tokens = int(trace.total("prompt_tokens"))
-        completion_tokens = int(trace.total("output_tokens"))
         body = {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer_content(trace)},
-                         "finish_reason": "stop", "logprobs": None}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+                         "finish_reason": "stop",
+                         "logprobs": answer_logprobs(trace, req.top_logprobs or 0) if req.logprobs else None}],
+            "usage": usage(trace),
             "cascade": trace_field(model, trace),
         }
         return JSONResponse(body, headers=trace_headers(trace))
 
     return app
+
+
+def _trace_of(err: CascadeError) -> Trace:
+    """The trace a CascadeError carries (`.trace`, or `args[1]` as it used to)."""
+    return getattr(err, "trace", None) or err.args[1]
+
+
+def _utf8(token: str) -> list[int]:
+    return list(token.encode("utf-8", errors="replace"))
+
+
+def answer_logprobs(trace: Trace, top_k: int) -> dict:
+    """The answering stage's real log-probabilities in the chat `logprobs` shape.
+
+    Multiple choice: one entry, the chosen option letter, its log-probability among the option
+    letters (the stage's P(T) is its exp), and up to `top_k` letters as alternatives. Free-form:
+    every generated token with its log-probability (end-of-turn token included)."""
+    final = trace.answered_by
+    if final is None:
+        return {"content": [], "refusal": None}
+    if final.answer_index is not None and final.option_probs:
+        probs = list(final.option_probs)
+        letters = OPTION_LETTERS[:len(probs)]
+
+        def lp(p: float) -> float:
+            return math.log(p) if p > 0 else -9999.0
+
+        order = sorted(range(len(probs)), key=lambda i: -probs[i])[:top_k]
+        entry = {"token": letters[final.answer_index], "logprob": lp(probs[final.answer_index]),
+                 "bytes": _utf8(letters[final.answer_index]),
+                 "top_logprobs": [{"token": letters[i], "logprob": lp(probs[i]), "bytes": _utf8(letters[i])}
+                                  for i in order]}
+        return {"content": [entry], "refusal": None}
+    return {"content": [{"token": str(t), "logprob": float(v), "bytes": _utf8(str(t)), "top_logprobs": []}
+                        for t, v in final.token_logprobs], "refusal": None}

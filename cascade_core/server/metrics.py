@@ -7,6 +7,7 @@ Latencies are kept for the last `window` answered requests, so memory stays boun
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter, defaultdict, deque
 
 import numpy as np
@@ -21,6 +22,9 @@ class Metrics:
         self.by_model: Counter[str] = Counter()
         self.stage: dict[str, Counter[str]] = defaultdict(Counter)
         self.latencies: deque[float] = deque(maxlen=window)
+        self.cancelled: Counter[str] = Counter()
+        self.cancelled_tokens = 0
+        self.streams = 0
 
     def response(self, status: int, seconds: float) -> None:
         """One /v1 response left (any status); its latency counts when it was an answer (200)."""
@@ -28,6 +32,17 @@ class Metrics:
             self.by_status[str(status)] += 1
             if status == 200:
                 self.latencies.append(seconds)
+
+    def cancel(self, reason: str, tokens_generated: int) -> None:
+        """A request's model work stopped early because it was abandoned (`reason`: "client
+        disconnected" or "timeout"), after `tokens_generated` tokens."""
+        with self._lock:
+            self.cancelled[reason] += 1
+            self.cancelled_tokens += int(tokens_generated)
+
+    def stream(self) -> None:
+        with self._lock:
+            self.streams += 1
 
     def trace(self, model: str, trace: Trace) -> None:
         """What a finished (or failed) cascade run did at each stage it visited."""
@@ -60,6 +75,35 @@ class Metrics:
                 "requests": {"total": int(sum(self.by_status.values())), "by_status": dict(self.by_status),
                              "cascade_runs_by_model": dict(self.by_model)},
                 "stages": stages,
+                "cancelled": {"total": int(sum(self.cancelled.values())), "by_reason": dict(self.cancelled),
+                              "tokens_generated": self.cancelled_tokens},
+                "streams": self.streams,
                 "latency_seconds": {"count": int(latencies.size), **pct,
                                     "mean": float(latencies.mean()) if latencies.size else None},
             }
+
+
+class StatusCounter:
+    """Pure ASGI middleware: counts every /v1 response's status and latency into `metrics`.
+
+    (Pure ASGI rather than @app.middleware: it adds no task of its own, so a client that hangs
+    up mid-request cannot leave it waiting.) A streamed answer counts when its last byte is sent.
+    """
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        started, status = time.monotonic(), [500]
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.response(status[0], time.monotonic() - started)

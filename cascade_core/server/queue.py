@@ -8,6 +8,7 @@ on the work the machine does, which is what keeps memory and latency bounded und
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from typing import Awaitable, Callable
@@ -37,6 +38,30 @@ async def wait_or_leave(future: asyncio.Future, deadline: float, gone: Callable[
         if not future.done() and await gone():
             return False
     return True
+
+
+class CancelToken:
+    """The flag a request's model work checks at every decoding step (`is_set()`).
+
+    Set when the client leaves (`cancel(reason)`) or, read from any thread, once `deadline`
+    (monotonic) has passed, so a generation stops within one step of either, even when the event
+    loop is busy. `reason` says which came first.
+    """
+
+    def __init__(self, deadline: float | None = None):
+        self.deadline = deadline
+        self.reason: str | None = None
+        self._event = threading.Event()
+
+    def cancel(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self._event.set()
+
+    def is_set(self) -> bool:
+        if not self._event.is_set() and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.cancel("timeout")
+        return self._event.is_set()
 
 
 class Gate:
@@ -92,12 +117,14 @@ class Gate:
 
 
 async def run_in_slot(gate: Gate, executor, fn: Callable, *args, deadline: float,
-                      gone: Callable[[], Awaitable[bool]], poll_s: float = 0.25):
+                      gone: Callable[[], Awaitable[bool]], poll_s: float = 0.25,
+                      cancel: CancelToken | None = None):
     """`fn(*args)` in `executor` while holding a slot of `gate`; None when the client left first.
 
     Raises QueueFull (no room to wait), GaveUp("queue timeout") or GaveUp("timeout") when
-    `deadline` passes while waiting or running, and whatever `fn` raised. The slot is freed when
-    `fn` really returns, even when the caller stopped waiting for it.
+    `deadline` passes while waiting or running, and whatever `fn` raised. When the caller stops
+    waiting, `cancel` is set (reason "client disconnected" or "timeout"), so work that checks it
+    stops within a step; the slot is freed when `fn` really returns.
     """
     try:
         await gate.acquire(deadline, gone, poll_s)
@@ -105,6 +132,27 @@ async def run_in_slot(gate: Gate, executor, fn: Callable, *args, deadline: float
         if gave_up.reason == "timeout":
             raise GaveUp("queue timeout") from None
         return None
+    future = start_in_slot(gate, executor, fn, *args)
+    try:
+        done = await wait_or_leave(future, deadline, gone, poll_s)
+    except GaveUp:
+        if cancel is not None:
+            cancel.cancel("timeout")
+        raise
+    except BaseException:  # the request task itself was cancelled (server shutting down)
+        if cancel is not None:
+            cancel.cancel("client disconnected")
+        raise
+    if not done:
+        if cancel is not None:
+            cancel.cancel("client disconnected")
+        return None
+    return future.result()
+
+
+def start_in_slot(gate: Gate, executor, fn: Callable, *args) -> asyncio.Future:
+    """Run `fn(*args)` in `executor` for a caller already holding a slot of `gate`; the slot is
+    released when `fn` returns (whether or not anyone still waits for it)."""
     loop = asyncio.get_running_loop()
     try:
         future = loop.run_in_executor(executor, fn, *args)
@@ -118,6 +166,4 @@ async def run_in_slot(gate: Gate, executor, fn: Callable, *args, deadline: float
             f.exception()  # retrieved, so an abandoned failure is not reported as never retrieved
 
     future.add_done_callback(finished)
-    if not await wait_or_leave(future, deadline, gone, poll_s):
-        return None
-    return future.result()
+    return future

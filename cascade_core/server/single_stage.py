@@ -1,82 +1,41 @@
 """One local model behind the OpenAI API, with log-probabilities, so it can be a remote stage.
 
 `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` in the standard response
-shapes, `GET /health`. Decoding is always greedy: `temperature` is accepted and ignored (any
-value decodes as temperature 0), `n` must be 1 and streaming is not offered. `logprobs` /
-`top_logprobs` give the top-k over the full vocabulary at every generated position (k <= 20).
+shapes (streamed with `stream: true`), `GET /health`, `GET /metrics`. Decoding is always greedy:
+`temperature` is accepted and ignored (any value decodes as temperature 0) and `n` must be 1.
+`logprobs` / `top_logprobs` give the top-k over the full vocabulary at every generated position
+(k <= 20). Requests are parsed by `openai_request`, the same parser as the cascade server's.
 
-Inference is serialised with one lock (one model, one forward pass at a time). Model code lives
-in `models.greedy_logprobs`; it is imported only when the app is built from a backend.
+Inference is serialised with one lock (one model, one forward pass at a time). A request whose
+client leaves, or whose deadline passes, is cancelled: its generation stops within one decoding
+step and frees the lock and its queue slot. Model code lives in `models.greedy_logprobs`; it is
+imported only when the app is built from a backend. The one way to start it:
 
-    python -m cascade_core.server.single_stage --packaged smollm2-135m --port 8001
+    python -m cascade_core serve --single-stage smollm2-135m --port 8001
 """
 
 from __future__ import annotations
 
-import argparse
+import asyncio
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import Response, StreamingResponse
 
-from cascade_core.server.common import (ApiError, bearer_checker, check_bind_host, install_error_handlers, read_json,
-                                        read_token, validate_body)
-from cascade_core.server.queue import Gate, GaveUp, QueueFull, run_in_slot
+from cascade_core.server.common import (DEFAULT_MAX_PROMPT_CHARS, ApiError, bearer_checker, install_error_handlers,
+                                        read_json, read_token)
+from cascade_core.server.metrics import Metrics, StatusCounter
+from cascade_core.server.openai_request import ChatRequest, CompletionRequest, parse_chat, parse_completion
+from cascade_core.server.queue import CancelToken, Gate, GaveUp, QueueFull, run_in_slot, start_in_slot
+from cascade_core.server.sse import Chunks, Pieces, stream_events
 
-__all__ = ["ApiError", "create_single_stage_app", "main"]
+__all__ = ["ApiError", "create_single_stage_app"]
 
-MAX_TOP_LOGPROBS = 20
 DEFAULT_MAX_TOKENS = 16
-MAX_NEW_TOKENS = 1024
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = None
-    n: int = 1
-    stream: bool = False
-    stop: str | list[str] | None = None
-
-
-class CompletionRequest(_Request):
-    prompt: str | list[str]
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
-
-
-class ChatRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-
-
-def _common_checks(req: _Request, max_tokens: int | None) -> tuple[int, list[str]]:
-    if req.stream:
-        raise ApiError(400, "stream=true is not supported by this server", param="stream")
-    if req.n != 1:
-        raise ApiError(400, "only n=1 is supported (decoding is greedy)", param="n")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if any(not s for s in stop) or len(stop) > 4:
-        raise ApiError(400, "stop must be up to 4 non-empty strings", param="stop")
-    tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
-    if tokens > MAX_NEW_TOKENS:
-        raise ApiError(400, f"max_tokens must be <= {MAX_NEW_TOKENS}, got {tokens}", param="max_tokens")
-    return tokens, stop
+CLIENT_CLOSED = 499
 
 
 def _usage(completion) -> dict:
@@ -88,26 +47,28 @@ def _utf8(token: str) -> list[int]:
     return list(token.encode("utf-8", errors="replace"))
 
 
-def _legacy_logprobs(completion) -> dict:
+def _legacy_logprobs(tokens) -> dict:
     """The /v1/completions logprobs shape; a token string that two ids decode to keeps its best."""
     tops, offsets, offset = [], [], 0
-    for t in completion.tokens:
+    for t in tokens:
         best: dict[str, float] = {}
         for token, lp in t.top:
             best.setdefault(token, lp)
         tops.append(best)
         offsets.append(offset)
         offset += len(t.token)
-    return {"tokens": [t.token for t in completion.tokens],
-            "token_logprobs": [t.logprob for t in completion.tokens],
+    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
             "top_logprobs": tops, "text_offset": offsets}
 
 
-def _chat_logprobs(completion) -> dict:
-    return {"content": [
-        {"token": t.token, "logprob": t.logprob, "bytes": _utf8(t.token),
-         "top_logprobs": [{"token": tok, "logprob": lp, "bytes": _utf8(tok)} for tok, lp in t.top]}
-        for t in completion.tokens], "refusal": None}
+def _chat_logprob_entries(tokens) -> list[dict]:
+    return [{"token": t.token, "logprob": t.logprob, "bytes": _utf8(t.token),
+             "top_logprobs": [{"token": tok, "logprob": lp, "bytes": _utf8(tok)} for tok, lp in t.top]}
+            for t in tokens]
+
+
+def _chat_logprobs(tokens) -> dict:
+    return {"content": _chat_logprob_entries(tokens), "refusal": None}
 
 
 def _engine_for(backend):
@@ -121,7 +82,7 @@ def create_single_stage_app(
     model_name: str,
     api_key_env: str | None = None,
     max_body_bytes: int = 1_000_000,
-    max_prompt_chars: int = 100_000,
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
     engine=None,
     max_in_flight: int = 1,
     max_waiting: int = 64,
@@ -143,19 +104,25 @@ def create_single_stage_app(
     executor = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="single-stage")
     check_auth = bearer_checker(read_token(api_key_env))
     engine = engine if engine is not None else _engine_for(backend)
+    chat_end_ids = engine.chat_end_ids() if hasattr(engine, "chat_end_ids") else None
     # Share the backend's own lock when it has one: the same model may also serve other callers.
     lock = getattr(backend, "lock", None) or threading.Lock()
+    metrics = Metrics()
     created = int(time.time())
     app = FastAPI(title=f"cascade single-stage server: {model_name}", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics = metrics
+    app.state.gate = gate
 
     install_error_handlers(app)
+    app.add_middleware(StatusCounter, metrics=metrics)
 
-    def check_model(req: _Request) -> None:
+    def check_model(req) -> None:
         if req.model is not None and req.model != model_name:
             raise ApiError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
-                           param="model")
+                           kind="not_found_error", param="model")
 
-    def run(prompt: str, special_tokens_included: bool, max_tokens: int, top_k: int, stop: list[str]):
+    def run(prompt: str, special_tokens_included: bool, max_tokens: int, top_k: int, stop: list[str],
+            chat: bool, cancel: CancelToken, on_token=None):
         with lock:  # the tokenizer too: a fast tokenizer used from two threads can fail
             prompt_ids = engine.encode(prompt, special_tokens_included)
             if not prompt_ids:
@@ -163,29 +130,83 @@ def create_single_stage_app(
             if engine.max_positions and len(prompt_ids) + max_tokens > engine.max_positions:
                 raise ApiError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                                     f"model's context of {engine.max_positions} tokens")
+            kwargs = {"cancel": cancel}
+            if on_token is not None:
+                kwargs["on_token"] = on_token
+            if chat and chat_end_ids is not None:
+                kwargs["end_ids"] = chat_end_ids
             try:
-                return engine.complete(prompt_ids, max_tokens=max_tokens, top_k=top_k, stop=stop)
+                completion = engine.complete(prompt_ids, max_tokens=max_tokens, top_k=top_k, stop=stop, **kwargs)
             except ApiError:
                 raise
             except Exception as err:  # noqa: BLE001 - answered as a 500, never a traceback
                 raise ApiError(500, f"inference failed: {type(err).__name__}: {err}", kind="server_error") from err
+        if completion.finish_reason == "cancelled":
+            metrics.cancel(cancel.reason or "client disconnected", len(completion.tokens))
+        return completion
+
+    def busy() -> ApiError:
+        return ApiError(429, f"{model_name} is busy: {gate.in_flight} running and {gate.max_waiting} waiting "
+                             "(the queue's limit); retry later", kind="rate_limit_error", headers={"Retry-After": "1"})
 
     async def bounded(request: Request, *args):
         """`run(*args)` in a queue slot; 429 when the queue is full, 504 past the deadline."""
+        deadline = time.monotonic() + timeout_s
+        cancel = CancelToken(deadline)
         try:
-            completion = await run_in_slot(gate, executor, run, *args, deadline=time.monotonic() + timeout_s,
-                                           gone=request.is_disconnected)
+            completion = await run_in_slot(gate, executor, run, *args, cancel, deadline=deadline,
+                                           gone=request.is_disconnected, cancel=cancel)
         except QueueFull:
-            raise ApiError(429, f"{model_name} is busy: {gate.in_flight} running and {gate.max_waiting} waiting "
-                                "(the queue's limit); retry later", kind="rate_limit_error",
-                           headers={"Retry-After": "1"}) from None
+            raise busy() from None
         except GaveUp:
             raise ApiError(504, f"no answer within {timeout_s:g} s", kind="timeout_error") from None
         return completion  # None: the client left
 
+    async def streamed(request: Request, chunks: Chunks, args: tuple, include_usage: bool, want_logprobs: bool):
+        """The same work, its tokens sent as server-sent events while they are generated."""
+        deadline = time.monotonic() + timeout_s
+        cancel = CancelToken(deadline)
+        try:
+            await gate.acquire(deadline, request.is_disconnected)
+        except QueueFull:
+            raise busy() from None
+        except GaveUp as gave_up:
+            if gave_up.reason == "timeout":
+                raise ApiError(504, f"no answer within {timeout_s:g} s (waited in the queue)",
+                               kind="timeout_error") from None
+            return Response(status_code=CLIENT_CLOSED)
+        pieces = Pieces(asyncio.get_running_loop())
+        future = start_in_slot(gate, executor, run, *args, cancel, lambda token, delta: pieces.push((token, delta)))
+        metrics.stream()
+
+        def piece_chunks(piece) -> list[dict]:
+            token, delta = piece
+            if not delta and not (want_logprobs and token is not None):
+                return []
+            logprobs = None
+            if want_logprobs and token is not None:
+                logprobs = (_chat_logprobs([token]) if chunks.chat else _legacy_logprobs([token]))
+            return [chunks.chunk(content=delta, logprobs=logprobs)]
+
+        def finish(completion) -> list[dict]:
+            out = [chunks.chunk(content="" if not chunks.chat else None, finish_reason=completion.finish_reason)]
+            if include_usage:
+                out.append(chunks.usage(_usage(completion)))
+            return out
+
+        first = [chunks.chunk(role="assistant", content="")] if chunks.chat else []
+        body = stream_events(future, pieces, cancel, first=first, piece_chunks=piece_chunks, finish=finish,
+                             gone=request.is_disconnected, timeout_s=timeout_s)
+        return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name}
+        return {"status": "ok", "model": model_name, "queue": gate.snapshot()}
+
+    @app.get("/metrics")
+    async def metrics_route(request: Request):
+        check_auth(request)
+        return {**metrics.snapshot(), "queue": gate.snapshot()}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -196,11 +217,8 @@ def create_single_stage_app(
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_auth(request)
-        req = validate_body(CompletionRequest, await read_json(request, max_body_bytes))
+        req: CompletionRequest = parse_completion(await read_json(request, max_body_bytes))
         check_model(req)
-        max_tokens, stop = _common_checks(req, req.max_tokens)
-        if req.echo:
-            raise ApiError(400, "echo=true is not supported", param="echo")
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise ApiError(400, "send exactly one prompt string per request", param="prompt")
@@ -210,26 +228,28 @@ def create_single_stage_app(
         if len(prompt) > max_prompt_chars:
             raise ApiError(400, f"prompt is {len(prompt)} characters, over the limit of {max_prompt_chars}",
                            param="prompt")
+        max_tokens = req.max_tokens or DEFAULT_MAX_TOKENS
         top_k = req.logprobs or 0
-        completion = await bounded(request, prompt, False, max_tokens, top_k, stop)
+        args = (prompt, False, max_tokens, top_k, req.stop_list(), False)
+        if req.stream:
+            return await streamed(request, Chunks(model_name, chat=False), args, req.include_usage(),
+                                  req.logprobs is not None)
+        completion = await bounded(request, *args)
         if completion is None:
-            return Response(status_code=499)  # the client left; nobody reads this
+            return Response(status_code=CLIENT_CLOSED)  # the client left; nobody reads this
         return {
             "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": model_name,
             "choices": [{"index": 0, "text": completion.text, "finish_reason": completion.finish_reason,
-                         "logprobs": _legacy_logprobs(completion) if req.logprobs is not None else None}],
+                         "logprobs": _legacy_logprobs(completion.tokens) if req.logprobs is not None else None}],
             "usage": _usage(completion),
         }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_auth(request)
-        req = validate_body(ChatRequest, await read_json(request, max_body_bytes))
+        req: ChatRequest = parse_chat(await read_json(request, max_body_bytes))
         check_model(req)
-        max_tokens, stop = _common_checks(req, req.max_completion_tokens or req.max_tokens)
-        if req.top_logprobs and not req.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         if not any(m.content.strip() for m in req.messages):
             raise ApiError(400, "every message is empty", param="messages")
         chars = sum(len(m.content) for m in req.messages)
@@ -240,56 +260,19 @@ def create_single_stage_app(
                     for m in req.messages]
         text, special = engine.chat_prompt(messages)
         top_k = (req.top_logprobs or 0) if req.logprobs else 0
-        completion = await bounded(request, text, special, max_tokens, top_k, stop)
+        args = (text, special, req.max_new_tokens(DEFAULT_MAX_TOKENS), top_k, req.stop_list(), True)
+        if req.stream:
+            return await streamed(request, Chunks(model_name), args, req.include_usage(), req.logprobs)
+        completion = await bounded(request, *args)
         if completion is None:
-            return Response(status_code=499)
+            return Response(status_code=CLIENT_CLOSED)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
                          "finish_reason": completion.finish_reason,
-                         "logprobs": _chat_logprobs(completion) if req.logprobs else None}],
+                         "logprobs": _chat_logprobs(completion.tokens) if req.logprobs else None}],
             "usage": _usage(completion),
         }
 
     return app
-
-
-def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cascade_core.server.single_stage",
-                                     description="Serve one local model behind the OpenAI API (with logprobs).")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--packaged", metavar="KEY", help="a packaged model, e.g. smollm2-135m")
-    source.add_argument("--hf", metavar="MODEL", help="a Hugging Face id or local folder")
-    parser.add_argument("--model-name", help="the name clients send as `model` (default: the key or id)")
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--allow-remote", action="store_true", help="allow a --host other machines can reach")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "nf4", "int8"])
-    parser.add_argument("--api-key-env", help="NAME of an env variable whose value clients must send as bearer token")
-    parser.add_argument("--max-body-bytes", type=int, default=1_000_000)
-    parser.add_argument("--max-prompt-chars", type=int, default=100_000)
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
-    from models.hf import HFBackend
-
-    args = _parse_args(argv)
-    check_bind_host(args.host, args.allow_remote)
-    if args.packaged:
-        backend = HFBackend.from_packaged(args.packaged, progress=False, device=args.device, dtype=args.dtype,
-                                          quantization=args.quantization)
-    else:
-        backend = HFBackend(args.hf, device=args.device, dtype=args.dtype, quantization=args.quantization)
-    app = create_single_stage_app(backend, args.model_name or args.packaged or args.hf, api_key_env=args.api_key_env,
-                                  max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-
-
-if __name__ == "__main__":
-    main()
