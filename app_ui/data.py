@@ -45,10 +45,6 @@ def report_path() -> Path | None:
     return RESULTS_DOC if RESULTS_DOC.exists() and where().is_default_results else None
 
 
-def record_path(stage: str, dataset: str = DATASET) -> Path:
-    return where().record_path(stage, dataset)
-
-
 def _signature(paths: list[Path]) -> tuple:
     out = []
     for path in paths:
@@ -126,7 +122,7 @@ def load_table(preset: Preset, split: str = "test", recorded: StageConfig | None
     if split not in SPLIT_CHOICES:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLIT_CHOICES)}")
     root = results_dir()
-    paths = [record_path(s.name, dataset) for s in _local_stages(preset)]
+    paths = [where().record_path(s.name, dataset) for s in _local_stages(preset)]
     return _cached_table(preset.model_dump_json(), recorded.model_dump_json() if recorded else None,
                          str(root), dataset, split, _signature(paths))
 
@@ -158,7 +154,7 @@ def load_frontier(preset: Preset, split: str, recorded: StageConfig | None, rule
     """What the explorer's chart needs from the sweep, small: the Pareto frontier in `unit`, a
     sample of at most `max_points` swept policies, and how many policies there are."""
     root = results_dir()
-    paths = [record_path(s.name, dataset) for s in _local_stages(preset)]
+    paths = [where().record_path(s.name, dataset) for s in _local_stages(preset)]
     return _cached_frontier(preset.model_dump_json(), recorded.model_dump_json() if recorded else None,
                             str(root), dataset, split, _signature(paths), rule, unit, max_points)
 
@@ -201,5 +197,5 @@ def headline(preset: Preset, target: float = 0.01, dataset: str = DATASET) -> di
     """The paper's headline on the cached records: thresholds chosen on calibration for at most
     `target` accuracy loss against the largest stage, compute reduction and PD on test."""
     root = results_dir()
-    paths = [record_path(s.name, dataset) for s in _local_stages(preset)]
+    paths = [where().record_path(s.name, dataset) for s in _local_stages(preset)]
     return _cached_headline(preset.model_dump_json(), str(root), dataset, _signature(paths), target)

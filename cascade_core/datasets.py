@@ -15,13 +15,12 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from cascade_core.compose.locations import DATA_DIR
 from cascade_core.io import read_parquet_checked
 from cascade_core.prompts import check_format
 from cascade_core.split import SPLITS, assign_split, read_split_json, take_per_subject
 from cascade_core.types import OPTION_LETTERS, Question
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = REPO_ROOT / "data"
 MMLU_DIR = DATA_DIR / "mmlu"
 MMLU_PATH = MMLU_DIR / "mmlu_test.parquet"
 MMLU_SPLIT_PATH = MMLU_DIR / "split.json"

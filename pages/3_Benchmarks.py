@@ -124,7 +124,7 @@ with st.form("bench_form"):
     go = st.form_submit_button("Run benchmark", type="primary")
 
 config = configs[stage_name]
-path = data.record_path(stage_name)
+path = data.where().record_path(stage_name)
 recent = path.exists() and time.time() - path.stat().st_mtime < RECENT_WRITE_S
 if recent:
     st.warning(f"`{path}` was written in the last {RECENT_WRITE_S} s: another benchmark may be running on "
