@@ -7,7 +7,7 @@ PRESET ?= default
 PORT   ?= 8501
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup browser run test test-fast fetch bench report serve clean-venv
+.PHONY: setup browser run test test-fast fetch bench bench-full report serve clean-venv
 
 $(STAMP): requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ THREADS     ?= 1
 bench: fetch
 	$(BIN)/python -m cascade_core bench --preset $(PRESET) --per-subject $(PER_SUBJECT) --threads $(THREADS)
 	$(BIN)/python -m cascade_core probes train --preset $(PRESET)
+
+## bench-full: all 14,042 MMLU questions for every stage (two workers, one thread each; resumable: rerun
+## after an interruption), features for older records, then the probes; see bench/full_mmlu.sh
+bench-full: fetch
+	PYTHON=$(BIN)/python bench/full_mmlu.sh $(PRESET)
 
 ## report: docs/RESULTS.md from the cached results
 report: setup
