@@ -4,6 +4,9 @@ Chromium through Playwright. It moves a threshold slider and switches stages off
 routes a question on SmolLM2 (one card), and saves a screenshot of every page under
 test-artifacts/browser/.
 
+A second test opens a shared explorer link as the first request to a fresh server (pages/ with
+st.navigation must still run app.py).
+
 Chromium comes from the project's set-up (`make browser`, Debian's package); never from
 `playwright install`.
 """
@@ -166,5 +169,24 @@ def test_browser_end_to_end(server):
             expect(shared.get_by_test_id("stSidebarNav").get_by_text("Home", exact=True)).to_be_visible()
             assert shared.get_by_role("radio", name="P(T) only").is_checked()
             shot(shared, "6-shared-explorer-link")
+        finally:
+            browser.close()
+
+
+def test_a_deep_link_as_the_first_request_shows_the_navigation(server):
+    """A shared Explore link opened before any other session on a fresh server runs app.py (the
+    navigation is there) and restores the link's state: pages/ and st.navigation together."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            page.goto(f"{server}/explore?t.smollm2-135m=0.7&rule=pt_only")
+            expect(page.get_by_test_id("stSlider").filter(has_text="τ_T").first).to_contain_text("0.700",
+                                                                                              timeout=120_000)
+            expect(page.get_by_test_id("stSidebarNav").get_by_text("Home", exact=True)).to_be_visible()
+            assert page.get_by_role("radio", name="P(T) only").is_checked()
+            assert not page.get_by_test_id("stException").count()
         finally:
             browser.close()

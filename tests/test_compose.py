@@ -1,0 +1,103 @@
+"""The composition layer: one answer to "where does it live", the P(IK) write-back, the Route
+page's threshold question, and the CascadeError trace attribute."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cascade_core.cascade import CascadeError, RuntimeStage, run_cascade
+from cascade_core.compose.jobs import with_p_ik
+from cascade_core.compose.locations import DATA_DIR, locations
+from cascade_core.policy import LearnedCombiner, StagePolicy, keep_mask
+from cascade_core.presets import StageConfig
+from cascade_core.record_schema import RUNNER_COLUMNS, RecordSchemaError
+from cascade_core.types import Question
+from cascade_core.ui_data import thresholds_applied
+
+ENV = ("CASCADE_RESULTS_DIR", "CASCADE_FEATURES_DIR", "CASCADE_PROBES_DIR", "CASCADE_POLICIES_DIR")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_locations_default_to_the_repository_data(clean_env):
+    where = locations()
+    assert where.results == DATA_DIR / "results" and where.features == DATA_DIR / "features"
+    assert where.probes == DATA_DIR / "probes" and where.hidden == DATA_DIR / "hidden"
+    assert where.record_path("s") == DATA_DIR / "results" / "mmlu" / "s.parquet" and where.is_default_results
+
+
+def test_environment_overrides_and_explicit_arguments_win(clean_env, tmp_path):
+    clean_env.setenv("CASCADE_RESULTS_DIR", str(tmp_path / "r"))
+    where = locations()
+    assert where.results == tmp_path / "r" and not where.is_default_results
+    assert where.features == tmp_path / "features"  # beside a results folder from the environment
+    clean_env.setenv("CASCADE_FEATURES_DIR", str(tmp_path / "f"))
+    clean_env.setenv("CASCADE_PROBES_DIR", str(tmp_path / "p"))
+    where = locations()
+    assert (where.features, where.probes) == (tmp_path / "f", tmp_path / "p")
+    assert where.features_dir("s", "mmlu") == tmp_path / "f" / "mmlu" / "s"
+    assert locations(results_dir=tmp_path / "x").results == tmp_path / "x"  # a CLI flag beats the variable
+
+
+def test_probe_path_is_the_presets_else_the_probes_folder(clean_env, tmp_path):
+    where = locations(probes_dir=tmp_path)
+    named = StageConfig(name="a", backend="packaged", model="m", probe="data/probes/a.npz")
+    assert where.probe_path(named) == DATA_DIR / "probes" / "a.npz"
+    assert where.probe_path(StageConfig(name="b", backend="packaged", model="m")) == tmp_path / "b.npz"
+
+
+def test_p_ik_write_back_follows_the_schema():
+    records = pd.DataFrame({"qid": ["a", "b"], "split": ["calibration", "test"], "correct": [True, False],
+                            "prediction": [0, 1], "p_t": [0.9, 0.4]})
+    out = with_p_ik(records, np.array([0.7, 0.2]), "x.parquet")
+    assert out["p_ik_source"].tolist() == ["out-of-fold", "probe"] and out["p_ik"].tolist() == [0.7, 0.2]
+    with pytest.raises(RecordSchemaError, match="x.parquet: column 'p_ik'"):
+        with_p_ik(records, np.array([0.7, 1.2]), "x.parquet")
+    assert "p_ik" not in RUNNER_COLUMNS  # derived, never written by the runner
+
+
+def _flips(policy, signal, p_t, p_ik, margin, entropy):
+    """Brute force: does sweeping this one signal over [0, 1] change keep_mask's decision?"""
+    grid = np.linspace(0, 1, 401)
+    values = {"p_t": np.full(grid.size, p_t), "p_ik": np.full(grid.size, p_ik)}
+    values[signal] = grid
+    decided = keep_mask(policy, values["p_t"], values["p_ik"], np.full(grid.size, margin), np.full(grid.size, entropy))
+    return decided.any() and not decided.all()
+
+
+@pytest.mark.parametrize("rule", ["both", "pt_only", "pik_only", "learned"])
+@pytest.mark.parametrize("p_ik", [0.2, 0.8, math.nan])
+def test_thresholds_applied_agrees_with_keep_mask(rule, p_ik):
+    combiner = LearnedCombiner(("p_t", "p_ik"), (2.0, 3.0), 0.0, (0.5, 0.5), (0.2, 0.2)) if rule == "learned" else None
+    policy = StagePolicy(tau_t=0.6, tau_ik=0.5, rule=rule, combiner=combiner)
+    applied = thresholds_applied(policy, 0.3, p_ik, 0.1, 0.5)
+    if rule == "learned" and not math.isnan(p_ik):
+        assert applied == {"tau_t": False, "tau_ik": False}  # the combined score decides, not τ_T or τ_IK
+        return
+    # τ_T applies iff P(T) alone can flip the decision once P(IK) passes (or is missing).
+    assert applied["tau_t"] == _flips(policy, "p_t", 0.3, p_ik if math.isnan(p_ik) else 1.0, 0.1, 0.5)
+    expected_ik = not math.isnan(p_ik) and _flips(policy, "p_ik", 1.0, p_ik, 0.1, 0.5)
+    assert applied["tau_ik"] == expected_ik
+
+
+class _Failing:
+    model_id, has_hidden_states, total_params, non_embedding_params = "broken", False, 1, 1
+
+    def score_options(self, prompts, n_options, layers=None):
+        raise RuntimeError("boom")
+
+
+def test_cascade_error_carries_its_trace():
+    with pytest.raises(CascadeError) as err:
+        run_cascade([RuntimeStage(name="only", backend=_Failing())], Question("q?", ("a", "b")))
+    assert str(err.value) == "stage 'only' failed: RuntimeError: boom"
+    assert err.value.trace.steps[0].decision == "error" and err.value.trace.steps[0].stage == "only"
