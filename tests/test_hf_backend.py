@@ -140,7 +140,7 @@ def test_long_prompts_lose_tokens_from_the_left(smollm2_backend, monkeypatch):
 
 def test_generate_is_greedy_with_per_token_logprobs(smollm2_backend):
     b = smollm2_backend
-    g = b.generate("The capital of France is", max_new_tokens=4)
+    g = b.generate("The capital of France is", max_new_tokens=4, chat=False)  # a raw continuation
     assert isinstance(g, Generation) and "Paris" in g.text
     assert g.output_tokens == len(g.token_logprobs) and 1 <= g.output_tokens <= 4
     assert (g.token_logprobs <= 0).all() and np.isfinite(g.token_logprobs).all()
@@ -209,3 +209,32 @@ def test_nf4_on_the_cpu_counts_the_original_weights(smollm2_path, smollm2_backen
     assert np.isfinite(scores.letter_logits).all() and scores.hidden_states[LAYERS].shape == (HIDDEN,)
     # Re-quantising the de-quantised GGUF weights moves them, but not far.
     assert np.corrcoef(scores.hidden_states[LAYERS], reference.hidden_states[LAYERS])[0, 1] > 0.8
+
+
+def test_free_form_uses_the_chat_template_and_stops_at_the_end_of_the_turn(smollm2_backend):
+    b = smollm2_backend
+    end = b.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end in b.end_of_turn_ids()
+    g = b.generate("Name the capital of France.", max_new_tokens=40)
+    templated = b.tokenizer.apply_chat_template([{"role": "user", "content": "Name the capital of France."}],
+                                                tokenize=False, add_generation_prompt=True)
+    assert g.prompt_tokens == len(b.tokenizer(templated, add_special_tokens=False)["input_ids"])
+    assert "Paris" in g.text and "<|im_end|>" not in g.text
+    assert g.finish_reason == "stop" and g.tokens[-1] == "<|im_end|>" and g.output_tokens < 40
+
+
+def test_generate_streams_its_text_and_stops_within_one_step_when_cancelled(smollm2_backend):
+    import threading
+
+    pieces: list[str] = []
+    g = smollm2_backend.generate("1, 2, 3, 4,", max_new_tokens=10, chat=False, on_text=pieces.append)
+    assert len(pieces) >= 5 and "".join(pieces) == g.text and g.finish_reason == "length"
+    cancel, seen = threading.Event(), []
+
+    def on_text(delta):
+        seen.append(delta)
+        if len(seen) == 4:
+            cancel.set()
+
+    stopped = smollm2_backend.generate("1, 2, 3, 4,", max_new_tokens=200, chat=False, on_text=on_text, cancel=cancel)
+    assert stopped.finish_reason == "cancelled" and stopped.output_tokens <= 5  # the step in flight, no more
