@@ -1,0 +1,260 @@
+"""The bad-input corpus: every input a client or user can get wrong, with the answer it must get.
+
+Each case is (name, where, input, expected status or exit code, text the message must hold).
+HTTP cases run against real uvicorn servers on 127.0.0.1 (the cascade app with a real SmolLM2
+stage, and the single-stage server with the same model); CLI cases run `python -m cascade_core`'s
+`main`. Every malformed body gets a 4xx with a one-line message in the OpenAI error shape, never
+a 500 or a traceback, and the keep-alive connection it came on still serves the next request.
+
+The refusals at load of presets, probes and records (issue 13 item 5) belong to the owner of
+presets.py / probe.py / records.py: see the marked section at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import pytest
+
+from _loopback import ThreadServer
+from cascade_core import cli
+from cascade_core.cascade import RuntimeStage
+from cascade_core.server.cascade_app import create_cascade_app
+from cascade_core.server.single_stage import create_single_stage_app
+
+pytestmark = pytest.mark.model
+
+MC = "What is 7 times 8?\nA. 54\nB. 56\nC. 58\nD. 64"
+DEEP = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # issue 13's body: a RecursionError before
+
+
+def nested(depth: int) -> bytes:
+    return b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+def user(content, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": content}], **extra}
+
+
+@pytest.fixture(scope="module")
+def servers(smollm2_backend):
+    cascade = create_cascade_app({"solo": [RuntimeStage("smol", smollm2_backend)]}, max_body_bytes=300_000,
+                                 max_prompt_chars=5_000, serve_stages=False)
+    single = create_single_stage_app(smollm2_backend, "smollm2-135m", max_body_bytes=300_000, max_prompt_chars=5_000)
+    with ThreadServer(cascade) as c, ThreadServer(single) as s:
+        c.client = httpx.Client(base_url=c.url, timeout=120)
+        s.client = httpx.Client(base_url=s.url, timeout=120)
+        yield {"cascade": c, "single": s}
+        c.client.close()
+        s.client.close()
+
+
+# ---- bodies and fields, both servers (chat endpoint) ------------------------------------------
+
+BOTH = [
+    ("100,000 nested brackets", DEEP, 400, "nests 100001 levels deep, over the limit of 64"),
+    ("65 levels", nested(65), 400, "over the limit of 64"),
+    ("broken JSON", b'{"messages": [', 400, "not valid JSON"),
+    ("invalid UTF-8", b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', 400, "UnicodeDecodeError"),
+    ("empty body", b"", 400, "empty request body"),
+    ("JSON array", b"[1, 2]", 400, "must be a JSON object"),
+    ("NaN", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "NaN is not a JSON number"),
+    ("1e400", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e400}', 400, "out of range"),
+    ("5,000-digit integer", b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}", 400, "digits"),
+    ("over the body limit", user("x" * 400_000), 413, "over the limit of 300000 bytes"),
+    ("messages not a list", {"messages": "hi"}, 400, "messages"),
+    ("no messages", {"messages": []}, 400, "messages"),
+    ("unknown role", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+    ("image part", user([{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]), 400,
+     "messages[0].content[0] has type 'image_url': only text parts"),
+    ("text part with null text", user([{"type": "text", "text": None}]), 400,
+     "messages[0].content[0].text must be a string, got null"),
+    ("part not an object", user(["hi"]), 400, "messages[0].content[0] must be an object"),
+    ("content a number", user(7), 400, "must be a string or a list of content parts"),
+    ("user message without content", {"messages": [{"role": "user"}]}, 400, "messages[0].content is missing"),
+    ("user content null", {"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content is missing"),
+    ("tools", user("hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+     "tools is not supported by a confidence cascade"),
+    ("functions", user("hi", functions=[{"name": "f"}]), 400, "functions is not supported by a confidence cascade"),
+    ("tool_choice required", user("hi", tool_choice="required"), 400, "tool_choice='required' is not supported"),
+    ("response_format json_object", user("hi", response_format={"type": "json_object"}), 400,
+     "response_format type 'json_object' is not supported by a confidence cascade"),
+    ("response_format json_schema", user("hi", response_format={"type": "json_schema", "json_schema": {}}), 400,
+     "response_format type 'json_schema'"),
+    ("n=2", user("hi", n=2), 400, "only n=1 is supported"),
+    ("logit_bias", user("hi", logit_bias={"50256": -100}), 400, "logit_bias is not supported"),
+    ("stream_options without stream", user("hi", stream_options={"include_usage": True}), 400,
+     "stream_options is only allowed with stream=true"),
+    ("top_logprobs without logprobs", user("hi", top_logprobs=3), 400, "top_logprobs needs logprobs=true"),
+    ("top_logprobs 21", user("hi", logprobs=True, top_logprobs=21), 400, "top_logprobs"),
+    ("max_tokens 0", user("hi", max_tokens=0), 400, "max_tokens"),
+    ("max_tokens 5000", user("hi", max_tokens=5000), 400, "max_tokens"),
+    ("max_tokens a string", user("hi", max_tokens="ten"), 400, "max_tokens"),
+    ("temperature 3", user("hi", temperature=3), 400, "temperature"),
+    ("stream a list", user("hi", stream=[1]), 400, "stream"),
+    ("unknown model", user("hi", model="gpt-4o"), 404, "not served here"),
+]
+
+
+def expect(response: httpx.Response, status: int, needle: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert needle in error["message"], error["message"]
+    assert "\n" not in error["message"] and "Traceback" not in response.text
+    assert error["type"] in ("invalid_request_error", "not_found_error")
+
+
+def send(server, path: str, body) -> httpx.Response:
+    if isinstance(body, bytes):
+        return server.client.post(path, content=body, headers={"content-type": "application/json"})
+    return server.client.post(path, json=body)
+
+
+@pytest.mark.parametrize("which", ["cascade", "single"])
+@pytest.mark.parametrize("name, body, status, needle", BOTH, ids=[c[0] for c in BOTH])
+def test_a_bad_chat_body_is_refused_by_both_servers(servers, which, name, body, status, needle):
+    server = servers[which]
+    expect(send(server, "/v1/chat/completions", body), status, needle)
+    # The same keep-alive connection still serves the next request.
+    assert server.client.get("/v1/models").status_code == 200
+
+
+@pytest.mark.parametrize("which", ["cascade", "single"])
+def test_after_the_deep_body_the_same_connection_answers_a_question(servers, which):
+    server = servers[which]
+    with httpx.Client(base_url=server.url, timeout=120) as client:  # one connection, as in issue 13
+        assert client.post("/v1/chat/completions", content=DEEP).status_code == 400
+        after = client.post("/v1/chat/completions", json=user("Say hi.", max_tokens=2))
+        assert after.status_code == 200, after.text
+
+
+# ---- the cascade server: the question itself -------------------------------------------------
+
+CASCADE = [
+    ("zero-width only", user("\u200b\u200c\u200d\ufeff"), 400, "the question has no visible characters"),
+    ("direction overrides only", user("\u202e\u2066\u2069 \u202c"), 400, "the question has no visible characters"),
+    ("invisible option", user("Q?", options=["yes", "\u200b"]), 400, "option B has no visible characters"),
+    ("empty question", user(""), 400, "the question is empty"),
+    ("whitespace question", user(" \n\t "), 400, "the question is empty"),
+    ("only option lines", user("A. x\nB. y"), 400, "the question is empty"),
+    ("one option", user("Q?", options=["only"]), 400, "needs 2 to 26 options, got 1"),
+    ("27 options", user("Q?", options=[f"o{i}" for i in range(27)]), 400, "needs 2 to 26 options, got 27"),
+    ("options not strings", user("Q?", options=[1, 2]), 400, "options"),
+    ("duplicate options", user("Q?\nA. same\nB. other\nC.  same"), 400, "options A and C are the same"),
+    ("control character", user("What\x00 is this?"), 400, "control characters (U+0000)"),
+    ("lone surrogate", b'{"messages": [{"role": "user", "content": "Q\\ud800?"}]}', 400, "control characters (U+D800)"),
+    ("no user message", {"messages": [{"role": "system", "content": "Be brief."}]}, 400, "no user message"),
+    ("over the prompt limit", user("x" * 6_000), 400, "over the prompt limit of 5000"),
+    ("top_logprobs on a free-form question", user("Name a colour.", logprobs=True, top_logprobs=2), 400,
+     "top_logprobs: a free-form answer gives the log-probability of each generated token"),
+    ("stop", user("Name a colour.", stop=["\n"]), 400, "stop is not supported by the cascade server"),
+    ("subject not text", user(MC, subject=["x"]), 400, "subject"),
+]
+
+
+@pytest.mark.parametrize("name, body, status, needle", CASCADE, ids=[c[0] for c in CASCADE])
+def test_a_bad_question_is_refused_by_the_cascade_server(servers, name, body, status, needle):
+    expect(send(servers["cascade"], "/v1/chat/completions", body), status, needle)
+
+
+# ---- the single-stage server: /v1/completions --------------------------------------------------
+
+SINGLE = [
+    ("prompt missing", {"max_tokens": 1}, 400, "prompt"),
+    ("prompt empty", {"prompt": "   "}, 400, "prompt is empty"),
+    ("two prompts", {"prompt": ["a", "b"]}, 400, "exactly one prompt"),
+    ("echo", {"prompt": "hi", "echo": True}, 400, "echo=true is not supported"),
+    ("logprobs 21", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ("five stop strings", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop must be up to 4"),
+    ("empty stop string", {"prompt": "hi", "stop": [""]}, 400, "stop must be up to 4 non-empty strings"),
+    ("n=3", {"prompt": "hi", "n": 3}, 400, "only n=1"),
+    ("deep body", DEEP, 400, "over the limit of 64"),
+    ("prompt over the limit", {"prompt": "x" * 6_000}, 400, "over the limit of 5000"),
+    ("unknown model", {"prompt": "hi", "model": "gpt-4o"}, 404, "not served here"),
+]
+
+
+@pytest.mark.parametrize("name, body, status, needle", SINGLE, ids=[c[0] for c in SINGLE])
+def test_a_bad_completion_body_is_refused_by_the_single_stage_server(servers, name, body, status, needle):
+    expect(send(servers["single"], "/v1/completions", body), status, needle)
+
+
+# ---- what is accepted: explicit nulls, content parts, real logprobs ---------------------------
+
+
+def test_explicit_nulls_are_absent_on_both_servers(servers):
+    nulls = {"n": None, "max_tokens": None, "stream": None, "logprobs": None, "top_logprobs": None,
+             "temperature": None, "stop": None, "tools": None, "response_format": None, "stream_options": None}
+    body = servers["cascade"].client.post("/v1/chat/completions", json={**user(MC), **nulls, "subject": None,
+                                                                        "options": None})
+    assert body.status_code == 200, body.text
+    assert body.json()["cascade"]["question"]["options"] == ["54", "56", "58", "64"]
+    single = servers["single"].client.post("/v1/chat/completions", json={**user("Say hi."), **nulls, "max_tokens": 2})
+    assert single.status_code == 200, single.text
+
+
+def test_content_parts_are_joined_on_both_servers(servers):
+    parts = [{"type": "text", "text": "What is 7 times 8?"}, {"type": "text", "text": "A. 54\nB. 56\nC. 58\nD. 64"}]
+    cascade = servers["cascade"].client.post("/v1/chat/completions", json=user(parts, response_format={"type": "text"}))
+    assert cascade.status_code == 200, cascade.text
+    assert cascade.json()["cascade"]["question"]["text"] == "What is 7 times 8?"
+    single = servers["single"].client.post("/v1/chat/completions", json=user(parts, max_tokens=2))
+    as_string = servers["single"].client.post("/v1/chat/completions", json=user("\n".join(p["text"] for p in parts),
+                                                                               max_tokens=2))
+    assert single.status_code == 200 and single.json()["choices"][0] == as_string.json()["choices"][0]
+
+
+def test_logprobs_on_the_cascade_are_the_answering_stages(servers):
+    mc = servers["cascade"].client.post("/v1/chat/completions", json=user(MC, logprobs=True, top_logprobs=4)).json()
+    (entry,) = mc["choices"][0]["logprobs"]["content"]
+    step = mc["cascade"]["steps"][-1]
+    assert entry["token"] == step["answer"] and math.exp(entry["logprob"]) == pytest.approx(step["p_t"], rel=1e-6)
+    assert [t["token"] for t in entry["top_logprobs"]] == sorted("ABCD", key=lambda c: -step["option_probs"]["ABCD".index(c)])
+    free = servers["cascade"].client.post("/v1/chat/completions",
+                                          json=user("Name the capital of France.", logprobs=True, max_tokens=4)).json()
+    tokens = free["choices"][0]["logprobs"]["content"]
+    step = free["cascade"]["steps"][-1]
+    assert len(tokens) == step["output_tokens"] and all(t["logprob"] <= 0 for t in tokens)
+    geometric = math.exp(sum(t["logprob"] for t in tokens) / len(tokens))
+    assert geometric == pytest.approx(step["p_t"], rel=1e-6)  # the P(T) the cascade routed on
+
+
+# ---- the CLI -----------------------------------------------------------------------------------
+
+CLI = [
+    ("route: zero-width question", ["route", "\u200b\u200b"], 2, "the question has no visible characters"),
+    ("route: direction override", ["route", "\u202e", "--options", "a", "b"], 2, "no visible characters"),
+    ("route: invisible option", ["route", "Q?", "--options", "a", "\u2060"], 2, "option B has no visible characters"),
+    ("route: empty question", ["route", "", "--options", "a", "b"], 2, "the question is empty"),
+    ("serve: unknown single-stage model", ["serve", "--single-stage", "no-such-model"], 2, "no-such-model"),
+    ("serve: non-loopback host", ["serve", "--host", "0.0.0.0"], 2, "not a loopback address"),
+    ("serve: body limit 0", ["serve", "--max-body-bytes", "0"], 2, "--max-body-bytes must be at least 1"),
+    ("serve: timeout 0", ["serve", "--timeout-s", "0"], 2, "--timeout-s > 0"),
+]
+
+
+@pytest.mark.parametrize("name, argv, code, needle", CLI, ids=[c[0] for c in CLI])
+def test_bad_cli_input_is_a_one_line_message(capsys, name, argv, code, needle):
+    assert cli.main(argv) == code
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert needle in text and text.startswith("error: ") and "Traceback" not in text
+
+
+def test_the_corpus_has_at_least_40_cases():
+    assert len(BOTH) * 2 + len(CASCADE) + len(SINGLE) + len(CLI) >= 40
+
+
+# ==== ISSUE 13 ITEM 5: refusals at load (presets, probes, records) ===============================
+# Owned by the engineer of presets.py / probe.py / records.py; the cases expected here (each a
+# CLI run or a load call, with the file and key or column named in the message):
+#   - a preset stage whose `probe` file does not exist (without `probe_optional = true`)
+#   - `probe_optional = true` with a missing file: loads, routes on P(T) alone, says so
+#   - a string threshold (`tau_t = "0.5"`): a type error naming the key
+#   - records with NaN or 7.0 in `p_t`, out-of-range `p_ik` or `margin`: file and column named
+#   - records with negative tokens or FLOPs: file and column named
+#   - a probe .npz of random bytes: "not a probe file" (not "pickled")
+#   - a probe .npz holding an object array: refused without unpickling
+# ================================================================================================
