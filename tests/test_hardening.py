@@ -431,3 +431,56 @@ def test_no_pickle_or_joblib_loading_in_the_code():
             for match in re.finditer(pattern, text):
                 offenders.append(f"{path.relative_to(REPO_ROOT)}: {match.group(0)}")
     assert not offenders, offenders
+
+
+# ---- free-form answers: never an empty one ---------------------------------------------------
+
+
+class _Says:
+    """A backend whose free-form answer is fixed (the shape any backend returns)."""
+
+    has_hidden_states = False
+    total_params = non_embedding_params = 0
+
+    def __init__(self, name: str, text: str):
+        self.model_id, self.text = name, text
+
+    def generate(self, prompt, max_new_tokens=64):
+        import numpy as np
+
+        from cascade_core.types import Generation
+
+        return Generation(text=self.text, token_logprobs=np.array([-0.01]), prompt_tokens=5, output_tokens=1,
+                          tokens=("<|im_end|>",) if not self.text else ("x",))
+
+
+@pytest.mark.parametrize("empty", ["", "  \n\t", "\n"])
+def test_an_empty_free_form_answer_is_never_kept(empty):
+    from cascade_core.cascade import CascadeError, run_cascade
+    from cascade_core.policy import StagePolicy
+    from cascade_core.types import Question
+
+    keep_anything = StagePolicy(tau_t=0.0, rule="pt_only")
+    stages = [RuntimeStage("first", _Says("first", empty), policy=keep_anything),
+              RuntimeStage("last", _Says("last", "Seven."))]
+    trace = run_cascade(stages, Question("Name a prime number."))
+    first, last = trace.steps
+    assert (first.decision, first.reason, first.p_t) == ("escalate", "empty answer", 0.0)
+    assert trace.answer == "Seven." and last.decision == "final"
+    with pytest.raises(CascadeError, match="empty answer") as failed:
+        run_cascade([RuntimeStage("only", _Says("only", empty))], Question("Name a prime number."))
+    (only,) = failed.value.args[1].steps
+    assert (only.decision, only.reason) == ("error", "empty answer")
+
+
+@pytest.mark.model
+def test_route_name_a_prime_number_on_the_default_preset_is_never_empty(capsys):
+    """A real SmolLM2 run (the default preset's first stage): it used to answer "" (its raw
+    prompt made it end its turn at once); through the chat template it answers."""
+    code = cli.main(["route", "Name a prime number.", "--preset", "default", "--stages", "smollm2-135m", "--json",
+                     "--max-new-tokens", "24"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    trace = json.loads(out.strip().splitlines()[-1])
+    assert trace["answer"] and trace["answer"].strip()
+    assert trace["steps"][-1]["output_tokens"] <= 24
