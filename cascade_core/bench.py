@@ -131,6 +131,18 @@ def feature_qids(features_dir: Path) -> set[str]:
     return found
 
 
+def check_same_dtype(records: pd.DataFrame, dtype: str, path: Path) -> None:
+    """Refuse to mix dtypes in one records file: bfloat16 and float32 answers differ on a few
+    percent of questions, so a table half of each would describe no model that can be run."""
+    if not dtype or records.empty or "dtype" not in records:
+        return
+    made = sorted(set(records["dtype"].astype(str)) - {""})
+    if made and made != [dtype]:
+        raise ValueError(
+            f"{path}: its records were made in {', '.join(made)}, this run computes in {dtype}; set the "
+            f"stage's dtype = \"{made[0]}\" in the preset to extend them, or bench into another --results-dir")
+
+
 def run_stage(
     backend: Backend,
     stage: str,
@@ -150,6 +162,7 @@ def run_stage(
     chunk file first, so a crash between the two only makes a rerun redo that batch.
     """
     records = load_records(paths.records)
+    check_same_dtype(records, dtype, paths.records)
     done = set(records["qid"].astype(str))
     todo = questions[~questions["qid"].astype(str).isin(done)]
     total, finished = len(questions), len(questions) - len(todo)
@@ -202,6 +215,7 @@ def backfill_features(
     batch_size: int = 8,
     progress: Progress | None = None,
     max_batches: int | None = None,
+    dtype: str = "",
 ) -> dict[str, int]:
     """Hidden-state features for questions that have records but no features; records stay as they are.
 
@@ -214,6 +228,7 @@ def backfill_features(
     if not backend.has_hidden_states:
         raise ValueError(f"{backend.model_id}: this backend gives no hidden states; nothing to backfill")
     records = load_records(paths.records)
+    check_same_dtype(records, dtype, paths.records)
     recorded = records.set_index(records["qid"].astype(str))["prediction"]
     have = feature_qids(paths.features_dir) if paths.features_dir.exists() else set()
     qids = questions["qid"].astype(str)

@@ -156,3 +156,17 @@ def test_backfill_adds_features_to_records_made_without_them(tmp_path, smollm2_b
     qids, layers = load_features(paths.features_dir)
     assert sorted(qids) == sorted(clean["qid"])
     assert backfill_features(smollm2_backend, _questions(), paths, batch_size=BATCH)["backfilled"] == 0
+
+
+def test_records_are_never_extended_in_another_dtype(tmp_path, smollm2_backend, clean_run):
+    """The clean run's records say float32; a run that would compute in bfloat16 is refused."""
+    paths = _paths(tmp_path)
+    paths.records.parent.mkdir(parents=True)
+    paths.records.write_bytes(clean_run[0].records.read_bytes())
+    records = load_records(paths.records)
+    records["dtype"] = "float32"
+    records.iloc[:12].to_parquet(paths.records)
+    with pytest.raises(ValueError, match=r"made in float32, this run computes in bfloat16"):
+        run_stage(smollm2_backend, STAGE, _questions(), paths, batch_size=BATCH, dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"made in float32, this run computes in bfloat16"):
+        backfill_features(smollm2_backend, _questions(), paths, batch_size=BATCH, dtype="bfloat16")

@@ -238,3 +238,11 @@ def test_generate_streams_its_text_and_stops_within_one_step_when_cancelled(smol
 
     stopped = smollm2_backend.generate("1, 2, 3, 4,", max_new_tokens=200, chat=False, on_text=on_text, cancel=cancel)
     assert stopped.finish_reason == "cancelled" and stopped.output_tokens <= 5  # the step in flight, no more
+
+
+def test_cpu_auto_dtype_is_bfloat16_only_where_it_is_native():
+    from models.hf import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert cpu_has_native_bf16("flags\t\t: fpu amx_bf16 amx_tile\n")
+    assert not cpu_has_native_bf16("flags : fpu sse2 avx avx2 fma f16c\n")

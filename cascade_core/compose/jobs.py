@@ -51,7 +51,8 @@ def bench_stage(config: StageConfig, questions: pd.DataFrame, where: Locations, 
     paths = stage_paths(where, config, dataset)
     size = batch_size or config.batch_size
     if backfill:
-        return backfill_features(backend, questions, paths, batch_size=size, progress=progress)
+        return backfill_features(backend, questions, paths, batch_size=size, progress=progress,
+                                 dtype=describe_backend(config, backend)["dtype"])
     return run_stage(backend, config.name, questions, paths, batch_size=size, progress=progress,
                      **describe_backend(config, backend))
 
