@@ -7,6 +7,7 @@ errors, bearer auth, and that concurrent requests are serialised without mixing 
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -193,3 +194,51 @@ def test_missing_key_variable_refuses_to_build(smollm2_backend, monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
     with pytest.raises(ValueError, match=KEY_ENV):
         create_single_stage_app(smollm2_backend, MODEL_NAME, api_key_env=KEY_ENV)
+
+
+# ---- streaming and cancellation ---------------------------------------------------------------
+
+
+def test_the_stock_openai_client_streams_chat_and_completions(server):
+    import openai
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8)
+    chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, stream=True,
+                                                 stream_options={"include_usage": True}, logprobs=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    streamed_lps = [e.logprob for c in chunks if c.choices and c.choices[0].logprobs
+                    for e in c.choices[0].logprobs.content]
+    assert len(streamed_lps) == whole.usage.completion_tokens
+    if hasattr(client.chat.completions, "stream"):
+        with client.chat.completions.stream(model=MODEL_NAME, messages=messages, max_tokens=8) as helper:
+            for _event in helper:
+                pass
+            assert helper.get_final_completion().choices[0].message.content == text
+    pieces = [c.choices[0].text for c in client.completions.create(model=MODEL_NAME, prompt="1, 2, 3,", max_tokens=6,
+                                                                   stream=True)]
+    plain = client.completions.create(model=MODEL_NAME, prompt="1, 2, 3,", max_tokens=6)
+    assert "".join(pieces) == plain.choices[0].text and len([p for p in pieces if p]) >= 3
+
+
+def test_a_client_that_leaves_a_stream_stops_the_generation(server):
+    before = server.client.get("/metrics").json()["cancelled"]
+    body = {"prompt": "1, 2, 3, 4,", "max_tokens": 400, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            seen = 0
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    seen += 1
+                    if seen == 3:
+                        break
+    deadline = time.monotonic() + 30
+    while server.client.get("/metrics").json()["cancelled"]["total"] == before["total"]:
+        assert time.monotonic() < deadline, "the server never cancelled the abandoned stream"
+        time.sleep(0.05)
+    after = server.client.get("/metrics").json()
+    assert 3 <= after["cancelled"]["tokens_generated"] - before["tokens_generated"] < 400  # stopped early, by tokens
+    assert after["queue"]["in_flight"] == 0
+    assert complete(server, prompt="1, 2, 3,", max_tokens=2)["choices"][0]["text"]
