@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cascade_core.bench import BenchPaths, backfill_features, load_features, load_records, run_stage
+from cascade_core.compose.features import export_probe_layer, stage_features
 from cascade_core.compose.live import build_backend, describe_backend
 from cascade_core.compose.locations import Locations
 from cascade_core.io import atomic_write_parquet
@@ -92,9 +93,10 @@ def train_probes(preset: Preset, where: Locations, dataset: str = "mmlu", stages
         if config.backend == "recorded" or not paths.records.exists():
             continue
         records = load_records(paths.records)
-        qids, features = load_features(paths.features_dir)
+        qids, features, source = stage_features(where, config.name, records["qid"], dataset)
         if not features:
-            yield ProbeOutcome(config.name, False, f"no hidden-state features under {paths.features_dir}; skipped")
+            yield ProbeOutcome(config.name, False, f"no hidden-state features under {paths.features_dir} "
+                                                   f"or {where.hidden_dir(dataset) / config.name}; skipped")
             continue
         aligned = align_features(records, qids, features)
         result = train_probe(records, aligned, model_id=str(records["model_id"].iloc[0]), seed=seed)
@@ -104,5 +106,8 @@ def train_probes(preset: Preset, where: Locations, dataset: str = "mmlu", stages
         result.probe.metadata["grid_cv_auroc"] = {f"{l}/{c:g}": v for (l, c), v in (result.grid_auroc or {}).items()}
         result.probe.save(probe_path)
         atomic_write_parquet(with_p_ik(records, result.p_ik, str(paths.records)), paths.records)
+        exported = ""
+        if source == "local":
+            exported = f"; layer {result.probe.layer} -> {export_probe_layer(where, config.name, records, qids, features, result.probe.layer, dataset)}"
         yield ProbeOutcome(config.name, True, f"layer {result.probe.layer}, C {result.probe.C:g}, "
-                                              f"held-out AUROC {result.test_auroc:.3f} -> {probe_path}")
+                                              f"held-out AUROC {result.test_auroc:.3f} ({source} features) -> {probe_path}{exported}")

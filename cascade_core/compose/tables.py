@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from cascade_core.bench import load_features, load_records
+from cascade_core.bench import load_records
 from cascade_core.compose.locations import locations
 from cascade_core.cost import dollars as dollar_cost
 from cascade_core.cost import flops as flop_cost
@@ -167,20 +167,26 @@ def question_categories(table: RecordTable) -> np.ndarray:
 
 
 def load_stage_features(table: RecordTable, dataset: str = "mmlu", features_dir: Path | str | None = None,
+                        results_dir: Path | str | None = None,
                         ) -> tuple[dict[str, tuple[np.ndarray, dict]], dict[str, str]]:
     """Hidden-state features of the table's local stages that cover all its questions.
 
     Returns ({stage: (qids, {layer: (n, d) float32})}, {stage: why it was left out}); a stage
     whose features are missing or incomplete is left out (the report then says so).
     """
-    root = locations(features_dir=features_dir).features / dataset
+    from cascade_core.compose.features import stage_features
+
+    where = locations(results_dir=results_dir, features_dir=features_dir)
+    root = where.features / dataset
     found, missing = {}, {}
     for s, name in enumerate(table.names):
         if table.recorded[s]:
             continue
-        qids, layers = load_features(root / name)
+        record_file = where.record_path(name, dataset)
+        record_qids = pd.read_parquet(record_file, columns=["qid"])["qid"] if record_file.exists() else table.qids
+        qids, layers, _ = stage_features(where, name, record_qids, dataset)
         if not layers:
-            missing[name] = f"no feature files under {root / name}"
+            missing[name] = f"no feature files under {root / name} or {where.hidden_dir(dataset) / name}"
             continue
         absent = np.setdiff1d(table.qids, qids)
         if absent.size:
@@ -203,7 +209,7 @@ def load_report_inputs(preset: Preset | str = "default", dataset: str = "mmlu",
     include: bool | StageConfig = True if own_recorded else (GPT4_STAGE if with_gpt4 and dataset == "mmlu" else False)
     table = load_preset_table(preset, dataset, results_dir, include_recorded=include)
     questions = load_mmlu() if dataset == "mmlu" else None
-    features, missing = load_stage_features(table, dataset, features_dir)
+    features, missing = load_stage_features(table, dataset, features_dir, results_dir)
     per_subject = pd.Series(table.subjects).value_counts()
     meta = {
         "preset": preset.name, "dataset": dataset,

@@ -1,0 +1,75 @@
+"""A clone rebuilds the probes from the committed single layer alone, to the same AUROC.
+
+Real records (the committed SmolLM2 ones) with made-up hidden states that carry some signal:
+training from the local multi-layer chunks exports the chosen layer; with the chunks gone, the
+same training from the committed layer gives the same probe and the same held-out AUROC.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cascade_core.compose.features import stage_features
+from cascade_core.compose.jobs import train_probes
+from cascade_core.compose.locations import DATA_DIR, Locations
+from cascade_core.features_store import FeatureMismatchError, read_manifest
+from cascade_core.io import atomic_write_npz
+from cascade_core.presets import load_preset
+from cascade_core.probe import PIKProbe
+
+STAGE = "smollm2-135m"
+
+
+@pytest.fixture
+def setup(tmp_path):
+    where = Locations(results=tmp_path / "results", features=tmp_path / "features", hidden=tmp_path / "hidden",
+                      probes=tmp_path / "probes", policies=tmp_path / "policies")
+    records_file = where.record_path(STAGE)
+    records_file.parent.mkdir(parents=True)
+    records = pd.read_parquet(DATA_DIR / "results" / "mmlu" / f"{STAGE}.parquet").iloc[:1200]
+    records.to_parquet(records_file)
+    rng = np.random.default_rng(0)
+    signal = records["correct"].to_numpy(dtype=float)
+    layers = {l: (rng.normal(size=(len(records), 24)) + np.outer(signal, rng.normal(size=24)) * 0.3 * l)
+              for l in (1, 2, 3)}
+    order = rng.permutation(len(records))  # chunks hold the questions in another order than the records
+    for start in range(0, len(order), 400):
+        rows = order[start:start + 400]
+        atomic_write_npz(where.features_dir(STAGE) / f"chunk-{start:05d}.npz", qid=records["qid"].to_numpy().astype(str)[rows],
+                         **{f"layer_{l}": a[rows].astype(np.float16) for l, a in layers.items()})
+    preset_file = tmp_path / "p.toml"
+    preset_file.write_text(f'name = "p"\n[[stages]]\nname = "{STAGE}"\nbackend = "packaged"\nmodel = "{STAGE}"\n'
+                           f'probe = "{tmp_path / "probes" / (STAGE + ".npz")}"\nprobe_optional = true\n')
+    return where, load_preset(preset_file), records
+
+
+def test_probes_rebuilt_from_the_committed_layer_match(setup):
+    where, preset, records = setup
+    (first,) = train_probes(preset, where)
+    assert first.trained and "(local features)" in first.message
+    probe_file = where.probes / f"{STAGE}.npz"
+    trained = PIKProbe.load(probe_file)
+    manifest = read_manifest(where.hidden_dir() / STAGE)
+    assert manifest["layer"] == trained.layer and manifest["rows"] == len(records)
+
+    shutil.rmtree(where.features)
+    qids, layers, source = stage_features(where, STAGE, records["qid"])
+    assert source == "committed" and list(qids) == list(records["qid"]) and list(layers) == [trained.layer]
+    (again,) = train_probes(preset, where)
+    assert again.trained and "(committed features)" in again.message
+    rebuilt = PIKProbe.load(probe_file)
+    assert rebuilt.layer == trained.layer and rebuilt.C == trained.C
+    assert abs(rebuilt.metadata["test_auroc"] - trained.metadata["test_auroc"]) <= 1e-6
+
+
+def test_committed_features_in_another_order_than_the_records_are_refused(setup):
+    where, preset, records = setup
+    list(train_probes(preset, where))
+    shutil.rmtree(where.features)
+    shuffled = records["qid"].to_numpy()[::-1]
+    with pytest.raises(FeatureMismatchError, match=r"layer-\d+\.part-00\.npz: qids differ from the records'"):
+        stage_features(where, STAGE, shuffled)
