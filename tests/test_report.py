@@ -22,7 +22,7 @@ from cascade_core.records import RecordTable, synthetic_table
 from cascade_core.replay import replay
 from cascade_core.report import (ReportSettings, build_report, oracle_curve, policy_from_dict, retrain_p_ik,
                                  with_groups)
-from cascade_core.report_markdown import render
+from cascade_core.report.markdown import render
 from cascade_core.selection import evaluate_on
 from cascade_core.stats import mcnemar_exact
 
@@ -218,11 +218,11 @@ def test_perturbing_test_questions_changes_no_choice(report, table):
 
 
 def test_perturbing_calibration_questions_changes_choices(report, table):
-    from cascade_core.report import cascade_section
+    from cascade_core.report.cascades import cascade_section
 
     changed, _ = _perturb(table, _features(table), table.splits == "calibration")
     again = cascade_section(changed, SETTINGS, lambda message: None)
-    assert [c["policy"] for c in again] != _choices(report)["cascades"]
+    assert [c.policy for c in again] != _choices(report)["cascades"]
 
 
 def test_ood_probe_never_trains_on_the_held_out_category_or_test(table):

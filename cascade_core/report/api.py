@@ -1,0 +1,145 @@
+"""Section 3, the API scenario: local stage(s) -> recorded GPT-4: share of GPT-4 calls, tokens and
+dollars saved, for several variants (rule x thresholds global / per category / per subject x
+calibration target); the headline variant is picked by cross-validation INSIDE the calibration split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from cascade_core.records import RecordTable
+from cascade_core.report.common import (Part, Progress, ReportSettings, _api_metrics, _local_indices, _num,
+                                            _subtable, evaluate_on, outcome, policy_dict, policy_thresholds,
+                                            select_policy, split_tables, with_groups)
+
+
+@dataclass
+class ApiCascade(Part):
+    stages: list
+    unit: str
+    target_max_loss: float
+    gpt4_accuracy: float
+    variants: list  # every variant tried: name, rule, grouping, calibration_target, cv, policy, thresholds, calibration, test
+    skipped_groupings: dict
+    chosen: str  # the CV-chosen variant's name
+    chosen_test: dict
+    target_met_on_test: bool
+    oracle_calls_saved: float
+
+
+def _groups(table: RecordTable, grouping: str, categories: np.ndarray) -> np.ndarray | None:
+    if grouping == "global":
+        return None
+    if grouping == "category":
+        return categories
+    if grouping == "subject":
+        return table.subjects
+    raise ValueError(f"unknown grouping {grouping!r}")
+
+
+def _cv_variant(calib: RecordTable, rule: str, per_group: bool, target: float, unit: str,
+                settings: ReportSettings) -> dict:
+    """Cross-validate one variant inside the calibration split: pooled held-out loss and savings."""
+    order = np.random.default_rng(settings.seed).permutation(calib.n_questions)
+    final = np.empty(calib.n_questions, dtype=np.int64)
+    correct = np.empty(calib.n_questions, dtype=bool)
+    for part in np.array_split(order, settings.cv_folds):
+        train_mask = np.ones(calib.n_questions, dtype=bool)
+        train_mask[part] = False
+        held_mask = ~train_mask
+        selection = select_policy(calib.subset(train_mask), target_max_loss=target, unit=unit, rule=rule,
+                                  per_subject=per_group, min_subject_questions=settings.min_group_questions)
+        result = evaluate_on(calib.subset(held_mask), selection.policy)
+        final[held_mask] = result.final_stage
+        correct[held_mask] = result.correct
+    last = calib.n_stages - 1
+    reached = final == last
+    dollars = calib.cost(unit)[last]
+    return {"accuracy_loss": float(calib.correct[last].mean() - correct.mean()),
+            "calls_saved": float(1.0 - reached.mean()),
+            "cost_saved": _num(1.0 - dollars[reached].sum() / dollars.sum()) if dollars.sum() > 0 else None}
+
+
+def _variants(settings: ReportSettings, calib: RecordTable, calib_categories: np.ndarray) -> tuple[list[tuple], dict]:
+    """(rule, grouping, calibration target) to try, and the groupings left out with why: one whose
+    groups would nearly all share the pooled policy (too few questions each) is the global variant."""
+    has_pik = bool(np.isfinite(calib.p_ik[:-1]).any())
+    rules = [r for r in settings.rules if has_pik or r in ("pt_only", "learned")]
+    out, skipped = [], {}
+    for grouping in settings.api_groupings:
+        groups = _groups(calib, grouping, calib_categories)
+        if groups is not None:
+            counts = pd.Series(groups).value_counts()
+            if (counts >= settings.min_group_questions).sum() < 2:
+                skipped[grouping] = (f"only {int((counts >= settings.min_group_questions).sum())} of {counts.size} "
+                                     f"{grouping} groups have >= {settings.min_group_questions} calibration "
+                                     "questions: the rest share one pooled policy, i.e. the global variant")
+                continue
+        for rule in rules:
+            for target in settings.api_calibration_targets:
+                out.append((rule, grouping, target))
+    return out, skipped
+
+
+def api_cascade(table: RecordTable, stages: Sequence[int], categories: np.ndarray, settings: ReportSettings,
+                progress: Progress) -> ApiCascade:
+    """One local cascade -> GPT-4 (last stage of `stages`): every variant, and the CV-chosen one."""
+    unit = settings.api_unit
+    sub = _subtable(table, stages)
+    calib_full, test_full = split_tables(sub)
+    variants = []
+    tried, skipped = _variants(settings, calib_full, categories[sub.splits == "calibration"])
+    for rule, grouping, target in tried:
+        groups = _groups(sub, grouping, categories)
+        table_g = sub if groups is None else with_groups(sub, groups)
+        calib, test = split_tables(table_g)
+        cv = _cv_variant(calib, rule, groups is not None, target, unit, settings)
+        selection = select_policy(calib, target_max_loss=target, unit=unit, rule=rule, per_subject=groups is not None,
+                                  min_subject_questions=settings.min_group_questions)
+        result = evaluate_on(test, selection.policy)
+        variants.append({
+            "name": f"{rule}/{grouping}/target {target * 100:g} pt", "rule": rule, "grouping": grouping,
+            "calibration_target": target, "cv": cv,
+            "policy": policy_dict(selection.policy), "thresholds": policy_thresholds(selection.policy, sub),
+            "calibration": {"accuracy": selection.calibration.accuracy,
+                            "reference_accuracy": selection.reference_accuracy,
+                            **{k: v for k, v in _api_metrics(calib, selection.calibration).items()}},
+            "test": {**_api_metrics(test, result),
+                     **{k: v for k, v in outcome(test, result, unit, settings.n_resamples, settings.seed).items()
+                        if k in ("accuracy", "pd", "mcnemar", "reference_accuracy", "answer_rate", "compute_reduction")}},
+        })
+    chosen = pick_variant(variants, settings.target_max_loss)
+    progress(f"api {' -> '.join(sub.names)}: {len(variants)} variants, chosen {variants[chosen]['name']}")
+    best = variants[chosen]
+    return ApiCascade(
+        stages=list(sub.names), unit=unit, target_max_loss=settings.target_max_loss,
+        gpt4_accuracy=float(test_full.correct[-1].mean()),
+        variants=variants, skipped_groupings=skipped, chosen=best["name"],
+        chosen_test=best["test"],
+        target_met_on_test=best["test"]["accuracy_loss"] <= settings.target_max_loss + 1e-12,
+        oracle_calls_saved=float(np.mean(test_full.correct[:-1].any(axis=0) | ~test_full.correct[-1])),
+    )
+
+
+def pick_variant(variants: Sequence[dict], target: float) -> int:
+    """The variant with the largest cross-validated saving among those whose CV loss <= target;
+    if none holds the target, the one with the smallest CV loss. Calibration numbers only."""
+    ok = [i for i, v in enumerate(variants) if v["cv"]["accuracy_loss"] <= target + 1e-12]
+    if ok:
+        return max(ok, key=lambda i: ((variants[i]["cv"]["cost_saved"] or 0.0), variants[i]["cv"]["calls_saved"], -i))
+    return min(range(len(variants)), key=lambda i: (variants[i]["cv"]["accuracy_loss"], i))
+
+
+def api_section(table: RecordTable, categories: np.ndarray, settings: ReportSettings, progress: Progress) -> list[ApiCascade]:
+    if not table.recorded[-1]:
+        return []
+    local = _local_indices(table)
+    last = table.n_stages - 1
+    cascades = [[s, last] for s in local]
+    if len(local) > 1:
+        cascades.append(local + [last])
+    return [api_cascade(table, stages, categories, settings, progress) for stages in cascades]
+
