@@ -25,12 +25,13 @@ import pandas
 
 from cascade_core.blas import blas_threads as _blas_threads
 from cascade_core.cost import COST_UNITS, check_unit, compute_reduction
-from cascade_core.policy import RULES, CascadePolicy, LearnedCombiner, StagePolicy, fit_combiner, keep_mask
+from cascade_core.policy import (RULES, SCORED_RULES, CascadePolicy, LearnedCombiner, StagePolicy, fit_combiner,
+                                 fit_loss_aware, keep_mask)
 from cascade_core.records import RecordTable
 from cascade_core.replay import ReplayResult, replay
 
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it trapz
-DEFAULT_QUANTILES = {"both": 8, "pt_only": 50, "pik_only": 50, "learned": 50}
+DEFAULT_QUANTILES = {"both": 8, "pt_only": 50, "pik_only": 50, "learned": 50, "loss_aware": 50}
 _CHUNK_ROWS = 256
 
 
@@ -75,7 +76,7 @@ def stage_candidates(table: RecordTable, stage: int, rule: str = "both", n_quant
         policies = [StagePolicy(tau_ik=k, rule=rule) for k in _quantile_thresholds(p_ik, n)]
     else:
         if combiner is None:
-            raise ValueError(f"rule 'learned' needs a combiner for stage {table.names[stage]!r}")
+            raise ValueError(f"rule {rule!r} needs a fitted model for stage {table.names[stage]!r}")
         score = combiner.score(p_t, p_ik, table.margin[stage], table.entropy[stage])
         policies = [StagePolicy(tau_learned=t, rule=rule, combiner=combiner) for t in _quantile_thresholds(score, n)]
     keep = np.stack([keep_mask(p, p_t, p_ik, table.margin[stage], table.entropy[stage]) for p in policies])
@@ -157,7 +158,7 @@ class SweepResult:
             data[f"{name}:enabled"] = self.enabled[:, s]
             data[f"{name}:tau_t"] = self.tau_t[:, s]
             data[f"{name}:tau_ik"] = self.tau_ik[:, s]
-            if self.rule == "learned":
+            if self.rule in SCORED_RULES:
                 data[f"{name}:tau_learned"] = self.tau_learned[:, s]
             data[f"{name}:reach"] = self.reach_rate[:, s]
             data[f"{name}:escalation"] = self.escalation_rate[:, s]
@@ -173,7 +174,7 @@ def _thresholds(policies: Sequence[StagePolicy], rule: str) -> tuple[np.ndarray,
         return t, nan, nan
     if rule == "pik_only":
         return t, ik, nan
-    if rule == "learned":
+    if rule in SCORED_RULES:
         return t, nan, learned
     return t, ik, nan
 
@@ -275,11 +276,13 @@ def sweep(
         raise ValueError(f"unknown rule {rule!r}; rules: {', '.join(RULES)}")
     subsets = cascade_subsets(table, include_skips)
     routed = sorted({s for subset in subsets for s in subset[:-1]})
-    if rule == "learned":
+    if rule in SCORED_RULES:
         if combiners is None:
             combiners = [None] * table.n_stages
             for s in routed:
-                combiners[s] = fit_combiner(table.p_t[s], table.p_ik[s], table.margin[s], table.entropy[s], table.correct[s])
+                args = (table.p_t[s], table.p_ik[s], table.margin[s], table.entropy[s], table.correct[s])
+                combiners[s] = (fit_combiner(*args) if rule == "learned"
+                                else fit_loss_aware(*args, reference_correct=table.correct[-1]))
         if len(combiners) != table.n_stages:
             raise ValueError(f"{len(combiners)} combiners for {table.n_stages} stages")
     combiners = tuple(combiners) if combiners is not None else ()

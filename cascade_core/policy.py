@@ -8,11 +8,14 @@ Rules (``StagePolicy.rule``):
 - ``both``     keep iff P(T) >= tau_t AND P(IK) >= tau_ik (the paper's rule);
 - ``pt_only``  keep iff P(T) >= tau_t;
 - ``pik_only`` keep iff P(IK) >= tau_ik;
-- ``learned``  keep iff a logistic combination of [P(T), P(IK), margin, entropy] >= tau_learned.
+- ``learned``  keep iff a logistic combination of [P(T), P(IK), margin, entropy] >= tau_learned;
+- ``loss_aware`` keep iff P(this stage right) - P(the last stage right), both logistic in the same
+  signals and fit on calibration (`LossAwareScore`), >= tau_learned: the expected accuracy gained
+  by keeping rather than escalating, so a stage keeps where the big model would fail too.
 
 Missing signals: a question whose P(IK) is NaN (a stage without hidden states, such as an API,
 or without a probe) routes on P(T) >= tau_t alone, whatever the rule, ``pik_only`` included, as
-the paper does for GPT-4o. ``learned`` does the same where any feature its combiner uses is NaN.
+the paper does for GPT-4o. ``learned`` and ``loss_aware`` do the same where any feature their model uses is NaN.
 A NaN P(T) never passes a threshold: that question escalates.
 
 Thresholds: NaN is rejected; any other float is accepted (a threshold above 1 means "never
@@ -28,7 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
-RULES: tuple[str, ...] = ("both", "pt_only", "pik_only", "learned")
+RULES: tuple[str, ...] = ("both", "pt_only", "pik_only", "learned", "loss_aware")
+SCORED_RULES: tuple[str, ...] = ("learned", "loss_aware")  # rules whose threshold is tau_learned
 FEATURES: tuple[str, ...] = ("p_t", "p_ik", "margin", "entropy")
 
 
@@ -82,7 +86,7 @@ class LearnedCombiner:
             return 1.0 / (1.0 + np.exp(-z))
 
     def to_dict(self) -> dict:
-        return {"features": list(self.features), "weights": [float(w) for w in self.weights],
+        return {"kind": "learned", "features": list(self.features), "weights": [float(w) for w in self.weights],
                 "bias": float(self.bias), "means": [float(m) for m in self.means],
                 "scales": [float(s) for s in self.scales]}
 
@@ -103,8 +107,6 @@ def fit_combiner(p_t, p_ik, margin, entropy, correct, C: float = 1.0) -> Learned
     A feature that is NaN everywhere (P(IK) of a stage without a probe) is left out; rows with a
     NaN in a used feature are not trained on. Needs both right and wrong answers.
     """
-    from sklearn.linear_model import LogisticRegression
-
     columns = {"p_t": p_t, "p_ik": p_ik, "margin": margin, "entropy": entropy}
     arrays = {k: _as_array(v, k) for k, v in columns.items()}
     y = np.atleast_1d(np.asarray(correct)).astype(bool)
@@ -123,10 +125,86 @@ def fit_combiner(p_t, p_ik, margin, entropy, correct, C: float = 1.0) -> Learned
     means = X.mean(axis=0)
     scales = X.std(axis=0)
     scales = np.where(scales > 0, scales, 1.0)
-    model = LogisticRegression(C=C, max_iter=1000).fit((X - means) / scales, y)
-    return LearnedCombiner(features=used, weights=tuple(float(w) for w in model.coef_[0]),
-                           bias=float(model.intercept_[0]), means=tuple(float(m) for m in means),
+    weights, bias = logistic_fit((X - means) / scales, y, C=C)
+    return LearnedCombiner(features=used, weights=tuple(float(w) for w in weights),
+                           bias=float(bias), means=tuple(float(m) for m in means),
                            scales=tuple(float(s) for s in scales))
+
+
+def logistic_fit(X: np.ndarray, y: np.ndarray, C: float = 1.0, iterations: int = 50) -> tuple[np.ndarray, float]:
+    """L2-penalised logistic regression by Newton's method: the optimum of scikit-learn's
+    `LogisticRegression(C=C)` objective (0.5 |w|^2 + C * log-loss, intercept not penalised),
+    in a millisecond for a few features (the report fits thousands: lbfgs costs ~50x more)."""
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n, d = X.shape
+    A = np.column_stack([X, np.ones(n)])
+    penalty = np.full(d + 1, 1.0 / C)
+    penalty[-1] = 0.0
+    theta = np.zeros(d + 1)
+    for _ in range(iterations):
+        z = A @ theta
+        p = 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
+        grad = A.T @ (p - y) + penalty * theta
+        hess = (A * (p * (1 - p))[:, None]).T @ A + np.diag(penalty + 1e-12)
+        step = np.linalg.solve(hess, grad)
+        theta -= step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return theta[:-1], float(theta[-1])
+
+
+@dataclass(frozen=True)
+class LossAwareScore:
+    """The `loss_aware` keep score: P(this stage right) - P(the reference right), each a fitted
+    `LearnedCombiner` on this stage's signals; in [-1, 1], the expected accuracy kept by not
+    escalating. Plain floats only (JSON-safe), like `LearnedCombiner`."""
+
+    right: LearnedCombiner
+    reference: LearnedCombiner
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.right, LearnedCombiner) or not isinstance(self.reference, LearnedCombiner):
+            raise ValueError("a LossAwareScore holds two LearnedCombiners (right, reference)")
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.right.features + self.reference.features))
+
+    @property
+    def uses_p_ik(self) -> bool:
+        return self.right.uses_p_ik or self.reference.uses_p_ik
+
+    def score(self, p_t, p_ik, margin, entropy) -> np.ndarray:
+        return self.right.score(p_t, p_ik, margin, entropy) - self.reference.score(p_t, p_ik, margin, entropy)
+
+    def to_dict(self) -> dict:
+        return {"kind": "loss_aware", "right": self.right.to_dict(), "reference": self.reference.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LossAwareScore":
+        try:
+            return cls(right=LearnedCombiner.from_dict(data["right"]),
+                       reference=LearnedCombiner.from_dict(data["reference"]))
+        except KeyError as err:
+            raise ValueError(f"loss-aware score dict lacks key {err}") from None
+
+
+def combiner_from_dict(data: dict) -> "LearnedCombiner | LossAwareScore":
+    """A stage's fitted keep-score model from its dict (kind "learned" or "loss_aware")."""
+    kind = data.get("kind", "learned")
+    if kind == "loss_aware":
+        return LossAwareScore.from_dict(data)
+    if kind != "learned":
+        raise ValueError(f"unknown combiner kind {kind!r}; kinds: learned, loss_aware")
+    return LearnedCombiner.from_dict(data)
+
+
+def fit_loss_aware(p_t, p_ik, margin, entropy, correct, reference_correct, C: float = 1.0) -> LossAwareScore:
+    """Fit the loss-aware score on calibration: one combiner for "this stage is right", one for
+    "the reference (last stage) is right", both on this stage's signals."""
+    return LossAwareScore(right=fit_combiner(p_t, p_ik, margin, entropy, correct, C=C),
+                          reference=fit_combiner(p_t, p_ik, margin, entropy, reference_correct, C=C))
 
 
 @dataclass(frozen=True)
@@ -138,7 +216,7 @@ class StagePolicy:
     rule: str = "both"
     enabled: bool = True
     tau_learned: float = 0.5
-    combiner: LearnedCombiner | None = field(default=None, compare=True)
+    combiner: LearnedCombiner | LossAwareScore | None = field(default=None, compare=True)
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -151,8 +229,10 @@ class StagePolicy:
                 raise ValueError(f"{name} is NaN: a threshold must be a number")
             object.__setattr__(self, name, float(value))
         object.__setattr__(self, "enabled", bool(self.enabled))
-        if self.combiner is not None and not isinstance(self.combiner, LearnedCombiner):
-            raise ValueError("combiner must be a LearnedCombiner (use LearnedCombiner.from_dict)")
+        if self.combiner is not None and not isinstance(self.combiner, (LearnedCombiner, LossAwareScore)):
+            raise ValueError("combiner must be a LearnedCombiner or LossAwareScore (use combiner_from_dict)")
+        if self.rule == "loss_aware" and self.combiner is not None and not isinstance(self.combiner, LossAwareScore):
+            raise ValueError("rule 'loss_aware' needs a LossAwareScore (policy.fit_loss_aware), not a LearnedCombiner")
 
     def to_dict(self) -> dict:
         return {"tau_t": self.tau_t, "tau_ik": self.tau_ik, "rule": self.rule, "enabled": self.enabled,
@@ -164,7 +244,7 @@ class StagePolicy:
         combiner = data.get("combiner")
         return cls(tau_t=data.get("tau_t", 0.0), tau_ik=data.get("tau_ik", 0.0), rule=data.get("rule", "both"),
                    enabled=data.get("enabled", True), tau_learned=data.get("tau_learned", 0.5),
-                   combiner=None if combiner is None else LearnedCombiner.from_dict(combiner))
+                   combiner=None if combiner is None else combiner_from_dict(combiner))
 
 
 def keep_mask(policy: StagePolicy, p_t, p_ik, margin=None, entropy=None) -> np.ndarray:
@@ -186,9 +266,10 @@ def keep_mask(policy: StagePolicy, p_t, p_ik, margin=None, entropy=None) -> np.n
         return by_pt & ((p_ik >= policy.tau_ik) | no_pik)
     if policy.rule == "pik_only":
         return np.where(no_pik, by_pt, p_ik >= policy.tau_ik)
-    # learned
+    # learned, loss_aware
     if policy.combiner is None:
-        raise ValueError("rule 'learned' needs a fitted combiner (policy.fit_combiner on the calibration split)")
+        fit = "fit_combiner" if policy.rule == "learned" else "fit_loss_aware"
+        raise ValueError(f"rule {policy.rule!r} needs a fitted model (policy.{fit} on the calibration split)")
     nan = np.full(p_t.shape, np.nan)
     margin = nan if margin is None else _as_array(margin, "margin")
     entropy = nan if entropy is None else _as_array(entropy, "entropy")
@@ -232,7 +313,8 @@ def explain(policy: StagePolicy, p_t, p_ik, margin=None, entropy=None) -> str:
     score = policy.combiner.score(p_t, p_ik, nan if margin is None else margin, nan if entropy is None else entropy)
     if math.isnan(float(score[0])):
         return f"{verdict}: {pt_text} (a combiner feature is missing: routes on P(T) alone)"
-    return f"{verdict}: {_compare('combined score', float(score[0]), 'τ', policy.tau_learned)[1]}"
+    label = "expected gain of keeping" if policy.rule == "loss_aware" else "combined score"
+    return f"{verdict}: {_compare(label, float(score[0]), 'τ', policy.tau_learned)[1]}"
 
 
 @dataclass(frozen=True)

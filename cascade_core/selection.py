@@ -8,6 +8,18 @@ meets the same target. Two criteria:
   (always feasible: the largest model alone qualifies);
 - ``cost_budget``: the most accurate policy whose mean cost per question <= the budget.
 
+With `delta` (guarantee mode) the choice is Learn-then-Test (`cascade_core.risk`): the target
+(or budget) then holds on new questions from the same distribution with probability >= 1 - delta
+over the draw of the calibration questions, not just on calibration. Each rule gives every stage
+one keep score (P(T); P(IK); min(P(T), P(IK)) for `both`; the fitted score for `learned` and
+`loss_aware`), the routed stages of a sub-cascade share one threshold on a grid fixed before the
+data, and each sub-cascade's thresholds are tested in order from "keep nothing" to "keep
+everything" by fixed-sequence testing; the sub-cascades share delta by Bonferroni. A fitted score
+is fit on a seeded half of the calibration questions and certified on the other half, so the
+score never saw the questions that certify it. Per-group thresholds give each group delta / G
+(G groups, the pooled small groups counting as one): all groups meet the target together with
+probability >= 1 - delta, so the overall loss, a weighted mean of the groups' losses, does too.
+
 Never report the calibration numbers as results: `evaluate_on` gives the held-out ones.
 """
 
@@ -20,9 +32,11 @@ import numpy as np
 
 from cascade_core.cost import check_unit
 from cascade_core.frontier import SweepResult, sweep
-from cascade_core.policy import CascadePolicy, LearnedCombiner
+from cascade_core.policy import (SCORED_RULES, CascadePolicy, LearnedCombiner, LossAwareScore, StagePolicy,
+                                 fit_combiner, fit_loss_aware)
 from cascade_core.records import RecordTable
 from cascade_core.replay import ReplayResult, check_policy, replay, route, summarise
+from cascade_core.risk import Guarantee, cost_pvalues, fixed_sequence, sequence_pvalues
 
 _SLACK = 1e-12
 
@@ -61,6 +75,7 @@ class Selection:
     cost_budget: float  # NaN in target mode
     n_policies: int
     subjects: dict[str, dict] = field(default_factory=dict)  # per-subject mode: what each chose
+    guarantee: Guarantee | None = None  # guarantee mode: how the (default) policy was certified
 
 
 def _pick(result: SweepResult, unit: str, min_accuracy: float | None, budget: float | None) -> int:
@@ -87,6 +102,153 @@ def _choose(table: RecordTable, unit: str, rule: str, target: float | None, budg
     return result.policy(index), reference, (np.nan if min_accuracy is None else min_accuracy), len(result)
 
 
+# -- guarantee mode -----------------------------------------------------------------------------
+KEEP_NONE = 2.0  # a threshold no keep score reaches (scores lie in [-1, 1])
+
+
+def threshold_grid(rule: str, steps: int = 200) -> np.ndarray:
+    """The thresholds tried, from "keep nothing" down to "keep everything", fixed before the data
+    (a data-chosen grid would make the order of the tests depend on the calibration questions)."""
+    low = -1.0 if rule == "loss_aware" else 0.0
+    return np.concatenate([[KEEP_NONE], np.linspace(1.0, low, steps * (2 if rule == "loss_aware" else 1) + 1)])
+
+
+def keep_scores(table: RecordTable, stage: int, rule: str, combiner=None) -> np.ndarray:
+    """One keep score per question for `rule` at `stage`, such that keep iff score >= tau is what
+    `guarantee_stage_policy(rule, tau)` decides (NaN fallbacks of `policy.keep_mask` included)."""
+    p_t, p_ik = table.p_t[stage], table.p_ik[stage]
+    p_t = np.where(np.isnan(p_t), -np.inf, p_t)  # a NaN P(T) never passes
+    if rule == "pt_only":
+        return p_t
+    if rule == "pik_only":
+        return np.where(np.isnan(p_ik), p_t, p_ik)
+    if rule == "both":
+        return np.where(np.isnan(p_ik), p_t, np.minimum(p_t, p_ik))
+    if combiner is None:
+        raise ValueError(f"rule {rule!r} needs a fitted model for stage {table.names[stage]!r}")
+    score = combiner.score(table.p_t[stage], p_ik, table.margin[stage], table.entropy[stage])
+    return np.where(np.isnan(score), p_t, score)
+
+
+def guarantee_stage_policy(rule: str, tau: float, combiner=None) -> StagePolicy:
+    """The stage policy whose keep decision is `keep_scores(...) >= tau`."""
+    if rule in SCORED_RULES:
+        return StagePolicy(tau_t=tau, tau_learned=tau, rule=rule, combiner=combiner)
+    return StagePolicy(tau_t=tau, tau_ik=tau, rule=rule)
+
+
+def fit_scores(table: RecordTable, rule: str, stages) -> list:
+    """Fitted keep-score models per stage (None where the rule fits nothing)."""
+    models = [None] * table.n_stages
+    if rule not in SCORED_RULES:
+        return models
+    for s in stages:
+        args = (table.p_t[s], table.p_ik[s], table.margin[s], table.entropy[s], table.correct[s])
+        models[s] = fit_combiner(*args) if rule == "learned" else fit_loss_aware(*args, reference_correct=table.correct[-1])
+    return models
+
+
+def _path(table: RecordTable, subset: tuple[int, ...], scores: dict[int, np.ndarray], grid: np.ndarray, unit: str):
+    """Along the grid (one shared threshold for the routed stages of `subset`): counts of paired
+    losses +1 / -1 against the last stage, mean cost and accuracy, one value per threshold."""
+    N = table.n_questions
+    J = len(grid)
+    ref = table.correct[-1]
+    stage_cost = table.cost(unit)
+    if len(subset) == 2:  # one routed stage: sort and cumulative sums, no (J, N) arrays
+        a, b = subset
+        order = np.argsort(-scores[a], kind="stable")
+        kept = np.searchsorted(-scores[a][order], -grid, side="right")  # questions with score >= tau
+        ya, yb = table.correct[a][order], table.correct[b][order]
+        zero = np.zeros(1)
+        cum = lambda x: np.concatenate([zero, np.cumsum(x, dtype=np.float64)])[kept]  # noqa: E731
+        rb_plus = (ref & ~table.correct[b]).sum()
+        rb_minus = (~ref & table.correct[b]).sum()
+        refo = ref[order]
+        n_plus = cum(refo & ~ya) + rb_plus - cum(refo & ~yb)
+        n_minus = cum(~refo & ya) + rb_minus - cum(~refo & yb)
+        right = (cum(ya) + yb.sum() - cum(yb)) / N
+        total = stage_cost[a].sum() + stage_cost[b].sum() - cum(stage_cost[b][order])
+        cost = stage_cost[a][None, :] + stage_cost[b][None, :]  # the most a question can cost here
+        return n_plus.astype(np.int64), n_minus.astype(np.int64), total / N, right, cost
+    final = np.full((J, N), subset[-1], dtype=np.int64)
+    undecided = np.ones((J, N), dtype=bool)
+    cost = np.zeros((J, N))
+    for s in subset:
+        cost += np.where(undecided, stage_cost[s][None, :], 0.0)
+        if s == subset[-1]:
+            break
+        keep = undecided & (scores[s][None, :] >= grid[:, None])
+        final[keep] = s
+        undecided &= ~keep
+    right = table.correct[final, np.arange(N)[None, :]]
+    n_plus = np.count_nonzero(ref[None, :] & ~right, axis=1)
+    n_minus = np.count_nonzero(~ref[None, :] & right, axis=1)
+    most = sum(stage_cost[s] for s in subset)[None, :]
+    return n_plus, n_minus, cost.mean(axis=1), right.mean(axis=1), most
+
+
+def _guaranteed(table: RecordTable, unit: str, rule: str, target: float | None, budget: float | None,
+                delta: float, combiners, bound: str, include_skips: bool = True, seed: int = 0):
+    """(policy, guarantee, n candidates): the Learn-then-Test choice on `table` (see the module docstring)."""
+    S = table.n_stages
+    reference_only = CascadePolicy.single(S, S - 1)
+    fit_table, test_table = table, table
+    if rule in SCORED_RULES and combiners is None:
+        half = np.random.default_rng(seed).permutation(table.n_questions) < table.n_questions // 2
+        fit_table, test_table = table.subset(half), table.subset(~half)
+    subsets = [c for c in _subsets(table, include_skips) if len(c) >= 2 or budget is not None]
+    routed = sorted({s for c in subsets for s in c[:-1]})
+    models = list(combiners) if combiners is not None else fit_scores(fit_table, rule, routed)
+    scores = {s: keep_scores(test_table, s, rule, models[s]) for s in routed}
+    grid = threshold_grid(rule)
+    n = test_table.n_questions
+    m = max(len(subsets), 1)
+    best = None  # (objective, policy, certified, p)
+    for subset in subsets:
+        n_plus, n_minus, mean_cost, accuracy, cost = _path(test_table, subset, scores, grid, unit)
+        if budget is None:
+            p = sequence_pvalues(n_plus, n_minus, n, target, delta / m, bound=bound)
+            k = fixed_sequence(p, delta / m)
+            if k == 0:
+                continue
+            j = int(np.argmin(mean_cost[:k] + 1e-12 * np.arange(k)))
+            objective = (mean_cost[j], -accuracy[j])
+        else:
+            order = np.arange(len(grid))[::-1]  # cheapest (keep everything) first
+            cost_max = float(cost.max()) if cost.max() > 0 else 1.0
+            binary = bool(np.isin(test_table.cost(unit)[list(subset)], (0.0, 1.0)).all())
+            p = cost_pvalues(mean_cost[order], n, budget, cost_max, binary=binary)
+            k = fixed_sequence(p, delta / m)
+            if k == 0:
+                continue
+            j = int(order[:k][np.argmax(accuracy[order[:k]])])
+            p = p[np.argsort(order)]
+            objective = (-accuracy[j], mean_cost[j])
+        if best is None or objective < best[0]:
+            stages = [StagePolicy(enabled=False) for _ in range(S)]
+            for s in subset[:-1]:
+                stages[s] = guarantee_stage_policy(rule, float(grid[j]), models[s])
+            stages[subset[-1]] = StagePolicy()
+            best = (objective, CascadePolicy(tuple(stages)), k, float(p[j]))
+    mode = "loss" if budget is None else "cost"
+    if best is None:
+        if budget is not None:
+            raise ValueError(f"no policy is certified to cost <= {budget:g} {unit} per question at delta {delta:g}")
+        guarantee = Guarantee(mode, float(target), delta, bound, n, m, 0, float("nan"))
+        return reference_only, guarantee, m * len(grid)
+    _, policy, k, p = best
+    guarantee = Guarantee(mode, float(target if budget is None else budget), delta, bound if budget is None else "hb",
+                          n, m, k, p)
+    return policy, guarantee, m * len(grid)
+
+
+def _subsets(table: RecordTable, include_skips: bool) -> list[tuple[int, ...]]:
+    from cascade_core.frontier import cascade_subsets
+
+    return cascade_subsets(table, include_skips)
+
+
 def select_policy(
     calib_table: RecordTable,
     target_max_loss: float | None = None,
@@ -95,8 +257,11 @@ def select_policy(
     rule: str = "both",
     per_subject: bool = False,
     n_quantiles: int | None = None,
-    combiners: Sequence[LearnedCombiner | None] | None = None,
+    combiners: Sequence[LearnedCombiner | LossAwareScore | None] | None = None,
     min_subject_questions: int = 30,
+    delta: float | None = None,
+    bound: str = "binomial",
+    seed: int = 0,
 ) -> Selection:
     """Choose thresholds (and which stages to use) on the calibration table.
 
@@ -106,6 +271,11 @@ def select_policy(
     target or budget holds too); subjects with fewer than `min_subject_questions` questions share
     one policy chosen on their pooled questions (so the guarantee still holds), and a subject not
     seen in calibration gets the policy chosen on all questions (`SubjectPolicy.default`).
+
+    `delta` (e.g. 0.1) switches to guarantee mode (module docstring): the target or budget then
+    holds on new questions with probability >= 1 - delta; `bound` is the p-value of the paired
+    loss ("binomial" or "hb", see `cascade_core.risk`); `seed` splits the calibration questions
+    for a fitted score (`learned`, `loss_aware`). Per-subject groups get delta / G each.
     """
     check_unit(unit)
     if target_max_loss is not None and cost_budget is not None:
@@ -116,6 +286,12 @@ def select_policy(
             raise ValueError(f"target_max_loss must be a number >= 0, got {target_max_loss}")
     elif not np.isfinite(cost_budget) or cost_budget < 0:
         raise ValueError(f"cost_budget must be a number >= 0, got {cost_budget}")
+    if delta is not None and not 0.0 < float(delta) < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    reference = float(np.count_nonzero(calib_table.correct[-1]) / calib_table.n_questions)
+    if delta is not None:
+        return _select_guaranteed(calib_table, target_max_loss, cost_budget, unit, rule, per_subject, combiners,
+                                  min_subject_questions, float(delta), bound, seed, reference)
     policy, reference, min_accuracy, n_policies = _choose(
         calib_table, unit, rule, target_max_loss, cost_budget, n_quantiles, combiners)
     subjects: dict[str, dict] = {}
@@ -147,6 +323,41 @@ def select_policy(
                      reference_accuracy=reference, target_accuracy=float(min_accuracy),
                      cost_budget=float("nan") if cost_budget is None else float(cost_budget),
                      n_policies=n_policies, subjects=subjects)
+
+
+def _select_guaranteed(table: RecordTable, target, budget, unit, rule, per_subject, combiners, min_questions,
+                       delta, bound, seed, reference) -> Selection:
+    """`select_policy` in guarantee mode; per group: delta / G each (Bonferroni over the groups)."""
+    policy, guarantee, n_policies = _guaranteed(table, unit, rule, target, budget, delta, combiners, bound, seed=seed)
+    chosen: CascadePolicy | SubjectPolicy = policy
+    subjects: dict[str, dict] = {}
+    if per_subject:
+        names, counts = np.unique(table.subjects, return_counts=True)
+        own = names[counts >= min_questions]
+        small = ~np.isin(table.subjects, own)
+        G = len(own) + int(small.any())
+        by_subject: dict[str, CascadePolicy] = {}
+        for subject in own:
+            sub = table.subset(table.subjects == subject)
+            sub_policy, g, count = _guaranteed(sub, unit, rule, target, budget, delta / G, combiners, bound, seed=seed)
+            by_subject[str(subject)] = sub_policy
+            subjects[str(subject)] = {"questions": int(sub.n_questions), "policy": "own", "certified": g.certified,
+                                      "reference_accuracy": float(sub.correct[-1].mean()), "n_policies": count}
+        if small.any():
+            pooled = table.subset(small)
+            pooled_policy, g, count = _guaranteed(pooled, unit, rule, target, budget, delta / G, combiners, bound,
+                                                  seed=seed)
+            for subject in np.unique(pooled.subjects):
+                by_subject[str(subject)] = pooled_policy
+                subjects[str(subject)] = {"questions": int((pooled.subjects == subject).sum()), "policy": "pooled",
+                                          "certified": g.certified, "reference_accuracy": float(pooled.correct[-1].mean()),
+                                          "n_policies": count}
+        chosen = SubjectPolicy(by_subject=by_subject, default=policy)
+    min_accuracy = float("nan") if budget is not None else reference - target
+    return Selection(policy=chosen, calibration=evaluate_on(table, chosen), unit=unit, rule=rule,
+                     reference_accuracy=reference, target_accuracy=min_accuracy,
+                     cost_budget=float("nan") if budget is None else float(budget), n_policies=n_policies,
+                     subjects=subjects, guarantee=guarantee)
 
 
 def _combiners_of(policy: CascadePolicy):

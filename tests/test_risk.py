@@ -1,0 +1,155 @@
+"""Learn-then-Test: the guarantee holds over many calibration draws whose true loss is known.
+
+Population: a small stage whose P(T) ~ U(0, 1) is calibrated (right with probability P(T)) and
+a reference right with probability 0.8, independently. Keeping the small stage's answers with
+P(T) >= tau costs, in expected accuracy, R(tau) = integral_tau^1 (0.8 - p) dp exactly, so every
+chosen threshold's true loss is computed, not estimated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cascade_core.policy import CascadePolicy, StagePolicy
+from cascade_core.records import RecordTable
+from cascade_core.replay import replay
+from cascade_core.risk import (Guarantee, cost_pvalues, fixed_sequence, paired_loss_pvalues,
+                               paired_loss_upper_bound)
+from cascade_core.selection import _path, keep_scores, select_policy, threshold_grid
+
+REFERENCE = 0.8
+
+
+def _draw(n: int, rng: np.random.Generator, subjects=None) -> RecordTable:
+    p_t = rng.random(n)
+    small = rng.random(n) < p_t
+    big = rng.random(n) < REFERENCE
+    zeros = np.zeros((2, n))
+    return RecordTable(
+        names=("small", "big"), model_ids=("s", "b"), qids=[f"q{i}" for i in range(n)],
+        subjects=np.array(["x"] * n) if subjects is None else subjects, splits=np.array(["calibration"] * n),
+        correct=np.stack([small, big]), prediction=np.zeros((2, n), int),
+        p_t=np.stack([p_t, np.full(n, 0.9)]), p_ik=np.full((2, n), np.nan), margin=zeros, entropy=zeros,
+        prompt_tokens=np.ones((2, n)), output_tokens=zeros, flops=np.stack([np.ones(n), np.full(n, 10.0)]),
+        seconds=zeros, dollars=zeros, has_hidden=np.zeros(2, bool), recorded=np.zeros(2, bool))
+
+
+def true_loss(tau: float) -> float:
+    """R(tau) = int_tau^1 (0.8 - p) dp for a threshold on P(T) (tau >= 1: keeps nothing)."""
+    t = min(max(tau, 0.0), 1.0)
+    return REFERENCE * (1 - t) - (1 - t * t) / 2
+
+
+def _tau(policy: CascadePolicy) -> float:
+    if not policy[0].enabled:
+        return 1.0  # the reference alone
+    return policy[0].tau_t
+
+
+def test_the_guarantee_holds_in_at_least_1_minus_delta_of_500_draws():
+    rng = np.random.default_rng(12)
+    target, delta = 0.01, 0.1
+    held, saved, held_plain = 0, [], 0
+    for _ in range(500):
+        calib = _draw(600, rng)
+        tau = _tau(select_policy(calib, target_max_loss=target, unit="flops", rule="pt_only", delta=delta).policy)
+        held += true_loss(tau) <= target
+        saved.append(1 - tau)
+        # The plain criterion on the same grid: the cheapest threshold within the target on calibration.
+        grid = threshold_grid("pt_only")
+        n_plus, n_minus, mean_cost, _, _ = _path(calib, (0, 1), {0: keep_scores(calib, 0, "pt_only")}, grid, "flops")
+        ok = np.flatnonzero((n_plus - n_minus) / calib.n_questions <= target)
+        held_plain += true_loss(grid[ok[np.argmin(mean_cost[ok])]]) <= target
+    assert held / 500 >= 1 - delta
+    # Not vacuous: it keeps questions on most draws, and without the guarantee the target fails often.
+    assert np.mean(np.array(saved) > 0) > 0.9
+    assert held_plain / 500 < 0.8
+
+
+def test_a_guaranteed_policy_replays_to_the_counts_it_was_certified_on():
+    calib = _draw(800, np.random.default_rng(3))
+    sel = select_policy(calib, target_max_loss=0.02, unit="flops", rule="pt_only", delta=0.1)
+    result = replay(calib, sel.policy)
+    loss = calib.correct[-1].mean() - result.accuracy
+    tau = _tau(sel.policy)
+    grid = threshold_grid("pt_only")
+    j = int(np.flatnonzero(np.isclose(grid, tau))[0])
+    n_plus, n_minus, mean_cost, accuracy, _ = _path(calib, (0, 1), {0: keep_scores(calib, 0, "pt_only")}, grid,
+                                                    "flops")
+    assert accuracy[j] == pytest.approx(result.accuracy)
+    assert (n_plus[j] - n_minus[j]) / calib.n_questions == pytest.approx(loss)
+    assert mean_cost[j] == pytest.approx(result.mean_cost["flops"])
+    assert isinstance(sel.guarantee, Guarantee) and sel.guarantee.certified > 0
+    assert Guarantee.from_dict(sel.guarantee.to_dict()) == sel.guarantee
+
+
+def test_the_multi_stage_path_equals_replay():
+    rng = np.random.default_rng(4)
+    base = _draw(500, rng)
+    three = base.stage_subset([0, 0 + 1])  # (small, big)
+    # a 3-stage table: small, a copy of small with other P(T), big
+    tab = RecordTable(names=("a", "b", "c"), model_ids=("a", "b", "c"), qids=three.qids, subjects=three.subjects,
+                      splits=three.splits, correct=np.stack([three.correct[0], rng.random(500) < 0.6, three.correct[1]]),
+                      prediction=np.zeros((3, 500), int), p_t=np.stack([three.p_t[0], rng.random(500), three.p_t[1]]),
+                      p_ik=np.full((3, 500), np.nan), margin=np.zeros((3, 500)), entropy=np.zeros((3, 500)),
+                      prompt_tokens=np.ones((3, 500)), output_tokens=np.zeros((3, 500)),
+                      flops=np.stack([np.ones(500), np.full(500, 3.0), np.full(500, 10.0)]), seconds=np.zeros((3, 500)),
+                      dollars=np.zeros((3, 500)), has_hidden=np.zeros(3, bool), recorded=np.zeros(3, bool))
+    grid = threshold_grid("pt_only")
+    scores = {s: keep_scores(tab, s, "pt_only") for s in (0, 1)}
+    _, _, mean_cost, accuracy, _ = _path(tab, (0, 1, 2), scores, grid, "flops")
+    for j in (0, 50, 120, len(grid) - 1):
+        policy = CascadePolicy((StagePolicy(tau_t=grid[j], rule="pt_only"), StagePolicy(tau_t=grid[j], rule="pt_only"),
+                                StagePolicy()))
+        r = replay(tab, policy)
+        assert accuracy[j] == pytest.approx(r.accuracy) and mean_cost[j] == pytest.approx(r.mean_cost["flops"])
+
+
+def test_pvalues_are_valid_and_the_binomial_bound_is_tighter_than_hoeffding_bentkus():
+    # Under a null exactly at the target (P(+) - P(-) = target), P(p <= delta) <= delta.
+    rng = np.random.default_rng(0)
+    n, target = 400, 0.02
+    probs = [0.05, 0.03, 0.92]
+    counts = rng.multinomial(n, probs, size=4000)
+    p = paired_loss_pvalues(counts[:, 0], counts[:, 1], n, target)
+    assert np.mean(p <= 0.1) <= 0.1
+    # At zero observed loss with few discordant questions, the binomial bound certifies, HB cannot.
+    assert paired_loss_pvalues([10], [10], 2000, 0.01)[0] < 0.1
+    assert paired_loss_pvalues([10], [10], 2000, 0.01, bound="hb")[0] > 0.1
+    assert paired_loss_upper_bound(np.array([0]), np.array([0]), 1000, 0.1)[0] > 0
+
+
+def test_fixed_sequence_stops_at_the_first_failure():
+    assert fixed_sequence([0.01, 0.02, 0.5, 0.01], 0.1) == 2
+    assert fixed_sequence([0.5, 0.01], 0.1) == 0
+
+
+def test_budget_mode_is_guaranteed_on_cost():
+    rng = np.random.default_rng(7)
+    # True mean FLOPs of threshold tau: 1 + 10 * P(P(T) < tau) = 1 + 10 tau; budget 6 -> tau <= 0.5.
+    over = 0
+    for _ in range(200):
+        calib = _draw(500, rng)
+        sel = select_policy(calib, cost_budget=6.0, unit="flops", rule="pt_only", delta=0.1)
+        pol = sel.policy
+        true_cost = 1 + 10 * min(max(_tau(pol), 0), 1) if pol[0].enabled and pol[1].enabled else (
+            1.0 if pol[0].enabled else 10.0)
+        over += true_cost > 6.0
+    assert over / 200 <= 0.1
+    assert cost_pvalues([0.5], 100, 0.9, 1.0)[0] < 0.05
+
+
+def test_per_group_guarantee_splits_delta():
+    rng = np.random.default_rng(9)
+    subjects = np.array(["a", "b"] * 400)
+    calib = _draw(800, rng, subjects=subjects)
+    sel = select_policy(calib, target_max_loss=0.02, unit="flops", rule="pt_only", delta=0.1, per_subject=True,
+                        min_subject_questions=100)
+    assert set(sel.subjects) == {"a", "b"}
+    assert sel.guarantee is not None
+
+
+def test_bad_delta_is_refused():
+    with pytest.raises(ValueError, match="delta"):
+        select_policy(_draw(50, np.random.default_rng(0)), delta=1.5)
