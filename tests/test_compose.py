@@ -101,3 +101,44 @@ def test_cascade_error_carries_its_trace():
         run_cascade([RuntimeStage(name="only", backend=_Failing())], Question("q?", ("a", "b")))
     assert str(err.value) == "stage 'only' failed: RuntimeError: boom"
     assert err.value.trace.steps[0].decision == "error" and err.value.trace.steps[0].stage == "only"
+
+
+def test_probes_train_cli_writes_the_probe_and_p_ik_where_the_variables_say(tmp_path, clean_env, capsys):
+    from _records import write_synthetic_records
+    from cascade_core.cli import main
+    from cascade_core.io import atomic_write_npz
+    from cascade_core.probe import PIKProbe
+
+    results, features, probes = tmp_path / "results", tmp_path / "features", tmp_path / "probes"
+    table = write_synthetic_records(results, n=300, names=("s1",))
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(table.n_questions, 12)) + 1.5 * table.correct[0][:, None] * (np.arange(12) < 3)
+    atomic_write_npz(features / "mmlu" / "s1" / "chunk-0.npz", qid=table.qids, layer_4=hidden.astype(np.float16))
+    preset = tmp_path / "one.toml"  # no `probe` key: the probe goes to $CASCADE_PROBES_DIR, never data/probes/
+    preset.write_text('name = "one"\n[[stages]]\nname = "s1"\nbackend = "packaged"\nmodel = "smollm2-135m"\n')
+    clean_env.setenv("CASCADE_RESULTS_DIR", str(results))
+    clean_env.setenv("CASCADE_PROBES_DIR", str(probes))
+    assert main(["probes", "train", "--preset", str(preset)]) == 0
+    assert "s1: layer 4" in capsys.readouterr().out
+    probe = PIKProbe.load(probes / "s1.npz")
+    records = pd.read_parquet(results / "mmlu" / "s1.parquet")
+    assert probe.layer == 4 and records["p_ik"].between(0, 1).all()
+    assert set(records["p_ik_source"]) == {"out-of-fold", "probe"}
+    test = records["split"] == "test"
+    assert np.allclose(records.loc[test, "p_ik"], probe.p_ik(hidden[test.to_numpy()].astype(np.float16)))
+
+
+@pytest.mark.model
+def test_bench_stage_writes_records_and_features_in_the_locations(tmp_path, smollm2_backend):
+    from cascade_core.bench import load_features, load_records
+    from cascade_core.compose.jobs import bench_questions, bench_stage
+
+    where = locations(tmp_path / "r", tmp_path / "f")
+    config = StageConfig(name="smollm2-135m", backend="packaged", model="smollm2-135m")
+    questions = bench_questions(per_subject=2, subjects=["astronomy", "virology"]).head(4)
+    records = bench_stage(config, questions, where, backend=smollm2_backend, batch_size=2)
+    assert len(records) == 4 and where.record_path(config.name).exists()
+    assert load_records(where.record_path(config.name))["qid"].tolist() == records["qid"].tolist()
+    qids, layers = load_features(where.features_dir(config.name))
+    assert sorted(qids) == sorted(records["qid"]) and layers
+    assert records["model_hash"].str.len().gt(0).all()  # describe_backend: the packaged GGUF's hash
