@@ -56,6 +56,9 @@ class RuntimeStage:
     price_out: float = 0.0
     on_error: str = "escalate"  # "escalate" | "fail"
     label: str = ""
+    bias: object | None = None  # cascade_core.bias.LetterBias: debiases the letters before answering
+    policy_source: str = ""  # shown with every trace: which thresholds these are (compose.policies)
+    off_reason: str = ""  # why the stage is switched off, when it is
 
     @property
     def recorded(self) -> bool:
@@ -77,8 +80,9 @@ def _score_multiple_choice(stage: RuntimeStage, question: Question, step: StageS
         return
     prompt = format_prompt(question)
     (scores,) = stage.backend.score_options([prompt], [len(question.options)], _probe_layers(stage))
-    index, p_t, margin, entropy = mc_signals(np.asarray(scores.letter_logits, dtype=np.float64))
-    step.option_probs = [float(p) for p in option_probabilities(scores.letter_logits)]
+    logits = np.asarray(scores.letter_logits, dtype=np.float64)
+    index, p_t, margin, entropy = mc_signals(logits) if stage.bias is None else stage.bias.signals(logits)
+    step.option_probs = [float(p) for p in option_probabilities(scores.letter_logits)]  # raw, as recorded
     step.answer_index = int(index)
     step.answer = OPTION_LETTERS[int(index)]
     step.p_t, step.margin, step.entropy = float(p_t), float(margin), float(entropy)
@@ -172,7 +176,8 @@ def run_cascade(
             raise ValueError(f"stage {stages[i].name!r} is recorded: it can only be the last stage")
     if not question.is_multiple_choice and stages[last].recorded:
         raise ValueError("a recorded stage answers only the multiple-choice questions it recorded")
-    trace = Trace(question=question, steps=[])
+    trace = Trace(question=question, steps=[], thresholds=stages[enabled[0]].policy_source,
+                  off={s.name: s.off_reason or "switched off" for s in stages if not s.policy.enabled})
     for i in enabled:
         stage = stages[i]
         if cancel is not None and cancel.is_set():
@@ -232,5 +237,7 @@ def trace_to_dict(trace: Trace) -> dict:
         "steps": [{k: nan_to_none(v) for k, v in asdict(step).items()} for step in trace.steps],
         "answer": trace.answer,
         "answered_by": None if final is None else final.stage,
+        "thresholds": trace.thresholds,
+        "off": [{"stage": name, "reason": why} for name, why in trace.off.items()],
         "total": {unit: trace.total(unit) for unit in ("flops", "prompt_tokens", "output_tokens", "dollars", "seconds")},
     }

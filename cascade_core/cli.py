@@ -32,7 +32,9 @@ def _fmt(value: float, spec: str = ".3f", missing: str = "-") -> str:
 def trace_table(trace: Trace, has_probe: dict[str, bool]) -> str:
     """Human-readable trace: one line per stage visited, then the answer and total cost."""
     header = f"{'stage':<22} {'answer':<8} {'P(T)':>6} {'P(IK)':>12} {'decision':<9} {'tokens':>7} {'FLOPs':>10} {'sec':>7}"
-    lines = [header, "-" * len(header)]
+    lines = [trace.thresholds] if trace.thresholds else []
+    lines += [f"{name:<22} off: {why}" for name, why in trace.off.items()]
+    lines += [header, "-" * len(header)]
     for s in trace.steps:
         if s.error:
             lines.append(f"{s.stage:<22} ERROR: {s.error}")
@@ -70,7 +72,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     question = Question(text=args.question, options=tuple(args.options or ()), subject=args.subject or "")
     validate_question(question)
     preset = load_preset(args.preset)
-    stages = build_cascade(preset, only=args.stages, progress=not args.json)
+    stages = build_cascade(preset, only=args.stages, progress=not args.json, thresholds=args.thresholds)
 
     def on_event(event, stage, step):
         if not args.json and event == "start":
@@ -176,6 +178,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from cascade_core.compose.locations import locations
+    from cascade_core.compose.policies import calibrate, stage_summary
+    from cascade_core.policy import CascadePolicy
+
+    if args.budget is not None and args.target is not None:
+        raise UsageError("give --target or --budget, not both")
+    if not 0 < args.delta < 1:
+        raise UsageError(f"--delta must be between 0 and 1, got {args.delta}")
+    where = locations(results_dir=args.results_dir, policies_dir=args.policies_dir)
+    target = None if args.budget is not None else (1.0 if args.target is None else args.target)
+    path, found = calibrate(load_preset(args.preset), where, args.dataset, target_pt=target, delta=args.delta,
+                            budget=args.budget, unit=args.unit, rule=args.rule, seed=args.seed)
+    figures = found.calibration
+    print(f"{found.description} -> {path}")
+    policy = CascadePolicy.from_dict(found.policy)
+    for i, (name, stage) in enumerate(zip(found.stages, policy.stages)):
+        print(f"  {name:<22} {stage_summary(stage, i == policy.last_enabled, found.off_reasons.get(name, ''))}")
+    print(f"  on calibration: accuracy {figures['accuracy']:.4f} (last stage alone {figures['reference_accuracy']:.4f}), "
+          f"{figures['unit']} saved {figures['cost_reduction']:.1%}")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     if args.stages:  # for scripts: the preset's enabled stages that a benchmark runs, one a line
         for config in load_preset(args.stages).stages:
@@ -251,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--stages", nargs="+", metavar="NAME", help="use only these stages of the preset")
     route.add_argument("--max-new-tokens", type=int, default=64, help="for free-form answers")
     route.add_argument("--json", action="store_true", help="print the trace as JSON")
+    route.add_argument("--thresholds", choices=["auto", "calibrated", "preset"], default="auto",
+                       help="auto (default): the calibrated policy file when there is one, else the preset's; "
+                            "preset: the thresholds written in the preset")
     route.set_defaults(func=cmd_route)
 
     models = sub.add_parser("models", help="manage the models of a preset")
@@ -320,6 +348,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch")
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=cmd_serve)
+
+    cal = sub.add_parser("calibrate", help="choose thresholds with a guarantee on the calibration split -> a policy file")
+    cal.add_argument("--preset", default="default")
+    cal.add_argument("--dataset", default="mmlu")
+    cal.add_argument("--target", type=float, default=None, metavar="PT",
+                     help="accuracy points the cascade may lose against its last stage (default 1)")
+    cal.add_argument("--delta", type=float, default=0.1, help="risk: the target holds with probability >= 1 - delta")
+    cal.add_argument("--budget", type=float, default=None, help="instead of --target: mean cost per question")
+    cal.add_argument("--unit", choices=["flops", "tokens", "dollars", "seconds", "calls"], default=None,
+                     help="cost unit (default: dollars with a priced stage, else flops)")
+    cal.add_argument("--rule", default="loss_aware", help="keep score of the early stages (default loss_aware)")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--results-dir", default=None)
+    cal.add_argument("--policies-dir", default=None)
+    cal.set_defaults(func=cmd_calibrate)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.add_argument("--stages", metavar="PRESET", help="print this preset's benchmarked stages, one a line")

@@ -119,6 +119,8 @@ class Trace:
 
     question: Question
     steps: list[StageStep]
+    thresholds: str = ""  # where the policy came from, e.g. "thresholds: calibrated for <= 1 pt at delta 0.1 ..."
+    off: dict[str, str] = field(default_factory=dict)  # stages switched off -> why
 
     @property
     def answered_by(self) -> StageStep | None:

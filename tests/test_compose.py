@@ -18,7 +18,7 @@ from cascade_core.record_schema import RUNNER_COLUMNS, RecordSchemaError
 from cascade_core.types import Question
 from cascade_core.ui_data import thresholds_applied
 
-ENV = ("CASCADE_RESULTS_DIR", "CASCADE_FEATURES_DIR", "CASCADE_PROBES_DIR", "CASCADE_POLICIES_DIR")
+ENV = ("CASCADE_RESULTS_DIR", "CASCADE_FEATURES_DIR", "CASCADE_PROBES_DIR", "CASCADE_POLICIES_DIR", "CASCADE_HIDDEN_DIR")
 
 
 @pytest.fixture

@@ -102,8 +102,12 @@ def runtime_stage(config: StageConfig, backend: Backend | None = None) -> Runtim
     )
 
 
-def build_cascade(preset: Preset, only: Sequence[str] | None = None, progress: bool = True) -> list[RuntimeStage]:
-    """Every stage of `preset` (or the ones named in `only`, in preset order), ready to run."""
+def build_cascade(preset: Preset, only: Sequence[str] | None = None, progress: bool = True,
+                  thresholds: str = "auto", where=None) -> list[RuntimeStage]:
+    """Every stage of `preset` (or the ones named in `only`, in preset order), ready to run, with
+    the thresholds `compose.policies.applied_policy` picks (the calibrated policy file if any)."""
+    from cascade_core.compose.policies import applied_policy, apply_to_stages
+
     configs = list(preset.stages)
     if only:
         unknown = sorted(set(only) - {c.name for c in preset.stages + preset.extra_stages})
@@ -111,7 +115,10 @@ def build_cascade(preset: Preset, only: Sequence[str] | None = None, progress: b
             raise ValueError(f"preset {preset.name!r} has no stage(s) {unknown}")
         configs = [c for c in preset.stages + preset.extra_stages if c.name in set(only)]
     preset.check_files([c.name for c in configs])  # a missing probe or combiner file, before any model loads
-    return [runtime_stage(c) for c in configs]
+    if only and thresholds == "auto":  # a calibrated policy is a guarantee for the whole cascade only
+        thresholds = "preset"
+    applied = applied_policy(preset, where, thresholds)  # a bad policy file, before any model loads
+    return apply_to_stages([runtime_stage(c) for c in configs], applied, preset)
 
 
 def fetch_preset_models(preset: Preset, include_extra: bool = False) -> Iterable[tuple[str, Path | str]]:

@@ -23,7 +23,8 @@ RESULTS_ENV = "CASCADE_RESULTS_DIR"
 FEATURES_ENV = "CASCADE_FEATURES_DIR"
 PROBES_ENV = "CASCADE_PROBES_DIR"
 POLICIES_ENV = "CASCADE_POLICIES_DIR"
-ENV_VARS = (RESULTS_ENV, FEATURES_ENV, PROBES_ENV, POLICIES_ENV)
+HIDDEN_ENV = "CASCADE_HIDDEN_DIR"
+ENV_VARS = (RESULTS_ENV, FEATURES_ENV, PROBES_ENV, POLICIES_ENV, HIDDEN_ENV)
 
 
 def _env_path(name: str) -> Path | None:
@@ -37,7 +38,7 @@ class Locations:
 
     results: Path   # <results>/<dataset>/<stage>.parquet: benchmark records
     features: Path  # <features>/<dataset>/<stage>/chunk-*.npz: hidden states (local, not committed)
-    hidden: Path    # data/hidden/: committed single-layer features (cascade_core.features_store)
+    hidden: Path    # data/hidden/ (beside other records: <results>/../hidden): single-layer features to commit
     probes: Path    # <probes>/<stage>.npz when the preset names no probe file
     policies: Path  # policy files written by `calibrate`
 
@@ -73,7 +74,10 @@ def locations(results_dir: Path | str | None = None, features_dir: Path | str | 
         features = _env_path(FEATURES_ENV) or (env_results.parent / "features" if env_results else DATA_DIR / "features")
     probes = Path(probes_dir) if probes_dir else _env_path(PROBES_ENV) or DATA_DIR / "probes"
     policies = Path(policies_dir) if policies_dir else _env_path(POLICIES_ENV) or DATA_DIR / "policies"
-    return Locations(results=results, features=features, hidden=DATA_DIR / "hidden", probes=probes, policies=policies)
+    # The committed layer belongs to the committed records: other records keep theirs beside them.
+    default_results = results.resolve() == (DATA_DIR / "results").resolve()
+    hidden = _env_path(HIDDEN_ENV) or (DATA_DIR / "hidden" if default_results else results.parent / "hidden")
+    return Locations(results=results, features=features, hidden=hidden, probes=probes, policies=policies)
 
 
 RESULTS_DOC = REPO_ROOT / "docs" / "RESULTS.md"

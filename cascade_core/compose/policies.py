@@ -1,0 +1,144 @@
+"""Calibrated policies: choose one with a guarantee (`calibrate`), find it, and apply it to a cascade.
+
+`route`, `serve` and the app ask `applied_policy` which thresholds a preset runs with: the
+preset's calibrated policy file when there is one (`<policies>/<preset>.json`), else the
+thresholds written in the preset; `thresholds="preset"` forces the latter. Whichever applies
+comes with a one-line description the user is shown, and the stages calibration switched off
+come with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal, Sequence
+
+from cascade_core.compose.locations import Locations, locations
+from cascade_core.compose.tables import load_preset_table
+from cascade_core.policy import CascadePolicy
+from cascade_core.policy_file import PolicyFile, make_provenance, read_policy_file, write_policy_file
+from cascade_core.presets import Preset, load_preset
+
+ThresholdSource = Literal["auto", "preset", "calibrated"]
+THRESHOLD_SOURCES = ("auto", "preset", "calibrated")
+
+
+def policy_path(preset: Preset, where: Locations | None = None) -> Path:
+    """Where `calibrate` writes the preset's policy file (and everything reads it)."""
+    return (where or locations()).policies / f"{preset.name}.json"
+
+
+def calibration_stages(preset: Preset) -> list[str]:
+    """The stages a policy file covers: the preset's enabled stages, in order."""
+    return [c.name for c in preset.stages if c.enabled]
+
+
+@dataclass(frozen=True)
+class AppliedPolicy:
+    """The policy a cascade runs with, where it came from, and why a stage is off."""
+
+    source: str  # "calibrated" | "preset"
+    description: str  # e.g. "thresholds: calibrated for <= 1 pt at delta 0.1 on 2,850 calibration questions"
+    policy: CascadePolicy | None = None  # None: the preset's own thresholds
+    off_reasons: dict[str, str] = field(default_factory=dict)
+    file: Path | None = None
+
+
+def applied_policy(preset: Preset | str, where: Locations | None = None,
+                   thresholds: ThresholdSource = "auto") -> AppliedPolicy:
+    """Which thresholds `preset` runs with (see the module docstring); a bad file is an error, never ignored."""
+    preset = load_preset(preset) if not isinstance(preset, Preset) else preset
+    if thresholds not in THRESHOLD_SOURCES:
+        raise ValueError(f"thresholds must be one of {', '.join(THRESHOLD_SOURCES)}, got {thresholds!r}")
+    path = policy_path(preset, where)
+    if thresholds == "preset" or (thresholds == "auto" and not path.exists()):
+        return AppliedPolicy("preset", f"thresholds: from the preset file ({preset.source or preset.name})")
+    if not path.exists():
+        raise FileNotFoundError(f"preset {preset.name!r} has no calibrated policy file at {path}; run "
+                                f"`python -m cascade_core calibrate --preset {preset.name}` first")
+    found = read_policy_file(path, expect_stages=calibration_stages(preset))
+    policy = CascadePolicy.from_dict(found.policy)
+    return AppliedPolicy("calibrated", f"thresholds: {found.description}", policy=policy,
+                         off_reasons=dict(found.off_reasons), file=path)
+
+
+def apply_to_stages(stages: Sequence, applied: AppliedPolicy, preset: Preset) -> list:
+    """The runtime stages with the applied policy's per-stage policies (by name), source and off reasons."""
+    if applied.policy is None:
+        return [replace(s, policy_source=applied.description) for s in stages]
+    by_name = dict(zip(calibration_stages(preset), applied.policy.stages))
+    out = []
+    for stage in stages:
+        policy = by_name.get(stage.name, stage.policy)
+        reason = applied.off_reasons.get(stage.name, "") if not policy.enabled else ""
+        out.append(replace(stage, policy=policy, policy_source=applied.description, off_reason=reason))
+    return out
+
+
+def stage_summary(policy, is_last: bool, off_reason: str = "") -> str:
+    """One stage of a policy in words, for the CLI and the app: its rule and the thresholds it uses."""
+    from cascade_core.policy import SCORED_RULES
+
+    if not policy.enabled:
+        return f"off: {off_reason or 'switched off'}"
+    if is_last:
+        return "last stage: always answers"
+    if policy.rule in SCORED_RULES:
+        return f"keep when its {policy.rule} score >= {policy.tau_learned:.4g}"
+    parts = {"pt_only": [f"P(T) >= {policy.tau_t:.4g}"], "pik_only": [f"P(IK) >= {policy.tau_ik:.4g}"]}
+    return "keep when " + " and ".join(parts.get(policy.rule, [f"P(T) >= {policy.tau_t:.4g}", f"P(IK) >= {policy.tau_ik:.4g}"]))
+
+
+def _off_reasons(policy: CascadePolicy, names: Sequence[str], target_pt: float | None, delta: float) -> dict[str, str]:
+    why = (f"calibration switched it off: no threshold of this stage was certified to keep the loss "
+           f"<= {target_pt:g} pt at delta {delta:g} more cheaply" if target_pt is not None else
+           f"calibration switched it off: the most accurate policy certified within the budget at delta {delta:g} "
+           "does not use it")
+    return {name: why for name, stage in zip(names, policy.stages) if not stage.enabled}
+
+
+def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str = "mmlu",
+              target_pt: float | None = 1.0, delta: float = 0.1, budget: float | None = None,
+              unit: str | None = None, rule: str = "loss_aware", per_subject: bool = False,
+              seed: int = 0) -> tuple[Path, PolicyFile]:
+    """Choose the preset's policy on the calibration split with a Learn-then-Test guarantee, write it.
+
+    Target mode (default): at most `target_pt` accuracy points lost against the last stage, with
+    probability >= 1 - delta over the calibration draw. Budget mode (`budget`, in `unit` per
+    question): the most accurate policy certified to cost at most that. `unit` defaults to
+    dollars when the preset has a priced (API or recorded) stage, else FLOPs.
+    """
+    from cascade_core.bench import code_version
+    from cascade_core.selection import select_policy
+
+    preset = load_preset(preset) if not isinstance(preset, Preset) else preset
+    where = where or locations()
+    if budget is not None:
+        target_pt = None
+    names = calibration_stages(preset)
+    table = load_preset_table(preset, dataset, where.results, include_recorded=True)
+    if list(table.names) != names:
+        raise ValueError(f"preset {preset.name!r}: records cover {list(table.names)}, its enabled stages are {names}; "
+                         "benchmark the missing stages first")
+    calib = table.subset("calibration")
+    if unit is None:
+        priced = any(c.price_in or c.price_out for c in preset.stages if c.enabled)
+        unit = "dollars" if priced else "flops"
+    selection = select_policy(calib, target_max_loss=None if target_pt is None else target_pt / 100.0,
+                              cost_budget=budget, unit=unit, rule=rule, per_subject=per_subject,
+                              delta=delta, seed=seed)
+    if not isinstance(selection.policy, CascadePolicy):
+        raise ValueError("per-subject policies cannot be written to a policy file yet; calibrate without per_subject")
+    guarantee = {"mode": "target" if budget is None else "budget", "target_pt": target_pt, "budget": budget,
+                 "unit": unit, "delta": float(delta), "rule": rule,
+                 **({"certification": selection.guarantee.to_dict()} if selection.guarantee is not None else {})}
+    result = selection.calibration
+    figures = {"accuracy": float(result.accuracy), "reference_accuracy": float(selection.reference_accuracy),
+               "mean_cost": float(result.mean_cost[unit]), "cost_reduction": float(result.compute_reduction[unit]),
+               "unit": unit, "answer_rate": [float(x) for x in result.answer_rate]}
+    record_files = {n: where.record_path(n, dataset) for n in names if where.record_path(n, dataset).exists()}
+    found = PolicyFile(preset=preset.name, stages=tuple(names), policy=selection.policy.to_dict(), guarantee=guarantee,
+                       provenance=make_provenance(record_files, dataset, "calibration", calib.n_questions, code_version()),
+                       calibration=figures, off_reasons=_off_reasons(selection.policy, names, target_pt, delta))
+    path = write_policy_file(policy_path(preset, where), found)
+    return path, found
