@@ -36,7 +36,7 @@ from cascade_core.policy import (SCORED_RULES, CascadePolicy, LearnedCombiner, L
                                  fit_combiner, fit_loss_aware)
 from cascade_core.records import RecordTable
 from cascade_core.replay import ReplayResult, check_policy, replay, route, summarise
-from cascade_core.risk import Guarantee, cost_pvalues, fixed_sequence, sequence_pvalues
+from cascade_core.risk import Guarantee, cost_pvalues, fixed_sequence, paired_loss_upper_bound, sequence_pvalues
 
 _SLACK = 1e-12
 
@@ -104,6 +104,29 @@ def _choose(table: RecordTable, unit: str, rule: str, target: float | None, budg
 
 # -- guarantee mode -----------------------------------------------------------------------------
 KEEP_NONE = 2.0  # a threshold no keep score reaches (scores lie in [-1, 1])
+
+
+class TableRows:
+    """The arrays the guarantee search and `replay.route` read, for some questions of a table,
+    without building a RecordTable (its checks cost more than the search in the re-split study's
+    hot loop). `rows`: a bool mask or indices into `table`'s questions."""
+
+    def __init__(self, table, rows=None):
+        source = table._source if isinstance(table, TableRows) else table
+        base = table._rows if isinstance(table, TableRows) else np.arange(table.n_questions)
+        self._source = source
+        self._rows = base if rows is None else base[rows]
+        self.names, self.recorded, self.n_stages = source.names, source.recorded, source.n_stages
+        for name in ("correct", "p_t", "p_ik", "margin", "entropy"):
+            setattr(self, name, getattr(source, name)[:, self._rows])
+        self.subjects = source.subjects[self._rows]
+        self.n_questions = len(self._rows)
+
+    def cost(self, unit: str) -> np.ndarray:
+        return self._source.cost(unit)[:, self._rows]
+
+    def subset(self, rows) -> "TableRows":
+        return TableRows(self, rows)
 
 
 def threshold_grid(rule: str, steps: int = 200) -> np.ndarray:
@@ -189,8 +212,13 @@ def _path(table: RecordTable, subset: tuple[int, ...], scores: dict[int, np.ndar
 
 
 def _guaranteed(table: RecordTable, unit: str, rule: str, target: float | None, budget: float | None,
-                delta: float, combiners, bound: str, include_skips: bool = True, seed: int = 0):
-    """(policy, guarantee, n candidates): the Learn-then-Test choice on `table` (see the module docstring)."""
+                delta: float, combiners, bound: str, include_skips: bool = True, seed: int = 0,
+                pvalues: bool = True):
+    """(policy, guarantee, n candidates): the Learn-then-Test choice on `table` (see the module docstring).
+
+    `pvalues=False` skips computing the p-values and certifies the same prefix directly (fixed-
+    sequence testing at level a rejects while p_j <= a, i.e. while the (1 - a) bound <= target):
+    the re-split study's hot loop; the chosen policy is the same (tests/test_risk.py)."""
     S = table.n_stages
     reference_only = CascadePolicy.single(S, S - 1)
     fit_table, test_table = table, table
@@ -208,8 +236,13 @@ def _guaranteed(table: RecordTable, unit: str, rule: str, target: float | None, 
     for subset in subsets:
         n_plus, n_minus, mean_cost, accuracy, cost = _path(test_table, subset, scores, grid, unit)
         if budget is None:
-            p = sequence_pvalues(n_plus, n_minus, n, target, delta / m, bound=bound)
-            k = fixed_sequence(p, delta / m)
+            if pvalues or bound != "binomial":
+                p = sequence_pvalues(n_plus, n_minus, n, target, delta / m, bound=bound)
+                k = fixed_sequence(p, delta / m)
+            else:
+                ok = paired_loss_upper_bound(n_plus, n_minus, n, delta / m) <= target
+                k = int(np.argmin(ok)) if not ok.all() else len(ok)
+                p = np.full(len(ok), np.nan)
             if k == 0:
                 continue
             j = int(np.argmin(mean_cost[:k] + 1e-12 * np.arange(k)))

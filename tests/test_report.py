@@ -28,7 +28,8 @@ from cascade_core.stats import mcnemar_exact
 
 CATEGORIES = np.array(["STEM", "humanities", "social sciences", "other"])
 SETTINGS = ReportSettings(n_resamples=100, cv_folds=2, rules=("both", "learned"),
-                          api_groupings=("global", "category"), api_calibration_targets=(0.01, 0.0), probe_folds=2)
+                          api_groupings=("global", "category"), api_calibration_targets=(0.01, 0.0), probe_folds=2,
+                          resplits=6, resplits_others=3)
 
 
 def _table(n: int = 360, seed: int = 5) -> RecordTable:
@@ -326,3 +327,24 @@ def test_recorded_constants_match_the_model_package():
 
     for name, (correct, tokens, _total, non_embedding) in RECORDED_MODELS.items():
         assert RECORDED_COLUMNS[name] == (correct, tokens, non_embedding)
+
+
+def test_guarantee_headline_has_the_promised_keys_and_replays(report, table):
+    g = report["guarantee"]
+    assert set(g) == {"cascade", "variant", "delta", "target_pt", "resplits", "held_share", "saving_mean",
+                      "saving_p05", "unit"}
+    assert g["cascade"] == "large -> gpt4" and g["delta"] == 0.1 and g["target_pt"] == 1.0
+    assert g["resplits"] == SETTINGS.resplits and g["unit"] == "calls"
+    assert 0 <= g["held_share"] <= 1 and g["saving_p05"] <= g["saving_mean"]
+    study = report["guarantee_study"]
+    head = next(c for c in study["cascades"] if c["headline"])
+    assert head["study"]["chosen"]["held_share"] == g["held_share"]
+    # The committed-split figure is the chosen rule's policy replayed on the test split.
+    from cascade_core.resplit import _outcome, choose
+
+    sub = table.stage_subset([2, 3])
+    chosen, policies, _ = choose(sub.subset("calibration"), tuple(SETTINGS.guarantee_rules), 0.01, 0.1, "dollars",
+                                 SETTINGS.guarantee_folds, SETTINGS.seed, "calls")
+    assert chosen == head["committed"]["rule"]
+    loss, saving = _outcome(policies[chosen], sub.subset("test"), "calls")
+    assert saving == pytest.approx(head["committed"]["saving"]) and loss == pytest.approx(head["committed"]["accuracy_loss"])

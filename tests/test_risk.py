@@ -120,6 +120,17 @@ def test_pvalues_are_valid_and_the_binomial_bound_is_tighter_than_hoeffding_bent
     assert paired_loss_upper_bound(np.array([0]), np.array([0]), 1000, 0.1)[0] > 0
 
 
+def test_the_direct_certification_chooses_what_the_p_values_choose():
+    from cascade_core.selection import _guaranteed
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        calib = _draw(int(rng.integers(200, 1500)), rng)
+        with_p = _guaranteed(calib, "flops", "pt_only", 0.01, None, 0.1, None, "binomial")
+        direct = _guaranteed(calib, "flops", "pt_only", 0.01, None, 0.1, None, "binomial", pvalues=False)
+        assert with_p[0] == direct[0] and with_p[1].certified == direct[1].certified
+
+
 def test_fixed_sequence_stops_at_the_first_failure():
     assert fixed_sequence([0.01, 0.02, 0.5, 0.01], 0.1) == 2
     assert fixed_sequence([0.5, 0.01], 0.1) == 0

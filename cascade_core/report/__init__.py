@@ -5,6 +5,7 @@ Every choice (thresholds, which stages run, the routing rule, the pre-generation
 threshold, probes for the OOD and label-free studies) is made on the calibration split, and
 every number reported is measured on the test split. Sections:
 
+- `guarantee`: the Learn-then-Test choice and the re-split study of how often its promise held;
 - `models`: each model alone: accuracy (Wilson 95% CI), mean cost, AUROC/ECE of P(T), P(IK);
 - `cascades`: every 2-stage and the full local cascade at <= `target_max_loss` lost against its
   largest model (the paper's table): thresholds, accuracy, PD, compute reduction (bootstrap
@@ -38,6 +39,7 @@ from cascade_core.report.cascades import CascadeRow, cascade_section
 from cascade_core.report.common import (REPORT_FORMAT, Part, Progress, ReportSettings, _local_indices,
                                             outcome, policy_dict, policy_from_dict, policy_thresholds,
                                             split_tables, with_groups, with_p_ik)
+from cascade_core.report.guarantee import GuaranteeSection, guarantee_section
 from cascade_core.report.label_free import LabelFreeSection, label_free_section
 from cascade_core.report.models import ModelRow, model_section
 from cascade_core.report.ood import OodSection, ood_section
@@ -61,9 +63,11 @@ class Report:
     baselines: list[BaselineBlock]
     ood: OodSection
     label_free: LabelFreeSection
+    guarantee: GuaranteeSection
 
     def to_json(self) -> dict:
-        out = {"format": self.format, "meta": self.meta}
+        out = {"format": self.format, "meta": self.meta, "guarantee": self.guarantee.headline(),
+               "guarantee_study": self.guarantee.to_json()}
         for name in ("models", "cascades", "api", "ablations", "baselines"):
             out[name] = [part.to_json() for part in getattr(self, name)]
         out["ood"] = self.ood.to_json()
@@ -79,7 +83,8 @@ class Report:
                    api=[ApiCascade.from_json(d) for d in data["api"]],
                    ablations=[AblationBlock.from_json(d) for d in data["ablations"]],
                    baselines=[BaselineBlock.from_json(d) for d in data["baselines"]],
-                   ood=OodSection.from_json(data["ood"]), label_free=LabelFreeSection.from_json(data["label_free"]))
+                   ood=OodSection.from_json(data["ood"]), label_free=LabelFreeSection.from_json(data["label_free"]),
+                   guarantee=GuaranteeSection.from_json(data.get("guarantee_study") or {"skipped": "not in this report"}))
 
 
 def build_report(table: RecordTable, questions: pd.DataFrame | None = None,
@@ -129,6 +134,7 @@ def build_report_sections(
                    "settings": dataclasses.asdict(settings)}
     progress("models")
     models = model_section(table)
+    guarantee = guarantee_section(table, settings, progress)
     cascades = cascade_section(table, settings, progress)
     api = api_section(table, categories, settings, progress)
     ablations = ablation_section(table, settings, progress)
@@ -147,4 +153,4 @@ def build_report_sections(
     else:
         label_free = LabelFreeSection(skipped="no hidden-state features" if not has_features else "one local stage")
     return Report(format=REPORT_FORMAT, meta=report_meta, models=models, cascades=cascades, api=api,
-                  ablations=ablations, baselines=baselines, ood=ood, label_free=label_free)
+                  ablations=ablations, baselines=baselines, ood=ood, label_free=label_free, guarantee=guarantee)

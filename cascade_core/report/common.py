@@ -42,6 +42,11 @@ class ReportSettings:
     ood: bool = True
     label_free: bool = True
     pregen: bool = True
+    delta: float = 0.1  # risk of the Learn-then-Test guarantee
+    resplits: int = 200  # re-splits of the headline cascade's guarantee study
+    resplits_others: int = 50  # ... of the other studied cascades
+    guarantee_rules: tuple[str, ...] = ("pt_only", "both", "learned", "loss_aware")
+    guarantee_folds: int = 2  # CV folds inside each calibration half that pick the rule
 
 
 class Part:
@@ -104,15 +109,15 @@ def policy_thresholds(policy: CascadePolicy | SubjectPolicy, table: RecordTable)
             routes_on = "off"
         elif s == last:
             routes_on = "answers the rest"
-        elif stage.rule == "learned":
-            routes_on = "learned"
+        elif stage.rule in ("learned", "loss_aware"):
+            routes_on = stage.rule
         elif stage.rule == "pt_only" or not has_pik[s]:
             routes_on = "p_t"
         else:
             routes_on = {"both": "p_t+p_ik", "pik_only": "p_ik"}[stage.rule]
         row = {"stage": name, "enabled": stage.enabled, "rule": stage.rule, "routes_on": routes_on,
                "tau_t": stage.tau_t, "tau_ik": stage.tau_ik}
-        if stage.rule == "learned":
+        if stage.rule in ("learned", "loss_aware"):
             row["tau_learned"] = stage.tau_learned
             if stage.combiner is not None:
                 row["combiner_features"] = list(stage.combiner.features)

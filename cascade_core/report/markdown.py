@@ -33,6 +33,8 @@ def _thresholds(rows: Sequence[dict]) -> str:
             parts.append(f"{r['stage']}: P(IK) ≥ {r['tau_ik']:.2f}")
         elif on == "learned":
             parts.append(f"{r['stage']}: combined score ≥ {r.get('tau_learned', float('nan')):.2f}")
+        elif on == "loss_aware":
+            parts.append(f"{r['stage']}: expected gain of keeping ≥ {r.get('tau_learned', float('nan')):.2f}")
         else:
             parts.append(f"{r['stage']}: P(T) ≥ {r['tau_t']:.2f}, P(IK) ≥ {r['tau_ik']:.2f}")
     return "; ".join(parts)
@@ -80,6 +82,47 @@ def _intro(report: Report) -> list[str]:
     if missing_pik:
         lines.append(f"- **No P(IK) yet** for {', '.join(missing_pik)} (run `python -m cascade_core probes train`): "
                      "those stages route on P(T) alone, whatever the rule.")
+    return lines
+
+
+def _saving_word(unit: str) -> str:
+    return "GPT-4 calls saved" if unit == "calls" else f"{_unit_word(unit)} saved"
+
+
+def _guarantee(report: Report) -> list[str]:
+    g = report.guarantee
+    if g.skipped is not None:
+        return ["", "## The guarantee", "", f"Skipped: {g.skipped}."]
+    lines = ["", "## The guarantee: savings that hold on fresh questions", "",
+             f"Thresholds chosen by **Learn-then-Test** at delta = {g.delta:g}: with probability ≥ {1 - g.delta:.0%} over "
+             f"the draw of the calibration questions, the accuracy lost against the cascade's last stage on new "
+             f"questions from the same distribution is at most {g.target_pt:g} pt. Candidates on a threshold grid fixed "
+             "before the data, tested from \"keep nothing\" to \"keep everything\" by fixed-sequence testing, each with "
+             "an exact binomial (Clopper–Pearson) bound on the paired loss; the rule is chosen by "
+             f"{g.folds}-fold cross-validation inside calibration among {', '.join(f'`{r}`' for r in g.rules)}. "
+             "**Held share**: over many subject-stratified re-splits of all questions into calibration and test "
+             "halves, with the whole choice redone on each calibration half, the share where the target held on "
+             "the test half (it should be ≥ 1 − delta).", ""]
+    rows = []
+    for c in g.cascades:
+        m, st = c["committed"], c["study"]
+        ch = st["chosen"]
+        rows.append([" → ".join(c["stages"]) + (" (headline)" if c["headline"] else ""), f"`{m['rule']}`",
+                     pct(m["saving"]), pts(-m["accuracy_loss"]), "held" if m["held"] else "**not held**",
+                     str(st["resplits"]), pct(ch["held_share"], 1), pct(ch["saving_mean"]), pct(ch["saving_p05"]),
+                     _saving_word(c["unit"])])
+    lines.append(table(["cascade", "rule (committed split)", "saving (test)", "Δacc (test)", "target on test",
+                        "re-splits", "held share", "mean saving", "5th pct saving", "saving counts"], rows))
+    for c in g.cascades:
+        st = c["study"]
+        lines += ["", f"**{' → '.join(c['stages'])}**, each rule alone over the same {st['resplits']} re-splits "
+                  f"({_saving_word(c['unit'])}; the CV choice picked " +
+                  ", ".join(f"`{r}` {n}×" for r, n in st["chosen"]["rule_counts"].items() if n) + "):", ""]
+        rows = [[f"`{r}`", pct(v["held_share"], 1), pct(v["saving_mean"]), pct(v["saving_p05"]), pts(-v["loss_mean"]),
+                 pct(c["committed"]["rules"][r]["saving"]), pts(-c["committed"]["rules"][r]["accuracy_loss"])]
+                for r, v in st["rules"].items()]
+        lines.append(table(["rule", "held share", "mean saving", "5th pct", "mean Δacc", "saving (committed test)",
+                            "Δacc (committed test)"], rows))
     return lines
 
 
@@ -411,6 +454,6 @@ def render(report: Report | dict) -> str:
     if isinstance(report, dict):
         report = Report.from_json(report)
     lines: list[str] = []
-    for part in (_intro, _summary, _models, _cascades, _api, _ablations, _baselines, _ood, _label_free, _reproduce):
+    for part in (_intro, _guarantee, _summary, _models, _cascades, _api, _ablations, _baselines, _ood, _label_free, _reproduce):
         lines += part(report)
     return "\n".join(lines) + "\n"

@@ -1,0 +1,111 @@
+"""The calibrated policy: everything `calibrate` writes to a policy file, chosen by one pure function.
+
+`calibrate_policy` takes the calibration records and the user's promise (at most `target` accuracy
+lost against the last stage, or a mean cost `budget`, at risk `delta`) and returns the policy
+(per stage: on/off, rule, thresholds, fitted keep-score model, letter bias) with how it was chosen
+and what it did on calibration. `CalibratedPolicy.to_dict` / `from_dict` round-trip it through
+plain JSON (no pickle), so `route`, `serve` and the app rebuild exactly the chosen policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cascade_core.bias import LetterBias
+from cascade_core.cost import check_unit
+from cascade_core.policy import CascadePolicy
+from cascade_core.records import RecordTable
+from cascade_core.replay import replay
+from cascade_core.resplit import RULES, _outcome, choose
+from cascade_core.risk import Guarantee
+from cascade_core.selection import _guaranteed
+
+POLICY_FORMAT = "cascade-policy-v1"
+
+
+@dataclass(frozen=True)
+class CalibratedPolicy:
+    """A chosen policy and its provenance (what the policy file holds besides the records hash)."""
+
+    policy: CascadePolicy
+    stages: tuple[str, ...]
+    rule: str
+    guarantee: Guarantee
+    unit: str  # what the thresholds minimise (target mode) or what the budget counts
+    calibration: dict  # accuracy, reference_accuracy, accuracy_loss, saving, n_questions
+    cv: dict = field(default_factory=dict)  # rule -> {"accuracy_loss", "saving"} (target mode)
+    biases: tuple[LetterBias | None, ...] = ()  # per stage; () = none
+
+    def to_dict(self) -> dict:
+        return {"format": POLICY_FORMAT, "stages": list(self.stages), "rule": self.rule, "unit": self.unit,
+                "policy": self.policy.to_dict(), "guarantee": self.guarantee.to_dict(),
+                "calibration": {k: (None if v is None or (isinstance(v, float) and not np.isfinite(v)) else v)
+                                for k, v in self.calibration.items()},
+                "cv": self.cv,
+                "biases": [None if b is None else b.to_dict() for b in self.biases]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CalibratedPolicy":
+        if data.get("format") != POLICY_FORMAT:
+            raise ValueError(f"not a policy file of format {POLICY_FORMAT!r} (format: {data.get('format')!r})")
+        try:
+            policy = CascadePolicy.from_dict(data["policy"])
+            stages = tuple(str(s) for s in data["stages"])
+            if len(stages) != len(policy):
+                raise ValueError(f"the policy has {len(policy)} stages but 'stages' names {len(stages)}")
+            biases = tuple(None if b is None else LetterBias.from_dict(b) for b in data.get("biases", []))
+            if biases and len(biases) != len(stages):
+                raise ValueError(f"'biases' has {len(biases)} entries for {len(stages)} stages")
+            return cls(policy=policy, stages=stages, rule=str(data["rule"]),
+                       guarantee=Guarantee.from_dict(data["guarantee"]), unit=str(data["unit"]),
+                       calibration=dict(data.get("calibration", {})), cv=dict(data.get("cv", {})), biases=biases)
+        except KeyError as err:
+            raise ValueError(f"policy file lacks key {err}") from None
+
+    def describe(self) -> str:
+        """One line for `route`, `serve` and the app, e.g. "calibrated for <= 1 pt at delta 0.1 on 2,850 questions"."""
+        g = self.guarantee
+        what = f"<= {g.target * 100:g} pt" if g.mode == "loss" else f"mean {self.unit} <= {g.target:g}"
+        return f"thresholds: calibrated for {what} at delta {g.delta:g} on {g.n_calibration:,} questions"
+
+
+def calibrate_policy(calib: RecordTable, target_max_loss: float | None = 0.01, delta: float = 0.1,
+                     cost_budget: float | None = None, unit: str = "flops", rules=RULES, folds: int = 2,
+                     seed: int = 0, biases=()) -> CalibratedPolicy:
+    """Choose the policy on `calib` (the calibration split) with a Learn-then-Test guarantee.
+
+    Target mode (default): at most `target_max_loss` accuracy lost against the last stage, with
+    probability >= 1 - delta; the rule is chosen among `rules` by `folds`-fold CV inside `calib`
+    (largest held-out saving in `unit` within the target) and its thresholds certified on all of
+    `calib`. Budget mode (`cost_budget`, mean `unit` per question): the most accurate certified
+    policy of each rule, the rule with the best calibration accuracy. `biases`: per-stage
+    `LetterBias` already applied to `calib` (stored with the policy; `()` = none).
+    """
+    check_unit(unit)
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    rules = tuple(r for r in rules if r not in ("both", "pik_only") or np.isfinite(calib.p_ik[:-1]).any())
+    saving_unit = unit
+    cv: dict = {}
+    if cost_budget is None:
+        target = 0.01 if target_max_loss is None else float(target_max_loss)
+        rule, policies, scores = choose(calib, rules, target, delta, unit, folds, seed, saving_unit)
+        cv = {r: {"accuracy_loss": v[0], "saving": v[1]} for r, v in scores.items()}
+        policy, guarantee, _ = _guaranteed(calib, unit, rule, target, None, delta, None, "binomial", seed=seed)
+    else:
+        best = None
+        for r in rules:
+            pol, g, _ = _guaranteed(calib, unit, r, None, float(cost_budget), delta, None, "binomial", seed=seed)
+            acc = replay(calib, pol).accuracy
+            if best is None or acc > best[0]:
+                best = (acc, r, pol, g)
+        _, rule, policy, guarantee = best
+    loss, saving = _outcome(policy, calib, saving_unit)
+    result = replay(calib, policy)
+    calibration = {"n_questions": int(calib.n_questions), "accuracy": result.accuracy,
+                   "reference_accuracy": float(calib.correct[-1].mean()), "accuracy_loss": loss,
+                   "saving": saving, "calls_saved": float(np.mean(result.final_stage != calib.n_stages - 1))}
+    return CalibratedPolicy(policy=policy, stages=tuple(calib.names), rule=rule, guarantee=guarantee, unit=unit,
+                            calibration=calibration, cv=cv, biases=tuple(biases))
