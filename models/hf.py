@@ -29,6 +29,9 @@ Choices worth knowing:
 - Prompts longer than `max_length` (default: the model's context) lose tokens from the LEFT (the
   first special token is kept) with a warning, so the answer position stays.
 - One lock around inference: the app shares one model between sessions.
+- `generate` takes a cancel flag (checked after every token by a stopping criterion, and before
+  the first pass) and a text callback (a streamer): the servers stop abandoned work within one
+  decoding step and stream the answer as it grows.
 """
 
 from __future__ import annotations
@@ -419,6 +422,9 @@ class HFBackend:
         with self.lock, torch.inference_mode():
             began = time.perf_counter()
             ids = self.encode(prompt, multiple_choice=False, reserve=max_new_tokens, chat=use_chat)
+            if cancel is not None and cancel.is_set():  # cancelled while waiting for the lock: no pass at all
+                return Generation(text="", token_logprobs=np.zeros(0), prompt_tokens=len(ids), output_tokens=0,
+                                  seconds=time.perf_counter() - began, finish_reason="cancelled")
             input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
