@@ -7,11 +7,10 @@ first; that holds with Streamlit's default file watcher (see .streamlit/config.t
 
 from __future__ import annotations
 
-import math
-
 import streamlit as st
 
 from app_ui import backends, charts, data, state
+from cascade_core import formatting
 
 PAGES_DIR = "pages"
 
@@ -63,7 +62,7 @@ def home() -> None:
         cols[1].metric("Cascade accuracy", f"{headline['accuracy']:.1%}",
                        f"{headline['pd']:+.1%} vs {headline['reference']}")
         reduction = headline["reduction"]
-        cols[2].metric("Compute reduction (FLOPs)", "–" if math.isnan(reduction) else f"{reduction:.1%}")
+        cols[2].metric("Compute reduction (FLOPs)", formatting.pct(reduction))
         cols[3].metric("Mean FLOPs / question", charts.fmt_number(headline["mean_flops"]))
         missing = f" No records yet for {', '.join(headline['missing'])}." if headline["missing"] else ""
         st.caption(f"Thresholds chosen on the calibration split for at most 1 accuracy point below "

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from cascade_core.compose.locations import RESULTS_DOC, locations
+from cascade_core.formatting import num
 from cascade_core.presets import PresetError, list_presets, load_preset
 from cascade_core.types import Question, Trace
 
@@ -23,10 +23,6 @@ FOLDER_HELP = "default: ${}, else {}"
 
 class UsageError(ValueError):
     """Bad command-line input; printed without a traceback."""
-
-
-def _fmt(value: float, spec: str = ".3f", missing: str = "-") -> str:
-    return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
 def trace_table(trace: Trace, has_probe: dict[str, bool]) -> str:
@@ -39,10 +35,10 @@ def trace_table(trace: Trace, has_probe: dict[str, bool]) -> str:
         if s.error:
             lines.append(f"{s.stage:<22} ERROR: {s.error}")
             continue
-        pik = _fmt(s.p_ik) if has_probe.get(s.stage) else "no probe yet"
+        pik = num(s.p_ik) if has_probe.get(s.stage) else "no probe yet"
         answer = (s.answer or "")[:8]
         lines.append(
-            f"{s.stage:<22} {answer:<8} {_fmt(s.p_t):>6} {pik:>12} {s.decision:<9} "
+            f"{s.stage:<22} {answer:<8} {num(s.p_t):>6} {pik:>12} {s.decision:<9} "
             f"{s.prompt_tokens + s.output_tokens:>7} {s.flops:>10.3g} {s.seconds:>7.2f}"
         )
         if s.reason and s.decision != "final":

@@ -4,11 +4,10 @@ thresholds so a view can be shared."""
 
 from __future__ import annotations
 
-import math
-
 import streamlit as st
 
 from app_ui import charts, data, state
+from cascade_core import formatting
 from cascade_core.cost import COST_UNITS
 from cascade_core.frontier import oracle, single_models
 from cascade_core.replay import replay
@@ -24,7 +23,7 @@ NO_RECORDED = "(none)"
 
 
 def pct(x: float, digits: int = 2) -> str:
-    return "–" if x is None or math.isnan(x) else f"{x:.{digits}%}"
+    return formatting.pct(x, digits)
 
 
 def widget_key(preset: str, stage: str, what: str) -> str:

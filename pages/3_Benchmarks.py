@@ -3,12 +3,12 @@ P(T) and P(IK) predict a right answer, and a way to run or extend a benchmark fr
 
 from __future__ import annotations
 
-import math
 import time
 
 import streamlit as st
 
 from app_ui import backends, charts, data, state
+from cascade_core import formatting
 from cascade_core.compose.locations import REPO_ROOT
 from cascade_core.ui_data import per_subject_accuracy, reliability, stage_summary
 
@@ -19,11 +19,11 @@ RECENT_WRITE_S = 120
 
 
 def pct(x: float, digits: int = 1) -> str:
-    return "–" if x is None or math.isnan(x) else f"{x:.{digits}%}"
+    return formatting.pct(x, digits)
 
 
 def num(x: float, digits: int = 3) -> str:
-    return "–" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+    return formatting.num(x, f".{digits}f")
 
 
 st.title("Benchmarks")
