@@ -21,7 +21,8 @@ def size_of(config) -> str:
         spec = backends.packaged_models().get(config.model)
         return f"{spec.total_params / 1e6:,.0f} M" if spec else "?"
     if config.backend == "recorded":
-        return "46.7 B (8×7B MoE)" if "mixtral" in config.model.lower() else "not published"
+        total = backends.recorded_total_params(config.model)
+        return f"{total / 1e9:,.1f} B" if total else "not published"
     return "–"
 
 

