@@ -16,6 +16,7 @@ row of the sweep is a policy that `replay` reproduces.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -33,6 +34,22 @@ from cascade_core.replay import ReplayResult, replay
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it trapz
 DEFAULT_QUANTILES = {"both": 8, "pt_only": 50, "pik_only": 50, "learned": 50, "loss_aware": 50}
 _CHUNK_ROWS = 256
+_HELD_LIMIT: list[int | None] = [None]  # the BLAS cap a caller holds for many sweeps (`blas_limit`)
+
+
+@contextlib.contextmanager
+def blas_limit(limit: int | None = 1):
+    """Cap BLAS threads once around many sweeps (the report runs thousands): each sweep then
+    skips setting and resetting the cap itself, which cost ~20% of the report's time."""
+    if limit is None or _HELD_LIMIT[0] == limit:
+        yield
+        return
+    with _blas_threads(limit):
+        previous, _HELD_LIMIT[0] = _HELD_LIMIT[0], limit
+        try:
+            yield
+        finally:
+            _HELD_LIMIT[0] = previous
 
 
 # -- candidates ---------------------------------------------------------------------------------
@@ -66,20 +83,30 @@ def stage_candidates(table: RecordTable, stage: int, rule: str = "both", n_quant
         raise ValueError(f"n_quantiles must be >= 1, got {n}")
     p_t, p_ik = table.p_t[stage], table.p_ik[stage]
     has_pik = bool(np.isfinite(p_ik).any())
-    if rule == "both" and has_pik:
-        grid = itertools.product(_quantile_thresholds(p_t, n), _quantile_thresholds(p_ik, n))
-        policies = [StagePolicy(tau_t=t, tau_ik=k, rule=rule) for t, k in grid]
-    elif rule in ("both", "pt_only") or (rule == "pik_only" and not has_pik):
-        count = n * n if rule == "both" else n
-        policies = [StagePolicy(tau_t=t, rule=rule) for t in _quantile_thresholds(p_t, count)]
-    elif rule == "pik_only":
-        policies = [StagePolicy(tau_ik=k, rule=rule) for k in _quantile_thresholds(p_ik, n)]
-    else:
-        if combiner is None:
-            raise ValueError(f"rule {rule!r} needs a fitted model for stage {table.names[stage]!r}")
-        score = combiner.score(p_t, p_ik, table.margin[stage], table.entropy[stage])
-        policies = [StagePolicy(tau_learned=t, rule=rule, combiner=combiner) for t in _quantile_thresholds(score, n)]
-    keep = np.stack([keep_mask(p, p_t, p_ik, table.margin[stage], table.entropy[stage]) for p in policies])
+    # Keep masks for all candidates at once; `test_frontier` checks them against `policy.keep_mask`.
+    no_pik = np.isnan(p_ik)
+    with np.errstate(invalid="ignore"):
+        if rule == "both" and has_pik:
+            t, k = _quantile_thresholds(p_t, n), _quantile_thresholds(p_ik, n)
+            policies = [StagePolicy(tau_t=a, tau_ik=b, rule=rule) for a, b in itertools.product(t, k)]
+            by_pt = p_t[None, :] >= t[:, None]
+            by_ik = (p_ik[None, :] >= k[:, None]) | no_pik[None, :]
+            keep = (by_pt[:, None, :] & by_ik[None, :, :]).reshape(len(t) * len(k), -1)
+        elif rule in ("both", "pt_only") or (rule == "pik_only" and not has_pik):
+            t = _quantile_thresholds(p_t, n * n if rule == "both" else n)
+            policies = [StagePolicy(tau_t=a, rule=rule) for a in t]
+            keep = p_t[None, :] >= t[:, None]
+        elif rule == "pik_only":
+            k = _quantile_thresholds(p_ik, n)
+            policies = [StagePolicy(tau_ik=b, rule=rule) for b in k]
+            keep = np.where(no_pik[None, :], (p_t >= 0.0)[None, :], p_ik[None, :] >= k[:, None])
+        else:
+            if combiner is None:
+                raise ValueError(f"rule {rule!r} needs a fitted model for stage {table.names[stage]!r}")
+            score = combiner.score(p_t, p_ik, table.margin[stage], table.entropy[stage])
+            t = _quantile_thresholds(score, n)
+            policies = [StagePolicy(tau_learned=a, rule=rule, combiner=combiner) for a in t]
+            keep = np.where(np.isnan(score)[None, :], (p_t >= 0.0)[None, :], score[None, :] >= t[:, None])
     _, first = np.unique(np.packbits(keep, axis=1), axis=0, return_index=True)
     first = np.sort(first)
     return StageCandidates(policies=tuple(policies[i] for i in first), keep=keep[first])
@@ -291,7 +318,7 @@ def sweep(
     if total > max_policies:
         raise ValueError(f"the sweep would evaluate {total} policies (max_policies={max_policies}); "
                          "lower n_quantiles or switch include_skips off")
-    with _blas_threads(blas_threads):
+    with blas_limit(blas_threads):
         parts = [_evaluate_subset(table, subset, candidates, rule) for subset in subsets]
     joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     mean_cost = {u: np.ascontiguousarray(joined["mean_cost"][:, k]) for k, u in enumerate(COST_UNITS)}

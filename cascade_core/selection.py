@@ -93,13 +93,17 @@ def _pick(result: SweepResult, unit: str, min_accuracy: float | None, budget: fl
     return int(ok[np.lexsort((ok, n_enabled[ok], -acc[ok], cost[ok]))[0]])
 
 
-def _choose(table: RecordTable, unit: str, rule: str, target: float | None, budget: float | None,
-            n_quantiles: int | None, combiners) -> tuple[CascadePolicy, float, float, int]:
+def _choose(table: RecordTable, unit: str, rule: str, targets, budget: float | None,
+            n_quantiles: int | None, combiners) -> list[tuple[CascadePolicy, float, float, int]]:
+    """One sweep, one pick per target (or the budget's): [(policy, reference, min accuracy, n)]."""
     result = sweep(table, rule=rule, n_quantiles=n_quantiles, include_skips=True, combiners=combiners)
     reference = float(np.count_nonzero(table.correct[-1]) / table.n_questions)
-    min_accuracy = None if budget is not None else reference - target
-    index = _pick(result, unit, min_accuracy, budget)
-    return result.policy(index), reference, (np.nan if min_accuracy is None else min_accuracy), len(result)
+    out = []
+    for target in ([None] if budget is not None else targets):
+        min_accuracy = None if budget is not None else reference - target
+        index = _pick(result, unit, min_accuracy, budget)
+        out.append((result.policy(index), reference, (np.nan if min_accuracy is None else min_accuracy), len(result)))
+    return out
 
 
 # -- guarantee mode -----------------------------------------------------------------------------
@@ -233,6 +237,9 @@ def _guaranteed(table: RecordTable, unit: str, rule: str, target: float | None, 
     n = test_table.n_questions
     m = max(len(subsets), 1)
     best = None  # (objective, policy, certified, p)
+    if budget is None:  # the reference alone loses nothing: certified without a test, and may be cheapest
+        best = ((float(test_table.cost(unit)[S - 1].mean()), -float(test_table.correct[S - 1].mean())),
+                reference_only, 0, float("nan"))
     for subset in subsets:
         n_plus, n_minus, mean_cost, accuracy, cost = _path(test_table, subset, scores, grid, unit)
         if budget is None:
@@ -266,10 +273,7 @@ def _guaranteed(table: RecordTable, unit: str, rule: str, target: float | None, 
             best = (objective, CascadePolicy(tuple(stages)), k, float(p[j]))
     mode = "loss" if budget is None else "cost"
     if best is None:
-        if budget is not None:
-            raise ValueError(f"no policy is certified to cost <= {budget:g} {unit} per question at delta {delta:g}")
-        guarantee = Guarantee(mode, float(target), delta, bound, n, m, 0, float("nan"))
-        return reference_only, guarantee, m * len(grid)
+        raise ValueError(f"no policy is certified to cost <= {budget:g} {unit} per question at delta {delta:g}")
     _, policy, k, p = best
     guarantee = Guarantee(mode, float(target if budget is None else budget), delta, bound if budget is None else "hb",
                           n, m, k, p)
@@ -325,37 +329,55 @@ def select_policy(
     if delta is not None:
         return _select_guaranteed(calib_table, target_max_loss, cost_budget, unit, rule, per_subject, combiners,
                                   min_subject_questions, float(delta), bound, seed, reference)
-    policy, reference, min_accuracy, n_policies = _choose(
-        calib_table, unit, rule, target_max_loss, cost_budget, n_quantiles, combiners)
-    subjects: dict[str, dict] = {}
-    chosen: CascadePolicy | SubjectPolicy = policy
+    return _select_plain(calib_table, [target_max_loss], cost_budget, unit, rule, per_subject, n_quantiles, combiners,
+                         min_subject_questions)[0]
+
+
+def select_policies(calib_table: RecordTable, targets: Sequence[float], unit: str = "flops", rule: str = "both",
+                    per_subject: bool = False, n_quantiles: int | None = None, combiners=None,
+                    min_subject_questions: int = 30) -> list[Selection]:
+    """`select_policy(target_max_loss=t)` for every t in `targets`, sweeping each table (or
+    subject) once: the choices are the same, the search is not repeated per target."""
+    check_unit(unit)
+    for t in targets:
+        if not np.isfinite(t) or t < 0:
+            raise ValueError(f"target_max_loss must be a number >= 0, got {t}")
+    return _select_plain(calib_table, [float(t) for t in targets], None, unit, rule, per_subject, n_quantiles,
+                         combiners, min_subject_questions)
+
+
+def _select_plain(calib_table, targets, cost_budget, unit, rule, per_subject, n_quantiles, combiners,
+                  min_subject_questions) -> list[Selection]:
+    picks = _choose(calib_table, unit, rule, targets, cost_budget, n_quantiles, combiners)
+    K = len(picks)
+    subjects: list[dict[str, dict]] = [{} for _ in range(K)]
+    chosen: list[CascadePolicy | SubjectPolicy] = [p[0] for p in picks]
     if per_subject:
-        by_subject: dict[str, CascadePolicy] = {}
+        by_subject: list[dict[str, CascadePolicy]] = [{} for _ in range(K)]
         small = np.zeros(calib_table.n_questions, dtype=bool)
-        shared = combiners or _combiners_of(policy)
+        shared = combiners or _combiners_of(picks[0][0])
+        groups = []
         for subject in np.unique(calib_table.subjects):
             mask = calib_table.subjects == subject
             if mask.sum() < min_subject_questions:
                 small |= mask
                 continue
-            sub = calib_table.subset(mask)
-            sub_policy, sub_reference, _, count = _choose(sub, unit, rule, target_max_loss, cost_budget, n_quantiles, shared)
-            by_subject[str(subject)] = sub_policy
-            subjects[str(subject)] = {"questions": int(mask.sum()), "policy": "own",
-                                      "reference_accuracy": sub_reference, "n_policies": count}
+            groups.append(([str(subject)], calib_table.subset(mask), "own"))
         if small.any():  # the small subjects share one policy chosen on their pooled questions
             pooled = calib_table.subset(small)
-            pooled_policy, pooled_reference, _, count = _choose(pooled, unit, rule, target_max_loss, cost_budget,
-                                                                n_quantiles, shared)
-            for subject in np.unique(pooled.subjects):
-                by_subject[str(subject)] = pooled_policy
-                subjects[str(subject)] = {"questions": int((pooled.subjects == subject).sum()), "policy": "pooled",
-                                          "reference_accuracy": pooled_reference, "n_policies": count}
-        chosen = SubjectPolicy(by_subject=by_subject, default=policy)
-    return Selection(policy=chosen, calibration=evaluate_on(calib_table, chosen), unit=unit, rule=rule,
-                     reference_accuracy=reference, target_accuracy=float(min_accuracy),
-                     cost_budget=float("nan") if cost_budget is None else float(cost_budget),
-                     n_policies=n_policies, subjects=subjects)
+            groups.append(([str(x) for x in np.unique(pooled.subjects)], pooled, "pooled"))
+        for names, sub, kind in groups:
+            sub_picks = _choose(sub, unit, rule, targets, cost_budget, n_quantiles, shared)
+            for k, (sub_policy, sub_reference, _, count) in enumerate(sub_picks):
+                for name in names:
+                    by_subject[k][name] = sub_policy
+                    subjects[k][name] = {"questions": int((sub.subjects == name).sum()), "policy": kind,
+                                         "reference_accuracy": sub_reference, "n_policies": count}
+        chosen = [SubjectPolicy(by_subject=by_subject[k], default=picks[k][0]) for k in range(K)]
+    return [Selection(policy=chosen[k], calibration=evaluate_on(calib_table, chosen[k]), unit=unit, rule=rule,
+                      reference_accuracy=picks[k][1], target_accuracy=float(picks[k][2]),
+                      cost_budget=float("nan") if cost_budget is None else float(cost_budget),
+                      n_policies=picks[k][3], subjects=subjects[k]) for k in range(K)]
 
 
 def _select_guaranteed(table: RecordTable, target, budget, unit, rule, per_subject, combiners, min_questions,

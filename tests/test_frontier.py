@@ -224,3 +224,20 @@ def test_aiq_by_hand():
     assert aiq(([2.0, 4.0], [0.5, 0.5]), cost_range=(0.0, 4.0)) == pytest.approx(0.25)  # nothing before 2
     with pytest.raises(ValueError, match="cost range"):
         aiq(([1.0], [0.5]))
+
+
+@pytest.mark.parametrize("rule", ["both", "pt_only", "pik_only", "learned", "loss_aware"])
+def test_vectorised_candidate_masks_equal_keep_mask(rule):
+    from cascade_core.frontier import stage_candidates
+    from cascade_core.policy import fit_combiner, fit_loss_aware, keep_mask
+
+    table = synthetic_table(300, 3, seed=11)
+    p_ik = table.p_ik.copy()
+    p_ik[0, ::7] = np.nan  # some questions without P(IK)
+    table = dataclasses.replace(table, p_ik=p_ik, _costs={})
+    args = (table.p_t[0], table.p_ik[0], table.margin[0], table.entropy[0], table.correct[0])
+    model = {"learned": lambda: fit_combiner(*args),
+             "loss_aware": lambda: fit_loss_aware(*args, reference_correct=table.correct[-1])}.get(rule, lambda: None)()
+    cands = stage_candidates(table, 0, rule, n_quantiles=6, combiner=model)
+    for policy, keep in zip(cands.policies, cands.keep):
+        assert np.array_equal(keep, keep_mask(policy, table.p_t[0], table.p_ik[0], table.margin[0], table.entropy[0]))

@@ -95,7 +95,16 @@ def build_report(table: RecordTable, questions: pd.DataFrame | None = None,
     return build_report_sections(table, questions, features, categories, settings, meta, progress).to_json()
 
 
-def build_report_sections(
+def build_report_sections(*args, **kwargs) -> Report:
+    """Every number of docs/RESULTS.md from the records (`_build`'s docstring), BLAS capped at one
+    thread once for the whole report (its matrix products are small; see `frontier.blas_limit`)."""
+    from cascade_core.frontier import blas_limit
+
+    with blas_limit(1):
+        return _build(*args, **kwargs)
+
+
+def _build(
     table: RecordTable,
     questions: pd.DataFrame | None = None,
     features: Mapping[str, tuple[np.ndarray, dict]] | None = None,

@@ -13,7 +13,8 @@ import pandas as pd
 from cascade_core.records import RecordTable
 from cascade_core.report.common import (Part, Progress, ReportSettings, _api_metrics, _local_indices, _num,
                                             _subtable, evaluate_on, outcome, policy_dict, policy_thresholds,
-                                            select_policy, split_tables, with_groups)
+                                            split_tables, with_groups)
+from cascade_core.selection import select_policies
 
 
 @dataclass
@@ -40,27 +41,34 @@ def _groups(table: RecordTable, grouping: str, categories: np.ndarray) -> np.nda
     raise ValueError(f"unknown grouping {grouping!r}")
 
 
-def _cv_variant(calib: RecordTable, rule: str, per_group: bool, target: float, unit: str,
-                settings: ReportSettings) -> dict:
-    """Cross-validate one variant inside the calibration split: pooled held-out loss and savings."""
+def _cv_variants(calib: RecordTable, rule: str, per_group: bool, targets: Sequence[float], unit: str,
+                 settings: ReportSettings) -> list[dict]:
+    """Cross-validate one (rule, grouping) for every calibration target inside the calibration
+    split: pooled held-out loss and savings per target (one search per fold for all targets)."""
     order = np.random.default_rng(settings.seed).permutation(calib.n_questions)
-    final = np.empty(calib.n_questions, dtype=np.int64)
-    correct = np.empty(calib.n_questions, dtype=bool)
+    K = len(targets)
+    final = np.empty((K, calib.n_questions), dtype=np.int64)
+    correct = np.empty((K, calib.n_questions), dtype=bool)
     for part in np.array_split(order, settings.cv_folds):
         train_mask = np.ones(calib.n_questions, dtype=bool)
         train_mask[part] = False
         held_mask = ~train_mask
-        selection = select_policy(calib.subset(train_mask), target_max_loss=target, unit=unit, rule=rule,
-                                  per_subject=per_group, min_subject_questions=settings.min_group_questions)
-        result = evaluate_on(calib.subset(held_mask), selection.policy)
-        final[held_mask] = result.final_stage
-        correct[held_mask] = result.correct
+        held = calib.subset(held_mask)
+        selections = select_policies(calib.subset(train_mask), targets, unit=unit, rule=rule, per_subject=per_group,
+                                     min_subject_questions=settings.min_group_questions)
+        for k, selection in enumerate(selections):
+            result = evaluate_on(held, selection.policy)
+            final[k, held_mask] = result.final_stage
+            correct[k, held_mask] = result.correct
     last = calib.n_stages - 1
-    reached = final == last
     dollars = calib.cost(unit)[last]
-    return {"accuracy_loss": float(calib.correct[last].mean() - correct.mean()),
-            "calls_saved": float(1.0 - reached.mean()),
-            "cost_saved": _num(1.0 - dollars[reached].sum() / dollars.sum()) if dollars.sum() > 0 else None}
+    out = []
+    for k in range(K):
+        reached = final[k] == last
+        out.append({"accuracy_loss": float(calib.correct[last].mean() - correct[k].mean()),
+                    "calls_saved": float(1.0 - reached.mean()),
+                    "cost_saved": _num(1.0 - dollars[reached].sum() / dollars.sum()) if dollars.sum() > 0 else None})
+    return out
 
 
 def _variants(settings: ReportSettings, calib: RecordTable, calib_categories: np.ndarray) -> tuple[list[tuple], dict]:
@@ -92,13 +100,20 @@ def api_cascade(table: RecordTable, stages: Sequence[int], categories: np.ndarra
     calib_full, test_full = split_tables(sub)
     variants = []
     tried, skipped = _variants(settings, calib_full, categories[sub.splits == "calibration"])
-    for rule, grouping, target in tried:
+    combos = list(dict.fromkeys((rule, grouping) for rule, grouping, _ in tried))
+    done = {}
+    for rule, grouping in combos:  # one search per (rows, rule, grouping), every target picked from it
+        targets = [t for r, g, t in tried if (r, g) == (rule, grouping)]
         groups = _groups(sub, grouping, categories)
         table_g = sub if groups is None else with_groups(sub, groups)
         calib, test = split_tables(table_g)
-        cv = _cv_variant(calib, rule, groups is not None, target, unit, settings)
-        selection = select_policy(calib, target_max_loss=target, unit=unit, rule=rule, per_subject=groups is not None,
-                                  min_subject_questions=settings.min_group_questions)
+        cvs = _cv_variants(calib, rule, groups is not None, targets, unit, settings)
+        selections = select_policies(calib, targets, unit=unit, rule=rule, per_subject=groups is not None,
+                                     min_subject_questions=settings.min_group_questions)
+        for target, cv, selection in zip(targets, cvs, selections):
+            done[(rule, grouping, target)] = (calib, test, cv, selection)
+    for rule, grouping, target in tried:
+        calib, test, cv, selection = done[(rule, grouping, target)]
         result = evaluate_on(test, selection.policy)
         variants.append({
             "name": f"{rule}/{grouping}/target {target * 100:g} pt", "rule": rule, "grouping": grouping,

@@ -87,8 +87,22 @@ def _random_points(test: RecordTable, unit: str, grid: int = 11) -> tuple[np.nda
     return np.array(cost), np.array(acc)
 
 
+def router_predictions(table: RecordTable, questions: pd.DataFrame, settings: ReportSettings):
+    """The text router fit once for every stage of `table`: (out-of-fold P(right) on calibration
+    (S, N_cal), P(right) on test (S, N_test)). Its per-stage regressions are independent, so a
+    sub-cascade's router is these rows (the report used to fit it again per cascade)."""
+    from cascade_core import pregen_router as pg
+
+    calib, test = split_tables(table)
+    texts_cal = pg.question_texts(calib.qids, questions)
+    texts_test = pg.question_texts(test.qids, questions)
+    oof = pg.out_of_fold_proba(texts_cal, calib.correct, folds=settings.probe_folds, seed=settings.seed)
+    proba = pg.PregenRouter().fit(texts_cal, calib.correct).predict_proba(texts_test)
+    return oof, proba
+
+
 def baseline_entry(table: RecordTable, stages: Sequence[int], rule: str, unit: str, settings: ReportSettings,
-                   questions: pd.DataFrame | None, progress: Progress) -> BaselineBlock:
+                   questions: pd.DataFrame | None, progress: Progress, router=None) -> BaselineBlock:
     sub = _subtable(table, stages)
     calib, test = split_tables(sub)
     progress(f"baselines on {' -> '.join(sub.names)}")
@@ -132,12 +146,9 @@ def baseline_entry(table: RecordTable, stages: Sequence[int], rule: str, unit: s
     if questions is not None and settings.pregen:
         from cascade_core import pregen_router as pg
 
-        texts_cal = pg.question_texts(calib.qids, questions)
-        texts_test = pg.question_texts(test.qids, questions)
-        oof = pg.out_of_fold_proba(texts_cal, calib.correct, folds=settings.probe_folds, seed=settings.seed)
+        oof_all, proba_all = router if router is not None else router_predictions(table, questions, settings)
+        oof, proba = oof_all[list(stages)], proba_all[list(stages)]
         tau = pg.select_threshold(calib, oof, settings.target_max_loss, unit)
-        router = pg.PregenRouter().fit(texts_cal, calib.correct)
-        proba = router.predict_proba(texts_test)
         result = pg.evaluate(test, pg.route(proba, tau))
         points = pg.curve(test, proba, pg.candidate_thresholds(oof))
         router_auroc = {n: auroc(proba[s], test.correct[s]) for s, n in enumerate(sub.names) if not sub.recorded[s]}
@@ -160,9 +171,10 @@ def _point(test: RecordTable, result: ReplayResult, unit: str) -> dict:
 def baseline_section(table: RecordTable, settings: ReportSettings, questions, api_rule: str | None,
                      progress: Progress) -> list[BaselineBlock]:
     local = _local_indices(table)
-    out = [baseline_entry(table, local, "both", settings.unit, settings, questions, progress)]
+    router = router_predictions(table, questions, settings) if questions is not None and settings.pregen else None
+    out = [baseline_entry(table, local, "both", settings.unit, settings, questions, progress, router)]
     if table.recorded[-1]:
         out.append(baseline_entry(table, local + [table.n_stages - 1], api_rule or "both", settings.api_unit,
-                                  settings, questions, progress))
+                                  settings, questions, progress, router))
     return out
 
