@@ -3,9 +3,9 @@
 Both servers stream the same way: the request takes its queue slot first (so 429 / 504 / 400
 are still plain JSON errors with their status), then the model work starts in a worker thread
 and pushes text pieces onto an asyncio queue; `stream_events` turns them into `data: {...}`
-events, ends with `data: [DONE]`, sends a comment line when nothing happened for a while (that
-write is also how a vanished client is noticed), and cancels the work (the `CancelToken`) when
-the client leaves or the deadline passes, so the generation stops within one decoding step.
+events, ends with `data: [DONE]`, sends a comment line when nothing happened for a while, and
+cancels the work (the `CancelToken`) when the client leaves (polled every 0.1 s) or the deadline
+passes, so the generation stops within one decoding step.
 An error after the stream began arrives as one `data: {"error": {...}}` event, as OpenAI does.
 """
 
@@ -21,6 +21,7 @@ from cascade_core.server.common import ApiError, error_body
 from cascade_core.server.queue import CancelToken
 
 KEEPALIVE_S = 1.0
+WATCH_S = 0.1
 DONE = b"data: [DONE]\n\n"
 
 
@@ -88,6 +89,7 @@ async def stream_events(
     pushed was sent. Any exception from the work becomes an error event (`on_error` maps it to
     an ApiError; the default answers 500 without the exception's text).
     """
+    watch = asyncio.ensure_future(_watch(gone, cancel, future))
     try:
         for chunk in first:
             yield event(chunk)
@@ -128,5 +130,16 @@ async def stream_events(
         yield event({**error_body(err.message, err.kind, err.param), **err.extra})
         yield DONE
     finally:
+        watch.cancel()
         if not future.done():
             cancel.cancel(cancel.reason or "client disconnected")
+
+
+async def _watch(gone: Callable[[], Awaitable[bool]], cancel: CancelToken, future: asyncio.Future) -> None:
+    """Polls for a vanished client while the work runs (a stream only notices at its next write),
+    so the generation is cancelled within WATCH_S plus the decoding step in flight."""
+    while not future.done() and not cancel.is_set():
+        if await gone():
+            cancel.cancel("client disconnected")
+            return
+        await asyncio.sleep(WATCH_S)
