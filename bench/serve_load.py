@@ -20,8 +20,8 @@ abandoned requests (the cancelled work must stop within a step and free the queu
 
 `--follow-up STAGE` first measures issue 13's case on its own: the median latency of one
 multiple-choice question (3 runs), then a client streams a `--abandon-tokens` free-form answer
-from STAGE alone (e.g. qwen2.5-coder-1.5b), hangs up after `--abandon-after-s`, and the same
-question is asked at once: its latency minus the median is the cost of the abandoned work.
+from STAGE alone (e.g. qwen2.5-coder-1.5b), hangs up `--abandon-after-s` after its first text
+(mid-generation), and the same question is asked at once: its latency minus the median is the cost of the abandoned work.
 Questions the server must refuse (MMLU has some with repeated options or control characters)
 are left out of the sample, so every status other than 200 is about load.
 """
@@ -139,17 +139,25 @@ def measure_follow_up(url: str, model: str, body: dict, args) -> dict:
         before = client.get("/metrics").json()["cancelled"]
         long_body = {"model": args.follow_up, "stream": True, "max_tokens": args.abandon_tokens,
                      "messages": [{"role": "user", "content": LONG_ASK}]}
-        started = time.perf_counter()
         with httpx.Client(base_url=url, timeout=args.timeout_s + 30) as own:
             with own.stream("POST", "/v1/chat/completions", json=long_body) as response:
-                for _line in response.iter_lines():
-                    if time.perf_counter() - started > args.abandon_after_s:
+                streaming = None  # mid-generation: from the first generated text on
+                for line in response.iter_lines():
+                    if streaming is None and '"content":"' in line and '"content":""' not in line:
+                        streaming = time.perf_counter()
+                    if streaming is not None and time.perf_counter() - streaming > args.abandon_after_s:
                         break
+        left = time.perf_counter()
+        while client.get("/metrics").json()["cancelled"]["total"] == before["total"]:
+            if time.perf_counter() - left > 60:
+                break
+            time.sleep(0.02)
+        stop_s = time.perf_counter() - left  # hang-up -> generation stopped and counted
         after_abandon = ask()
-        time.sleep(0.5)
         cancelled = client.get("/metrics").json()["cancelled"]
     return {"stage": args.follow_up, "mc_alone_s": round(alone, 3), "mc_after_abandon_s": round(after_abandon, 3),
-            "extra_s": round(after_abandon - alone, 3),
+            "extra_s": round(after_abandon - alone, 3), "stopped_after_hangup_s": round(stop_s, 3),
+            "mc_after_abandon_from_hangup_s": round(stop_s + after_abandon, 3),
             "cancelled": cancelled["total"] - before["total"],
             "tokens_generated": cancelled["tokens_generated"] - before["tokens_generated"]}
 
