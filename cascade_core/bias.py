@@ -72,3 +72,21 @@ def rescore(option_probs, answers, bias: LetterBias | None):
         logits = np.log(probs)  # log-probabilities are logits of the same softmax
     prediction, p_t, margin, entropy = mc_signals(logits if bias is None else bias.logits(logits))
     return prediction, prediction == np.asarray(answers), p_t, margin, entropy
+
+
+def with_letter_bias(table, stage: int, option_probs, answers, bias: LetterBias | None):
+    """The record table with stage `stage` replayed under `bias`: its prediction, correctness,
+    P(T), margin and entropy recomputed from the raw option probabilities (N, K) and the gold
+    answers (N,), in the table's question order; P(IK) and costs unchanged (one forward pass)."""
+    import dataclasses
+
+    if table.recorded[stage]:
+        raise ValueError(f"stage {table.names[stage]!r} is recorded: it has no option probabilities to debias")
+    probs = np.asarray(option_probs, dtype=np.float64)
+    if probs.shape[0] != table.n_questions:
+        raise ValueError(f"option_probs has {probs.shape[0]} rows for {table.n_questions} questions")
+    prediction, correct, p_t, margin, entropy = rescore(probs, answers, bias)
+    arrays = {name: getattr(table, name).copy() for name in ("prediction", "correct", "p_t", "margin", "entropy")}
+    for name, value in zip(arrays, (prediction, correct, p_t, margin, entropy)):
+        arrays[name][stage] = value
+    return dataclasses.replace(table, **arrays, _costs={})

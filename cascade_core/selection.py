@@ -14,7 +14,8 @@ over the draw of the calibration questions, not just on calibration. Each rule g
 one keep score (P(T); P(IK); min(P(T), P(IK)) for `both`; the fitted score for `learned` and
 `loss_aware`), the routed stages of a sub-cascade share one threshold on a grid fixed before the
 data, and each sub-cascade's thresholds are tested in order from "keep nothing" to "keep
-everything" by fixed-sequence testing; the sub-cascades share delta by Bonferroni. A fitted score
+everything" by fixed-sequence testing; the sub-cascades (in target mode those ending with the
+reference, which alone is always a candidate: it loses nothing) share delta by Bonferroni. A fitted score
 is fit on a seeded half of the calibration questions and certified on the other half, so the
 score never saw the questions that certify it. Per-group thresholds give each group delta / G
 (G groups, the pooled small groups counting as one): all groups meet the target together with
@@ -198,21 +199,51 @@ def _path(table: RecordTable, subset: tuple[int, ...], scores: dict[int, np.ndar
         total = stage_cost[a].sum() + stage_cost[b].sum() - cum(stage_cost[b][order])
         cost = stage_cost[a][None, :] + stage_cost[b][None, :]  # the most a question can cost here
         return n_plus.astype(np.int64), n_minus.astype(np.int64), total / N, right, cost
-    final = np.full((J, N), subset[-1], dtype=np.int64)
-    undecided = np.ones((J, N), dtype=bool)
-    cost = np.zeros((J, N))
-    for s in subset:
-        cost += np.where(undecided, stage_cost[s][None, :], 0.0)
-        if s == subset[-1]:
-            break
-        keep = undecided & (scores[s][None, :] >= grid[:, None])
-        final[keep] = s
-        undecided &= ~keep
-    right = table.correct[final, np.arange(N)[None, :]]
-    n_plus = np.count_nonzero(ref[None, :] & ~right, axis=1)
-    n_minus = np.count_nonzero(~ref[None, :] & right, axis=1)
+    # Several routed stages: question i ends at routed stage k for the thresholds j in
+    # [e_k, min(e_1..e_{k-1})), where e_k is the first grid index with grid <= its score (the
+    # grid descends), and at the last stage for j < min(e_1..e_K). Every per-threshold count is
+    # then a sum over those intervals: difference arrays and one cumulative sum, O(N S + J).
+    routed = subset[:-1]
+    plus = np.zeros(J + 1)
+    minus = np.zeros(J + 1)
+    hits = np.zeros(J + 1)
+    paid = np.zeros(J + 1)
+    end = np.full(N, J, dtype=np.int64)
+    spent = np.zeros(N)
+
+    def add(start, stop, s, cost):
+        ok = start < stop
+        st, sp = start[ok], stop[ok]
+        y = table.correct[s][ok]
+        r = ref[ok]
+        for arr, w in ((plus, (r & ~y).astype(float)), (minus, (~r & y).astype(float)), (hits, y.astype(float)),
+                       (paid, cost[ok])):
+            arr += np.bincount(st, weights=w, minlength=J + 1)[:J + 1]
+            arr -= np.bincount(sp, weights=w, minlength=J + 1)[:J + 1]
+
+    for s in routed:
+        spent = spent + stage_cost[s]
+        e = np.searchsorted(-grid, -scores[s], side="left")  # first j with grid[j] <= score
+        add(e, end, s, spent)
+        end = np.minimum(end, e)
+    last = subset[-1]
+    add(np.zeros(N, dtype=np.int64), end, last, spent + stage_cost[last])
+    n_plus = np.rint(np.cumsum(plus)[:J]).astype(np.int64)
+    n_minus = np.rint(np.cumsum(minus)[:J]).astype(np.int64)
+    right = np.cumsum(hits)[:J] / N
+    mean_cost = np.cumsum(paid)[:J] / N
     most = sum(stage_cost[s] for s in subset)[None, :]
-    return n_plus, n_minus, cost.mean(axis=1), right.mean(axis=1), most
+    return n_plus, n_minus, mean_cost, right, most
+
+
+def _certified_prefix(n_plus, n_minus, n: int, target: float, level: float, chunk: int = 32) -> int:
+    """How many candidates fixed-sequence testing at `level` certifies, bounding only up to the
+    first failure (in chunks): the same count as `fixed_sequence` on the p-values."""
+    for start in range(0, len(n_plus), chunk):
+        ok = paired_loss_upper_bound(n_plus[start:start + chunk], n_minus[start:start + chunk], n, level) <= target
+        if not ok.all():
+            return start + int(np.argmin(ok))
+    return len(n_plus)
 
 
 def _guaranteed(table: RecordTable, unit: str, rule: str, target: float | None, budget: float | None,
@@ -229,7 +260,10 @@ def _guaranteed(table: RecordTable, unit: str, rule: str, target: float | None, 
     if rule in SCORED_RULES and combiners is None:
         half = np.random.default_rng(seed).permutation(table.n_questions) < table.n_questions // 2
         fit_table, test_table = table.subset(half), table.subset(~half)
-    subsets = [c for c in _subsets(table, include_skips) if len(c) >= 2 or budget is not None]
+    # Target mode: sub-cascades that end with the reference (one that does not loses its accuracy
+    # wherever nothing is kept, and would only take a share of delta); budget mode: all of them.
+    subsets = [c for c in _subsets(table, include_skips)
+               if budget is not None or (len(c) >= 2 and c[-1] == S - 1)]
     routed = sorted({s for c in subsets for s in c[:-1]})
     models = list(combiners) if combiners is not None else fit_scores(fit_table, rule, routed)
     scores = {s: keep_scores(test_table, s, rule, models[s]) for s in routed}
@@ -247,9 +281,8 @@ def _guaranteed(table: RecordTable, unit: str, rule: str, target: float | None, 
                 p = sequence_pvalues(n_plus, n_minus, n, target, delta / m, bound=bound)
                 k = fixed_sequence(p, delta / m)
             else:
-                ok = paired_loss_upper_bound(n_plus, n_minus, n, delta / m) <= target
-                k = int(np.argmin(ok)) if not ok.all() else len(ok)
-                p = np.full(len(ok), np.nan)
+                k = _certified_prefix(n_plus, n_minus, n, target, delta / m)
+                p = np.full(len(n_plus), np.nan)
             if k == 0:
                 continue
             j = int(np.argmin(mean_cost[:k] + 1e-12 * np.arange(k)))

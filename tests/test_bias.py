@@ -76,3 +76,23 @@ def test_replay_with_a_bias_equals_the_live_cascade_with_it(smollm2_backend):
         assert np.allclose(first.option_probs, recorded[i], atol=1e-4)  # the trace keeps raw probabilities
         assert (first.decision == "keep") == bool(replay_keep[i])
     assert (prediction != raw_answers).any() or len(set(raw_answers)) > 1  # the bias did something or had nothing to undo
+
+
+def test_with_letter_bias_replays_the_changed_answers():
+    from cascade_core.bias import with_letter_bias
+    from cascade_core.policy import CascadePolicy
+    from cascade_core.records import synthetic_table
+    from cascade_core.replay import replay
+
+    table = synthetic_table(200, 2, seed=0)
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([5, 1, 1, 1], size=200)  # a stage that loves "A"
+    answers = rng.integers(0, 4, size=200)
+    bias = fit_letter_bias(probs)
+    biased = with_letter_bias(table, 0, probs, answers, bias)
+    prediction, correct, p_t, _, _ = rescore(probs, answers, bias)
+    assert np.array_equal(biased.prediction[0], prediction) and np.array_equal(biased.correct[0], correct)
+    assert np.array_equal(biased.correct[1], table.correct[1])
+    policy = CascadePolicy.from_lists([0.0, 0.0], rule="pt_only")  # stage 0 keeps everything
+    assert replay(biased, policy).accuracy == pytest.approx(correct.mean())
+    assert (prediction != 0).mean() > (mc_signals(np.log(probs))[0] != 0).mean()

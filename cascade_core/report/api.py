@@ -100,6 +100,12 @@ def api_cascade(table: RecordTable, stages: Sequence[int], categories: np.ndarra
     calib_full, test_full = split_tables(sub)
     variants = []
     tried, skipped = _variants(settings, calib_full, categories[sub.splits == "calibration"])
+    if sub.n_stages > settings.api_group_max_stages:
+        for grouping in sorted({g for _, g, _ in tried} - {"global"}):
+            skipped[grouping] = (f"left out on cascades of more than {settings.api_group_max_stages} stages for time "
+                                 "(each group's search covers ~10^5 policies); the 2-stage cascades show what "
+                                 "per-group thresholds do")
+        tried = [v for v in tried if v[1] == "global"]
     combos = list(dict.fromkeys((rule, grouping) for rule, grouping, _ in tried))
     done = {}
     for rule, grouping in combos:  # one search per (rows, rule, grouping), every target picked from it
