@@ -88,28 +88,29 @@ def stage_candidates(table: RecordTable, stage: int, rule: str = "both", n_quant
     with np.errstate(invalid="ignore"):
         if rule == "both" and has_pik:
             t, k = _quantile_thresholds(p_t, n), _quantile_thresholds(p_ik, n)
-            policies = [StagePolicy(tau_t=a, tau_ik=b, rule=rule) for a, b in itertools.product(t, k)]
+            policies = [dict(tau_t=a, tau_ik=b, rule=rule) for a, b in itertools.product(t, k)]
             by_pt = p_t[None, :] >= t[:, None]
             by_ik = (p_ik[None, :] >= k[:, None]) | no_pik[None, :]
             keep = (by_pt[:, None, :] & by_ik[None, :, :]).reshape(len(t) * len(k), -1)
         elif rule in ("both", "pt_only") or (rule == "pik_only" and not has_pik):
             t = _quantile_thresholds(p_t, n * n if rule == "both" else n)
-            policies = [StagePolicy(tau_t=a, rule=rule) for a in t]
+            policies = [dict(tau_t=a, rule=rule) for a in t]
             keep = p_t[None, :] >= t[:, None]
         elif rule == "pik_only":
             k = _quantile_thresholds(p_ik, n)
-            policies = [StagePolicy(tau_ik=b, rule=rule) for b in k]
+            policies = [dict(tau_ik=b, rule=rule) for b in k]
             keep = np.where(no_pik[None, :], (p_t >= 0.0)[None, :], p_ik[None, :] >= k[:, None])
         else:
             if combiner is None:
                 raise ValueError(f"rule {rule!r} needs a fitted model for stage {table.names[stage]!r}")
             score = combiner.score(p_t, p_ik, table.margin[stage], table.entropy[stage])
             t = _quantile_thresholds(score, n)
-            policies = [StagePolicy(tau_learned=a, rule=rule, combiner=combiner) for a in t]
+            policies = [dict(tau_learned=a, rule=rule, combiner=combiner) for a in t]
             keep = np.where(np.isnan(score)[None, :], (p_t >= 0.0)[None, :], score[None, :] >= t[:, None])
     _, first = np.unique(np.packbits(keep, axis=1), axis=0, return_index=True)
     first = np.sort(first)
-    return StageCandidates(policies=tuple(policies[i] for i in first), keep=keep[first])
+    # StagePolicy objects only for the distinct masks kept (building all of them cost more than the masks).
+    return StageCandidates(policies=tuple(StagePolicy(**policies[i]) for i in first), keep=keep[first])
 
 
 def cascade_subsets(table: RecordTable, include_skips: bool = True) -> list[tuple[int, ...]]:

@@ -122,13 +122,26 @@ class TableRows:
         self._source = source
         self._rows = base if rows is None else base[rows]
         self.names, self.recorded, self.n_stages = source.names, source.recorded, source.n_stages
-        for name in ("correct", "p_t", "p_ik", "margin", "entropy"):
-            setattr(self, name, getattr(source, name)[:, self._rows])
-        self.subjects = source.subjects[self._rows]
         self.n_questions = len(self._rows)
+        self._cache: dict = {}
+
+    def _get(self, name: str) -> np.ndarray:  # sliced on first use: most searches read few arrays
+        if name not in self._cache:
+            self._cache[name] = getattr(self._source, name)[..., self._rows]
+        return self._cache[name]
+
+    correct = property(lambda self: self._get("correct"))
+    p_t = property(lambda self: self._get("p_t"))
+    p_ik = property(lambda self: self._get("p_ik"))
+    margin = property(lambda self: self._get("margin"))
+    entropy = property(lambda self: self._get("entropy"))
+    subjects = property(lambda self: self._get("subjects"))
 
     def cost(self, unit: str) -> np.ndarray:
-        return self._source.cost(unit)[:, self._rows]
+        key = f"cost:{unit}"
+        if key not in self._cache:
+            self._cache[key] = self._source.cost(unit)[:, self._rows]
+        return self._cache[key]
 
     def subset(self, rows) -> "TableRows":
         return TableRows(self, rows)
