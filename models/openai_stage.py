@@ -130,9 +130,10 @@ class OpenAIStage:
     """A Backend on an OpenAI-compatible HTTP endpoint, P(T) from top-k token log-probabilities.
 
     `mode="chat"` posts to `{api_base}/chat/completions` (the prompt as one user message),
-    `mode="completions"` to `{api_base}/completions` (the raw prompt). Requests are greedy
-    (temperature 0). Transport errors, timeouts, 429 and 5xx are retried with exponential backoff
-    and jitter; other 4xx fail at once. `score_options` over many prompts runs `concurrency`
+    `mode="completions"` to `{api_base}/completions` (the raw prompt), for multiple choice;
+    free-form answers always use the chat endpoint (the model's chat template, end of turn).
+    Requests are greedy (temperature 0). Transport errors, timeouts, 429 and 5xx are retried
+    with exponential backoff and jitter; other 4xx fail at once. `score_options` over many prompts runs `concurrency`
     requests in parallel.
     """
 
@@ -282,8 +283,8 @@ class OpenAIStage:
                 time.sleep(wait)
         raise EndpointError(f"{shown_url} failed after {self.max_retries + 1} attempt(s): {self.redact(last)}")
 
-    def _request(self, prompt: str, max_tokens: int, top_k: int) -> dict:
-        if self.mode == "chat":
+    def _request(self, prompt: str, max_tokens: int, top_k: int, mode: str | None = None) -> dict:
+        if (mode or self.mode) == "chat":
             messages = [{"role": "user", "content": prompt}]
             if self.system_prompt:
                 messages.insert(0, {"role": "system", "content": self.system_prompt})
@@ -350,12 +351,12 @@ class OpenAIStage:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         started = time.perf_counter()
-        body = self._request(prompt, max_tokens=int(max_new_tokens), top_k=1)
+        # Always the chat endpoint: the server applies the model's chat template, so an instruct
+        # model answers and ends its turn (a raw free-form prompt made SmolLM2 end it at once),
+        # as the local backend's free-form generation does. `mode` applies to multiple choice.
+        body = self._request(prompt, max_tokens=int(max_new_tokens), top_k=1, mode="chat")
         choice = self._first_choice(body)
-        if self.mode == "chat":
-            text = ((choice.get("message") or {}).get("content")) or ""
-        else:
-            text = choice.get("text") or ""
+        text = ((choice.get("message") or {}).get("content")) or ""
         chosen_tokens = [chosen for chosen, _top in _positions(choice) if chosen is not None]
         logprobs = [lp for _token, lp in chosen_tokens]
         prompt_tokens, output_tokens = self._usage(body)

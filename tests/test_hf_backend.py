@@ -238,6 +238,8 @@ def test_generate_streams_its_text_and_stops_within_one_step_when_cancelled(smol
 
     stopped = smollm2_backend.generate("1, 2, 3, 4,", max_new_tokens=200, chat=False, on_text=on_text, cancel=cancel)
     assert stopped.finish_reason == "cancelled" and stopped.output_tokens <= 5  # the step in flight, no more
+    already = smollm2_backend.generate("1, 2, 3, 4,", max_new_tokens=200, chat=False, cancel=cancel)
+    assert (already.finish_reason, already.output_tokens, already.text) == ("cancelled", 0, "")  # no pass at all
 
 
 def test_cpu_auto_dtype_is_bfloat16_only_where_it_is_native():
