@@ -94,6 +94,16 @@ def _question(row) -> Question:
                     answer=int(row.answer), qid=row.qid)
 
 
+def _batches(todo: pd.DataFrame, batch_size: int, max_batches: int | None):
+    """(source rows, questions) of each batch of `todo`, at most `max_batches` of them."""
+    rows = list(todo.itertuples(index=False))
+    for b, start in enumerate(range(0, len(rows), batch_size)):
+        if max_batches is not None and b >= max_batches:
+            return
+        source = rows[start : start + batch_size]
+        yield source, [_question(r) for r in source]
+
+
 def _score_batch(backend: Backend, batch: list[Question]):
     """One forward pass over a batch: (scores, seconds per question, prediction, p_t, margin, entropy, probs)."""
     prompts = [format_prompt(q) for q in batch]
@@ -172,15 +182,10 @@ def run_stage(
         return records
     version = code_version()
     paths.features_dir.mkdir(parents=True, exist_ok=True)
-    rows = list(todo.itertuples(index=False))
-    for b, start in enumerate(range(0, len(rows), batch_size)):
-        if max_batches is not None and b >= max_batches:
-            break
-        batch = [_question(r) for r in rows[start : start + batch_size]]
+    for source, batch in _batches(todo, batch_size, max_batches):
         scores, seconds, prediction, p_t, margin, entropy, probs = _score_batch(backend, batch)
         _write_feature_chunk(backend, paths, batch, scores, prediction, p_t)
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        source = rows[start : start + batch_size]
         new = pd.DataFrame({
             "qid": [q.qid for q in batch],
             "subject": [r.subject for r in source],
@@ -239,11 +244,7 @@ def backfill_features(
     if progress:
         progress(finished, total)
     paths.features_dir.mkdir(parents=True, exist_ok=True)
-    rows = list(todo.itertuples(index=False))
-    for b, start in enumerate(range(0, len(rows), batch_size)):
-        if max_batches is not None and b >= max_batches:
-            break
-        batch = [_question(r) for r in rows[start : start + batch_size]]
+    for _, batch in _batches(todo, batch_size, max_batches):
         scores, _, prediction, p_t, _, _, _ = _score_batch(backend, batch)
         _write_feature_chunk(backend, paths, batch, scores, prediction, p_t)
         counts["backfilled"] += len(batch)
