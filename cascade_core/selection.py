@@ -143,6 +143,11 @@ class TableRows:
             self._cache[key] = self._source.cost(unit)[:, self._rows]
         return self._cache[key]
 
+    def cost_stack(self) -> np.ndarray:
+        if "stack" not in self._cache:
+            self._cache["stack"] = self._source.cost_stack()[:, :, self._rows]
+        return self._cache["stack"]
+
     def subset(self, rows) -> "TableRows":
         return TableRows(self, rows)
 
@@ -408,9 +413,9 @@ def _select_plain(calib_table, targets, cost_budget, unit, rule, per_subject, n_
             if mask.sum() < min_subject_questions:
                 small |= mask
                 continue
-            groups.append(([str(subject)], calib_table.subset(mask), "own"))
+            groups.append(([str(subject)], TableRows(calib_table, mask), "own"))
         if small.any():  # the small subjects share one policy chosen on their pooled questions
-            pooled = calib_table.subset(small)
+            pooled = TableRows(calib_table, small)
             groups.append(([str(x) for x in np.unique(pooled.subjects)], pooled, "pooled"))
         for names, sub, kind in groups:
             sub_picks = _choose(sub, unit, rule, targets, cost_budget, n_quantiles, shared)
@@ -480,9 +485,10 @@ def evaluate_on(table: RecordTable, policy: CascadePolicy | SubjectPolicy) -> Re
         mask = table.subjects == subject
         pol = policy.for_subject(subject)
         groups[pol] = groups[pol] | mask if pol in groups else mask
-    for pol, mask in groups.items():
+    for pol, mask in groups.items():  # route each group's questions only
         check_policy(table, pol)
-        f, v = route(table, pol)
-        final[mask] = f[mask]
-        visited[:, mask] = v[:, mask]
+        rows = np.flatnonzero(mask)
+        f, v = route(TableRows(table, rows), pol)
+        final[rows] = f
+        visited[:, rows] = v
     return summarise(table, policy, final, visited)
