@@ -145,7 +145,9 @@ class TableRows:
 
     def cost_stack(self) -> np.ndarray:
         if "stack" not in self._cache:
-            self._cache["stack"] = self._source.cost_stack()[:, :, self._rows]
+            # Contiguous like a RecordTable's own: the sweep's products then add in the same order,
+            # and ties in cost (a free local stage on or off) break the same way.
+            self._cache["stack"] = np.ascontiguousarray(self._source.cost_stack()[:, :, self._rows])
         return self._cache["stack"]
 
     def subset(self, rows) -> "TableRows":
