@@ -26,6 +26,13 @@ def size_of(config) -> str:
     return "–"
 
 
+def policy_text(config, policy, is_last: bool, off_reason: str) -> str:
+    """A stage's routing in words: the calibrated policy's where there is one, else the preset's."""
+    from cascade_core.compose.policies import stage_summary
+
+    return stage_summary(policy if policy is not None else backends.preset_policy(config), is_last, off_reason)
+
+
 def home() -> None:
     """What the tool does, the active preset's stages, the headline result, links to the pages."""
     st.title("Confidence-driven model cascade")
@@ -43,12 +50,17 @@ def home() -> None:
         st.warning("This preset needs network access (the Hugging Face Hub or an API) and, for 4-bit stages, a GPU.")
 
     st.subheader("Stages, smallest first")
+    found, _ = data.applied(preset)
+    enabled = [s for s in preset.stages if s.enabled]
+    policies = dict(zip([s.name for s in enabled], found.policy.stages)) if found.policy is not None else {}
     st.dataframe([{
         "stage": state.label_of(s), "backend": s.backend, "model": s.model, "size": size_of(s),
-        "quantisation": s.quantization, "device": s.device, "rule": s.rule, "τ_T": s.tau_t, "τ_IK": s.tau_ik,
+        "runs as": backends.runs_as(s), "routing": policy_text(s, policies.get(s.name), i == len(enabled) - 1,
+                                                               found.off_reasons.get(s.name, "")),
         "status": backends.fetched_status(s)[1],
-    } for s in preset.stages if s.enabled], hide_index=True, width="stretch")
-    st.caption("The last stage always answers. Recorded stages replay real per-question outcomes (MMLU only).")
+    } for i, s in enumerate(enabled)], hide_index=True, width="stretch")
+    st.caption(f"{found.description.capitalize()}. The last stage always answers. Recorded stages replay real "
+               "per-question outcomes (MMLU only).")
 
     st.subheader("Headline from the cached benchmark")
     headline = data.headline(preset)
@@ -58,17 +70,33 @@ def home() -> None:
     elif "error" in headline:
         st.warning(f"No headline yet: {headline['error']}")
     else:
+        if headline.get("problem"):
+            st.warning(headline["problem"].capitalize())
         cols = st.columns(4)
         cols[0].metric("Test questions", f"{headline['questions']:,}")
         cols[1].metric("Cascade accuracy", f"{headline['accuracy']:.1%}",
                        f"{headline['pd']:+.1%} vs {headline['reference']}")
         reduction = headline["reduction"]
-        cols[2].metric("Compute reduction (FLOPs)", formatting.pct(reduction))
+        unit = headline.get("unit", "flops")
+        if unit == "flops":
+            cols[2].metric("Compute reduction (FLOPs)", formatting.pct(reduction))
+        else:
+            cols[2].metric(f"Saved ({unit})", formatting.pct(headline["unit_reduction"]))
         cols[3].metric("Mean FLOPs / question", charts.fmt_number(headline["mean_flops"]))
         missing = f" No records yet for {', '.join(headline['missing'])}." if headline["missing"] else ""
-        st.caption(f"Thresholds chosen on the calibration split for at most 1 accuracy point below "
-                   f"{headline['reference']} alone, reported on the test split. Cascade used: "
-                   f"{headline['stages']}.{missing}")
+        if headline["source"] == "calibrated":
+            st.caption(f"The preset's calibrated policy ({headline['description'].removeprefix('thresholds: ')}), "
+                       f"reported on the test split. Cascade used: **{headline['stages']}**.{missing}")
+        else:
+            st.caption(f"No calibrated policy file for this preset: thresholds chosen here on the calibration split "
+                       f"for at most 1 accuracy point below {headline['reference']} alone, reported on the test "
+                       f"split. Cascade used: {headline['stages']}.{missing}")
+        if headline["off"]:
+            names = ", ".join(headline["off"])
+            why = " ".join(f"{r[0].upper()}{r[1:]}." for r in dict.fromkeys(headline["off"].values()))
+            st.info(f"Calibration switched off {names}, so the cascade is **{headline['stages']}** and saves "
+                    f"{formatting.pct(headline['unit_reduction'] if unit != 'flops' else reduction)} of the "
+                    f"{'FLOPs' if unit == 'flops' else unit}. {why}")
 
     st.subheader("Pages")
     cols = st.columns(4)
@@ -91,5 +119,19 @@ PAGE_TEXT = {
     PAGES[4]: "Stage status, fetch models, add a stage.",
 }
 
+def preload() -> None:
+    """Start loading the session's preset's models in the background (the Settings page's switch;
+    on by default for the packaged CPU preset), so the first question finds them loaded."""
+    from cascade_core.presets import PresetError, load_preset
+
+    try:
+        preset = state.with_added_stages(load_preset(state.preset_name()))
+    except PresetError:
+        return
+    if state.preload_enabled(preset):
+        backends.start_preload(preset.stages)
+
+
 st.set_page_config(page_title="Confidence-driven cascade", page_icon="🪜", layout="wide")
+preload()
 st.navigation(PAGES).run()

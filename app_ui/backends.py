@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import streamlit as st
 
@@ -40,9 +41,105 @@ def _load_backend(key: str):
     return backend
 
 
+_key_locks: dict[str, threading.Lock] = {}
+_load_seconds: dict[str, float] = {}
+_preloads: dict[str, dict] = {}  # backend key -> {"state": "waiting|loading|loaded|failed", "error": str}
+PRELOAD_ENV = "CASCADE_APP_PRELOAD"  # "0": never preload at start-up, "1": always; unset: the packaged CPU presets
+
+
+def _key_lock(key: str) -> threading.Lock:
+    with _loaded_lock:
+        return _key_locks.setdefault(key, threading.Lock())
+
+
 def get_backend(config: StageConfig):
-    """The stage's backend, loading it on first use (raises the backend's own error if it cannot)."""
-    return _load_backend(backend_key(config))
+    """The stage's backend, loading it on first use (raises the backend's own error if it cannot).
+
+    One lock per backend: a page that needs a model the background preloader is loading waits for
+    that load instead of loading a second copy."""
+    key = backend_key(config)
+    with _key_lock(key):
+        started = time.perf_counter()
+        backend = _load_backend(key)
+        with _loaded_lock:
+            _load_seconds.setdefault(key, time.perf_counter() - started)
+        return backend
+
+
+def load_seconds(config: StageConfig) -> float | None:
+    """How long the stage's model took to load in this process (None: not loaded yet)."""
+    with _loaded_lock:
+        return _load_seconds.get(backend_key(config))
+
+
+def lazy_stage(config: StageConfig, policy: StagePolicy) -> RuntimeStage:
+    """A stage whose model loads when the cascade first reaches it (compose.live.LazyBackend),
+    through this process's shared cache."""
+    from cascade_core.compose.live import lazy_runtime_stage
+
+    stage = lazy_runtime_stage(config, load=lambda: get_backend(config))
+    stage.policy = policy
+    return stage
+
+
+def preload_default(stages) -> bool:
+    """Whether start-up preloading is on by default: $CASCADE_APP_PRELOAD, else for a preset of
+    packaged models on the CPU (the first question then finds them loaded)."""
+    flag = os.environ.get(PRELOAD_ENV, "").strip().lower()
+    if flag in ("0", "false", "no", "off"):
+        return False
+    if flag in ("1", "true", "yes", "on"):
+        return True
+    local = [c for c in stages if c.enabled and c.backend != "recorded"]
+    if not local or any(c.backend != "packaged" for c in local):
+        return False
+    from cascade_core.compose.live import resolved_runtime
+
+    try:
+        return all(resolved_runtime(c)[0] == "cpu" for c in local)
+    except Exception:  # noqa: BLE001 - no preloading where the device cannot be resolved
+        return False
+
+
+def start_preload(stages) -> None:
+    """Load the stages' models in a background thread, smallest first, without blocking the page;
+    a stage already loaded, loading or failed is left alone. Runs once per model per process."""
+    todo = []
+    with _loaded_lock:
+        for config in stages:
+            if not config.enabled or config.backend not in ("packaged", "hf"):
+                continue
+            key = backend_key(config)
+            if key in _preloads or key in _loaded:
+                continue
+            if not fetched_status(config)[0]:
+                continue
+            _preloads[key] = {"state": "waiting", "error": "", "label": config.display_name}
+            todo.append((key, config))
+    if not todo:
+        return
+
+    def work():
+        for key, config in todo:
+            with _loaded_lock:
+                _preloads[key]["state"] = "loading"
+            try:
+                get_backend(config)
+            except Exception as err:  # noqa: BLE001 - kept for the Settings page; the Route page retries
+                with _loaded_lock:
+                    _preloads[key].update(state="failed", error=f"{type(err).__name__}: {err}")
+                continue
+            with _loaded_lock:
+                _preloads[key]["state"] = "loaded"
+
+    threading.Thread(target=work, name="cascade-preload", daemon=True).start()
+
+
+def preload_state(config: StageConfig) -> dict | None:
+    """The background preload of a stage's model: {"state", "error"} or None when none was started."""
+    with _loaded_lock:
+        found = _preloads.get(backend_key(config))
+        return dict(found) if found else None
 
 
 def is_loaded(config: StageConfig) -> bool:
@@ -55,6 +152,10 @@ def unload_all() -> None:
     _load_backend.clear()
     with _loaded_lock:
         _loaded.clear()
+        _load_seconds.clear()
+        for key, found in list(_preloads.items()):
+            if found["state"] in ("loaded", "failed"):
+                del _preloads[key]
     import gc
 
     gc.collect()
@@ -143,3 +244,31 @@ def run_benchmark(config: StageConfig, per_subject: int, subjects, progress):
 
     questions = bench_questions(per_subject=int(per_subject), subjects=subjects or None)
     return bench_stage(config, questions, where(), backend=get_backend(config), progress=progress)
+
+
+def runs_as(config: StageConfig) -> str:
+    """How a stage really runs, for Home and Settings: the loaded backend's device, dtype and
+    quantisation ("cpu, float32, from GGUF Q4_K_M"), else what it will resolve to once loaded."""
+    if config.backend in ("recorded",):
+        return "recorded outcomes (no model)"
+    if config.backend == "openai":
+        return f"remote endpoint ({config.api_base or 'default base URL'})"
+    with _loaded_lock:
+        backend = _loaded.get(backend_key(config))
+    source = ""
+    if config.backend == "packaged":
+        spec = packaged_models().get(config.model)
+        if spec is not None:
+            kind = spec.gguf_name.rsplit(".", 2)[-2] if spec.gguf_name.count(".") >= 2 else spec.gguf_name
+            source = f", from GGUF {kind.split('-')[-1].upper()} (dequantised)"
+    if backend is None:
+        from cascade_core.compose.live import resolved_runtime
+
+        try:
+            device, dtype, quant = resolved_runtime(config)
+        except Exception as err:  # noqa: BLE001 - shown, not raised: the page must render
+            return f"cannot run here: {err}"
+        return f"not loaded: will run on {device}, {dtype}" + (f", {quant}" if quant != "none" else "") + source
+    dtype = str(getattr(backend, "dtype", "")).replace("torch.", "")
+    quant = str(getattr(backend, "quantization", "none"))
+    return f"{getattr(backend, 'device', '?')}, {dtype}" + (f", {quant}" if quant != "none" else "") + source

@@ -24,12 +24,36 @@ def fmt_number(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+def label_offsets(xs: Sequence[float], ys: Sequence[float], x_range: tuple[float, float]) -> list[tuple[int, int]]:
+    """Pixel offsets (ax, ay) for the single models' labels: pointing inwards (a point in the left
+    half gets its label to the right, so none is cut at an edge), and points close in cost
+    stacked at different heights, so labels at the same cost (e.g. every local model in tokens)
+    do not overlap."""
+    lo, hi = x_range
+    span = (hi - lo) or 1.0
+    order = np.argsort(np.asarray(ys, dtype=float), kind="stable")
+    out: list[tuple[int, int]] = [(0, 0)] * len(xs)
+    placed: list[tuple[float, int]] = []
+    for i in order:
+        rel = (float(xs[i]) - lo) / span
+        ax = 46 if rel < 0.5 else -46
+        near = [ay for x, ay in placed if abs(x - rel) < 0.22]
+        ay = -26
+        while any(abs(ay - other) < 24 for other in near):
+            ay = -ay if ay < 0 else -(ay + 24)
+        placed.append((rel, ay))
+        out[i] = (ax, ay)
+    return out
+
+
 def frontier_figure(*, cloud: tuple[np.ndarray, np.ndarray], cloud_label: str, frontier: tuple[np.ndarray, np.ndarray],
                     singles: Sequence[dict], oracle: tuple[float, float], random_curve: tuple[np.ndarray, np.ndarray],
                     random_point: tuple[float, float], current: tuple[float, float], unit_label: str,
-                    current_label: str) -> go.Figure:
+                    current_label: str, previous: tuple[float, float] | None = None) -> go.Figure:
     """Accuracy versus mean cost per question: every swept policy, the Pareto frontier, each model
-    alone, the oracle, random routing, and the current operating point."""
+    alone, the oracle, random routing, and the current operating point (with its previous position
+    faint). The cloud is WebGL, which Plotly paints above every SVG trace, so the operating point is
+    WebGL too and added last: it stays on top of the cloud."""
     fig = go.Figure()
     cloud_x, cloud_y = cloud
     fig.add_trace(go.Scattergl(x=cloud_x, y=cloud_y, mode="markers", name=cloud_label,
@@ -38,29 +62,33 @@ def frontier_figure(*, cloud: tuple[np.ndarray, np.ndarray], cloud_label: str, f
                              line=dict(color=GREY, dash="dot")))
     fig.add_trace(go.Scatter(x=frontier[0], y=frontier[1], mode="lines+markers", name="Pareto frontier",
                              line=dict(color=BLUE, shape="hv"), marker=dict(size=5)))
-    order = np.argsort([s["cost"] for s in singles], kind="stable")
-    position = np.empty(len(singles), dtype=object)
-    position[order] = ["middle left" if rank >= len(singles) / 2 and rank > 0 else "middle right"
-                       for rank in range(len(singles))]
-    fig.add_trace(go.Scatter(
-        x=[s["cost"] for s in singles], y=[s["accuracy"] for s in singles], mode="markers+text",
-        name="single models", text=[f" {s['label']} " for s in singles], textposition=list(position),
-        cliponaxis=False,
-        marker=dict(size=11, color=INK, symbol=["diamond-open" if s.get("recorded") else "diamond" for s in singles])))
-    fig.add_trace(go.Scatter(x=[oracle[0]], y=[oracle[1]], mode="markers", name="oracle",
-                             marker=dict(size=14, color=GREEN, symbol="star")))
-    fig.add_trace(go.Scatter(x=[random_point[0]], y=[random_point[1]], mode="markers",
-                             name="random routing at these rates", marker=dict(size=10, color=GREY, symbol="x")))
-    fig.add_trace(go.Scatter(x=[current[0]], y=[current[1]], mode="markers", name=current_label,
-                             marker=dict(size=18, color=ORANGE, line=dict(color="white", width=2))))
+    fig.add_trace(go.Scattergl(
+        x=[s["cost"] for s in singles], y=[s["accuracy"] for s in singles], mode="markers",
+        name="single models", text=[s["label"] for s in singles], hovertemplate="%{text}<extra></extra>",
+        marker=dict(size=12, color=INK, symbol=["diamond-open" if s.get("recorded") else "diamond" for s in singles])))
+    fig.add_trace(go.Scattergl(x=[oracle[0]], y=[oracle[1]], mode="markers", name="oracle",
+                               marker=dict(size=14, color=GREEN, symbol="star")))
+    fig.add_trace(go.Scattergl(x=[random_point[0]], y=[random_point[1]], mode="markers",
+                               name="random routing at these rates", marker=dict(size=10, color=GREY, symbol="x")))
+    if previous is not None and tuple(previous) != tuple(current):
+        fig.add_trace(go.Scattergl(x=[previous[0]], y=[previous[1]], mode="markers", name="previous position",
+                                   marker=dict(size=16, color=ORANGE, opacity=0.3)))
+    fig.add_trace(go.Scattergl(x=[current[0]], y=[current[1]], mode="markers", name=current_label,
+                               marker=dict(size=24, color=ORANGE, line=dict(color=INK, width=2))))
     xs = np.concatenate([np.ravel(cloud_x), [s["cost"] for s in singles], [oracle[0], current[0]]]).astype(float)
     ys = np.concatenate([np.ravel(cloud_y), [s["accuracy"] for s in singles], [oracle[1], current[1]]]).astype(float)
     xs, ys = xs[np.isfinite(xs)], ys[np.isfinite(ys)]
-    x_pad = max(0.06 * (xs.max() - xs.min()), 0.05 * abs(xs.max()), 1e-12) if xs.size else 1.0
-    y_pad = max(0.06 * (ys.max() - ys.min()), 0.02) if ys.size else 0.1
-    fig.update_layout(**_LAYOUT, height=460, legend=dict(orientation="h", y=-0.18), uirevision="frontier",
+    x_pad = max(0.08 * (xs.max() - xs.min()), 0.05 * abs(xs.max()), 1e-12) if xs.size else 1.0
+    y_pad = max(0.08 * (ys.max() - ys.min()), 0.03) if ys.size else 0.1
+    x_range = (xs.min() - x_pad, xs.max() + x_pad) if xs.size else (0.0, 1.0)
+    offsets = label_offsets([s["cost"] for s in singles], [s["accuracy"] for s in singles], x_range)
+    for s, (ax, ay) in zip(singles, offsets):
+        fig.add_annotation(x=s["cost"], y=s["accuracy"], text=s["label"], ax=ax, ay=ay, showarrow=True,
+                           arrowhead=0, arrowcolor=GREY, standoff=6, font=dict(size=12, color=INK),
+                           xanchor="left" if ax > 0 else "right", bgcolor="rgba(255,255,255,0.8)")
+    fig.update_layout(**_LAYOUT, height=480, legend=dict(orientation="h", y=-0.18), uirevision="frontier",
                       xaxis=dict(title=f"mean cost per question ({unit_label})", tickformat="~s",
-                                 range=[xs.min() - x_pad, xs.max() + x_pad] if xs.size else None),
+                                 range=list(x_range) if xs.size else None),
                       yaxis=dict(title="accuracy", tickformat=".0%",
                                  range=[max(0.0, ys.min() - y_pad), min(1.0, ys.max() + y_pad)] if ys.size else [0, 1]))
     return fig

@@ -194,8 +194,72 @@ def _cached_headline(preset_json: str, root: str, dataset: str, signature: tuple
 
 
 def headline(preset: Preset, target: float = 0.01, dataset: str = DATASET) -> dict | None:
-    """The paper's headline on the cached records: thresholds chosen on calibration for at most
-    `target` accuracy loss against the largest stage, compute reduction and PD on test."""
+    """The headline on the cached records, reported on test: the preset's calibrated policy when it
+    has one (`applied`), else thresholds chosen here on calibration for at most `target` accuracy
+    loss against the largest stage. Says which (`source`) and which stages calibration switched off."""
     root = results_dir()
     paths = [where().record_path(s.name, dataset) for s in _local_stages(preset)]
-    return _cached_headline(preset.model_dump_json(), str(root), dataset, _signature(paths), target)
+    found, problem = applied(preset)
+    if found.source == "calibrated":
+        return _calibrated_headline(preset, found, dataset, paths)
+    out = _cached_headline(preset.model_dump_json(), str(root), dataset, _signature(paths), target)
+    if out is not None and "error" not in out:
+        out = {**out, "source": "chosen here", "off": {}, "problem": problem}
+    return out
+
+
+def _calibrated_headline(preset: Preset, found, dataset: str, paths: list[Path]) -> dict:
+    from cascade_core.compose.policies import calibration_stages
+    from cascade_core.frontier import accuracy_difference
+    from cascade_core.selection import evaluate_on
+
+    own = [c for c in preset.stages if c.backend == "recorded" and c.enabled]
+    test = _cached_table(preset.model_dump_json(), own[-1].model_dump_json() if own else None, str(results_dir()),
+                         dataset, "test", _signature(paths))
+    names = calibration_stages(preset)
+    if test.table is None or list(test.table.names) != names:
+        have = ", ".join(test.table.names) if test.table is not None else "none"
+        return {"error": f"the calibrated policy covers {', '.join(names)}; the test records cover {have}"}
+    result = evaluate_on(test.table, found.policy)
+    table = test.table
+    unit = "dollars" if table.cost("dollars").any() else "flops"
+    return {
+        "questions": table.n_questions, "accuracy": result.accuracy, "reference": table.names[-1],
+        "pd": float(accuracy_difference(result.accuracy, table.correct[-1].mean())),
+        "reduction": result.compute_reduction["flops"], "mean_flops": result.mean_cost["flops"],
+        "unit": unit, "unit_reduction": result.compute_reduction[unit],
+        "stages": " → ".join(n for n, s in zip(table.names, found.policy.stages) if s.enabled),
+        "missing": list(test.missing), "source": "calibrated", "description": found.description,
+        "off": {n: found.off_reasons.get(n, "switched off") for n, s in zip(names, found.policy.stages) if not s.enabled},
+        "problem": None,
+    }
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _cached_applied(preset_json: str, policies: str, signature: tuple):
+    from cascade_core.compose.locations import locations as make_locations
+    from cascade_core.compose.policies import applied_policy
+
+    preset = parse_preset(json.loads(preset_json), "session preset")
+    try:
+        return applied_policy(preset, make_locations(policies_dir=policies)), None
+    except (ValueError, OSError, KeyError) as err:
+        fallback = applied_policy(preset, thresholds="preset")
+        return fallback, f"the calibrated policy file cannot be used here: {err}"
+
+
+def applied(preset: Preset):
+    """(AppliedPolicy, problem or None): the thresholds the preset runs with (`compose.policies`):
+    its calibrated policy file when there is one and it fits these stages, else the preset's own;
+    `problem` says why a policy file present was not used (e.g. stages added on the Settings page)."""
+    from cascade_core.compose.policies import policy_path
+
+    path = policy_path(preset, where())
+    return _cached_applied(preset.model_dump_json(), str(where().policies), _signature([path]))
+
+
+def prompt_limit() -> int:
+    """The longest question (with its options) the app accepts: the servers' prompt limit, one number."""
+    from cascade_core.server.common import DEFAULT_MAX_PROMPT_CHARS
+
+    return int(DEFAULT_MAX_PROMPT_CHARS)

@@ -11,6 +11,7 @@ from typing import Mapping
 
 import streamlit as st
 
+from cascade_core.policy import StagePolicy
 from cascade_core.presets import Preset, PresetError, StageConfig, list_presets, load_preset, parse_preset
 from cascade_core.ui_data import StageSetting
 
@@ -82,24 +83,69 @@ def explorer_thresholds(name: str) -> tuple[dict[str, StageSetting], str] | None
     return dict(stored["stages"]), stored["rule"]
 
 
-def store_explorer_thresholds(name: str, settings: Mapping[str, StageSetting], rule: str) -> None:
+def store_explorer_thresholds(name: str, settings: Mapping[str, StageSetting], rule: str,
+                              combiners: Mapping[str, object] | None = None) -> None:
     store = dict(st.session_state.get(POLICY_KEY, {}))
-    store[name] = {"stages": dict(settings), "rule": rule}
+    store[name] = {"stages": dict(settings), "rule": rule, "combiners": dict(combiners or {})}
     st.session_state[POLICY_KEY] = store
 
 
-def stage_thresholds(preset: Preset) -> tuple[dict[str, StageSetting], str | None, str]:
-    """Thresholds for live routing: the explorer's where it set them, else the preset's.
+def stage_thresholds(preset: Preset, applied=None) -> tuple[dict[str, StagePolicy], str, dict[str, str]]:
+    """Each stage's policy for live routing, where it came from, and why a stage is off.
 
-    Returns (stage -> setting, rule or None for "each stage's own rule", where they came from).
+    The explorer's thresholds where it set them (with its rule and fitted scores), else the
+    calibrated policy (`applied`, an AppliedPolicy), else the preset's own. The explorer left on
+    the calibrated policy still says "calibrated".
     """
-    base = {s.name: StageSetting(s.tau_t, s.tau_ik, s.enabled) for s in preset.stages}
-    stored = explorer_thresholds(preset.name)
-    if stored is None:
-        return base, None, "the preset"
-    settings, rule = stored
-    followed = {n: settings.get(n, s) for n, s in base.items()}
-    return followed, rule, "the threshold explorer"
+    from cascade_core.compose.live import stage_policy
+    from cascade_core.ui_data import policy_from_settings
+
+    own = {s.name: stage_policy(s) for s in preset.stages}
+    source, off = "thresholds: from the preset file", {}
+    calibrated: dict[str, StagePolicy] = {}
+    if applied is not None and applied.policy is not None:
+        calibrated = dict(zip([s.name for s in preset.stages if s.enabled], applied.policy.stages))
+        own.update(calibrated)
+        source = applied.description
+        off = {n: applied.off_reasons.get(n, "switched off by calibration") for n, p in calibrated.items() if not p.enabled}
+    elif applied is not None:
+        source = applied.description
+    stored = st.session_state.get(POLICY_KEY, {}).get(preset.name)
+    if not stored:
+        return own, source, off
+    names = [n for n in stored["stages"] if n in own]
+    if not names or not any(stored["stages"][n].enabled for n in names):
+        return own, source, off
+    chosen = policy_from_settings(names, stored["stages"], stored["rule"], stored.get("combiners"))
+    followed = dict(own)
+    followed.update(zip(names, chosen.stages))
+    if calibrated and all(_same(followed[n], calibrated.get(n)) for n in names):
+        return followed, source, off
+    off = {n: "switched off in the threshold explorer" for n in names if not followed[n].enabled}
+    return followed, "thresholds: from the threshold explorer", off
+
+
+def _same(a: StagePolicy, b: StagePolicy | None) -> bool:
+    """The same routing (a switched-off stage's thresholds do not matter; thresholds to 1e-9)."""
+    if b is None or a.enabled != b.enabled:
+        return False
+    if not a.enabled:
+        return True
+    close = all(abs(x - y) < 1e-9 for x, y in ((a.tau_t, min(max(b.tau_t, 0), 1)), (a.tau_ik, min(max(b.tau_ik, 0), 1)),
+                                                (a.tau_learned, b.tau_learned)))
+    return close and a.rule == b.rule and (a.combiner == b.combiner or a.rule not in ("learned", "loss_aware"))
+
+
+PRELOAD_KEY = "_preload_models"
+
+
+def preload_enabled(preset: Preset) -> bool:
+    """The Settings page's "preload at start-up" switch; its default from `backends.preload_default`."""
+    from app_ui.backends import preload_default
+
+    if PRELOAD_KEY not in st.session_state:
+        st.session_state[PRELOAD_KEY] = preload_default(preset.stages)
+    return bool(st.session_state[PRELOAD_KEY])
 
 
 def label_of(config: StageConfig) -> str:

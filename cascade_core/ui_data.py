@@ -33,24 +33,31 @@ class StageSetting:
     tau_t: float
     tau_ik: float
     enabled: bool = True
+    tau_score: float = 0.0  # the threshold of a scored rule (`learned`, `loss_aware`): keep when score >= it
 
 
-def _unit_float(text: str, what: str) -> float:
+def _unit_float(text: str, what: str, low: float = 0.0, high: float = 1.0) -> float:
     try:
         value = float(text)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number in [0, 1], got {text!r}") from None
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{what} must be a number in [0, 1], got {text!r}")
+        raise ValueError(f"{what} must be a number in [{low:g}, {high:g}], got {text!r}") from None
+    if math.isnan(value) or not low <= value <= high:
+        raise ValueError(f"{what} must be a number in [{low:g}, {high:g}], got {text!r}")
     return value
 
 
+SCORE_RANGE = {"learned": (0.0, 1.0), "loss_aware": (-1.0, 1.0)}  # what each scored rule's keep score spans
+
+
 def settings_to_params(settings: Mapping[str, StageSetting], rule: str) -> dict[str, str]:
-    """Explorer state -> query parameters: `rule`, and per stage `t.<stage>`, `ik.<stage>`, `on.<stage>`."""
+    """Explorer state -> query parameters: `rule`, and per stage `t.<stage>`, `ik.<stage>`, `on.<stage>`
+    (and `s.<stage>`, the score threshold, under a scored rule)."""
     params = {"rule": rule}
     for name, s in settings.items():
         params[f"t.{name}"] = f"{s.tau_t:.4g}"
         params[f"ik.{name}"] = f"{s.tau_ik:.4g}"
+        if rule in SCORE_RANGE:
+            params[f"s.{name}"] = f"{s.tau_score:.4g}"
         if not s.enabled:
             params[f"on.{name}"] = "0"
     return params
@@ -61,37 +68,87 @@ def settings_from_params(params: Mapping[str, str], defaults: Mapping[str, Stage
     """Query parameters -> (settings for the stages in `defaults`, rule or None, problems).
 
     A parameter that cannot be read is skipped with a problem message (a shared link with a typo
-    must still open the page); parameters of stages not in `defaults` are ignored.
+    must still open the page); a per-stage parameter of a stage not in `defaults` is a problem too
+    (see `unknown_params` for the page's other keys).
     """
     problems: list[str] = []
     out = dict(defaults)
-    for name, default in defaults.items():
-        tau_t, tau_ik, enabled = default.tau_t, default.tau_ik, default.enabled
-        for key, attr in ((f"t.{name}", "tau_t"), (f"ik.{name}", "tau_ik")):
-            if key in params:
-                try:
-                    value = _unit_float(params[key], f"URL parameter {key}")
-                except ValueError as err:
-                    problems.append(str(err))
-                    continue
-                if attr == "tau_t":
-                    tau_t = value
-                else:
-                    tau_ik = value
-        if f"on.{name}" in params:
-            enabled = str(params[f"on.{name}"]).strip().lower() not in ("0", "false", "off", "no")
-        out[name] = StageSetting(tau_t, tau_ik, enabled)
     rule = params.get("rule")
     if rule is not None and rule not in rules:
         problems.append(f"URL parameter rule={rule!r} is not one of {', '.join(rules)}")
         rule = None
+    low, high = SCORE_RANGE.get(rule or "", (-1.0, 1.0))
+    for name, default in defaults.items():
+        values = {"tau_t": default.tau_t, "tau_ik": default.tau_ik, "tau_score": default.tau_score}
+        enabled = default.enabled
+        for key, attr in ((f"t.{name}", "tau_t"), (f"ik.{name}", "tau_ik"), (f"s.{name}", "tau_score")):
+            if key in params:
+                try:
+                    values[attr] = (_unit_float(params[key], f"URL parameter {key}", low, high) if attr == "tau_score"
+                                    else _unit_float(params[key], f"URL parameter {key}"))
+                except ValueError as err:
+                    problems.append(str(err))
+        if f"on.{name}" in params:
+            flag = str(params[f"on.{name}"]).strip().lower()
+            if flag in ("0", "false", "off", "no"):
+                enabled = False
+            elif flag in ("1", "true", "on", "yes"):
+                enabled = True
+            else:
+                problems.append(f"URL parameter on.{name}={params[f'on.{name}']!r} is not 0 or 1")
+        out[name] = StageSetting(values["tau_t"], values["tau_ik"], enabled, values["tau_score"])
+    for key in params:
+        prefix, _, stage = key.partition(".")
+        if prefix in ("t", "ik", "s", "on") and stage and stage not in defaults:
+            problems.append(f"URL parameter {key}: no stage {stage!r} in this cascade ({', '.join(defaults)})")
     return out, rule, problems
 
 
-def policy_from_settings(names: Sequence[str], settings: Mapping[str, StageSetting], rule: str) -> CascadePolicy:
-    """One StagePolicy per table stage, in table order (ValueError when every stage is off)."""
+def unknown_params(params: Mapping[str, str], known: Sequence[str]) -> list[str]:
+    """Problems for query parameters the page does not read at all (neither in `known` nor per stage)."""
+    out = []
+    for key, value in params.items():
+        prefix, dot, _ = key.partition(".")
+        if key in known or (dot and prefix in ("t", "ik", "s", "on")):
+            continue
+        out.append(f"URL parameter {key}={value!r} is not one this page reads")
+    return out
+
+
+def choice_param(params: Mapping[str, str], key: str, choices: Sequence[str]) -> tuple[str | None, list[str]]:
+    """A query parameter that must be one of `choices`: (the value or None, problems)."""
+    if key not in params:
+        return None, []
+    value = params[key]
+    if value in choices:
+        return value, []
+    return None, [f"URL parameter {key}={value!r} is not one of {', '.join(map(str, choices))}"]
+
+
+def policy_from_settings(names: Sequence[str], settings: Mapping[str, StageSetting], rule: str,
+                         combiners: Mapping[str, object] | None = None) -> CascadePolicy:
+    """One StagePolicy per table stage, in table order (ValueError when every stage is off).
+
+    A scored rule (`learned`, `loss_aware`) needs each routed stage's fitted score in `combiners`
+    (stage -> LearnedCombiner / LossAwareScore, e.g. from the calibrated policy)."""
+    combiners = combiners or {}
     return CascadePolicy(tuple(StagePolicy(tau_t=settings[n].tau_t, tau_ik=settings[n].tau_ik, rule=rule,
-                                           enabled=settings[n].enabled) for n in names))
+                                           enabled=settings[n].enabled, tau_learned=settings[n].tau_score,
+                                           combiner=combiners.get(n) if rule in SCORE_RANGE else None)
+                               for n in names))
+
+
+def settings_from_policy(names: Sequence[str], policy: CascadePolicy) -> tuple[dict[str, StageSetting], str, dict]:
+    """A policy (e.g. a calibrated one) as the explorer's widgets: (stage -> setting, the rule, stage ->
+    fitted score). The rule is the one its routed stages share (the first routed stage's)."""
+    if len(names) != len(policy):
+        raise ValueError(f"the policy has {len(policy)} stages, the records {len(names)} ({', '.join(names)})")
+    routed = [s for s in policy.stages[:policy.last_enabled] if s.enabled]
+    rule = routed[0].rule if routed else next((s.rule for s in policy.stages if s.enabled), "both")
+    settings = {n: StageSetting(float(min(max(s.tau_t, 0.0), 1.0)), float(min(max(s.tau_ik, 0.0), 1.0)),
+                                bool(s.enabled), float(s.tau_learned)) for n, s in zip(names, policy.stages)}
+    combiners = {n: s.combiner for n, s in zip(names, policy.stages) if s.combiner is not None}
+    return settings, rule, combiners
 
 
 # -- which threshold decides (the Route page's gauges) --------------------------------------------
@@ -116,6 +173,54 @@ def thresholds_applied(policy: StagePolicy, p_t: float, p_ik: float, margin: flo
         return both[0] != both[1]
 
     return {"tau_t": decides("p_t"), "tau_ik": not math.isnan(p_ik) and decides("p_ik")}
+
+
+def _agreeing(value: float, tau: float) -> tuple[str, str]:
+    """`value` and `tau` printed with the fewest decimals (2 to 10) that show the comparison the
+    decision made: 0.4996 < 0.5 prints "0.4996 < 0.5000", never "0.50 < 0.50"."""
+    ok = value >= tau
+    for d in range(2, 11):
+        a, b = f"{value:.{d}f}", f"{tau:.{d}f}"
+        if (float(a) >= float(b)) == ok and (ok or a != b):
+            return a, b
+    return repr(value), repr(tau)
+
+
+def decision_reason(policy: StagePolicy, p_t: float, p_ik: float, margin: float = float("nan"),
+                    entropy: float = float("nan")) -> str:
+    """`policy.explain`'s reason for one question, its numbers printed so that each printed
+    comparison agrees with the decision (see `_agreeing`)."""
+    from cascade_core.policy import explain
+
+    text = explain(policy, [p_t], [p_ik], [margin], [entropy])
+    pairs = [("P(T)", p_t, "τ_T", policy.tau_t), ("P(IK)", p_ik, "τ_IK", policy.tau_ik)]
+    if policy.rule in SCORE_RANGE and policy.combiner is not None:
+        score = float(policy.combiner.score(np.array([p_t]), np.array([p_ik]), np.array([margin]),
+                                            np.array([entropy]))[0])
+        label = "expected gain of keeping" if policy.rule == "loss_aware" else "combined score"
+        pairs.append((label, score, "τ", policy.tau_learned))
+    for label, value, tau_label, tau in pairs:
+        if math.isnan(value):
+            continue
+        op = "≥" if value >= tau else "<"
+        short = f"{label} {value:.2f} {op} {tau_label} {tau:.2f}"
+        a, b = _agreeing(value, tau)
+        text = text.replace(short, f"{label} {a} {op} {tau_label} {b}")
+    return text
+
+
+def display_answer(text: str | None) -> str:
+    """A free-form answer as shown: cut at the first end-of-turn marker a chat template writes
+    (should the model have gone on past it), surrounding whitespace trimmed."""
+    out = text or ""
+    for marker in END_OF_TURN_MARKERS:
+        cut = out.find(marker)
+        if cut >= 0:
+            out = out[:cut]
+    return out.strip()
+
+
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|im_start|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>")
 
 
 # -- the operating point ----------------------------------------------------------------------------
@@ -236,7 +341,8 @@ def record_frames(table: RecordTable, qids: Sequence[str] | None = None, splits:
 
 
 __all__ = [
-    "UNIT_LABELS", "OperatingPoint", "StageSetting", "operating_point", "per_subject_accuracy", "policy_from_settings",
+    "END_OF_TURN_MARKERS", "decision_reason", "display_answer", "SCORE_RANGE", "UNIT_LABELS", "OperatingPoint", "StageSetting", "choice_param", "settings_from_policy",
+    "unknown_params", "operating_point", "per_subject_accuracy", "policy_from_settings",
     "random_routing_curve", "record_frames", "reliability", "settings_from_params", "settings_to_params", "stage_summary",
     "thresholds_applied",
 ]

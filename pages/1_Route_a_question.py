@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import streamlit as st
 
@@ -11,26 +12,29 @@ from cascade_core.cascade import CascadeError, run_cascade
 from cascade_core.policy import StagePolicy
 from cascade_core.prompts import validate_question
 from cascade_core.types import OPTION_LETTERS, Question, StageStep
-from cascade_core.ui_data import thresholds_applied
+from cascade_core.compose.policies import stage_summary
+from cascade_core.ui_data import decision_reason, display_answer, thresholds_applied
 
 
 PAGE = "route"
-MAX_QUESTION_CHARS = 6000  # about 1,500 tokens: longer prompts would be cut from the left by the models
-MAX_OPTION_CHARS = 1000
 LAST_KEY = "_route_last"
+MAX_OPTION_CHARS = 1000  # an option is one line of the prompt
 
 st.title("Route a question")
 preset = state.preset_picker(PAGE)
 if preset is None:
     st.stop()
-settings, explorer_rule, source = state.stage_thresholds(preset)
+found_policy, policy_problem = data.applied(preset)
+policies, source, off_reasons = state.stage_thresholds(preset, found_policy)
 configs = {s.name: s for s in preset.stages}
+if policy_problem:
+    st.warning(policy_problem.capitalize() + "; routing uses the preset's thresholds.")
 
 # ---- which stages -------------------------------------------------------------------------------------
 names = list(configs)
 stages_key = f"stages::{preset.name}@{PAGE}"
 if stages_key not in st.session_state or not set(st.session_state[stages_key]) <= set(names):
-    st.session_state[stages_key] = [n for n in names if settings[n].enabled]
+    st.session_state[stages_key] = [n for n in names if policies[n].enabled]
 chosen = st.sidebar.multiselect("Stages to run", names, key=stages_key, format_func=lambda n: state.label_of(configs[n]),
                                 help="Kept in cascade order, smallest first; the last one always answers.")
 chosen = [n for n in names if n in chosen]
@@ -42,15 +46,23 @@ mode = st.radio("Where the question comes from", ["type", "mmlu"], horizontal=Tr
 question: Question | None = None
 input_problem: str | None = None
 if mode == "type":
-    text = st.text_area("Question", key="route_text", max_chars=MAX_QUESTION_CHARS, height=100,
+    # No max_chars: the browser would drop an over-long paste silently; it is refused below instead.
+    text = st.text_area("Question", key="route_text", height=100,
                         placeholder="e.g. Which planet is known as the Red Planet?")
     options_text = st.text_area("Answer options, one per line (leave empty for a free-form answer)", key="route_options",
                                 height=120, placeholder="Venus\nMars\nJupiter\nSaturn")
     subject = st.text_input("Subject (optional, goes into the prompt header)", key="route_subject", max_chars=100)
     options = tuple(line.strip() for line in options_text.splitlines() if line.strip())
-    if len(text) > MAX_QUESTION_CHARS or any(len(o) > MAX_OPTION_CHARS for o in options):
-        input_problem = (f"The question is too long: at most {MAX_QUESTION_CHARS:,} characters for the question and "
-                         f"{MAX_OPTION_CHARS:,} per option.")
+    limit = data.prompt_limit()
+    length = len(text) + sum(len(o) for o in options) + len(subject)
+    long_options = [(i, len(o)) for i, o in enumerate(options) if len(o) > MAX_OPTION_CHARS]
+    if length > limit:
+        input_problem = (f"The question is too long: it holds {length:,} characters (question, options and subject), "
+                         f"over the limit of {limit:,} (the servers' prompt limit). Shorten it and route again.")
+    elif long_options:
+        i, n = long_options[0]
+        input_problem = (f"Option {OPTION_LETTERS[i] if i < len(OPTION_LETTERS) else i + 1} is too long: {n:,} "
+                         f"characters, over the limit of {MAX_OPTION_CHARS:,} per option.")
     question = Question(text=text, options=options, subject=subject.strip())
 else:
     try:
@@ -75,20 +87,26 @@ else:
 
 
 def stage_policy(name: str) -> StagePolicy:
-    base = backends.preset_policy(configs[name])
-    s = settings[name]
-    return StagePolicy(tau_t=s.tau_t, tau_ik=s.tau_ik, rule=explorer_rule or base.rule, enabled=True,
-                       tau_learned=base.tau_learned, combiner=base.combiner)
+    """The stage's policy to run with; a stage the user chose although its policy is off runs as on."""
+    policy = policies[name]
+    return policy if policy.enabled else StagePolicy(**{**policy.__dict__, "enabled": True})
 
 
-with st.expander(f"Thresholds (from {source})", expanded=False):
-    st.dataframe([{"stage": state.label_of(configs[n]), "τ_T": settings[n].tau_t, "τ_IK": settings[n].tau_ik,
-                   "rule": explorer_rule or configs[n].rule} for n in chosen], hide_index=True, width="stretch")
+enabled_names = [n for n in names if configs[n].enabled]
+st.caption(f"{source.capitalize()}.")
+for name, why in off_reasons.items():
+    if name in configs:
+        st.caption(f"**{state.label_of(configs[name])}: off**. {why[0].upper()}{why[1:]}.")
+with st.expander("Thresholds", expanded=False):
+    st.dataframe([{"stage": state.label_of(configs[n]),
+                   "routing": stage_summary(policies[n], n == (chosen or names)[-1], off_reasons.get(n, ""))}
+                  for n in names], hide_index=True, width="stretch")
     st.page_link("pages/2_Explore_thresholds.py", label="Change them in the threshold explorer", icon=":material/tune:")
 
 
 # ---- one stage's card ---------------------------------------------------------------------------------
-def draw_card(step: StageStep, policy: StagePolicy, label: str, recorded: bool, options: tuple[str, ...]) -> None:
+def draw_card(step: StageStep, policy: StagePolicy, label: str, recorded: bool, options: tuple[str, ...],
+              load_s: float | None = None) -> None:
     if step.decision == "error":
         st.error(f"**{label} failed**: {step.error}")
         st.caption("A failing stage passes the question on to the next one.")
@@ -102,7 +120,7 @@ def draw_card(step: StageStep, policy: StagePolicy, label: str, recorded: bool, 
         left.plotly_chart(charts.gauge(step.p_t, None if final else policy.tau_t, "P(T)", applies["tau_t"]),
                           key=f"gauge_pt_{step.stage}", config={"displayModeBar": False})
         if math.isnan(step.p_ik):
-            middle.info("No P(IK): no probe trained for this model yet, so it routes on P(T) alone.")
+            middle.caption("No P(IK) (see the note below the cards).")
         else:
             middle.plotly_chart(charts.gauge(step.p_ik, None if final else policy.tau_ik, "P(IK)", applies["tau_ik"]),
                                 key=f"gauge_pik_{step.stage}", config={"displayModeBar": False})
@@ -113,16 +131,21 @@ def draw_card(step: StageStep, policy: StagePolicy, label: str, recorded: bool, 
             st.markdown(f"Answer: **{step.answer}**")
         else:
             st.markdown("Answer (free-form):")
-            st.text(step.answer if (step.answer or "").strip() else "(an empty answer)")
+            st.text(display_answer(step.answer) or "(an empty answer)")
+        reason = step.reason
+        if step.decision in ("keep", "escalate") and step.reason != "empty answer" and not recorded:
+            reason = decision_reason(policy, step.p_t, step.p_ik, step.margin, step.entropy)
         if step.decision == "keep":
-            st.success(f"**Keep**: {step.reason.removeprefix('keep: ')}")
+            st.success(f"**Keep**: {reason.removeprefix('keep: ')}")
         elif step.decision == "escalate":
-            st.warning(f"**Escalate**: {step.reason.removeprefix('escalate: ')}")
+            st.warning(f"**Escalate**: {reason.removeprefix('escalate: ')}")
         else:
             st.info("**Answers**: the last stage always answers.")
-        dollars = f" · ${step.dollars:.6f}" if step.dollars else ""
-        st.caption(f"{step.prompt_tokens + step.output_tokens:,} tokens · {charts.fmt_number(step.flops)} FLOPs"
-                   f"{dollars} · {step.seconds:.2f} s")
+        dollars = f" · ${step.dollars:.3g}" if step.dollars else ""
+        loaded = f" · model loaded in {load_s:.1f} s" if load_s else ""
+        st.caption(f"{charts.fmt_number(step.prompt_tokens + step.output_tokens)} tokens · "
+                   f"{charts.fmt_number(step.flops)} FLOPs"
+                   f"{dollars} · {step.seconds:.2f} s{loaded}")
 
 
 def status_label(step: StageStep, label: str) -> str:
@@ -135,9 +158,21 @@ def status_label(step: StageStep, label: str) -> str:
 run = st.button("Route", type="primary", key="route_button", disabled=not chosen)
 if not chosen:
     st.info("Choose at least one stage in the sidebar.")
+# Everything a run shows goes into this one slot: a new run replaces it at once, so the previous
+# question's cards never stay on screen while the next one runs.
+results = st.empty()
 
-if run:
-    st.session_state.pop(LAST_KEY, None)
+
+def no_probe_note(trace, recorded: dict[str, bool], labels: dict[str, str]) -> None:
+    missing = [labels[s.stage] for s in trace.steps
+               if s.decision != "error" and not recorded.get(s.stage) and math.isnan(s.p_ik)]
+    if missing:
+        st.info(f"No P(IK) for {', '.join(missing)}: no probe trained for "
+                f"{'this model' if len(missing) == 1 else 'these models'} yet, so "
+                f"{'it routes' if len(missing) == 1 else 'they route'} on P(T) alone.")
+
+
+def run_question() -> None:
     problem = input_problem
     if problem is None:
         try:
@@ -157,64 +192,70 @@ if run:
                 break
     if problem:
         st.error(problem)
-    else:
-        stages, failed = [], None
-        for name in chosen:
-            if not backends.is_loaded(configs[name]):
-                with st.spinner(f"Loading {state.label_of(configs[name])} (once per server)…"):
-                    try:
-                        backends.get_backend(configs[name])
-                    except Exception as err:  # noqa: BLE001 - any load failure becomes a message
-                        failed = f"{state.label_of(configs[name])} could not be loaded: {err}"
-                        break
-            try:
-                stages.append(backends.runtime_stage(configs[name], stage_policy(name)))
-            except Exception as err:  # noqa: BLE001
-                failed = f"{state.label_of(configs[name])} is not usable: {err}"
-                break
-        if failed:
-            st.error(failed)
-        else:
-            boxes: dict[str, object] = {}
+        return
+    stages = []
+    for name in chosen:  # no model loads here: each loads when the cascade first reaches its stage
+        try:
+            stages.append(backends.lazy_stage(configs[name], stage_policy(name)))
+        except Exception as err:  # noqa: BLE001 - any build failure becomes a message
+            st.error(f"{state.label_of(configs[name])} is not usable: {err}")
+            return
+    boxes: dict[str, object] = {}
+    loads: dict[str, float] = {}
 
-            def on_event(event, stage, step):
-                label = state.label_of(configs[stage.name])
-                if event == "start":
-                    boxes[stage.name] = st.status(f"{label}: running…", expanded=True)
+    def on_event(event, stage, step):
+        label = state.label_of(configs[stage.name])
+        if event == "start":
+            lazy = getattr(stage.backend, "loaded", True) is False
+            if lazy:
+                boxes[stage.name] = st.status(f"{label}: loading {configs[stage.name].model} (once per server)…",
+                                              expanded=True)
+                started = time.perf_counter()
+                try:
+                    stage.backend.get()
+                except Exception:  # noqa: BLE001 - raised again inside the stage: its error row, as any failure
                     return
-                box = boxes[stage.name]
-                with box:
-                    draw_card(step, stage.policy, label, stage.recorded, question.options)
-                box.update(label=status_label(step, label), state="error" if event == "error" else "complete",
-                           expanded=True)
-
-            failure = None
-            try:
-                trace = run_cascade(stages, question, on_event=on_event)
-            except CascadeError as err:
-                trace, failure = err.trace, str(err)
-            except ValueError as err:
-                trace, failure = None, str(err)
-            if trace is None:
-                st.error(f"The cascade cannot run this question: {failure}")
+                loads[stage.name] = time.perf_counter() - started
+                boxes[stage.name].update(label=f"{label}: loaded {configs[stage.name].model} in "
+                                               f"{loads[stage.name]:.1f} s; running…")
             else:
-                st.session_state[LAST_KEY] = {
-                    "trace": trace, "failure": failure, "drawn": True, "preset": preset.name,
-                    "stages": [(n, state.label_of(configs[n])) for n in chosen],
-                    "policies": {s.name: s.policy for s in stages},
-                    "recorded": {s.name: s.recorded for s in stages},
-                }
+                boxes[stage.name] = st.status(f"{label}: running…", expanded=True)
+            return
+        box = boxes[stage.name]
+        with box:
+            draw_card(step, stage.policy, label, stage.recorded, question.options, loads.get(stage.name))
+        box.update(label=status_label(step, label), state="error" if event == "error" else "complete",
+                   expanded=True)
 
-last = st.session_state.get(LAST_KEY)
-if last and last["preset"] == preset.name:
+    failure = None
+    try:
+        trace = run_cascade(stages, question, on_event=on_event)
+    except CascadeError as err:
+        trace, failure = err.trace, str(err)
+    except ValueError as err:
+        trace, failure = None, str(err)
+    if trace is None:
+        st.error(f"The cascade cannot run this question: {failure}")
+        return
+    st.session_state[LAST_KEY] = {
+        "trace": trace, "failure": failure, "preset": preset.name, "loads": loads,
+        "stages": [(n, state.label_of(configs[n])) for n in chosen],
+        "policies": {s.name: s.policy for s in stages},
+        "recorded": {s.name: s.recorded for s in stages},
+    }
+    draw_summary(st.session_state[LAST_KEY], drawn=True)
+
+
+def draw_summary(last: dict, drawn: bool) -> None:
     trace = last["trace"]
     labels = dict(last["stages"])
-    if not last.pop("drawn", False):  # a later rerun: draw the stored trace again
+    if not drawn:  # a later rerun: draw the stored trace again
         for step in trace.steps:
             with st.status(status_label(step, labels[step.stage]), state="error" if step.decision == "error" else "complete",
                            expanded=True):
                 draw_card(step, last["policies"][step.stage], labels[step.stage], last["recorded"][step.stage],
-                          trace.question.options)
+                          trace.question.options, last.get("loads", {}).get(step.stage))
+    no_probe_note(trace, last["recorded"], labels)
     if last["failure"]:
         st.error(f"The cascade could not answer: {last['failure']}")
     st.subheader("Routing path")
@@ -223,7 +264,7 @@ if last and last["preset"] == preset.name:
     q = trace.question
     if final is not None and not q.options:
         st.info(f"The cascade's free-form answer, by {labels[final.stage]}:")
-        st.text(final.answer if (final.answer or "").strip() else "(an empty answer)")
+        st.text(display_answer(final.answer) or "(an empty answer)")
     elif final is not None:
         answer = final.answer or ""
         if final.answer_index is not None:
@@ -241,10 +282,23 @@ if last and last["preset"] == preset.name:
     cols = st.columns(5)
     cols[0].metric("Stages visited", len(trace.steps))
     cols[1].metric("FLOPs", charts.fmt_number(trace.total("flops")))
-    cols[2].metric("Tokens", f"{int(trace.total('prompt_tokens') + trace.total('output_tokens')):,}")
+    cols[2].metric("Tokens", charts.fmt_number(trace.total("prompt_tokens") + trace.total("output_tokens")))
     dollars = trace.total("dollars")
-    cols[3].metric("Dollars", f"${dollars:.6f}" if dollars else "$0 (local)")
+    cols[3].metric("Dollars", f"${dollars:.3g}" if dollars else "$0 (local)")
     cols[4].metric("Seconds", f"{trace.total('seconds'):.2f}")
-    st.dataframe([{"stage": labels[s.stage], "decision": s.decision, "tokens": s.prompt_tokens + s.output_tokens,
-                   "FLOPs": s.flops, "dollars": s.dollars, "seconds": round(s.seconds, 3)} for s in trace.steps],
+    st.dataframe([{"stage": labels[s.stage], "decision": s.decision,
+                   "tokens": charts.fmt_number(s.prompt_tokens + s.output_tokens),
+                   "FLOPs": charts.fmt_number(s.flops), "dollars": f"${s.dollars:.3g}" if s.dollars else "–",
+                   "seconds": f"{s.seconds:.2f}"} for s in trace.steps],
                  hide_index=True, width="stretch")
+
+
+if run:
+    st.session_state.pop(LAST_KEY, None)
+    with results.container():
+        run_question()
+else:
+    last = st.session_state.get(LAST_KEY)
+    if last and last["preset"] == preset.name:
+        with results.container():
+            draw_summary(last, drawn=False)

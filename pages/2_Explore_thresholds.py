@@ -11,15 +11,17 @@ from cascade_core import formatting
 from cascade_core.cost import COST_UNITS
 from cascade_core.frontier import oracle, single_models
 from cascade_core.replay import replay
-from cascade_core.selection import evaluate_on, select_policy
-from cascade_core.ui_data import (UNIT_LABELS, StageSetting, operating_point, policy_from_settings,
-                                  random_routing_curve, settings_from_params, settings_to_params)
+from cascade_core.ui_data import (SCORE_RANGE, UNIT_LABELS, StageSetting, choice_param, operating_point,
+                                  policy_from_settings, random_routing_curve, settings_from_params,
+                                  settings_from_policy, settings_to_params, unknown_params)
 
 
 PAGE = "explore"
 RULE_LABELS = {"both": "both: P(T) ≥ τ_T and P(IK) ≥ τ_IK (the paper's)", "pt_only": "P(T) only",
-               "pik_only": "P(IK) only"}
+               "pik_only": "P(IK) only", "loss_aware": "loss-aware score (fitted on calibration)",
+               "learned": "learned score (fitted on calibration)"}
 NO_RECORDED = "(none)"
+KNOWN_PARAMS = ("preset", "split", "unit", "end", "rule")
 
 
 def pct(x: float, digits: int = 2) -> str:
@@ -33,11 +35,18 @@ def widget_key(preset: str, stage: str, what: str) -> str:
 # ---- URL -> session, once per session -----------------------------------------------------------
 params = st.query_params.to_dict()
 first_visit = not st.session_state.get("_explore_seen")
-if first_visit and params.get("preset"):
-    st.session_state[state.PRESET_KEY] = params["preset"]
-for name, choices in (("split", data.SPLIT_CHOICES), ("unit", COST_UNITS)):
-    if first_visit and params.get(name) in choices:
-        st.session_state[f"_explore_{name}"] = params[name]
+problems: list[str] = []
+if first_visit:
+    problems += unknown_params(params, KNOWN_PARAMS)
+    chosen_preset, bad = choice_param(params, "preset", state.list_presets())
+    problems += bad
+    if chosen_preset:
+        st.session_state[state.PRESET_KEY] = chosen_preset
+    for name, choices in (("split", data.SPLIT_CHOICES), ("unit", COST_UNITS)):
+        value, bad = choice_param(params, name, choices)
+        problems += bad
+        if value:
+            st.session_state[f"_explore_{name}"] = value
 
 st.title("Explore thresholds")
 st.caption("Every point is a replay of the cached benchmark records: the same answers and costs the live "
@@ -63,8 +72,11 @@ split = sidebar_select("Split", list(data.SPLIT_CHOICES), "split", "test",
 unit = sidebar_select("Cost unit", list(COST_UNITS), "unit", "flops", format_func=UNIT_LABELS.get)
 recorded_options = data.recorded_choices(preset)
 own_recorded = [s.name for s in preset.stages if s.backend == "recorded"]
-if first_visit and params.get("end") in list(recorded_options) + [NO_RECORDED]:
-    st.session_state[f"_explore_end::{preset.name}"] = params["end"]
+if first_visit:
+    value, bad = choice_param(params, "end", [NO_RECORDED, *recorded_options])
+    problems += bad
+    if value:
+        st.session_state[f"_explore_end::{preset.name}"] = value
 end_key = f"end::{preset.name}"
 end_options = [NO_RECORDED, *recorded_options]
 if st.session_state.get(f"{end_key}@{PAGE}") not in end_options:
@@ -115,18 +127,33 @@ def preset_setting(name: str, position: int) -> StageSetting:
 
 
 defaults = {n: preset_setting(n, i) for i, n in enumerate(table.names)}
-stored = state.explorer_thresholds(preset.name)
 rule_default = "both"
+scores_key = f"_explore_scores::{preset.name}::{'|'.join(table.names)}"  # fitted keep scores for this layout
+found_policy, policy_problem = data.applied(preset)
+calibrated_names = [s.name for s in preset.stages if s.enabled]
+opens_calibrated = found_policy.source == "calibrated" and list(table.names) == calibrated_names
+if opens_calibrated:
+    defaults, rule_default, combiners = settings_from_policy(table.names, found_policy.policy)
+    if combiners and scores_key not in st.session_state:
+        st.session_state[scores_key] = {"rule": rule_default, "combiners": combiners}
+stored = state.explorer_thresholds(preset.name)
 if stored:
     defaults.update({n: s for n, s in stored[0].items() if n in defaults})
     rule_default = stored[1]
-problems: list[str] = []
+scorer = st.session_state.get(scores_key)
+rule_options = [r for r in RULE_LABELS if r not in SCORE_RANGE or (scorer and scorer["rule"] == r)]
 if first_visit:
-    defaults, url_rule, problems = settings_from_params(params, defaults, tuple(RULE_LABELS))
+    defaults, url_rule, more = settings_from_params(params, defaults, tuple(rule_options))
+    problems += more
     rule_default = url_rule or rule_default
 st.session_state["_explore_seen"] = True
 for message in problems:
     st.warning(f"Ignored from the link: {message}")
+if policy_problem:
+    st.warning(policy_problem.capitalize() + "; the page opens on the preset's thresholds.")
+elif found_policy.source == "calibrated" and not opens_calibrated:
+    st.info(f"The calibrated policy covers {', '.join(calibrated_names)}; these records cover "
+            f"{', '.join(table.names)}, so the page opens on the preset's thresholds.")
 
 layout_key = f"_explore_layout::{preset.name}"
 previous = st.session_state.get(layout_key)
@@ -138,24 +165,71 @@ if previous and previous[-1] in table.names and previous[-1] != table.names[-1]:
 st.session_state[layout_key] = table.names
 
 rule_key = widget_key(preset.name, "*", "rule")
-if rule_key not in st.session_state:
-    st.session_state[rule_key] = rule_default if rule_default in RULE_LABELS else "both"
+if st.session_state.get(rule_key) not in rule_options:
+    st.session_state[rule_key] = rule_default if rule_default in rule_options else "both"
 for name, s in defaults.items():
-    for what, value in (("tau_t", s.tau_t), ("tau_ik", s.tau_ik), ("on", s.enabled)):
+    for what, value in (("tau_t", s.tau_t), ("tau_ik", s.tau_ik), ("on", s.enabled), ("tau_score", s.tau_score)):
         if widget_key(preset.name, name, what) not in st.session_state:
             st.session_state[widget_key(preset.name, name, what)] = value
 
-rule = st.sidebar.radio("Rule", list(RULE_LABELS), key=rule_key, format_func=RULE_LABELS.get)
+rule = st.sidebar.radio("Rule", rule_options, key=rule_key, format_func=RULE_LABELS.get)
+if opens_calibrated:
+    st.sidebar.caption(f"Opened on the preset's calibrated policy ({found_policy.description.removeprefix('thresholds: ')}).")
 
 
-def apply_found(policy, names: tuple[str, ...], preset_name: str) -> None:
-    """Callback: put a chosen policy's thresholds into the sliders (runs before the page)."""
-    for name, stage in zip(names, policy.stages):
-        st.session_state[widget_key(preset_name, name, "tau_t")] = float(min(max(stage.tau_t, 0.0), 1.0))
-        st.session_state[widget_key(preset_name, name, "tau_ik")] = float(min(max(stage.tau_ik, 0.0), 1.0))
-        st.session_state[widget_key(preset_name, name, "on")] = bool(stage.enabled)
+def apply_policy(policy, names: tuple[str, ...], preset_name: str, scores_key: str) -> None:
+    """Put a policy's thresholds, rule and fitted scores into the widgets (in a callback: before they render)."""
+    settings, rule, combiners = settings_from_policy(names, policy)
+    if combiners:
+        st.session_state[scores_key] = {"rule": rule, "combiners": combiners}
+    st.session_state[widget_key(preset_name, "*", "rule")] = rule
+    for name, s in settings.items():
+        for what, value in (("tau_t", s.tau_t), ("tau_ik", s.tau_ik), ("on", s.enabled), ("tau_score", s.tau_score)):
+            st.session_state[widget_key(preset_name, name, what)] = value
 
 
+def recalibrate(preset, recorded, names: tuple[str, ...], unit: str, split: str, scores_key: str) -> None:
+    """Callback of the calibrate button: Learn-then-Test on the calibration split, sliders moved to the result."""
+    from cascade_core.calibrated import calibrate_policy
+
+    mode = st.session_state.get("cal_mode", "accuracy loss")
+    calib = data.load_table(preset, "calibration", recorded)
+    if calib.table is None or tuple(calib.table.names) != tuple(names):
+        st.session_state["_calibrated"] = {"error": "Calibrating needs records of the same stages in the calibration split."}
+        return
+    try:
+        if mode == "accuracy loss":
+            chosen = calibrate_policy(calib.table, target_max_loss=float(st.session_state["cal_target"]) / 100.0,
+                                      delta=float(st.session_state["cal_delta"]), unit=unit)
+        else:
+            chosen = calibrate_policy(calib.table, target_max_loss=None, cost_budget=float(st.session_state[f"cal_budget::{unit}"]),
+                                      delta=float(st.session_state["cal_delta"]), unit=unit)
+    except ValueError as err:
+        st.session_state["_calibrated"] = {"error": f"No policy could be certified: {err}"}
+        return
+    apply_policy(chosen.policy, names, preset.name, scores_key)
+    st.session_state["_calibrated"] = {"preset": preset.name, "names": names, "description": chosen.describe(),
+                                       "rule": chosen.rule, "calibration": dict(chosen.calibration), "unit": unit,
+                                       "split": split}
+
+
+def _sync_number(slider_key: str) -> None:
+    st.session_state[slider_key] = float(st.session_state[f"{slider_key}#n"])
+
+
+def threshold_input(label: str, low: float, high: float, key: str, disabled: bool) -> None:
+    """A slider in steps of 0.01 (arrow keys move it visibly) and an exact number box, one value:
+    the slider's key holds it; the box is re-seeded from it and writes back through its callback."""
+    st.session_state[key] = float(min(max(float(st.session_state[key]), low), high))
+    left, right = st.columns([3, 1.25], vertical_alignment="bottom")
+    left.slider(label, low, high, step=0.01, format="%.2f", key=key, disabled=disabled)
+    st.session_state[f"{key}#n"] = float(st.session_state[key])
+    right.number_input("exact", low, high, step=0.001, format="%.4f", key=f"{key}#n", disabled=disabled,
+                       on_change=_sync_number, args=(key,), label_visibility="collapsed",
+                       help="The exact value (the slider moves in steps of 0.01)")
+
+
+no_probe: list[str] = []
 metrics_area = st.container()
 controls, main = st.columns([1, 2.4], gap="large")
 with controls:
@@ -175,17 +249,27 @@ with controls:
                 continue
             off = not enabled_now[i]
             has_pik = bool(table.has_hidden[i])
-            st.slider("τ_T (keep when P(T) ≥ τ_T)", 0.0, 1.0, step=0.001, format="%.3f",
-                      key=widget_key(preset.name, name, "tau_t"), disabled=off or (rule == "pik_only" and has_pik))
-            st.slider("τ_IK (keep when P(IK) ≥ τ_IK)", 0.0, 1.0, step=0.001, format="%.3f",
-                      key=widget_key(preset.name, name, "tau_ik"), disabled=off or not has_pik or rule == "pt_only")
+            if rule in SCORE_RANGE:
+                low, high = SCORE_RANGE[rule]
+                threshold_input(f"τ (keep when its {rule} score ≥ τ)", low, high, widget_key(preset.name, name, "tau_score"),
+                                off)
+                continue
+            threshold_input("τ_T (keep when P(T) ≥ τ_T)", 0.0, 1.0, widget_key(preset.name, name, "tau_t"),
+                            off or (rule == "pik_only" and has_pik))
+            threshold_input("τ_IK (keep when P(IK) ≥ τ_IK)", 0.0, 1.0, widget_key(preset.name, name, "tau_ik"),
+                            off or not has_pik or rule == "pt_only")
             if not has_pik:
-                st.caption("No P(IK) in the records yet (no probe trained): this stage routes on P(T) alone.")
+                no_probe.append(label)
+    if no_probe:
+        st.caption(f"No P(IK) in the records of {', '.join(no_probe)} yet (no probe trained): "
+                   f"{'it routes' if len(no_probe) == 1 else 'they route'} on P(T) alone.")
 
 settings = {n: StageSetting(float(st.session_state[widget_key(preset.name, n, "tau_t")]),
                             float(st.session_state[widget_key(preset.name, n, "tau_ik")]),
-                            bool(st.session_state[widget_key(preset.name, n, "on")])) for n in table.names}
-state.store_explorer_thresholds(preset.name, settings, rule)
+                            bool(st.session_state[widget_key(preset.name, n, "on")]),
+                            float(st.session_state[widget_key(preset.name, n, "tau_score")])) for n in table.names}
+state.store_explorer_thresholds(preset.name, settings, rule,
+                                (scorer or {}).get("combiners", {}) if rule in SCORE_RANGE else {})
 wanted_params = {"preset": preset.name, "split": split, "unit": unit, "end": end,
                  **settings_to_params(settings, rule)}
 if st.query_params.to_dict() != wanted_params:
@@ -195,7 +279,8 @@ with main:
     if not any(s.enabled for s in settings.values()):
         st.error("Every stage is switched off: switch at least one on.")
         st.stop()
-    policy = policy_from_settings(table.names, settings, rule)
+    combiners = (scorer or {}).get("combiners", {}) if rule in SCORE_RANGE else {}
+    policy = policy_from_settings(table.names, settings, rule, combiners)
     result = replay(table, policy)
     point = operating_point(table, result, unit)
     unit_label = UNIT_LABELS[unit]
@@ -228,7 +313,13 @@ with main:
                for i, r in enumerate(singles_frame.itertuples())]
     best = oracle(table, unit)
     curve = random_routing_curve(table, [s.enabled for s in policy.stages], unit)
-    figure = charts.frontier_figure(
+    point_key = f"_explore_point::{preset.name}::{'|'.join(table.names)}::{split}::{unit}"
+    now = (float(point.mean_cost), float(point.accuracy))
+    moved = st.session_state.get(point_key, {"current": now, "previous": None})
+    if moved["current"] != now:
+        moved = {"current": now, "previous": moved["current"]}
+    st.session_state[point_key] = moved
+    figure = charts.frontier_figure(previous=moved["previous"],
         cloud=swept["cloud"], frontier=swept["frontier"],
         cloud_label="swept policies" + (" (a sample)" if swept["sampled"] else ""),
         singles=singles, oracle=(best.mean_cost[unit], best.accuracy),
@@ -247,45 +338,33 @@ with main:
               "answers": pct(point.answer_rate[n], 1)} for i, n in enumerate(table.names)]
     st.dataframe(rates, hide_index=True, width="stretch")
 
-    with st.expander("Find thresholds for a target (chosen on calibration, shown on test)", expanded=False):
-        mode = st.radio("Criterion", ["accuracy loss", "cost budget"], horizontal=True, key="find_mode",
-                        format_func=lambda m: {"accuracy loss": "at most this accuracy loss against the largest model",
+    with st.expander("Calibrate for a promise (computed on the calibration split, shown on the chosen split)",
+                     expanded=False):
+        st.caption("Learn-then-Test on the calibration split: with probability at least 1 − δ over the draw of the "
+                   "calibration questions, the chosen policy keeps its promise on new questions. The sliders move to "
+                   f"the chosen policy; the metrics above show it on the **{split}** split.")
+        mode = st.radio("Promise", ["accuracy loss", "cost budget"], horizontal=True, key="cal_mode",
+                        format_func=lambda m: {"accuracy loss": "at most this accuracy loss against the largest stage",
                                                "cost budget": f"at most this mean cost ({unit_label} / question)"}[m])
+        left, right = st.columns(2)
         if mode == "accuracy loss":
-            target = st.number_input("Accuracy loss allowed (percentage points)", 0.0, 100.0, 1.0, 0.5, key="find_loss")
+            left.number_input("Accuracy loss allowed (points)", 0.0, 100.0, 1.0, 0.5, key="cal_target")
         else:
             largest = float(table.cost(unit)[-1].mean())
-            target = st.number_input(f"Budget ({unit_label} per question)", 0.0, value=float(f"{largest / 2:.3g}"),
-                                     key=f"find_budget::{unit}", format="%.4g")
-        if st.button("Find thresholds", key="find_button", type="primary"):
-            calib = data.load_table(preset, "calibration", recorded)
-            test = data.load_table(preset, "test", recorded)
-            if calib.table is None or test.table is None or calib.table.names != table.names:
-                st.error("Finding thresholds needs records of the same stages in both the calibration and the test split.")
-            else:
-                try:
-                    kwargs = {"target_max_loss": target / 100} if mode == "accuracy loss" else {"cost_budget": target}
-                    chosen = select_policy(calib.table, unit=unit, rule=rule, **kwargs)
-                except ValueError as err:
-                    st.error(f"No thresholds meet that: {err}")
-                else:
-                    on_test = evaluate_on(test.table, chosen.policy)
-                    st.session_state["_found"] = {
-                        "policy": chosen.policy, "names": table.names, "preset": preset.name,
-                        "rows": [
-                            {"split": "calibration (chosen here)", "accuracy": pct(chosen.calibration.accuracy),
-                             f"mean {unit_label}": charts.fmt_number(chosen.calibration.mean_cost[unit]),
-                             "compute reduction": pct(chosen.calibration.compute_reduction[unit])},
-                            {"split": "test (report this)", "accuracy": pct(on_test.accuracy),
-                             f"mean {unit_label}": charts.fmt_number(on_test.mean_cost[unit]),
-                             "compute reduction": pct(on_test.compute_reduction[unit])}],
-                        "stages": " → ".join(n for n, s in zip(table.names, chosen.policy.stages) if s.enabled),
-                    }
-        found = st.session_state.get("_found")
-        if found and found["preset"] == preset.name and tuple(found["names"]) == table.names:
-            st.markdown(f"Chosen cascade: **{found['stages']}**")
-            st.dataframe(found["rows"], hide_index=True, width="stretch")
-            st.button("Use these thresholds", key="apply_found", on_click=apply_found,
-                      args=(found["policy"], table.names, preset.name))
+            left.number_input(f"Budget ({unit_label} per question)", 0.0, value=float(f"{largest / 2:.3g}"),
+                              key=f"cal_budget::{unit}", format="%.4g")
+        right.number_input("Risk δ", 0.001, 0.5, 0.1, 0.01, key="cal_delta", format="%.3f",
+                           help="The chance that the promise fails on new questions of the same kind")
+        st.button("Calibrate and move the sliders", key="cal_button", type="primary", on_click=recalibrate,
+                  args=(preset, recorded, table.names, unit, split, scores_key))
+        done = st.session_state.get("_calibrated")
+        if done and "error" in done:
+            st.error(done["error"])
+        elif done and done["preset"] == preset.name and tuple(done["names"]) == table.names:
+            cal = done["calibration"]
+            st.success(f"{done['description'].removeprefix('thresholds: ').capitalize()}, rule {done['rule']}. On "
+                       f"calibration: accuracy {pct(cal['accuracy'])} against {pct(cal['reference_accuracy'])} for "
+                       f"{table.names[-1]} alone, {pct(cal['saving'])} of the {UNIT_LABELS[done['unit']]} saved. "
+                       f"The metrics above are on the {split} split.")
 
     st.caption("Share this view: the page's address carries the thresholds, the rule, the split and the cost unit.")

@@ -34,6 +34,14 @@ def synthetic_results(tmp_path_factory):
     return root, write_synthetic_records(root)
 
 
+@pytest.fixture(autouse=True)
+def no_policy_files(monkeypatch, tmp_path):
+    """No calibrated policy file unless a test writes one (the shipped ones are for the real records)."""
+    monkeypatch.setenv("CASCADE_POLICIES_DIR", str(tmp_path / "policies"))
+    monkeypatch.setenv("CASCADE_APP_PRELOAD", "0")  # no background loading unless a test asks for it
+    return tmp_path / "policies"
+
+
 @pytest.fixture
 def app(monkeypatch, synthetic_results):
     monkeypatch.setenv("CASCADE_RESULTS_DIR", str(synthetic_results[0]))
@@ -177,6 +185,18 @@ def test_explorer_ignores_a_bad_url_value_with_a_warning(app):
     assert at.slider(key=key("smollm2-135m", "tau_t")).value == pytest.approx(0.5)
 
 
+def test_explorer_notes_every_unknown_or_invalid_link_parameter(app):
+    app.query_params.update({"preset": "nope", "unit": "furlongs", "split": "train", "end": "gpt-5",
+                             "colour": "red", "t.no-such-stage": "0.5", "on.smollm2-135m": "maybe"})
+    at = open_page(app, EXPLORE)
+    notes = [w for w in texts(at.warning).splitlines() if w.startswith("Ignored from the link")]
+    for needle in ("preset='nope'", "unit='furlongs'", "split='train'", "end='gpt-5'", "colour='red'",
+                   "t.no-such-stage", "on.smollm2-135m='maybe'"):
+        assert any(needle in n for n in notes), (needle, notes)
+    assert at.sidebar.selectbox(key="preset@explore").value == "default"  # the page still opens
+    assert at.sidebar.selectbox(key="unit@explore").value == "flops"
+
+
 def test_explorer_rule_and_switched_off_stage_replay_exactly(app, synthetic_results):
     _, table = synthetic_results
     test = table.subset("test")
@@ -201,21 +221,54 @@ def test_explorer_all_stages_off_is_a_message(app):
     assert "Every stage is switched off" in texts(at.error)
 
 
-def test_explorer_find_thresholds_chooses_on_calibration_and_applies(app, synthetic_results):
+def test_explorer_target_control_moves_the_sliders_to_the_calibrated_policy(app, synthetic_results):
+    from cascade_core.calibrated import calibrate_policy
+
     _, table = synthetic_results
     at = open_page(app, EXPLORE)
-    at.number_input(key="find_loss").set_value(2.0)
-    at.button(key="find_button").click().run()
+    at.number_input(key="cal_target").set_value(2.0)
+    at.number_input(key="cal_delta").set_value(0.2)
+    at.button(key="cal_button").click().run()
     no_exception(at)
-    chosen = select_policy(table.subset("calibration"), target_max_loss=0.02, unit="flops", rule="both")
-    on_test = evaluate_on(table.subset("test"), chosen.policy)
-    found = at.dataframe[1].value
-    assert list(found["accuracy"]) == [f"{chosen.calibration.accuracy:.2%}", f"{on_test.accuracy:.2%}"]
-    at.button(key="apply_found").click().run()
-    no_exception(at)
+    chosen = calibrate_policy(table.subset("calibration"), target_max_loss=0.02, delta=0.2, unit="flops")
+    assert at.radio(key="x::default::*::rule").value == chosen.rule
     for name, stage in zip(STAGES, chosen.policy.stages):
         assert at.checkbox(key=key(name, "on")).value == stage.enabled
-    assert metrics(at)["Accuracy"] == f"{on_test.accuracy:.2%}"
+    for name, stage in zip(STAGES[:-1], chosen.policy.stages[:-1]):
+        if not stage.enabled:
+            continue
+        if chosen.rule in ("learned", "loss_aware"):
+            assert at.slider(key=key(name, "tau_score")).value == pytest.approx(stage.tau_learned)
+        else:
+            assert at.slider(key=key(name, "tau_t")).value == pytest.approx(min(max(stage.tau_t, 0), 1))
+            assert at.number_input(key=key(name, "tau_t") + "#n").value == pytest.approx(min(max(stage.tau_t, 0), 1))
+    on_test = replay(table.subset("test"), chosen.policy)
+    assert metrics(at)["Accuracy"] == f"{on_test.accuracy:.2%}"  # chosen on calibration, shown on test
+    assert "calibrated for <= 2 pt at delta 0.2" in texts(at.success).lower()
+
+
+def write_policy_file(results_root: Path, policies: Path, target_pt: float = 3.0):
+    """A real policy file (`calibrate` on the synthetic records) in a temporary policies folder."""
+    from cascade_core.compose.locations import locations
+    from cascade_core.compose.policies import calibrate
+
+    path, found = calibrate("default", where=locations(results_dir=results_root, policies_dir=policies),
+                            target_pt=target_pt, rule="both")
+    return CascadePolicy.from_dict(found.policy), found
+
+
+def test_explorer_opens_on_the_calibrated_thresholds(app, synthetic_results, no_policy_files):
+    root, table = synthetic_results
+    policy, found = write_policy_file(root, no_policy_files)
+    at = open_page(app, EXPLORE)
+    assert at.radio(key="x::default::*::rule").value == "both"
+    for name, stage in zip(STAGES, policy.stages):
+        assert at.checkbox(key=key(name, "on")).value == stage.enabled
+        if stage.enabled and name != STAGES[-1]:
+            assert at.slider(key=key(name, "tau_t")).value == pytest.approx(min(max(stage.tau_t, 0), 1))
+            assert at.slider(key=key(name, "tau_ik")).value == pytest.approx(min(max(stage.tau_ik, 0), 1))
+    assert metrics(at)["Accuracy"] == f"{replay(table.subset('test'), policy).accuracy:.2%}"
+    assert found.description in texts(at.sidebar.caption)
 
 
 def test_explorer_can_end_with_the_recorded_gpt4_stage(app, synthetic_results):
@@ -240,8 +293,8 @@ def test_route_follows_the_explorer_thresholds(app):
     at.switch_page(ROUTE).run()
     no_exception(at)
     shown = at.dataframe[0].value
-    assert shown["τ_T"].iloc[0] == pytest.approx(0.91)
-    assert at.expander[0].label == "Thresholds (from the threshold explorer)"
+    assert shown["routing"].iloc[0] == "keep when P(T) >= 0.91 and P(IK) >= 0.5"
+    assert "Thresholds: from the threshold explorer." in texts(at.caption)
 
 
 # ---- Route a question -------------------------------------------------------------------------------------
@@ -326,6 +379,18 @@ def test_route_bad_question_is_a_message(app, text, options, message):
     assert len(at.status) == 0
 
 
+def test_route_refuses_an_over_long_paste_with_the_limit_and_its_length(app):
+    from cascade_core.server.common import DEFAULT_MAX_PROMPT_CHARS
+
+    text = "Is this long? " * 3000  # 42,000 characters: over the servers' prompt limit
+    at = open_page(app, ROUTE)
+    ask(at, text, "yes\nno")
+    shown = texts(at.error)
+    assert f"{len(text) + 5:,} characters" in shown and f"limit of {DEFAULT_MAX_PROMPT_CHARS:,}" in shown
+    assert at.text_area(key="route_text").value == text  # kept, not dropped
+    assert not at.status  # nothing ran
+
+
 def test_route_recorded_stage_needs_an_mmlu_question(app):
     app.session_state[state.PRESET_KEY] = "api-recorded"
     at = open_page(app, ROUTE)
@@ -341,6 +406,44 @@ def test_route_recorded_stage_needs_an_mmlu_question(app):
     no_exception(at)
     assert [s.label for s in at.status] == ["GPT-4-1106-preview (recorded): answered (last stage)"]
     assert "Recorded outcome" in texts(at.info)
+
+
+def test_route_a_new_run_clears_the_previous_result(app):
+    app.session_state[state.PRESET_KEY] = "api-recorded"
+    at = open_page(app, ROUTE)
+    at.multiselect(key="stages::api-recorded@route").set_value(["gpt-4-recorded"])
+    at.radio(key="route_mode").set_value("mmlu").run()
+    at.button(key="route_button").click().run()
+    no_exception(at)
+    assert len(at.status) == 1 and "Routing path" in [h.value for h in at.subheader]
+    at.radio(key="route_mode").set_value("type").run()
+    assert len(at.status) == 1  # a rerun without a run still shows the last result
+    at.text_area(key="route_text").set_value("   ")
+    at.button(key="route_button").click().run()
+    no_exception(at)
+    assert "the question is empty" in texts(at.error)
+    assert not at.status and "Routing path" not in [h.value for h in at.subheader]  # the old cards are gone
+
+
+@pytest.mark.model
+def test_route_a_question_kept_by_stage_1_loads_only_stage_1(app, smollm2_path):
+    from app_ui import backends
+    from cascade_core.presets import StageConfig
+
+    # a second stage with its own backend (another dtype, so another cache entry than any earlier test's)
+    extra = {"name": "smollm2-b", "backend": "packaged", "model": "smollm2-135m", "label": "SmolLM2 again",
+             "dtype": "bfloat16"}
+    app.session_state[state.ADDED_KEY] = {"default": [extra]}
+    app.session_state[state.POLICY_KEY] = {"default": {"rule": "pt_only", "stages": {
+        "smollm2-135m": StageSetting(0.0, 0.0)}}}  # stage 1 keeps every answer
+    second = StageConfig(**extra)
+    assert not backends.is_loaded(second)
+    at = open_page(app, ROUTE)
+    ask(at, "What is 2 + 2?", "3\n4\n5\n22", stages=("smollm2-135m", "smollm2-b"))
+    assert [s.label for s in at.status] == ["SmolLM2-135M-Instruct: kept its answer"]
+    assert backends.is_loaded(StageConfig(name="smollm2-135m", backend="packaged", model="smollm2-135m", dtype="auto"))
+    assert not backends.is_loaded(second)  # never reached, never loaded
+    assert "not reached" in at.get("graphviz_chart")[0].proto.spec
 
 
 def test_route_missing_model_is_a_message(app, monkeypatch, tmp_path):

