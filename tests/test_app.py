@@ -271,6 +271,43 @@ def test_explorer_opens_on_the_calibrated_thresholds(app, synthetic_results, no_
     assert found.description in texts(at.sidebar.caption)
 
 
+def write_policy_with_a_stage_off(policies: Path) -> tuple[CascadePolicy, str]:
+    """A policy file whose 0.5B stage calibration switched off (written as `calibrate` writes one)."""
+    from cascade_core.policy_file import PolicyFile, write_policy_file
+
+    policy = CascadePolicy((StagePolicy(0.62, 0.41), StagePolicy(0.5, 0.5, enabled=False), StagePolicy(0.0, 0.0)))
+    why = "calibration switched it off: no threshold of this stage was certified to keep the loss <= 1 pt at delta 0.1"
+    write_policy_file(policies / "default.json", PolicyFile(
+        preset="default", stages=tuple(STAGES), policy=policy.to_dict(),
+        guarantee={"mode": "target", "target_pt": 1.0, "delta": 0.1, "unit": "flops"},
+        provenance={"dataset": "mmlu", "split": "calibration", "questions": 401}, off_reasons={STAGES[1]: why}))
+    return policy, why
+
+
+def test_every_page_says_when_calibration_switched_a_stage_off(app, synthetic_results, no_policy_files):
+    _, table = synthetic_results
+    policy, why = write_policy_with_a_stage_off(no_policy_files)
+    at = app.run()  # Home: the headline is the calibrated cascade, and it says a stage is off
+    no_exception(at)
+    result = replay(table.subset("test"), policy)
+    assert metrics(at)["Cascade accuracy"] == f"{result.accuracy:.1%}"
+    assert "Calibration switched off qwen2.5-coder-0.5b" in texts(at.info)
+    assert "calibrated for <= 1 pt at delta 0.1 on 401 calibration questions" in texts(at.caption)
+    at.switch_page(EXPLORE).run()
+    no_exception(at)
+    assert at.checkbox(key=key(STAGES[1], "on")).value is False
+    assert at.slider(key=key(STAGES[0], "tau_t")).value == pytest.approx(0.62)
+    assert at.number_input(key=key(STAGES[0], "tau_ik") + "#n").value == pytest.approx(0.41)
+    at.switch_page(ROUTE).run()
+    no_exception(at)
+    captions = texts(at.caption)
+    assert "Thresholds: calibrated for <= 1 pt at delta 0.1 on 401 calibration questions." in captions
+    assert f"Qwen2.5-Coder-0.5B-Instruct: off**. {why[0].upper()}{why[1:]}." in captions
+    assert at.multiselect(key="stages::default@route").value == [STAGES[0], STAGES[2]]
+    routing = list(at.dataframe[0].value["routing"])
+    assert routing == ["keep when P(T) >= 0.62 and P(IK) >= 0.41", f"off: {why}", "last stage: always answers"]
+
+
 def test_explorer_can_end_with_the_recorded_gpt4_stage(app, synthetic_results):
     root, _ = synthetic_results
     at = open_page(app, EXPLORE)
@@ -538,8 +575,33 @@ def test_settings_add_and_remove_an_endpoint_stage(app):
     at.text_input(key="add_api_env").set_value("MY_KEY")
     at.text_input(key="add_name").set_value("remote")  # repeated name
     at.button(key="FormSubmitter:add_stage-Add stage").click().run()
-    assert "unique" in texts(at.error)
+    assert "Stage name: 'remote' is already a stage of this preset" in texts(at.error)
+    at.text_input(key="add_name").set_value("")  # no name: the form's own message, not a preset error
+    at.text_input(key="add_api_base").set_value("127.0.0.1:8000")
+    at.button(key="FormSubmitter:add_stage-Add stage").click().run()
+    shown = texts(at.error)
+    assert "Stage name: give the stage a name" in shown and "must start with http://" in shown
+    assert "repeated" not in shown
 
     at.button(key="remove_stage_0").click().run()
     no_exception(at)
     assert at.session_state[state.ADDED_KEY]["default"] == []
+
+
+@pytest.mark.model
+def test_settings_unload_refreshes_the_table_and_says_how_stages_run(app, smollm2_path):
+    from app_ui import backends
+    from cascade_core.presets import load_preset
+
+    config = load_preset("default").stages[0]
+    backends.get_backend(config)
+    at = open_page(app, SETTINGS)
+    rows = at.dataframe[0].value
+    assert rows["loaded"].iloc[0].startswith("yes")
+    assert rows["runs as"].iloc[0].startswith("cpu, float32, from GGUF Q4_1")  # as loaded: "auto" resolved
+    at.button(key="unload_models").click().run()
+    no_exception(at)
+    rows = at.dataframe[0].value
+    assert rows["loaded"].iloc[0] == "no" and rows["weights in memory"].iloc[0] == "–"
+    assert "Model weights in memory: none" in texts(at.caption)
+    assert rows["runs as"].iloc[0].startswith("not loaded: will run on cpu, float32")
