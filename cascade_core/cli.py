@@ -192,8 +192,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     policy = CascadePolicy.from_dict(found.policy)
     for i, (name, stage) in enumerate(zip(found.stages, policy.stages)):
         print(f"  {name:<22} {stage_summary(stage, i == policy.last_enabled, found.off_reasons.get(name, ''))}")
-    print(f"  on calibration: accuracy {figures['accuracy']:.4f} (last stage alone {figures['reference_accuracy']:.4f}), "
-          f"{figures['unit']} saved {figures['cost_reduction']:.1%}")
+    print(f"  rule {found.guarantee['rule']}; on calibration: accuracy {figures['accuracy']:.4f} "
+          f"(last stage alone {figures['reference_accuracy']:.4f}), {figures['unit']} saved {figures['cost_reduction']:.1%}")
     return 0
 
 
@@ -354,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--budget", type=float, default=None, help="instead of --target: mean cost per question")
     cal.add_argument("--unit", choices=["flops", "tokens", "dollars", "seconds", "calls"], default=None,
                      help="cost unit (default: dollars with a priced stage, else flops)")
-    cal.add_argument("--rule", default="loss_aware", help="keep score of the early stages (default loss_aware)")
+    cal.add_argument("--rule", default="auto",
+                     help="keep score of the early stages: auto (default: chosen by cross-validation inside "
+                          "calibration), pt_only, both, learned or loss_aware")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--results-dir", default=None)
     cal.add_argument("--policies-dir", default=None)

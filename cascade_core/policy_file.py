@@ -15,7 +15,8 @@ Format (JSON, written atomically):
      "guarantee": {"mode": "target", "target_pt": 1.0, "delta": 0.1, "bound": "...", ...},
      "provenance": {"dataset": "mmlu", "split": "calibration", "questions": 2850,
                     "records_sha256": {"stage": "..."}, "created_at": "...", "code_version": "..."},
-     "calibration": {...}}                     # figures on the calibration split
+     "calibration": {...},                     # figures on the calibration split
+     "biases": [null, {"kind": "letter_bias", "offsets": [...]}, ...]}  # per stage, optional
 """
 
 from __future__ import annotations
@@ -56,11 +57,12 @@ class PolicyFile:
     provenance: dict
     calibration: dict = field(default_factory=dict)
     off_reasons: dict = field(default_factory=dict)
+    biases: list = field(default_factory=list)  # per stage: a LetterBias dict or None; [] = none
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "preset": self.preset, "stages": list(self.stages),
                 "policy": self.policy, "off_reasons": dict(self.off_reasons), "guarantee": self.guarantee,
-                "provenance": self.provenance, "calibration": self.calibration}
+                "provenance": self.provenance, "calibration": self.calibration, "biases": list(self.biases)}
 
     @property
     def description(self) -> str:
@@ -111,4 +113,4 @@ def read_policy_file(path: Path | str, expect_stages: Sequence[str] | None = Non
                               "run `calibrate` again for this preset")
     return PolicyFile(preset=data["preset"], stages=stages, policy=data["policy"], guarantee=data["guarantee"],
                       provenance=data["provenance"], calibration=data.get("calibration") or {},
-                      off_reasons=data.get("off_reasons") or {})
+                      off_reasons=data.get("off_reasons") or {}, biases=list(data.get("biases") or []))

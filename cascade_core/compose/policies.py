@@ -16,6 +16,7 @@ from typing import Literal, Sequence
 from cascade_core.compose.locations import Locations, locations
 from cascade_core.compose.tables import load_preset_table
 from cascade_core.policy import CascadePolicy
+from cascade_core.replay import replay
 from cascade_core.policy_file import PolicyFile, make_provenance, read_policy_file, write_policy_file
 from cascade_core.presets import Preset, load_preset
 
@@ -42,6 +43,7 @@ class AppliedPolicy:
     policy: CascadePolicy | None = None  # None: the preset's own thresholds
     off_reasons: dict[str, str] = field(default_factory=dict)
     file: Path | None = None
+    biases: tuple = ()  # per stage (policy file order): a bias.LetterBias or None; () = none
 
 
 def applied_policy(preset: Preset | str, where: Locations | None = None,
@@ -57,21 +59,27 @@ def applied_policy(preset: Preset | str, where: Locations | None = None,
         raise FileNotFoundError(f"preset {preset.name!r} has no calibrated policy file at {path}; run "
                                 f"`python -m cascade_core calibrate --preset {preset.name}` first")
     found = read_policy_file(path, expect_stages=calibration_stages(preset))
+    from cascade_core.bias import LetterBias
+
     policy = CascadePolicy.from_dict(found.policy)
+    biases = tuple(None if b is None else LetterBias.from_dict(b) for b in found.biases)
     return AppliedPolicy("calibrated", f"thresholds: {found.description}", policy=policy,
-                         off_reasons=dict(found.off_reasons), file=path)
+                         off_reasons=dict(found.off_reasons), file=path, biases=biases)
 
 
 def apply_to_stages(stages: Sequence, applied: AppliedPolicy, preset: Preset) -> list:
     """The runtime stages with the applied policy's per-stage policies (by name), source and off reasons."""
     if applied.policy is None:
         return [replace(s, policy_source=applied.description) for s in stages]
-    by_name = dict(zip(calibration_stages(preset), applied.policy.stages))
+    names = calibration_stages(preset)
+    by_name = dict(zip(names, applied.policy.stages))
+    biases = dict(zip(names, applied.biases)) if applied.biases else {}
     out = []
     for stage in stages:
         policy = by_name.get(stage.name, stage.policy)
         reason = applied.off_reasons.get(stage.name, "") if not policy.enabled else ""
-        out.append(replace(stage, policy=policy, policy_source=applied.description, off_reason=reason))
+        out.append(replace(stage, policy=policy, policy_source=applied.description, off_reason=reason,
+                           bias=biases.get(stage.name, stage.bias)))
     return out
 
 
@@ -99,17 +107,18 @@ def _off_reasons(policy: CascadePolicy, names: Sequence[str], target_pt: float |
 
 def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str = "mmlu",
               target_pt: float | None = 1.0, delta: float = 0.1, budget: float | None = None,
-              unit: str | None = None, rule: str = "loss_aware", per_subject: bool = False,
-              seed: int = 0) -> tuple[Path, PolicyFile]:
+              unit: str | None = None, rule: str = "auto", seed: int = 0) -> tuple[Path, PolicyFile]:
     """Choose the preset's policy on the calibration split with a Learn-then-Test guarantee, write it.
 
     Target mode (default): at most `target_pt` accuracy points lost against the last stage, with
-    probability >= 1 - delta over the calibration draw. Budget mode (`budget`, in `unit` per
-    question): the most accurate policy certified to cost at most that. `unit` defaults to
-    dollars when the preset has a priced (API or recorded) stage, else FLOPs.
+    probability >= 1 - delta over the calibration draw; `rule="auto"` picks the keep score by
+    cross-validation inside calibration (`calibrated.calibrate_policy`). Budget mode (`budget`,
+    in `unit` per question): the most accurate policy certified to cost at most that. `unit`
+    defaults to dollars when a stage has prices (an API or recorded stage), else FLOPs.
     """
     from cascade_core.bench import code_version
-    from cascade_core.selection import select_policy
+    from cascade_core.calibrated import calibrate_policy
+    from cascade_core.resplit import RULES
 
     preset = load_preset(preset) if not isinstance(preset, Preset) else preset
     where = where or locations()
@@ -120,25 +129,23 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
     if list(table.names) != names:
         raise ValueError(f"preset {preset.name!r}: records cover {list(table.names)}, its enabled stages are {names}; "
                          "benchmark the missing stages first")
+    if rule != "auto" and rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; use auto or one of {', '.join(RULES)}")
     calib = table.subset("calibration")
-    if unit is None:
-        priced = any(c.price_in or c.price_out for c in preset.stages if c.enabled)
-        unit = "dollars" if priced else "flops"
-    selection = select_policy(calib, target_max_loss=None if target_pt is None else target_pt / 100.0,
-                              cost_budget=budget, unit=unit, rule=rule, per_subject=per_subject,
-                              delta=delta, seed=seed)
-    if not isinstance(selection.policy, CascadePolicy):
-        raise ValueError("per-subject policies cannot be written to a policy file yet; calibrate without per_subject")
+    if unit is None:  # dollars when a stage has prices (local stages cost none), else FLOPs
+        unit = "dollars" if any(c.price_in or c.price_out for c in preset.stages if c.enabled) else "flops"
+    chosen = calibrate_policy(calib, target_max_loss=None if target_pt is None else target_pt / 100.0, delta=delta,
+                              cost_budget=budget, unit=unit, rules=RULES if rule == "auto" else (rule,), seed=seed)
     guarantee = {"mode": "target" if budget is None else "budget", "target_pt": target_pt, "budget": budget,
-                 "unit": unit, "delta": float(delta), "rule": rule,
-                 **({"certification": selection.guarantee.to_dict()} if selection.guarantee is not None else {})}
-    result = selection.calibration
-    figures = {"accuracy": float(result.accuracy), "reference_accuracy": float(selection.reference_accuracy),
-               "mean_cost": float(result.mean_cost[unit]), "cost_reduction": float(result.compute_reduction[unit]),
-               "unit": unit, "answer_rate": [float(x) for x in result.answer_rate]}
+                 "unit": unit, "delta": float(delta), "rule": chosen.rule, "rule_choice": rule,
+                 "certification": chosen.guarantee.to_dict(), "cv": chosen.cv}
+    replayed = replay(calib, chosen.policy)
+    figures = {**chosen.calibration, "unit": unit, "cost_reduction": float(replayed.compute_reduction[unit]),
+               "answer_rate": [float(x) for x in replayed.answer_rate]}
     record_files = {n: where.record_path(n, dataset) for n in names if where.record_path(n, dataset).exists()}
-    found = PolicyFile(preset=preset.name, stages=tuple(names), policy=selection.policy.to_dict(), guarantee=guarantee,
+    found = PolicyFile(preset=preset.name, stages=tuple(names), policy=chosen.policy.to_dict(), guarantee=guarantee,
                        provenance=make_provenance(record_files, dataset, "calibration", calib.n_questions, code_version()),
-                       calibration=figures, off_reasons=_off_reasons(selection.policy, names, target_pt, delta))
+                       calibration=figures, off_reasons=_off_reasons(chosen.policy, names, target_pt, delta),
+                       biases=[None if b is None else b.to_dict() for b in chosen.biases])
     path = write_policy_file(policy_path(preset, where), found)
     return path, found
