@@ -42,7 +42,9 @@ def server(tmp_path, smollm2_path):
     write_synthetic_records(tmp_path / "results")
     port = free_port()
     log = open(tmp_path / "streamlit.log", "wb")
-    env = {**os.environ, "CASCADE_RESULTS_DIR": str(tmp_path / "results")}
+    env = {**os.environ, "CASCADE_RESULTS_DIR": str(tmp_path / "results"),
+           "CASCADE_POLICIES_DIR": str(tmp_path / "policies"),  # no calibrated policy for synthetic records
+           "CASCADE_APP_PRELOAD": "0"}  # models load when a question reaches them (the test times nothing)
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address", "127.0.0.1",
          "--server.headless", "true", "--browser.gatherUsageStats", "false"],
@@ -131,22 +133,32 @@ def test_browser_end_to_end(server):
             assert "t.smollm2-135m=1" in page.url
             shot(page, "2-explore-thresholds")
 
-            # Switch the two Qwen stages off: SmolLM2 alone, so routing runs one small model.
-            for label in ("Qwen2.5-Coder-0.5B-Instruct", "Qwen2.5-Coder-1.5B-Instruct"):
-                text = accuracy.inner_text()
-                page.get_by_test_id("stCheckbox").filter(has_text=label).locator("label").click()
-                expect(accuracy).not_to_have_text(text)
-                wait_idle(page)
+            # Switch the 1.5B stage off: SmolLM2 (τ_T = 1, so it escalates) -> Qwen2.5-Coder-0.5B.
+            text = accuracy.inner_text()
+            page.get_by_test_id("stCheckbox").filter(has_text="Qwen2.5-Coder-1.5B-Instruct").locator("label").click()
+            expect(accuracy).not_to_have_text(text)
+            wait_idle(page)
             assert operating_point(page, other_than=moved_point) != moved_point
-            assert "on.qwen2.5-coder-0.5b=0" in page.url
+            assert "on.qwen2.5-coder-1.5b=0" in page.url
 
-            # Route: the stages and thresholds follow the explorer; one card for the one stage.
+            # Route: the stages and thresholds follow the explorer; the cards appear stage by stage.
             go_to(page, "Route a question")
             page.get_by_role("textbox", name="Question", exact=True).fill("Which planet is known as the Red Planet?")
             page.get_by_label("Answer options, one per line (leave empty for a free-form answer)").fill(
                 "Venus\nMars\nJupiter\nSaturn")
             page.get_by_role("button", name="Route").click()
-            expect(page.get_by_text("SmolLM2-135M-Instruct: answered (last stage)")).to_be_visible(timeout=180_000)
+            first, second = "SmolLM2-135M-Instruct: escalated", "Qwen2.5-Coder-0.5B-Instruct: answered (last stage)"
+            seen: dict[str, float] = {}
+            started = time.monotonic()
+            while second not in seen and time.monotonic() - started < 240:
+                for label in (first, second):
+                    if label not in seen and page.get_by_text(label).count():
+                        seen[label] = time.monotonic()
+                        if label == first:
+                            shot(page, "3a-route-first-card")  # stage 1 done, stage 2 loading or running
+                page.wait_for_timeout(100)
+            assert first in seen and second in seen, seen
+            assert seen[first] < seen[second]  # stage 1's card was on screen before stage 2 answered
             wait_idle(page)
             assert page.get_by_test_id("stExpander").filter(has_text="answered (last stage)").count() == 1
             expect(page.get_by_text("Routing path")).to_be_visible()
@@ -165,7 +177,7 @@ def test_browser_end_to_end(server):
             # A shared link opens the explorer in a new session with its thresholds.
             shared = browser.new_page(viewport={"width": 1400, "height": 1800})
             shared.goto(f"{server}/explore?t.smollm2-135m=0.7&rule=pt_only")
-            expect(shared.get_by_test_id("stSlider").filter(has_text="τ_T").first).to_contain_text("0.700")
+            expect(shared.get_by_test_id("stSlider").filter(has_text="τ_T").first).to_contain_text("0.70")
             expect(shared.get_by_test_id("stSidebarNav").get_by_text("Home", exact=True)).to_be_visible()
             assert shared.get_by_role("radio", name="P(T) only").is_checked()
             shot(shared, "6-shared-explorer-link")
@@ -183,7 +195,7 @@ def test_a_deep_link_as_the_first_request_shows_the_navigation(server):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1800})
             page.goto(f"{server}/explore?t.smollm2-135m=0.7&rule=pt_only")
-            expect(page.get_by_test_id("stSlider").filter(has_text="τ_T").first).to_contain_text("0.700",
+            expect(page.get_by_test_id("stSlider").filter(has_text="τ_T").first).to_contain_text("0.70",
                                                                                               timeout=120_000)
             expect(page.get_by_test_id("stSidebarNav").get_by_text("Home", exact=True)).to_be_visible()
             assert page.get_by_role("radio", name="P(T) only").is_checked()
