@@ -10,13 +10,15 @@ the outcome over all thresholds of the second-to-last stage is one matrix produc
 
 with R the (prefix, N) 0/1 matrix of questions that reach stage a, K the (k, N) keep masks of
 stage a's candidate thresholds. Counts of 0/1 values are exact in float64; costs equal the replay
-up to float summation order. Each candidate's keep mask comes from `policy.keep_mask`, so every
-row of the sweep is a policy that `replay` reproduces.
+up to float summation order. Each candidate's keep mask is computed for all thresholds at once
+and equals `policy.keep_mask` (tests/test_frontier.py checks every rule), so every row of the
+sweep is a policy that `replay` reproduces.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -27,7 +29,7 @@ import pandas
 from cascade_core.blas import blas_threads as _blas_threads
 from cascade_core.cost import COST_UNITS, check_unit, compute_reduction
 from cascade_core.policy import (RULES, SCORED_RULES, CascadePolicy, LearnedCombiner, StagePolicy, fit_combiner,
-                                 fit_loss_aware, keep_mask)
+                                 fit_loss_aware)
 from cascade_core.records import RecordTable
 from cascade_core.replay import ReplayResult, replay
 
@@ -67,6 +69,12 @@ class StageCandidates:
 
     policies: tuple[StagePolicy, ...]
     keep: np.ndarray  # (c, N) bool
+
+    @functools.cached_property
+    def taus(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tau_t, tau_ik, tau_learned) per candidate, read once (every sub-cascade reuses them)."""
+        return (np.array([p.tau_t for p in self.policies]), np.array([p.tau_ik for p in self.policies]),
+                np.array([p.tau_learned for p in self.policies]))
 
 
 def stage_candidates(table: RecordTable, stage: int, rule: str = "both", n_quantiles: int | None = None,
@@ -193,11 +201,9 @@ class SweepResult:
         return pandas.DataFrame(data)
 
 
-def _thresholds(policies: Sequence[StagePolicy], rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    t = np.array([p.tau_t for p in policies])
-    ik = np.array([p.tau_ik for p in policies])
-    learned = np.array([p.tau_learned for p in policies])
-    nan = np.full(len(policies), np.nan)
+def _thresholds(candidates: StageCandidates, rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    t, ik, learned = candidates.taus
+    nan = np.full(len(t), np.nan)
     if rule == "pt_only":
         return t, nan, nan
     if rule == "pik_only":
@@ -268,7 +274,7 @@ def _evaluate_subset(table: RecordTable, subset: tuple[int, ...], candidates: di
     enabled[:, list(subset)] = True
     tau = {k: np.full((P, S), np.nan) for k in ("t", "ik", "learned")}
     for s, pick in zip(subset[:-1], choice):
-        t, ik, learned = _thresholds(candidates[s].policies, rule)
+        t, ik, learned = _thresholds(candidates[s], rule)
         tau["t"][:, s], tau["ik"][:, s], tau["learned"][:, s] = t[pick], ik[pick], learned[pick]
     escalation = np.full((P, S), np.nan)
     for j, s in enumerate(subset):

@@ -26,6 +26,7 @@ Never report the calibration numbers as results: `evaluate_on` gives the held-ou
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -130,12 +131,13 @@ class TableRows:
             self._cache[name] = getattr(self._source, name)[..., self._rows]
         return self._cache[name]
 
-    correct = property(lambda self: self._get("correct"))
-    p_t = property(lambda self: self._get("p_t"))
-    p_ik = property(lambda self: self._get("p_ik"))
-    margin = property(lambda self: self._get("margin"))
-    entropy = property(lambda self: self._get("entropy"))
-    subjects = property(lambda self: self._get("subjects"))
+    # Each sliced once, then a plain attribute (the searches read them in tight loops).
+    correct = functools.cached_property(lambda self: self._get("correct"))
+    p_t = functools.cached_property(lambda self: self._get("p_t"))
+    p_ik = functools.cached_property(lambda self: self._get("p_ik"))
+    margin = functools.cached_property(lambda self: self._get("margin"))
+    entropy = functools.cached_property(lambda self: self._get("entropy"))
+    subjects = functools.cached_property(lambda self: self._get("subjects"))
 
     def cost(self, unit: str) -> np.ndarray:
         key = f"cost:{unit}"
