@@ -27,12 +27,11 @@ StageEvent = Callable[[str, "RuntimeStage", StageStep | None], None]
 class CascadeError(RuntimeError):
     """The cascade could not answer: the failing stage's policy says fail, or the last stage failed.
 
-    `trace` holds the stages visited up to the failure; `str(err)` is the message. (`args` is
-    still `(message, trace)` for callers not yet reading `.trace`.)
+    `trace` holds the stages visited up to the failure; `str(err)` is the message.
     """
 
     def __init__(self, message: str, trace: Trace | None = None):
-        super().__init__(message, trace)
+        super().__init__(message)
         self.message = message
         self.trace = trace
 

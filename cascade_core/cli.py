@@ -229,10 +229,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     if args.single_stage:
+        from cascade_core.compose.live import single_stage_backend
         from cascade_core.server.single_stage import create_single_stage_app
-        from models.hf import HFBackend
 
-        backend = HFBackend.from_packaged(args.single_stage, progress=False, device=args.device)
+        backend = single_stage_backend(args.single_stage, device=args.device)
         app = create_single_stage_app(backend, args.single_stage, api_key_env=args.token_env,
                                       max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
                                       max_in_flight=args.max_in_flight, max_waiting=args.max_queue,
@@ -248,7 +248,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if recorded:
             raise UsageError(f"preset {preset.name!r}: {', '.join(recorded)} replay recorded MMLU outcomes and cannot "
                              "answer live questions; serve the other stages with --stages NAME ...")
-        stages = build_cascade(preset, only=args.stages, progress=False)
+        stages = build_cascade(preset, only=args.stages, progress=False, thresholds=args.thresholds)
+        print(stages[0].policy_source, file=sys.stderr, flush=True)
         app = create_cascade_app({preset.name: stages}, api_key_env=args.token_env,
                                  max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
                                  max_in_flight=args.max_in_flight, max_waiting=args.max_queue,
@@ -340,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting per model; 429 beyond (default 64)")
     serve.add_argument("--timeout-s", type=float, default=120.0, help="per-request limit; 504 after (default 120)")
     serve.add_argument("--max-new-tokens", type=int, default=64, help="free-form answers, unless the request says")
+    serve.add_argument("--thresholds", choices=["auto", "calibrated", "preset"], default="auto",
+                       help="auto (default): the preset's calibrated policy file when there is one, else its thresholds")
     serve.add_argument("--device", default="auto", help="--single-stage only (presets name their own devices)")
     serve.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch")
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])

@@ -397,11 +397,15 @@ def test_auth_on_the_cli_server(cascade):
 
 @pytest.mark.model
 def test_no_secret_in_logs_bodies_or_traces(cascade, remote, fault_server):
-    """Runs after the other tests of this module (pytest keeps file order): everything they saw."""
+    """Every path a secret could leak by, exercised here (so the test stands alone, in any order):
+    a remote stage called with its key, free-form, a faulty stage, wrong and missing tokens,
+    metrics and health. Whatever other tests of the module saw (SEEN) is searched too."""
     post(cascade, user(MC))
     post(cascade, user("Name a colour.", max_tokens=4))
     post(cascade, user(MC, model="echo-fault"))
     post(cascade, user(MC), headers={"Authorization": f"Bearer {REMOTE_KEY}"})  # the wrong secret as token
+    post(cascade, user(MC), headers={"Authorization": "Bearer nope"})
+    post(cascade, user(MC), headers={"Authorization": f"Basic {REMOTE_KEY}"})
     SEEN.append(cascade.client.get("/metrics").text + cascade.client.get("/health").text)
     logs = cascade.log_tail() + Path(cascade.log_path).read_text(errors="replace") + \
         Path(remote.log_path).read_text(errors="replace")
@@ -421,7 +425,7 @@ def test_no_pickle_or_joblib_loading_in_the_code():
     patterns = [r"\bpickle\.loads?\(", r"\bimport pickle\b", r"\bjoblib\b", r"\bcloudpickle\b", r"\bdill\b",
                 r"allow_pickle\s*=\s*True", r"torch\.load\((?![^)]*weights_only\s*=\s*True)"]
     offenders = []
-    roots = ["cascade_core", "models", "app_ui", "app_pages", "bench", "tests"]
+    roots = ["cascade_core", "models", "app_ui", "pages", "bench", "tests"]
     files = [REPO_ROOT / "app.py"] + [p for r in roots for p in (REPO_ROOT / r).rglob("*.py")]
     for path in files:
         if path.name == Path(__file__).name:
@@ -469,7 +473,7 @@ def test_an_empty_free_form_answer_is_never_kept(empty):
     assert trace.answer == "Seven." and last.decision == "final"
     with pytest.raises(CascadeError, match="empty answer") as failed:
         run_cascade([RuntimeStage("only", _Says("only", empty))], Question("Name a prime number."))
-    (only,) = failed.value.args[1].steps
+    (only,) = failed.value.trace.steps
     assert (only.decision, only.reason) == ("error", "empty answer")
 
 

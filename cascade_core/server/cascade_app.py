@@ -213,10 +213,10 @@ def create_cascade_app(
         try:
             trace = run_cascade(served[model], question, max_new_tokens=max_new, cancel=cancel, on_text=on_text)
         except CascadeCancelled as err:
-            metrics.cancel(cancel.reason or "client disconnected", int(_trace_of(err).total("output_tokens")))
+            metrics.cancel(cancel.reason or "client disconnected", int(err.trace.total("output_tokens")))
             return None
         except CascadeError as err:
-            metrics.trace(model, _trace_of(err))
+            metrics.trace(model, err.trace)
             raise
         metrics.trace(model, trace)
         return trace
@@ -230,7 +230,7 @@ def create_cascade_app(
     def failed(model: str, err: BaseException) -> ApiError:
         """What a failed run answers: 502 with its trace, or 400 for a question the stages cannot take."""
         if isinstance(err, CascadeError):
-            trace = _trace_of(err)
+            trace = err.trace
             return ApiError(502, f"the cascade could not answer: {err.args[0]}", kind="server_error",
                             extra={"cascade": trace_field(model, trace)}, headers=trace_headers(trace))
         if isinstance(err, ValueError):  # e.g. free-form to a recorded stage
@@ -331,9 +331,6 @@ def create_cascade_app(
     return app
 
 
-def _trace_of(err: CascadeError) -> Trace:
-    """The trace a CascadeError carries (`.trace`, or `args[1]` as it used to)."""
-    return getattr(err, "trace", None) or err.args[1]
 
 
 def _utf8(token: str) -> list[int]:
