@@ -362,7 +362,7 @@ def test_on_error_fail_raises_cascade_error_with_the_trace(faults, smollm2_backe
     stages = _stages(_faulty_stage(faults, fault), smollm2_backend, first_keeps=True, on_error="fail")
     with pytest.raises(CascadeError) as err:
         run_cascade(stages, QUESTION)
-    _message, trace = err.value.args
+    trace = err.value.trace
     assert [s.decision for s in trace.steps] == ["error"]
     assert PLANTED_KEY not in str(err.value) and PLANTED_KEY not in json.dumps(trace_to_dict(trace))
     assert PLANTED_KEY not in caplog.text
