@@ -157,7 +157,7 @@ def cmd_probes_train(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from cascade_core.io import atomic_write_text
     from cascade_core.report import build_report
-    from cascade_core.report_markdown import render
+    from cascade_core.report.markdown import render
     from cascade_core.compose.tables import load_report_inputs
 
     inputs = load_report_inputs(args.preset, args.dataset, args.results_dir, args.features_dir)

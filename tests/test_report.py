@@ -295,7 +295,7 @@ def test_router_threshold_is_always_feasible(table):
 # -- the preset loader with the recorded GPT-4 -------------------------------------------------------------
 def test_load_preset_table_joins_local_records_and_the_recording(tmp_path):
     from cascade_core.datasets import load_mmlu, load_recorded_outcomes
-    from cascade_core.results import MissingRecordsError, load_preset_table
+    from cascade_core.compose.tables import MissingRecordsError, load_preset_table
 
     questions = load_mmlu(per_subject=2, subjects=["anatomy", "virology", "astronomy"])
     rng = np.random.default_rng(0)
@@ -319,14 +319,6 @@ def test_load_preset_table_joins_local_records_and_the_recording(tmp_path):
     only_local = load_preset_table("default", results_dir=tmp_path, include_recorded=False, skip_missing=True,
                                    split="test")
     assert only_local.names == ("smollm2-135m", "qwen2.5-coder-0.5b") and set(only_local.splits) == {"test"}
-
-
-def test_recorded_constants_match_the_model_package():
-    from cascade_core.results import RECORDED_COLUMNS
-    from models.recorded import RECORDED_MODELS
-
-    for name, (correct, tokens, _total, non_embedding) in RECORDED_MODELS.items():
-        assert RECORDED_COLUMNS[name] == (correct, tokens, non_embedding)
 
 
 def test_guarantee_headline_has_the_promised_keys_and_replays(report, table):
