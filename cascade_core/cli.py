@@ -186,7 +186,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     where = locations(results_dir=args.results_dir, policies_dir=args.policies_dir)
     target = None if args.budget is not None else (1.0 if args.target is None else args.target)
     path, found = calibrate(load_preset(args.preset), where, args.dataset, target_pt=target, delta=args.delta,
-                            budget=args.budget, unit=args.unit, rule=args.rule, seed=args.seed)
+                            budget=args.budget, unit=args.unit, rule=args.rule, seed=args.seed,
+                            letter_bias=args.letter_bias)
     figures = found.calibration
     print(f"{found.description} -> {path}")
     policy = CascadePolicy.from_dict(found.policy)
@@ -360,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--rule", default="auto",
                      help="keep score of the early stages: auto (default: chosen by cross-validation inside "
                           "calibration), pt_only, both, learned or loss_aware")
+    cal.add_argument("--letter-bias", action="store_true",
+                     help="debias the early stages' option letters (fit on calibration) before choosing")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--results-dir", default=None)
     cal.add_argument("--policies-dir", default=None)

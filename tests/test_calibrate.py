@@ -78,3 +78,20 @@ def test_a_policy_file_for_other_stages_is_refused(preset, tmp_path):
 def test_thresholds_calibrated_without_a_file_names_the_command(preset):
     with pytest.raises(FileNotFoundError, match="calibrate --preset two"):
         applied_policy(load_preset(preset), thresholds="calibrated")
+
+
+def test_letter_bias_is_fit_on_calibration_stored_and_applied_to_the_live_stages(preset):
+    from cascade_core.bias import LetterBias
+    from cascade_core.compose.policies import apply_to_stages
+    from cascade_core.cascade import RuntimeStage
+
+    assert main(["calibrate", "--preset", str(preset), "--rule", "pt_only", "--letter-bias"]) == 0
+    found = read_policy_file(locations().policies / "two.json")
+    assert found.guarantee["letter_bias"] is True
+    first, last = found.biases
+    assert last is None and first["kind"] == "letter_bias" and len(first["offsets"]) == 4
+    # SmolLM2 answers "A" on nearly every question: its bias pushes "A" down the most.
+    assert min(first["offsets"]) == first["offsets"][0]
+    applied = applied_policy(load_preset(preset))
+    stages = apply_to_stages([RuntimeStage(name=n, backend=None) for n in STAGES], applied, load_preset(preset))
+    assert isinstance(stages[0].bias, LetterBias) and stages[1].bias is None

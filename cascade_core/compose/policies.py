@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
+import numpy as np
+
 from cascade_core.compose.locations import Locations, locations
 from cascade_core.compose.tables import load_preset_table
 from cascade_core.policy import CascadePolicy
@@ -105,9 +107,31 @@ def _off_reasons(policy: CascadePolicy, names: Sequence[str], target_pt: float |
     return {name: why for name, stage in zip(names, policy.stages) if not stage.enabled}
 
 
+def debiased_table(table, where: Locations, dataset: str = "mmlu"):
+    """The table with every local stage but the last debiased by its letter bias, fit on the
+    table's calibration questions (`bias.fit_letter_bias`); and the biases, one per stage (None
+    for the last and for recorded stages). Reads the raw option probabilities from the records."""
+    import pandas as pd
+
+    from cascade_core.bias import fit_letter_bias, with_letter_bias
+
+    biases: list = [None] * table.n_stages
+    calibration = table.splits == "calibration"
+    for s, name in enumerate(table.names[:-1]):
+        if table.recorded[s]:
+            continue
+        records = pd.read_parquet(where.record_path(name, dataset), columns=["qid", "option_probs", "answer"])
+        records = records.set_index(records["qid"].astype(str)).loc[list(table.qids)]
+        probs = np.array([np.asarray(p, dtype=np.float64) for p in records["option_probs"]])
+        biases[s] = fit_letter_bias(probs[calibration])
+        table = with_letter_bias(table, s, probs, records["answer"].to_numpy(), biases[s])
+    return table, biases
+
+
 def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str = "mmlu",
               target_pt: float | None = 1.0, delta: float = 0.1, budget: float | None = None,
-              unit: str | None = None, rule: str = "auto", seed: int = 0) -> tuple[Path, PolicyFile]:
+              unit: str | None = None, rule: str = "auto", seed: int = 0,
+              letter_bias: bool = False) -> tuple[Path, PolicyFile]:
     """Choose the preset's policy on the calibration split with a Learn-then-Test guarantee, write it.
 
     Target mode (default): at most `target_pt` accuracy points lost against the last stage, with
@@ -115,6 +139,8 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
     cross-validation inside calibration (`calibrated.calibrate_policy`). Budget mode (`budget`,
     in `unit` per question): the most accurate policy certified to cost at most that. `unit`
     defaults to dollars when a stage has prices (an API or recorded stage), else FLOPs.
+    `letter_bias`: debias the early local stages' letters first (`debiased_table`); the biases
+    go into the file and the live stages apply them, so their answers can change.
     """
     from cascade_core.bench import code_version
     from cascade_core.calibrated import calibrate_policy
@@ -131,13 +157,17 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
                          "benchmark the missing stages first")
     if rule != "auto" and rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; use auto or one of {', '.join(RULES)}")
+    biases: list = []
+    if letter_bias:
+        table, biases = debiased_table(table, where, dataset)
     calib = table.subset("calibration")
     if unit is None:  # dollars when a stage has prices (local stages cost none), else FLOPs
         unit = "dollars" if any(c.price_in or c.price_out for c in preset.stages if c.enabled) else "flops"
     chosen = calibrate_policy(calib, target_max_loss=None if target_pt is None else target_pt / 100.0, delta=delta,
-                              cost_budget=budget, unit=unit, rules=RULES if rule == "auto" else (rule,), seed=seed)
+                              cost_budget=budget, unit=unit, rules=RULES if rule == "auto" else (rule,), seed=seed,
+                              biases=tuple(biases))
     guarantee = {"mode": "target" if budget is None else "budget", "target_pt": target_pt, "budget": budget,
-                 "unit": unit, "delta": float(delta), "rule": chosen.rule, "rule_choice": rule,
+                 "unit": unit, "delta": float(delta), "rule": chosen.rule, "rule_choice": rule, "letter_bias": letter_bias,
                  "certification": chosen.guarantee.to_dict(), "cv": chosen.cv}
     replayed = replay(calib, chosen.policy)
     figures = {**chosen.calibration, "unit": unit, "cost_reduction": float(replayed.compute_reduction[unit]),
