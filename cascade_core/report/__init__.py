@@ -104,6 +104,45 @@ def build_report_sections(*args, **kwargs) -> Report:
         return _build(*args, **kwargs)
 
 
+def _side_sections(table: RecordTable, settings: ReportSettings, questions=None, progress: Progress | None = None):
+    """The work that needs nothing from the API section: the guarantee study, the local cascades,
+    the ablations and the text router's predictions (in a second process when the report has two
+    workers)."""
+    from cascade_core.frontier import blas_limit
+    from cascade_core.report.baselines import router_predictions, wants_router
+
+    progress = progress or (lambda message: None)
+    with blas_limit(1):
+        return (guarantee_section(table, settings, progress), cascade_section(table, settings, progress),
+                ablation_section(table, settings, progress),
+                router_predictions(table, questions, settings) if wants_router(questions, settings) else None)
+
+
+def _start_side_sections(table: RecordTable, settings: ReportSettings, questions, progress: Progress, workers: int):
+    """Start `_side_sections`; returns a function that waits for its result. With `workers` >= 2
+    and fork available, a child process computes them while this one does the API scenario and
+    the baselines (the two halves take about as long; the machine has two cores). The numbers
+    are the same either way: every section is a pure, seeded function of the table."""
+    import multiprocessing
+
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        result = _side_sections(table, settings, questions, progress)
+        return lambda: result
+    from concurrent.futures import ProcessPoolExecutor
+
+    progress("guarantee, cascades, ablations, text router (in a second process)")
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+    future = pool.submit(_side_sections, table, settings, questions)
+
+    def wait():
+        try:
+            return future.result()
+        finally:
+            pool.shutdown()
+
+    return wait
+
+
 def _build(
     table: RecordTable,
     questions: pd.DataFrame | None = None,
@@ -112,6 +151,7 @@ def _build(
     settings: ReportSettings = ReportSettings(),
     meta: Mapping | None = None,
     progress: Progress | None = None,
+    workers: int = 2,
 ) -> Report:
     """Every number of docs/RESULTS.md from the records (see the module docstring).
 
@@ -143,15 +183,14 @@ def _build(
                    "settings": dataclasses.asdict(settings)}
     progress("models")
     models = model_section(table)
-    guarantee = guarantee_section(table, settings, progress)
-    cascades = cascade_section(table, settings, progress)
+    side = _start_side_sections(table, settings, questions, progress, workers)
     api = api_section(table, categories, settings, progress)
-    ablations = ablation_section(table, settings, progress)
+    guarantee, cascades, ablations, router = side()
     api_rule = None
     if api:
         full = api[-1]
         api_rule = next(v["rule"] for v in full.variants if v["name"] == full.chosen)
-    baselines = baseline_section(table, settings, questions, api_rule, progress)
+    baselines = baseline_section(table, settings, questions, api_rule, progress, router=router)
     has_features = features is not None and any(table.names[s] in features for s in local)
     if settings.ood and has_features and len(set(categories) - {""}) >= 2:
         ood = ood_section(table, features, categories, settings, progress)

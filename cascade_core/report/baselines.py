@@ -168,10 +168,16 @@ def _point(test: RecordTable, result: ReplayResult, unit: str) -> dict:
             "pd": float(result.accuracy - test.correct[-1].mean())}
 
 
+def wants_router(questions, settings: ReportSettings) -> bool:
+    return questions is not None and settings.pregen
+
+
 def baseline_section(table: RecordTable, settings: ReportSettings, questions, api_rule: str | None,
-                     progress: Progress) -> list[BaselineBlock]:
+                     progress: Progress, router=None) -> list[BaselineBlock]:
+    """`router`: `router_predictions(...)` already computed (else it is computed here when wanted)."""
     local = _local_indices(table)
-    router = router_predictions(table, questions, settings) if questions is not None and settings.pregen else None
+    if router is None and wants_router(questions, settings):
+        router = router_predictions(table, questions, settings)
     out = [baseline_entry(table, local, "both", settings.unit, settings, questions, progress, router)]
     if table.recorded[-1]:
         out.append(baseline_entry(table, local + [table.n_stages - 1], api_rule or "both", settings.api_unit,
