@@ -220,6 +220,9 @@ def _calibrated_headline(preset: Preset, found, dataset: str, paths: list[Path])
     if test.table is None or list(test.table.names) != names:
         have = ", ".join(test.table.names) if test.table is not None else "none"
         return {"error": f"the calibrated policy covers {', '.join(names)}; the test records cover {have}"}
+    if any(b is not None for b in getattr(found, "biases", ())):
+        return {"error": "the calibrated policy debiases letters, and the app does not replay that yet: "
+                         "`python -m cascade_core report` gives its figures"}
     result = evaluate_on(test.table, found.policy)
     table = test.table
     unit = "dollars" if table.cost("dollars").any() else "flops"

@@ -149,6 +149,9 @@ if first_visit:
 st.session_state["_explore_seen"] = True
 for message in problems:
     st.warning(f"Ignored from the link: {message}")
+if opens_calibrated and any(b is not None for b in getattr(found_policy, "biases", ())):
+    st.warning("The calibrated policy also debiases some stages' letters (a letter bias fit on calibration); this page "
+               "replays the raw records, so its numbers for that policy are not the policy file's.")
 if policy_problem:
     st.warning(policy_problem.capitalize() + "; the page opens on the preset's thresholds.")
 elif found_policy.source == "calibrated" and not opens_calibrated:
