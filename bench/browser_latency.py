@@ -37,6 +37,10 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from app_latency import write_synthetic  # noqa: E402  (the same 14,042-question synthetic records)
+
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -72,21 +76,6 @@ def start_server(results: Path, policies: Path, log_path: Path) -> tuple[subproc
             proc.kill()
             raise RuntimeError(f"streamlit did not start; see {log_path}")
         time.sleep(0.3)
-
-
-def write_14042(root: Path) -> None:
-    from cascade_core.datasets import load_mmlu
-    from cascade_core.io import atomic_write_parquet
-    from cascade_core.records import synthetic_table
-    from cascade_core.ui_data import record_frames
-
-    stages = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
-    mmlu = load_mmlu()
-    table = synthetic_table(len(mmlu), len(stages), seed=0)
-    frames = record_frames(table, qids=mmlu["qid"].to_numpy(), splits=mmlu["split"].to_numpy())
-    for name, frame in zip(stages, frames):
-        frame = frame.assign(stage=name, model_id=name, subject=mmlu["subject"].to_numpy())
-        atomic_write_parquet(frame, root / "mmlu" / f"{name}.parquet")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -181,7 +170,7 @@ def main() -> None:
                 results, query = args.results_dir, "end=(none)"
             elif scenario == "14042x4":
                 results, query = tmp / "results-14042", "end=gpt-4-recorded&split=all"
-                write_14042(results)
+                write_synthetic(results)
             else:
                 sys.exit(f"unknown scenario {scenario!r}: use committed, 14042x4")
             proc, url = start_server(results, tmp / "policies", tmp / f"streamlit-{scenario}.log")
