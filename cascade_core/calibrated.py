@@ -3,8 +3,9 @@
 `calibrate_policy` takes the calibration records and the user's promise (at most `target` accuracy
 lost against the last stage, or a mean cost `budget`, at risk `delta`) and returns the policy
 (per stage: on/off, rule, thresholds, fitted keep-score model, letter bias) with how it was chosen
-and what it did on calibration. `CalibratedPolicy.to_dict` / `from_dict` round-trip it through
-plain JSON (no pickle), so `route`, `serve` and the app rebuild exactly the chosen policy.
+and what it did on calibration. Its one serialisation is the policy file
+(`policy_file.policy_file_from_calibrated`, read back by `PolicyFile.calibrated`): plain JSON,
+no pickle, so `route`, `serve` and the app rebuild exactly the chosen policy.
 """
 
 from __future__ import annotations
@@ -22,9 +23,6 @@ from cascade_core.resplit import RULES, _outcome, choose
 from cascade_core.risk import Guarantee
 from cascade_core.selection import _guaranteed
 
-POLICY_FORMAT = "cascade-policy-v1"
-
-
 @dataclass(frozen=True)
 class CalibratedPolicy:
     """A chosen policy and its provenance (what the policy file holds besides the records hash)."""
@@ -34,35 +32,10 @@ class CalibratedPolicy:
     rule: str
     guarantee: Guarantee
     unit: str  # what the thresholds minimise (target mode) or what the budget counts
-    calibration: dict  # accuracy, reference_accuracy, accuracy_loss, saving, n_questions
+    calibration: dict  # accuracy, reference_accuracy, accuracy_loss, saving, calls_saved, cost_reduction,
+    #                    answer_rate (per stage), unit, n_questions
     cv: dict = field(default_factory=dict)  # rule -> {"accuracy_loss", "saving"} (target mode)
     biases: tuple[LetterBias | None, ...] = ()  # per stage; () = none
-
-    def to_dict(self) -> dict:
-        return {"format": POLICY_FORMAT, "stages": list(self.stages), "rule": self.rule, "unit": self.unit,
-                "policy": self.policy.to_dict(), "guarantee": self.guarantee.to_dict(),
-                "calibration": {k: (None if v is None or (isinstance(v, float) and not np.isfinite(v)) else v)
-                                for k, v in self.calibration.items()},
-                "cv": self.cv,
-                "biases": [None if b is None else b.to_dict() for b in self.biases]}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "CalibratedPolicy":
-        if data.get("format") != POLICY_FORMAT:
-            raise ValueError(f"not a policy file of format {POLICY_FORMAT!r} (format: {data.get('format')!r})")
-        try:
-            policy = CascadePolicy.from_dict(data["policy"])
-            stages = tuple(str(s) for s in data["stages"])
-            if len(stages) != len(policy):
-                raise ValueError(f"the policy has {len(policy)} stages but 'stages' names {len(stages)}")
-            biases = tuple(None if b is None else LetterBias.from_dict(b) for b in data.get("biases", []))
-            if biases and len(biases) != len(stages):
-                raise ValueError(f"'biases' has {len(biases)} entries for {len(stages)} stages")
-            return cls(policy=policy, stages=stages, rule=str(data["rule"]),
-                       guarantee=Guarantee.from_dict(data["guarantee"]), unit=str(data["unit"]),
-                       calibration=dict(data.get("calibration", {})), cv=dict(data.get("cv", {})), biases=biases)
-        except KeyError as err:
-            raise ValueError(f"policy file lacks key {err}") from None
 
     def describe(self) -> str:
         """One line for `route`, `serve` and the app, e.g. "calibrated for <= 1 pt at delta 0.1 on 2,850 questions"."""
@@ -106,6 +79,8 @@ def calibrate_policy(calib: RecordTable, target_max_loss: float | None = 0.01, d
     result = replay(calib, policy)
     calibration = {"n_questions": int(calib.n_questions), "accuracy": result.accuracy,
                    "reference_accuracy": float(calib.correct[-1].mean()), "accuracy_loss": loss,
-                   "saving": saving, "calls_saved": float(np.mean(result.final_stage != calib.n_stages - 1))}
+                   "saving": saving, "calls_saved": float(np.mean(result.final_stage != calib.n_stages - 1)),
+                   "unit": unit, "cost_reduction": float(result.compute_reduction[unit]),
+                   "answer_rate": [float(x) for x in result.answer_rate]}
     return CalibratedPolicy(policy=policy, stages=tuple(calib.names), rule=rule, guarantee=guarantee, unit=unit,
                             calibration=calibration, cv=cv, biases=tuple(biases))

@@ -17,6 +17,10 @@ Format (JSON, written atomically):
                     "records_sha256": {"stage": "..."}, "created_at": "...", "code_version": "..."},
      "calibration": {...},                     # figures on the calibration split
      "biases": [null, {"kind": "letter_bias", "offsets": [...]}, ...]}  # per stage, optional
+
+It is the one serialisation of a calibrated policy: `policy_file_from_calibrated` writes a
+`calibrated.CalibratedPolicy` into one, `PolicyFile.calibrated` gives it back (policy, guarantee,
+figures, biases); `cascade_policy` and `letter_biases` are what a cascade runs with.
 """
 
 from __future__ import annotations
@@ -24,11 +28,16 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from cascade_core.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from cascade_core.calibrated import CalibratedPolicy
+    from cascade_core.policy import CascadePolicy
 
 FORMAT = "cascade-policy-file"
 VERSION = 1
@@ -74,6 +83,71 @@ class PolicyFile:
             return f"calibrated for a budget of {g.get('budget'):g} {unit} per question at delta {g.get('delta'):g}{on}"
         return f"calibrated for <= {g.get('target_pt'):g} pt at delta {g.get('delta'):g}{on}"
 
+    def cascade_policy(self) -> "CascadePolicy":
+        """The policy the file holds (a CascadePolicy's dict)."""
+        from cascade_core.policy import CascadePolicy
+
+        return CascadePolicy.from_dict(self.policy)
+
+    def letter_biases(self) -> tuple:
+        """Per stage, a `bias.LetterBias` or None; () = none."""
+        from cascade_core.bias import LetterBias
+
+        return tuple(None if b is None else LetterBias.from_dict(b) for b in self.biases)
+
+    def calibrated(self) -> "CalibratedPolicy":
+        """The calibrated policy the file was written from (`policy_file_from_calibrated`); figures
+        that were not finite come back as None. A file without a certification is refused."""
+        from cascade_core.calibrated import CalibratedPolicy
+        from cascade_core.risk import Guarantee
+
+        g = self.guarantee
+        try:
+            return CalibratedPolicy(policy=self.cascade_policy(), stages=self.stages, rule=str(g["rule"]),
+                                    guarantee=Guarantee.from_dict(g["certification"]), unit=str(g["unit"]),
+                                    calibration=dict(self.calibration), cv=dict(g.get("cv") or {}),
+                                    biases=self.letter_biases())
+        except KeyError as err:
+            raise PolicyFileError(f"policy file of preset {self.preset!r}: its guarantee lacks {err}") from None
+
+
+def _finite(value):
+    """`value` with every non-finite float as None (the file is strict JSON)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _off_reasons(policy, names: Sequence[str], target_pt: float | None, delta: float) -> dict[str, str]:
+    why = (f"calibration switched it off: no threshold of this stage was certified to keep the loss "
+           f"<= {target_pt:g} pt at delta {delta:g} more cheaply" if target_pt is not None else
+           f"calibration switched it off: the most accurate policy certified within the budget at delta {delta:g} "
+           "does not use it")
+    return {name: why for name, stage in zip(names, policy.stages) if not stage.enabled}
+
+
+def policy_file_from_calibrated(chosen: "CalibratedPolicy", preset: str, provenance: dict, *,
+                                target_pt: float | None = None, budget: float | None = None,
+                                rule_choice: str = "auto") -> PolicyFile:
+    """The policy file of `chosen` (`calibrated.calibrate_policy`) for `preset`, with its
+    `provenance` (`make_provenance`). `target_pt` / `budget`: the promise as it was asked (accuracy
+    points / mean cost per question; by default the one `chosen` was certified for); `rule_choice`:
+    the rule asked for ("auto": chosen by cross-validation). Each stage calibration switched off
+    gets the reason."""
+    g = chosen.guarantee
+    loss = g.mode == "loss"
+    target_pt = (g.target * 100 if target_pt is None else target_pt) if loss else None
+    budget = None if loss else (g.target if budget is None else budget)
+    guarantee = {"mode": "target" if loss else "budget", "target_pt": target_pt, "budget": budget, "unit": chosen.unit,
+                 "delta": float(g.delta), "rule": chosen.rule, "rule_choice": rule_choice,
+                 "letter_bias": bool(chosen.biases), "certification": g.to_dict(), "cv": _finite(chosen.cv)}
+    return PolicyFile(preset=preset, stages=tuple(chosen.stages), policy=chosen.policy.to_dict(), guarantee=guarantee,
+                      provenance=provenance, calibration=_finite(chosen.calibration),
+                      off_reasons=_off_reasons(chosen.policy, chosen.stages, target_pt, g.delta),
+                      biases=[None if b is None else b.to_dict() for b in chosen.biases])
+
 
 def make_provenance(record_files: dict[str, Path], dataset: str, split: str, questions: int,
                     code_version: str = "") -> dict:
@@ -111,6 +185,11 @@ def read_policy_file(path: Path | str, expect_stages: Sequence[str] | None = Non
     if expect_stages is not None and tuple(expect_stages) != stages:
         raise PolicyFileError(f"{path}: made for stages {list(stages)}, but the preset runs {list(expect_stages)}; "
                               "run `calibrate` again for this preset")
+    n_policy, biases = data["policy"].get("stages"), data.get("biases") or []
+    if isinstance(n_policy, list) and len(n_policy) != len(stages):
+        raise PolicyFileError(f"{path}: the policy has {len(n_policy)} stages but 'stages' names {len(stages)}")
+    if biases and len(biases) != len(stages):
+        raise PolicyFileError(f"{path}: 'biases' has {len(biases)} entries for {len(stages)} stages")
     return PolicyFile(preset=data["preset"], stages=stages, policy=data["policy"], guarantee=data["guarantee"],
                       provenance=data["provenance"], calibration=data.get("calibration") or {},
-                      off_reasons=data.get("off_reasons") or {}, biases=list(data.get("biases") or []))
+                      off_reasons=data.get("off_reasons") or {}, biases=list(biases))

@@ -44,6 +44,9 @@ def test_calibrate_writes_a_policy_file_with_its_guarantee_and_provenance(preset
     assert found.guarantee["target_pt"] == 2.0 and found.guarantee["delta"] == 0.2
     assert found.provenance["questions"] == 2850 and set(found.provenance["records_sha256"]) == set(STAGES)
     assert found.policy["stages"][-1]["enabled"]
+    again = found.calibrated()  # what `route` runs is the policy that was calibrated
+    assert again.policy == applied_policy(load_preset(preset)).policy and again.rule == found.guarantee["rule"] == "pt_only"
+    assert again.guarantee.delta == 0.2 and again.guarantee.target == pytest.approx(0.02)
 
 
 @pytest.mark.model

@@ -41,6 +41,10 @@ def test_a_file_for_other_stages_is_refused(tmp_path):
     (json.dumps({"format": "other"}), "not a policy file"),
     (json.dumps({"format": "cascade-policy-file", "version": 9}), "version 9"),
     (json.dumps({"format": "cascade-policy-file", "version": 1, "preset": "p", "stages": "a"}), "key 'stages' must be a list"),
+    (json.dumps({"format": "cascade-policy-file", "version": 1, "preset": "p", "stages": ["a"], "guarantee": {},
+                 "provenance": {}, "policy": {"stages": [{}, {}]}}), "the policy has 2 stages but 'stages' names 1"),
+    (json.dumps({"format": "cascade-policy-file", "version": 1, "preset": "p", "stages": ["a"], "guarantee": {},
+                 "provenance": {}, "policy": {"stages": [{}]}, "biases": [None, None]}), "'biases' has 2 entries for 1 stages"),
 ])
 def test_damaged_files_name_the_file_and_the_problem(tmp_path, content, message):
     path = tmp_path / "bad.json"

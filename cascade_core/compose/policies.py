@@ -18,8 +18,8 @@ import numpy as np
 from cascade_core.compose.locations import Locations, locations
 from cascade_core.compose.tables import load_preset_table
 from cascade_core.policy import CascadePolicy
-from cascade_core.replay import replay
-from cascade_core.policy_file import PolicyFile, make_provenance, read_policy_file, write_policy_file
+from cascade_core.policy_file import (PolicyFile, make_provenance, policy_file_from_calibrated, read_policy_file,
+                                     write_policy_file)
 from cascade_core.presets import Preset, load_preset
 
 ThresholdSource = Literal["auto", "preset", "calibrated"]
@@ -61,12 +61,8 @@ def applied_policy(preset: Preset | str, where: Locations | None = None,
         raise FileNotFoundError(f"preset {preset.name!r} has no calibrated policy file at {path}; run "
                                 f"`python -m cascade_core calibrate --preset {preset.name}` first")
     found = read_policy_file(path, expect_stages=calibration_stages(preset))
-    from cascade_core.bias import LetterBias
-
-    policy = CascadePolicy.from_dict(found.policy)
-    biases = tuple(None if b is None else LetterBias.from_dict(b) for b in found.biases)
-    return AppliedPolicy("calibrated", f"thresholds: {found.description}", policy=policy,
-                         off_reasons=dict(found.off_reasons), file=path, biases=biases)
+    return AppliedPolicy("calibrated", f"thresholds: {found.description}", policy=found.cascade_policy(),
+                         off_reasons=dict(found.off_reasons), file=path, biases=found.letter_biases())
 
 
 def apply_to_stages(stages: Sequence, applied: AppliedPolicy, preset: Preset) -> list:
@@ -97,14 +93,6 @@ def stage_summary(policy, is_last: bool, off_reason: str = "") -> str:
         return f"keep when its {policy.rule} score >= {policy.tau_learned:.4g}"
     parts = {"pt_only": [f"P(T) >= {policy.tau_t:.4g}"], "pik_only": [f"P(IK) >= {policy.tau_ik:.4g}"]}
     return "keep when " + " and ".join(parts.get(policy.rule, [f"P(T) >= {policy.tau_t:.4g}", f"P(IK) >= {policy.tau_ik:.4g}"]))
-
-
-def _off_reasons(policy: CascadePolicy, names: Sequence[str], target_pt: float | None, delta: float) -> dict[str, str]:
-    why = (f"calibration switched it off: no threshold of this stage was certified to keep the loss "
-           f"<= {target_pt:g} pt at delta {delta:g} more cheaply" if target_pt is not None else
-           f"calibration switched it off: the most accurate policy certified within the budget at delta {delta:g} "
-           "does not use it")
-    return {name: why for name, stage in zip(names, policy.stages) if not stage.enabled}
 
 
 def debiased_table(table, where: Locations, dataset: str = "mmlu"):
@@ -166,16 +154,9 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
     chosen = calibrate_policy(calib, target_max_loss=None if target_pt is None else target_pt / 100.0, delta=delta,
                               cost_budget=budget, unit=unit, rules=RULES if rule == "auto" else (rule,), seed=seed,
                               biases=tuple(biases))
-    guarantee = {"mode": "target" if budget is None else "budget", "target_pt": target_pt, "budget": budget,
-                 "unit": unit, "delta": float(delta), "rule": chosen.rule, "rule_choice": rule, "letter_bias": letter_bias,
-                 "certification": chosen.guarantee.to_dict(), "cv": chosen.cv}
-    replayed = replay(calib, chosen.policy)
-    figures = {**chosen.calibration, "unit": unit, "cost_reduction": float(replayed.compute_reduction[unit]),
-               "answer_rate": [float(x) for x in replayed.answer_rate]}
     record_files = {n: where.record_path(n, dataset) for n in names if where.record_path(n, dataset).exists()}
-    found = PolicyFile(preset=preset.name, stages=tuple(names), policy=chosen.policy.to_dict(), guarantee=guarantee,
-                       provenance=make_provenance(record_files, dataset, "calibration", calib.n_questions, code_version()),
-                       calibration=figures, off_reasons=_off_reasons(chosen.policy, names, target_pt, delta),
-                       biases=[None if b is None else b.to_dict() for b in chosen.biases])
+    provenance = make_provenance(record_files, dataset, "calibration", calib.n_questions, code_version())
+    found = policy_file_from_calibrated(chosen, preset.name, provenance, target_pt=target_pt, budget=budget,
+                                        rule_choice=rule)
     path = write_policy_file(policy_path(preset, where), found)
     return path, found
