@@ -3,14 +3,34 @@ other pages are files under pages/ (each a short script over cascade_core and ap
 
 `st.navigation` below owns the pages, so a deep link (a shared explorer URL) runs this file
 first; that holds with Streamlit's default file watcher (see .streamlit/config.toml).
+
+Streamlit uses this file twice. `streamlit run app.py` finds `app` (an `st.App`) and imports the file
+once at start-up, outside any session, to serve it; that import only switches off the legacy `pages/`
+navigation (see SERVING). Each browser session then runs the file as a script.
 """
 
 from __future__ import annotations
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-from app_ui import backends, charts, data, state
-from cascade_core import formatting
+SERVING = get_script_run_ctx(suppress_warning=True) is None  # imported to be served, not run as a session's script
+if SERVING:
+    # With a pages/ folder next to the main script, Streamlit (1.67) runs the first script run of the
+    # process through its legacy pages/ navigation (runtime/scriptrunner/script_runner.py, _mpa_v1, while
+    # PagesManager.uses_pages_directory is true; only st.navigation clears it, and only once it runs).
+    # That navigation names the pages after their files ("Explore_thresholds"), so a deep link such as
+    # /explore?... as the first request matched none of them: it sent PageNotFound
+    # (commands/navigation.py, _navigation) and the browser showed "Page not found" over the page that
+    # this file's st.navigation then rendered. Clearing the flag before any session starts does what
+    # st.navigation would do: the pages are PAGES below, never the folder's file list.
+    from streamlit.runtime.pages_manager import PagesManager
+
+    PagesManager.uses_pages_directory = False
+    app = st.App(__file__)  # the same Starlette server `streamlit run` starts for a plain script
+else:
+    from app_ui import backends, charts, data, state
+    from cascade_core import formatting
 
 PAGES_DIR = "pages"
 
@@ -105,20 +125,6 @@ def home() -> None:
         col.caption(text)
 
 
-PAGES = [
-    st.Page(home, title="Home", icon=":material/home:", default=True),
-    st.Page(f"{PAGES_DIR}/1_Route_a_question.py", title="Route a question", icon=":material/alt_route:", url_path="route"),
-    st.Page(f"{PAGES_DIR}/2_Explore_thresholds.py", title="Explore thresholds", icon=":material/tune:", url_path="explore"),
-    st.Page(f"{PAGES_DIR}/3_Benchmarks.py", title="Benchmarks", icon=":material/bar_chart:", url_path="benchmarks"),
-    st.Page(f"{PAGES_DIR}/4_Settings.py", title="Settings and models", icon=":material/settings:", url_path="settings"),
-]
-PAGE_TEXT = {
-    PAGES[1]: "Run the cascade live; see each stage's P(T), P(IK) and decision.",
-    PAGES[2]: "Drag thresholds; accuracy against cost on the Pareto frontier.",
-    PAGES[3]: "Accuracy per model and subject, calibration of the signals, run a benchmark.",
-    PAGES[4]: "Stage status, fetch models, add a stage.",
-}
-
 def preload() -> None:
     """Start loading the session's preset's models in the background (the Settings page's switch;
     on by default for the packaged CPU preset), so the first question finds them loaded."""
@@ -132,6 +138,20 @@ def preload() -> None:
         backends.start_preload(preset.stages)
 
 
-st.set_page_config(page_title="Confidence-driven cascade", page_icon="🪜", layout="wide")
-preload()
-st.navigation(PAGES).run()
+if not SERVING:
+    PAGES = [
+        st.Page(home, title="Home", icon=":material/home:", default=True),
+        st.Page(f"{PAGES_DIR}/1_Route_a_question.py", title="Route a question", icon=":material/alt_route:", url_path="route"),
+        st.Page(f"{PAGES_DIR}/2_Explore_thresholds.py", title="Explore thresholds", icon=":material/tune:", url_path="explore"),
+        st.Page(f"{PAGES_DIR}/3_Benchmarks.py", title="Benchmarks", icon=":material/bar_chart:", url_path="benchmarks"),
+        st.Page(f"{PAGES_DIR}/4_Settings.py", title="Settings and models", icon=":material/settings:", url_path="settings"),
+    ]
+    PAGE_TEXT = {
+        PAGES[1]: "Run the cascade live; see each stage's P(T), P(IK) and decision.",
+        PAGES[2]: "Drag thresholds; accuracy against cost on the Pareto frontier.",
+        PAGES[3]: "Accuracy per model and subject, calibration of the signals, run a benchmark.",
+        PAGES[4]: "Stage status, fetch models, add a stage.",
+    }
+    st.set_page_config(page_title="Confidence-driven cascade", page_icon="🪜", layout="wide")
+    preload()
+    st.navigation(PAGES).run()

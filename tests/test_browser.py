@@ -187,7 +187,9 @@ def test_browser_end_to_end(server):
 
 def test_a_deep_link_as_the_first_request_shows_the_navigation(server):
     """A shared Explore link opened before any other session on a fresh server runs app.py (the
-    navigation is there) and restores the link's state: pages/ and st.navigation together."""
+    navigation is there) and restores the link's state: pages/ and st.navigation together. No
+    "Page not found" notice comes up over it (Streamlit's legacy pages/ navigation, which app.py
+    switches off at start-up, used to answer that first request)."""
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as pw:
@@ -200,5 +202,8 @@ def test_a_deep_link_as_the_first_request_shows_the_navigation(server):
             expect(page.get_by_test_id("stSidebarNav").get_by_text("Home", exact=True)).to_be_visible()
             assert page.get_by_role("radio", name="P(T) only").is_checked()
             assert not page.get_by_test_id("stException").count()
+            page.wait_for_timeout(2_000)  # a notice sent late would be up by now
+            expect(page.get_by_role("dialog")).to_have_count(0)
+            expect(page.get_by_text("Page not found")).to_have_count(0)
         finally:
             browser.close()
