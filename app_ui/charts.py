@@ -24,74 +24,104 @@ def fmt_number(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
-def label_offsets(xs: Sequence[float], ys: Sequence[float], x_range: tuple[float, float]) -> list[tuple[int, int]]:
-    """Pixel offsets (ax, ay) for the single models' labels: pointing inwards (a point in the left
-    half gets its label to the right, so none is cut at an edge), and points close in cost
-    stacked at different heights, so labels at the same cost (e.g. every local model in tokens)
-    do not overlap."""
+SI_WORDS = ((1e12, "trillions of"), (1e9, "billions of"), (1e6, "millions of"), (1e3, "thousands of"))
+STAR = ("path://M50,0 L61,35 L98,35 L68,57 L79,91 L50,70 L21,91 L32,57 L2,35 L39,35 Z")
+CROSS = "path://M10,0 L50,40 L90,0 L100,10 L60,50 L100,90 L90,100 L50,60 L10,100 L0,90 L40,50 L0,10 Z"
+
+
+def axis_scale(largest: float) -> tuple[float, str]:
+    """A power of a thousand to divide costs by, and its words for the axis title: ECharts draws
+    axis labels without a number format, so 8.7e9 FLOPs become '8.7' on an axis 'billions of FLOPs'
+    instead of '8,700,000,000'."""
+    for factor, words in SI_WORDS:
+        if abs(largest) >= factor:
+            return factor, words
+    return 1.0, ""
+
+
+def label_sides(xs: Sequence[float], x_range: tuple[float, float]) -> list[str]:
+    """Where each single model's label goes: to the right of a point in the left half of the plot and
+    to the left of one in the right half, so no label runs off an edge (ECharts' labelLayout then
+    moves labels that would overlap apart vertically)."""
     lo, hi = x_range
     span = (hi - lo) or 1.0
-    order = np.argsort(np.asarray(ys, dtype=float), kind="stable")
-    out: list[tuple[int, int]] = [(0, 0)] * len(xs)
-    placed: list[tuple[float, int]] = []
-    for i in order:
-        rel = (float(xs[i]) - lo) / span
-        ax = 46 if rel < 0.5 else -46
-        near = [ay for x, ay in placed if abs(x - rel) < 0.22]
-        ay = -26
-        while any(abs(ay - other) < 24 for other in near):
-            ay = -ay if ay < 0 else -(ay + 24)
-        placed.append((rel, ay))
-        out[i] = (ax, ay)
-    return out
+    return ["right" if (float(x) - lo) / span < 0.5 else "left" for x in xs]
 
 
-def frontier_figure(*, cloud: tuple[np.ndarray, np.ndarray], cloud_label: str, frontier: tuple[np.ndarray, np.ndarray],
+def _points(xs, ys, x_factor: float, rounded: bool = False) -> list[list[float]]:
+    """[cost / x_factor, accuracy %] pairs; `rounded` to what a chart can show, for the many points
+    of the sweep (it keeps the option sent on every change small); single points stay exact."""
+    x = np.asarray(xs, dtype=float) / x_factor
+    y = np.asarray(ys, dtype=float) * 100.0
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    return (np.c_[np.round(x, 5), np.round(y, 3)] if rounded else np.c_[x, y]).tolist()
+
+
+def frontier_option(*, cloud: tuple[np.ndarray, np.ndarray], cloud_label: str, frontier: tuple[np.ndarray, np.ndarray],
                     singles: Sequence[dict], oracle: tuple[float, float], random_curve: tuple[np.ndarray, np.ndarray],
                     random_point: tuple[float, float], current: tuple[float, float], unit_label: str,
-                    current_label: str, previous: tuple[float, float] | None = None) -> go.Figure:
-    """Accuracy versus mean cost per question: every swept policy, the Pareto frontier, each model
-    alone, the oracle, random routing, and the current operating point (with its previous position
-    faint). The cloud is WebGL, which Plotly paints above every SVG trace, so the operating point is
-    WebGL too and added last: it stays on top of the cloud."""
-    fig = go.Figure()
-    cloud_x, cloud_y = cloud
-    fig.add_trace(go.Scattergl(x=cloud_x, y=cloud_y, mode="markers", name=cloud_label,
-                               marker=dict(size=4, color="#cbd5e1"), hoverinfo="skip"))
-    fig.add_trace(go.Scatter(x=random_curve[0], y=random_curve[1], mode="lines", name="random routing",
-                             line=dict(color=GREY, dash="dot")))
-    fig.add_trace(go.Scatter(x=frontier[0], y=frontier[1], mode="lines+markers", name="Pareto frontier",
-                             line=dict(color=BLUE, shape="hv"), marker=dict(size=5)))
-    fig.add_trace(go.Scattergl(
-        x=[s["cost"] for s in singles], y=[s["accuracy"] for s in singles], mode="markers",
-        name="single models", text=[s["label"] for s in singles], hovertemplate="%{text}<extra></extra>",
-        marker=dict(size=12, color=INK, symbol=["diamond-open" if s.get("recorded") else "diamond" for s in singles])))
-    fig.add_trace(go.Scattergl(x=[oracle[0]], y=[oracle[1]], mode="markers", name="oracle",
-                               marker=dict(size=14, color=GREEN, symbol="star")))
-    fig.add_trace(go.Scattergl(x=[random_point[0]], y=[random_point[1]], mode="markers",
-                               name="random routing at these rates", marker=dict(size=10, color=GREY, symbol="x")))
+                    current_label: str, previous: tuple[float, float] | None = None) -> dict:
+    """Accuracy versus mean cost per question, as an ECharts option for `st.echarts_chart`: every
+    swept policy, the Pareto frontier, each model alone, the oracle, random routing, and the current
+    operating point (drawn last and highest, with its previous position faint).
+
+    ECharts, not Plotly, because Streamlit gives a keyed ECharts chart a stable identity and updates
+    it in place, while a Plotly chart's identity hashes its figure, so every threshold change
+    remounted it (about 0.5 s of the 0.7-0.9 s a change took in headless Chromium, 2026-12-01).
+    `aria` is on: the chart describes its series (the operating point's values included) to screen
+    readers, which is also how the browser tests read the point."""
+    cloud_x, cloud_y = (np.asarray(v, dtype=float) for v in cloud)
+    single_x = np.array([s["cost"] for s in singles], dtype=float)
+    xs = np.concatenate([cloud_x, single_x, [oracle[0], current[0]]])
+    xs = xs[np.isfinite(xs)]
+    factor, words = axis_scale(float(np.abs(xs).max()) if xs.size else 0.0)
+    x_range = (float(xs.min()), float(xs.max())) if xs.size else (0.0, 1.0)
+    sides = label_sides(single_x, x_range)
+
+    def scatter(name, xy, size, color, z, **extra):
+        return {"type": "scatter", "name": name, "data": xy, "symbolSize": size, "z": z,
+                "itemStyle": {"color": color, **extra.pop("item", {})}, **extra}
+
+    series = [
+        scatter(cloud_label, _points(cloud_x, cloud_y, factor, rounded=True), 4, "#cbd5e1", 1, silent=True, large=True),
+        {"type": "line", "name": "random routing", "data": _points(*random_curve, factor, rounded=True), "showSymbol": False,
+         "lineStyle": {"color": GREY, "type": "dotted", "width": 2}, "itemStyle": {"color": GREY}, "z": 2},
+        {"type": "line", "name": "Pareto frontier", "data": _points(*frontier, factor, rounded=True), "step": "end",
+         "symbolSize": 5, "lineStyle": {"color": BLUE, "width": 2}, "itemStyle": {"color": BLUE}, "z": 3},
+        scatter("single models", [
+            {"name": s["label"], "value": _points([s["cost"]], [s["accuracy"]], factor)[0],
+             "label": {"position": side},
+             "itemStyle": {"color": "#ffffff", "borderColor": INK, "borderWidth": 2} if s.get("recorded") else {}}
+            for s, side in zip(singles, sides) if np.isfinite(s["cost"]) and np.isfinite(s["accuracy"])],
+            13, INK, 4, symbol="diamond",
+            label={"show": True, "formatter": "{b}", "color": INK, "fontSize": 12, "distance": 10,
+                   "backgroundColor": "rgba(255,255,255,0.8)", "padding": [2, 4]},
+            labelLayout={"moveOverlap": "shiftY"}, labelLine={"show": True, "lineStyle": {"color": GREY}}),
+        scatter("oracle", _points([oracle[0]], [oracle[1]], factor), 18, GREEN, 5, symbol=STAR),
+        scatter("random routing at these rates", _points([random_point[0]], [random_point[1]], factor), 11, GREY, 5,
+                symbol=CROSS),
+    ]
     if previous is not None and tuple(previous) != tuple(current):
-        fig.add_trace(go.Scattergl(x=[previous[0]], y=[previous[1]], mode="markers", name="previous position",
-                                   marker=dict(size=16, color=ORANGE, opacity=0.3)))
-    fig.add_trace(go.Scattergl(x=[current[0]], y=[current[1]], mode="markers", name=current_label,
-                               marker=dict(size=24, color=ORANGE, line=dict(color=INK, width=2))))
-    xs = np.concatenate([np.ravel(cloud_x), [s["cost"] for s in singles], [oracle[0], current[0]]]).astype(float)
-    ys = np.concatenate([np.ravel(cloud_y), [s["accuracy"] for s in singles], [oracle[1], current[1]]]).astype(float)
-    xs, ys = xs[np.isfinite(xs)], ys[np.isfinite(ys)]
-    x_pad = max(0.08 * (xs.max() - xs.min()), 0.05 * abs(xs.max()), 1e-12) if xs.size else 1.0
-    y_pad = max(0.08 * (ys.max() - ys.min()), 0.03) if ys.size else 0.1
-    x_range = (xs.min() - x_pad, xs.max() + x_pad) if xs.size else (0.0, 1.0)
-    offsets = label_offsets([s["cost"] for s in singles], [s["accuracy"] for s in singles], x_range)
-    for s, (ax, ay) in zip(singles, offsets):
-        fig.add_annotation(x=s["cost"], y=s["accuracy"], text=s["label"], ax=ax, ay=ay, showarrow=True,
-                           arrowhead=0, arrowcolor=GREY, standoff=6, font=dict(size=12, color=INK),
-                           xanchor="left" if ax > 0 else "right", bgcolor="rgba(255,255,255,0.8)")
-    fig.update_layout(**_LAYOUT, height=480, legend=dict(orientation="h", y=-0.18), uirevision="frontier",
-                      xaxis=dict(title=f"mean cost per question ({unit_label})", tickformat="~s",
-                                 range=list(x_range) if xs.size else None),
-                      yaxis=dict(title="accuracy", tickformat=".0%",
-                                 range=[max(0.0, ys.min() - y_pad), min(1.0, ys.max() + y_pad)] if ys.size else [0, 1]))
-    return fig
+        series.append(scatter("previous position", _points([previous[0]], [previous[1]], factor), 16, ORANGE, 9,
+                              item={"opacity": 0.3}))
+    series.append(scatter(current_label, _points([current[0]], [current[1]], factor), 24, ORANGE, 10,
+                          item={"borderColor": INK, "borderWidth": 2}))
+    unit_words = f"{words} {unit_label}" if words else unit_label
+    return {
+        "animation": False,
+        "aria": {"enabled": True, "data": {"maxCount": 1}},
+        "grid": {"left": 64, "right": 24, "top": 24, "bottom": 96, "containLabel": False},
+        "legend": {"bottom": 0},
+        "tooltip": {"trigger": "item"},
+        "xAxis": {"type": "value", "name": f"mean cost per question ({unit_words})", "nameLocation": "middle",
+                  "nameGap": 30, "scale": True, "boundaryGap": ["6%", "6%"],
+                  **({"min": 0} if x_range[0] >= 0 and x_range[0] <= 0.05 * x_range[1] else {}),
+                  "splitLine": {"lineStyle": {"color": "#e2e8f0"}}},
+        "yAxis": {"type": "value", "name": "accuracy (%)", "nameLocation": "middle", "nameGap": 44, "scale": True,
+                  "boundaryGap": ["8%", "8%"], "splitLine": {"lineStyle": {"color": "#e2e8f0"}}},
+        "series": series,
+    }
 
 
 def gauge(value: float, threshold: float | None, title: str, applies: bool = True) -> go.Figure:

@@ -1,7 +1,7 @@
 """Cached records for the pages: the preset's record table, its threshold sweep, MMLU questions.
 
 Records come from the benchmark's files (data/results/<dataset>/<stage>.parquet, or the folder
-named by $CASCADE_RESULTS_DIR: `compose.locations`). They are cached with `st.cache_data` under a key that includes
+named by $CASCADE_RESULTS_DIR: `compose.locations`). They are cached (shared, read-only) under a key that includes
 each file's size and modification time, so records a benchmark adds show up on the next rerun
 while an unchanged file is read once.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import streamlit as st
@@ -97,9 +98,11 @@ class Loaded:
     error: str | None = None
 
 
-@st.cache_data(show_spinner="Loading benchmark records…", max_entries=24)
+@st.cache_resource(show_spinner="Loading benchmark records…", max_entries=24)
 def _cached_table(preset_json: str, recorded_json: str | None, root: str, dataset: str, split: str,
                   signature: tuple) -> Loaded:
+    # cache_resource, not cache_data: cache_data unpickles a copy on every call, i.e. on every rerun of
+    # the explorer; a RecordTable's arrays are read-only, so every session can share one.
     preset = parse_preset(json.loads(preset_json), "session preset")
     recorded = StageConfig.model_validate_json(recorded_json) if recorded_json else None
     try:
@@ -121,10 +124,15 @@ def load_table(preset: Preset, split: str = "test", recorded: StageConfig | None
     """
     if split not in SPLIT_CHOICES:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLIT_CHOICES)}")
-    root = results_dir()
+    return _cached_table(*_table_key(preset, split, recorded, dataset))
+
+
+def _table_key(preset: Preset, split: str, recorded: StageConfig | None, dataset: str) -> tuple:
+    """The arguments `_cached_table` is keyed by: what the table is made of, and the record files'
+    sizes and times (a new benchmark run makes a new key)."""
     paths = [where().record_path(s.name, dataset) for s in _local_stages(preset)]
-    return _cached_table(preset.model_dump_json(), recorded.model_dump_json() if recorded else None,
-                         str(root), dataset, split, _signature(paths))
+    return (preset.model_dump_json(), recorded.model_dump_json() if recorded else None, str(results_dir()), dataset,
+            split, _signature(paths))
 
 
 @st.cache_resource(show_spinner="Sweeping thresholds over the records…", max_entries=12)
@@ -153,10 +161,29 @@ def load_frontier(preset: Preset, split: str, recorded: StageConfig | None, rule
                   max_points: int = 6000, dataset: str = DATASET) -> dict:
     """What the explorer's chart needs from the sweep, small: the Pareto frontier in `unit`, a
     sample of at most `max_points` swept policies, and how many policies there are."""
-    root = results_dir()
-    paths = [where().record_path(s.name, dataset) for s in _local_stages(preset)]
-    return _cached_frontier(preset.model_dump_json(), recorded.model_dump_json() if recorded else None,
-                            str(root), dataset, split, _signature(paths), rule, unit, max_points)
+    return _cached_frontier(*_table_key(preset, split, recorded, dataset), rule, unit, max_points)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _cached_references(preset_json: str, recorded_json: str | None, root: str, dataset: str, split: str,
+                       signature: tuple, enabled: tuple[bool, ...], unit: str) -> dict:
+    from cascade_core.frontier import oracle, single_models
+    from cascade_core.ui_data import random_routing_curve
+
+    table = _cached_table(preset_json, recorded_json, root, dataset, split, signature).table
+    curve = random_routing_curve(table, list(enabled), unit)
+    best = oracle(table, unit)
+    singles = single_models(table)
+    return {"random_curve": (curve["cost"].to_numpy(), curve["accuracy"].to_numpy()),
+            "oracle": (float(best.mean_cost[unit]), float(best.accuracy)),
+            "singles": [(r.stage, float(getattr(r, f"cost_{unit}")), float(r.accuracy)) for r in singles.itertuples()]}
+
+
+def load_references(preset: Preset, split: str, recorded: StageConfig | None, enabled: Sequence[bool], unit: str,
+                    dataset: str = DATASET) -> dict:
+    """What the explorer draws around the operating point and that does not move with the thresholds:
+    random routing over the enabled stages, the oracle, each model alone (stage, cost, accuracy)."""
+    return _cached_references(*_table_key(preset, split, recorded, dataset), tuple(bool(e) for e in enabled), unit)
 
 
 @st.cache_data(show_spinner="Loading MMLU…", max_entries=2)

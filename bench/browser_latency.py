@@ -3,9 +3,9 @@
 Starts `streamlit run app.py` on a free loopback port, opens the explorer in headless Chromium
 (1400 x 900) and, `--changes` times, types a new exact τ_T for the first stage into its number box
 and presses Enter; it times from the key press until both the Accuracy metric and the chart's
-operating point show the new policy (read from the page: the metric's text, the plotly figure's
-"these thresholds" trace). The values alternate between low and high thresholds, so every change
-moves the point. Then a burst: `--burst` ArrowRight presses on the slider with no pause, timed
+operating point show the new policy (read from the page: the metric's text, and the chart's
+"these thresholds" point from the description ECharts writes into its aria-label on every redraw).
+The values alternate between low and high thresholds, so every change moves the point. Then a burst: `--burst` ArrowRight presses on the slider with no pause, timed
 from the last press until the page is idle with the slider on the last value (coalescing).
 
 Two scenarios (both by default):
@@ -24,58 +24,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
+from _browser import CHROMIUM, CHROMIUM_ARGS as ARGS, IDLE_JS, OPERATING_POINT_JS, StreamlitApp  # noqa: E402
 from app_latency import write_synthetic  # noqa: E402  (the same 14,042-question synthetic records)
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-STATE_JS = """() => {
-    const m = document.querySelector('[data-testid="stMetricValue"]');
-    const plot = document.querySelector('.js-plotly-plot');
-    const t = plot && plot.data && plot.data.find(t => t.name === 'these thresholds');
-    return JSON.stringify([m ? m.innerText : null, t ? [t.x[0], t.y[0]] : null]);
-}"""
-IDLE_JS = "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+STATE_JS = ("() => { const m = document.querySelector('[data-testid=\"stMetricValue\"]');"
+            " return JSON.stringify([m ? m.innerText : null, (" + OPERATING_POINT_JS + ")()]); }")
 
 
-def start_server(results: Path, policies: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
-    from _loopback import free_port
-
-    port = free_port()
-    env = {**os.environ, "CASCADE_RESULTS_DIR": str(results), "CASCADE_POLICIES_DIR": str(policies),
-           "CASCADE_APP_PRELOAD": "0"}
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-                             "--server.address", "127.0.0.1", "--server.headless", "true",
-                             "--browser.gatherUsageStats", "false"], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"{url}/_stcore/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"streamlit did not start; see {log_path}")
-        time.sleep(0.3)
+def start_app(results: Path, policies: Path, log_path: Path) -> StreamlitApp:
+    return StreamlitApp({"CASCADE_RESULTS_DIR": str(results), "CASCADE_POLICIES_DIR": str(policies),
+                         "CASCADE_APP_PRELOAD": "0"}, log_path)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -91,18 +60,10 @@ def measure(url: str, query: str, changes: int, burst: int) -> dict:
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.set_default_timeout(120_000)
-            page.goto(url)  # the Home page first: see the note on deep links below
-            page.wait_for_function(IDLE_JS)
             page.goto(f"{url}/explore?{query}")
             page.wait_for_function("() => { const s = JSON.parse((" + STATE_JS + ")()); return s[0] && s[1]; }")
             page.wait_for_timeout(500)
             page.wait_for_function(IDLE_JS)
-            # A deep link as a session's first request shows Streamlit's "Page not found" notice over the
-            # page it then runs anyway (the page renders under it); close it so the page takes input.
-            dialog = page.get_by_role("dialog")
-            if dialog.count():
-                dialog.get_by_role("button").first.click()
-                page.wait_for_timeout(300)
             box = page.get_by_role("spinbutton", name="exact").first  # the first stage's exact τ_T box
             values = [0.05 + 0.9 * ((i * 7) % 30) / 29 for i in range(changes)]
             times, misses = [], 0
@@ -173,12 +134,8 @@ def main() -> None:
                 write_synthetic(results)
             else:
                 sys.exit(f"unknown scenario {scenario!r}: use committed, 14042x4")
-            proc, url = start_server(results, tmp / "policies", tmp / f"streamlit-{scenario}.log")
-            try:
-                figures = measure(url, query, args.changes, args.burst)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=15)
+            with start_app(results, tmp / "policies", tmp / f"streamlit-{scenario}.log") as app:
+                figures = measure(app.url, query, args.changes, args.burst)
             print(f"{scenario} (burst target {0.3 + 0.01 * args.burst:.2f}): {figures['changes']} changes timed ({figures['unchanged']} left the metric unchanged): "
                   f"median {figures['median_ms']:.0f} ms, p90 {figures['p90_ms']:.0f} ms "
                   f"(min {figures['min_ms']:.0f}, max {figures['max_ms']:.0f}); {figures['burst']} queued arrow presses "

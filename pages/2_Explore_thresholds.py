@@ -9,10 +9,9 @@ import streamlit as st
 from app_ui import charts, data, state
 from cascade_core import formatting
 from cascade_core.cost import COST_UNITS
-from cascade_core.frontier import oracle, single_models
 from cascade_core.replay import replay
 from cascade_core.ui_data import (SCORE_RANGE, UNIT_LABELS, StageSetting, choice_param, operating_point,
-                                  policy_from_settings, random_routing_curve, settings_from_params,
+                                  policy_from_settings, settings_from_params,
                                   settings_from_policy, settings_to_params, unknown_params)
 
 
@@ -216,79 +215,121 @@ def recalibrate(preset, recorded, names: tuple[str, ...], unit: str, split: str,
                                        "split": split}
 
 
-def _sync_number(slider_key: str) -> None:
-    st.session_state[slider_key] = float(st.session_state[f"{slider_key}#n"])
+def _seed(key: str, value) -> None:
+    """Set a widget's value from code only when it differs: every assignment is sent to the browser
+    as "show this value", and one that arrives while the user holds an arrow key undoes the presses
+    the browser had already applied."""
+    if st.session_state.get(key) != value:
+        st.session_state[key] = value
 
 
 def threshold_input(label: str, low: float, high: float, key: str, disabled: bool) -> None:
-    """A slider in steps of 0.01 (arrow keys move it visibly) and an exact number box, one value:
-    the slider's key holds it; the box is re-seeded from it and writes back through its callback."""
-    st.session_state[key] = float(min(max(float(st.session_state[key]), low), high))
+    """A slider in steps of 0.01 (arrow keys move it visibly) and an exact number box for one value,
+    held by the slider's key.
+
+    Which of the two the user changed is read from what the last run left them at, with no
+    on_change callback: during a burst of arrow presses, each rerun request carries the box's value
+    from before the previous rerun reached the browser; a callback took that stale value for an
+    edit and set the slider back (a 20-press burst ended 4-12 presses short). The slider wins when
+    both differ, because only a slider moves many times in a row."""
+    box, seen = f"{key}#n", f"{key}#seen"
+    slider_now = float(st.session_state[key])
+    box_now = st.session_state.get(box)
+    last = st.session_state.get(seen)
+    typed = last is not None and box_now is not None and slider_now == last[0] and float(box_now) != last[1]
+    value = float(min(max(float(box_now) if typed else slider_now, low), high))
+    _seed(key, value)
     left, right = st.columns([3, 1.25], vertical_alignment="bottom")
     left.slider(label, low, high, step=0.01, format="%.2f", key=key, disabled=disabled)
-    st.session_state[f"{key}#n"] = float(st.session_state[key])
-    right.number_input("exact", low, high, step=0.001, format="%.4f", key=f"{key}#n", disabled=disabled,
-                       on_change=_sync_number, args=(key,), label_visibility="collapsed",
-                       help="The exact value (the slider moves in steps of 0.01)")
+    _seed(box, value)
+    right.number_input("exact", low, high, step=0.001, format="%.4f", key=box, disabled=disabled,
+                       label_visibility="collapsed", help="The exact value (the slider moves in steps of 0.01)")
+    st.session_state[seen] = (value, value)
 
 
-no_probe: list[str] = []
-metrics_area = st.container()
-controls, main = st.columns([1, 2.4], gap="large")
-with controls:
-    st.subheader("Stages, smallest first")
-    enabled_now = [bool(st.session_state[widget_key(preset.name, n, "on")]) for n in table.names]
-    last_enabled = max((i for i, on in enumerate(enabled_now) if on), default=-1)
-    for i, name in enumerate(table.names):
-        label = state.label_of(configs[name]) if name in configs else name
-        with st.container(border=True):
-            st.checkbox(f"**{label}**", key=widget_key(preset.name, name, "on"),
-                        help="Switch the stage off to replay the cascade without it.")
-            if table.recorded[i]:
-                st.caption("Recorded outcomes: no probabilities, so it can only be last: it answers all it receives.")
-                continue
-            if i == last_enabled:
-                st.caption("Last stage in use: it always answers, so it has no thresholds.")
-                continue
-            off = not enabled_now[i]
-            has_pik = bool(table.has_hidden[i])
-            if rule in SCORE_RANGE:
-                low, high = SCORE_RANGE[rule]
-                threshold_input(f"τ (keep when its {rule} score ≥ τ)", low, high, widget_key(preset.name, name, "tau_score"),
-                                off)
-                continue
-            threshold_input("τ_T (keep when P(T) ≥ τ_T)", 0.0, 1.0, widget_key(preset.name, name, "tau_t"),
-                            off or (rule == "pik_only" and has_pik))
-            threshold_input("τ_IK (keep when P(IK) ≥ τ_IK)", 0.0, 1.0, widget_key(preset.name, name, "tau_ik"),
-                            off or not has_pik or rule == "pt_only")
-            if not has_pik:
-                no_probe.append(label)
-    if no_probe:
-        st.caption(f"No P(IK) in the records of {', '.join(no_probe)} yet (no probe trained): "
-                   f"{'it routes' if len(no_probe) == 1 else 'they route'} on P(T) alone.")
+@st.fragment
+def explorer(rule: str) -> None:
+    """Thresholds, metrics, chart and routing table: a change to any threshold reruns only this part
+    (no preset, records or sidebar work), and rapid changes coalesce into the latest one."""
+    if st.session_state.get(rule_key) != rule:  # "Calibrate" chose another rule: the sidebar must show it
+        st.rerun(scope="app")
+    scorer = st.session_state.get(scores_key)  # fitted scores, replaced by "Calibrate" within this fragment
+    no_probe: list[str] = []
+    metrics_area = st.container()
+    controls, main = st.columns([1, 2.4], gap="large")
+    with controls:
+        st.subheader("Stages, smallest first")
+        enabled_now = [bool(st.session_state[widget_key(preset.name, n, "on")]) for n in table.names]
+        last_enabled = max((i for i, on in enumerate(enabled_now) if on), default=-1)
+        for i, name in enumerate(table.names):
+            label = state.label_of(configs[name]) if name in configs else name
+            with st.container(border=True):
+                st.checkbox(f"**{label}**", key=widget_key(preset.name, name, "on"),
+                            help="Switch the stage off to replay the cascade without it.")
+                if table.recorded[i]:
+                    st.caption("Recorded outcomes: no probabilities, so it can only be last: it answers all it receives.")
+                    continue
+                if i == last_enabled:
+                    st.caption("Last stage in use: it always answers, so it has no thresholds.")
+                    continue
+                off = not enabled_now[i]
+                has_pik = bool(table.has_hidden[i])
+                if rule in SCORE_RANGE:
+                    low, high = SCORE_RANGE[rule]
+                    threshold_input(f"τ (keep when its {rule} score ≥ τ)", low, high,
+                                    widget_key(preset.name, name, "tau_score"), off)
+                    continue
+                threshold_input("τ_T (keep when P(T) ≥ τ_T)", 0.0, 1.0, widget_key(preset.name, name, "tau_t"),
+                                off or (rule == "pik_only" and has_pik))
+                threshold_input("τ_IK (keep when P(IK) ≥ τ_IK)", 0.0, 1.0, widget_key(preset.name, name, "tau_ik"),
+                                off or not has_pik or rule == "pt_only")
+                if not has_pik:
+                    no_probe.append(label)
+        if no_probe:
+            st.caption(f"No P(IK) in the records of {', '.join(no_probe)} yet (no probe trained): "
+                       f"{'it routes' if len(no_probe) == 1 else 'they route'} on P(T) alone.")
 
-settings = {n: StageSetting(float(st.session_state[widget_key(preset.name, n, "tau_t")]),
-                            float(st.session_state[widget_key(preset.name, n, "tau_ik")]),
-                            bool(st.session_state[widget_key(preset.name, n, "on")]),
-                            float(st.session_state[widget_key(preset.name, n, "tau_score")])) for n in table.names}
-state.store_explorer_thresholds(preset.name, settings, rule,
-                                (scorer or {}).get("combiners", {}) if rule in SCORE_RANGE else {})
-wanted_params = {"preset": preset.name, "split": split, "unit": unit, "end": end,
-                 **settings_to_params(settings, rule)}
-if st.query_params.to_dict() != wanted_params:
-    st.query_params.from_dict(wanted_params)
+    settings = {n: StageSetting(float(st.session_state[widget_key(preset.name, n, "tau_t")]),
+                                float(st.session_state[widget_key(preset.name, n, "tau_ik")]),
+                                bool(st.session_state[widget_key(preset.name, n, "on")]),
+                                float(st.session_state[widget_key(preset.name, n, "tau_score")])) for n in table.names}
+    state.store_explorer_thresholds(preset.name, settings, rule,
+                                    (scorer or {}).get("combiners", {}) if rule in SCORE_RANGE else {})
+    wanted_params = {"preset": preset.name, "split": split, "unit": unit, "end": end,
+                     **settings_to_params(settings, rule)}
+    if st.query_params.to_dict() != wanted_params:
+        st.query_params.from_dict(wanted_params)
 
-with main:
-    if not any(s.enabled for s in settings.values()):
-        st.error("Every stage is switched off: switch at least one on.")
-        st.stop()
-    combiners = (scorer or {}).get("combiners", {}) if rule in SCORE_RANGE else {}
-    policy = policy_from_settings(table.names, settings, rule, combiners)
-    result = replay(table, policy)
-    point = operating_point(table, result, unit)
-    unit_label = UNIT_LABELS[unit]
+    with main:
+        if not any(s.enabled for s in settings.values()):
+            st.error("Every stage is switched off: switch at least one on.")
+            return
+        combiners = (scorer or {}).get("combiners", {}) if rule in SCORE_RANGE else {}
+        policy = policy_from_settings(table.names, settings, rule, combiners)
+        result = replay(table, policy)
+        point = operating_point(table, result, unit)
+        unit_label = UNIT_LABELS[unit]
+        draw_metrics(metrics_area, point, unit_label)
 
-    m = metrics_area.columns(5)
+        zero_cost = [table.names[s] for s in range(table.n_stages) if not table.cost(unit)[s].any()]
+        if zero_cost:
+            st.info(f"{', '.join(zero_cost)} cost{'s' if len(zero_cost) == 1 else ''} nothing in {unit_label} "
+                    "(a local model has no price; GPT-4's size, hence its FLOPs, is unknown): pick another cost unit "
+                    "to compare them.")
+        draw_chart(point, [s.enabled for s in policy.stages], unit_label)
+        st.subheader("Where the questions go")
+        rates = [{"stage": state.label_of(configs[n]) if n in configs else n,
+                  "in use": bool(policy.stages[i].enabled),
+                  "reaches": pct(float(result.reach_rate[i]), 1),
+                  "escalation rate": pct(point.escalation_rate[n], 1),
+                  "answers": pct(point.answer_rate[n], 1)} for i, n in enumerate(table.names)]
+        st.dataframe(rates, hide_index=True, width="stretch")
+        calibrate_form(unit_label)
+        st.caption("Share this view: the page's address carries the thresholds, the rule, the split and the cost unit.")
+
+
+def draw_metrics(area, point, unit_label: str) -> None:
+    m = area.columns(5)
     m[0].metric("Accuracy", pct(point.accuracy), help=f"95% Wilson interval {pct(point.accuracy_low)} – "
                 f"{pct(point.accuracy_high)} over {table.n_questions:,} questions ({split})")
     m[1].metric(f"Compute saved ({unit_label})", pct(point.compute_reduction),
@@ -299,48 +340,36 @@ with main:
     m[4].metric("McNemar p", "< 0.0001" if point.mcnemar_p < 1e-4 else f"{point.mcnemar_p:.3g}",
                 help=f"Exact paired test against {point.reference_name}: the cascade alone right on "
                      f"{point.discordant[0]} questions, {point.reference_name} alone right on {point.discordant[1]}")
-    metrics_area.caption(f"Accuracy {pct(point.accuracy)} (95% CI {pct(point.accuracy_low)} – {pct(point.accuracy_high)}); "
-               f"random routing at the same escalation rates: {pct(point.random_accuracy)} at "
-               f"{charts.fmt_number(point.random_cost)} {unit_label}.")
+    area.caption(f"Accuracy {pct(point.accuracy)} (95% CI {pct(point.accuracy_low)} – {pct(point.accuracy_high)}); "
+                 f"random routing at the same escalation rates: {pct(point.random_accuracy)} at "
+                 f"{charts.fmt_number(point.random_cost)} {unit_label}.")
 
-    zero_cost = [table.names[s] for s in range(table.n_stages) if not table.cost(unit)[s].any()]
-    if zero_cost:
-        st.info(f"{', '.join(zero_cost)} cost{'s' if len(zero_cost) == 1 else ''} nothing in {unit_label} "
-                "(a local model has no price; GPT-4's size, hence its FLOPs, is unknown): pick another cost unit "
-                "to compare them.")
 
+def draw_chart(point, enabled: list[bool], unit_label: str) -> None:
+    """The accuracy-cost chart: the sweep, the references and the operating point (with where it was)."""
     swept = data.load_frontier(preset, split, recorded, rule, unit)
-    singles_frame = single_models(table)
-    singles = [{"label": state.label_of(configs[r.stage]) if r.stage in configs else r.stage,
-                "cost": getattr(r, f"cost_{unit}"), "accuracy": r.accuracy, "recorded": bool(table.recorded[i])}
-               for i, r in enumerate(singles_frame.itertuples())]
-    best = oracle(table, unit)
-    curve = random_routing_curve(table, [s.enabled for s in policy.stages], unit)
+    refs = data.load_references(preset, split, recorded, enabled, unit)
+    singles = [{"label": state.label_of(configs[stage]) if stage in configs else stage, "cost": cost,
+                "accuracy": accuracy, "recorded": bool(table.recorded[i])}
+               for i, (stage, cost, accuracy) in enumerate(refs["singles"])]
     point_key = f"_explore_point::{preset.name}::{'|'.join(table.names)}::{split}::{unit}"
     now = (float(point.mean_cost), float(point.accuracy))
     moved = st.session_state.get(point_key, {"current": now, "previous": None})
     if moved["current"] != now:
         moved = {"current": now, "previous": moved["current"]}
     st.session_state[point_key] = moved
-    figure = charts.frontier_figure(previous=moved["previous"],
-        cloud=swept["cloud"], frontier=swept["frontier"],
-        cloud_label="swept policies" + (" (a sample)" if swept["sampled"] else ""),
-        singles=singles, oracle=(best.mean_cost[unit], best.accuracy),
-        random_curve=(curve["cost"].to_numpy(), curve["accuracy"].to_numpy()),
-        random_point=(point.random_cost, point.random_accuracy), current=(point.mean_cost, point.accuracy),
-        unit_label=unit_label, current_label="these thresholds")
-    st.plotly_chart(figure, key="frontier_chart", config={"displaylogo": False})
-    st.caption(f"{swept['policies']:,} swept polic{'y' if swept['policies'] == 1 else 'ies'} (every sub-cascade, quantile thresholds); the oracle answers each "
-               "question with the cheapest model that gets it right, the limit no router can beat.")
+    option = charts.frontier_option(
+        previous=moved["previous"], cloud=swept["cloud"], frontier=swept["frontier"],
+        cloud_label="swept policies" + (" (a sample)" if swept["sampled"] else ""), singles=singles,
+        oracle=refs["oracle"], random_curve=refs["random_curve"], random_point=(point.random_cost, point.random_accuracy),
+        current=now, unit_label=unit_label, current_label="these thresholds")
+    st.echarts_chart(option, key="frontier_chart", height=520)
+    st.caption(f"{swept['policies']:,} swept polic{'y' if swept['policies'] == 1 else 'ies'} (every sub-cascade, quantile "
+               "thresholds); the oracle answers each question with the cheapest model that gets it right, the limit no "
+               "router can beat.")
 
-    st.subheader("Where the questions go")
-    rates = [{"stage": state.label_of(configs[n]) if n in configs else n,
-              "in use": bool(policy.stages[i].enabled),
-              "reaches": pct(float(result.reach_rate[i]), 1),
-              "escalation rate": pct(point.escalation_rate[n], 1),
-              "answers": pct(point.answer_rate[n], 1)} for i, n in enumerate(table.names)]
-    st.dataframe(rates, hide_index=True, width="stretch")
 
+def calibrate_form(unit_label: str) -> None:
     with st.expander("Calibrate for a promise (computed on the calibration split, shown on the chosen split)",
                      expanded=False):
         st.caption("Learn-then-Test on the calibration split: with probability at least 1 − δ over the draw of the "
@@ -370,4 +399,5 @@ with main:
                        f"{table.names[-1]} alone, {pct(cal['saving'])} of the {UNIT_LABELS[done['unit']]} saved. "
                        f"The metrics above are on the {split} split.")
 
-    st.caption("Share this view: the page's address carries the thresholds, the rule, the split and the cost unit.")
+
+explorer(rule)

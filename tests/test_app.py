@@ -74,9 +74,20 @@ def open_page(at: AppTest, page: str) -> AppTest:
     return at
 
 
-def chart_trace(at: AppTest, name: str, chart: int = 0) -> dict:
-    spec = json.loads(at.get("plotly_chart")[chart].proto.spec)
-    return next(t for t in spec["data"] if t.get("name") == name)
+def chart_option(at: AppTest) -> dict:
+    """The explorer's ECharts option, as the page sent it."""
+    return json.loads(at.get("echarts_chart")[0].proto.spec)
+
+
+def chart_point(at: AppTest, name: str) -> tuple[float, float]:
+    """A one-point series of the explorer chart in the records' units: cost (the x axis is drawn in
+    thousands, millions, ... named in its title) and accuracy (drawn in %)."""
+    from app_ui.charts import SI_WORDS
+
+    option = chart_option(at)
+    factor = next((f for f, words in SI_WORDS if f"({words} " in option["xAxis"]["name"]), 1.0)
+    x, y = next(s for s in option["series"] if s["name"] == name)["data"][0]
+    return x * factor, y / 100.0
 
 
 def key(stage: str, what: str, preset: str = "default") -> str:
@@ -144,7 +155,7 @@ def test_explorer_slider_moves_the_operating_point_to_the_replayed_values(app, s
     test = table.subset("test")
     at = open_page(app, EXPLORE)
     before = metrics(at)
-    point_before = chart_trace(at, "these thresholds")
+    point_before = chart_point(at, "these thresholds")
 
     at.slider(key=key("smollm2-135m", "tau_t")).set_value(0.8).run()
     no_exception(at)
@@ -154,13 +165,37 @@ def test_explorer_slider_moves_the_operating_point_to_the_replayed_values(app, s
     for label, value in expected_metrics(result, test).items():
         assert after[label] == value, label
     assert after != before
-    point = chart_trace(at, "these thresholds")
-    assert point["x"][0] == pytest.approx(result.mean_cost["flops"], rel=1e-12)
-    assert point["y"][0] == pytest.approx(result.accuracy, abs=1e-15)
-    assert point["x"] != point_before["x"]
+    point = chart_point(at, "these thresholds")
+    assert point[0] == pytest.approx(result.mean_cost["flops"], rel=1e-12)
+    assert point[1] == pytest.approx(result.accuracy, abs=1e-12)
+    assert point[0] != point_before[0]
+    option = chart_option(at)  # drawn last and highest, with where it was, faint, just below it
+    assert [s["name"] for s in option["series"]][-2:] == ["previous position", "these thresholds"]
+    assert option["series"][-1]["z"] > max(s["z"] for s in option["series"][:-1])
+    assert chart_point(at, "previous position") == pytest.approx(point_before, rel=1e-12)
     rates = at.dataframe[0].value
     assert list(rates["escalation rate"])[0] == f"{result.escalation_rate[0]:.1%}"
     assert at.query_params["t.smollm2-135m"] in ("0.8", ["0.8"])
+
+
+def test_explorer_exact_box_sets_the_threshold_and_a_stale_box_value_does_not_undo_the_slider(app, synthetic_results):
+    _, table = synthetic_results
+    test = table.subset("test")
+    at = open_page(app, EXPLORE)
+    box = key("smollm2-135m", "tau_t") + "#n"
+    at.number_input(key=box).set_value(0.4567).run()  # typed: the slider takes the exact value
+    no_exception(at)
+    assert at.slider(key=key("smollm2-135m", "tau_t")).value == pytest.approx(0.4567)
+    result = replay(test, CascadePolicy((StagePolicy(0.4567, 0.5), StagePolicy(0.5, 0.5), StagePolicy(0.0, 0.0))))
+    assert metrics(at)["Accuracy"] == f"{result.accuracy:.2%}"
+    # A held arrow key: the browser sends the slider's new value with the box's value from before the
+    # last rerun reached it. The slider's value wins, and the box follows it.
+    at.slider(key=key("smollm2-135m", "tau_t")).set_value(0.47)
+    at.number_input(key=box).set_value(0.4)
+    at.run()
+    no_exception(at)
+    assert at.slider(key=key("smollm2-135m", "tau_t")).value == pytest.approx(0.47)
+    assert at.number_input(key=box).value == pytest.approx(0.47)
 
 
 def test_explorer_takes_thresholds_rule_and_unit_from_the_url(app, synthetic_results):

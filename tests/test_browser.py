@@ -14,23 +14,16 @@ Chromium comes from the project's set-up (`make browser`, Debian's package); nev
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from _loopback import free_port
+from _browser import CHROMIUM, CHROMIUM_ARGS, OPERATING_POINT_JS, StreamlitApp
 from _records import write_synthetic_records
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts" / "browser"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 pytestmark = [pytest.mark.browser, pytest.mark.model, pytest.mark.slow,
               pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is missing: run `make browser` (Debian's chromium)")]
@@ -40,50 +33,19 @@ pytestmark = [pytest.mark.browser, pytest.mark.model, pytest.mark.slow,
 def server(tmp_path, smollm2_path):
     """The app on a free loopback port, on synthetic records in a temporary results folder."""
     write_synthetic_records(tmp_path / "results")
-    port = free_port()
-    log = open(tmp_path / "streamlit.log", "wb")
-    env = {**os.environ, "CASCADE_RESULTS_DIR": str(tmp_path / "results"),
+    env = {"CASCADE_RESULTS_DIR": str(tmp_path / "results"),
            "CASCADE_POLICIES_DIR": str(tmp_path / "policies"),  # no calibrated policy for synthetic records
            "CASCADE_APP_PRELOAD": "0"}  # models load when a question reaches them (the test times nothing)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address", "127.0.0.1",
-         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/_stcore/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"streamlit did not start:\n{(tmp_path / 'streamlit.log').read_text()[-3000:]}")
-        time.sleep(0.3)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-    log.close()
-
-
-_POINT_JS = """() => {
-    const plot = document.querySelector('.js-plotly-plot');
-    const trace = plot && plot.data && plot.data.find(t => t.name === 'these thresholds');
-    return trace ? [trace.x[0], trace.y[0]] : null;
-}"""
+    with StreamlitApp(env, tmp_path / "streamlit.log", start_timeout_s=60) as app:
+        yield app.url
 
 
 def operating_point(page, other_than: tuple[float, float] | None = None) -> tuple[float, float]:
-    """The explorer chart's current point, read from the plotly figure drawn in the page (waiting
-    until it is drawn and, with `other_than`, until it has moved away from that point)."""
-    page.wait_for_function(f"() => {{ const p = ({_POINT_JS})(); return p && JSON.stringify(p) !== "
+    """The explorer chart's current point, read from the chart drawn in the page (waiting until it
+    is drawn and, with `other_than`, until it has moved away from that point)."""
+    page.wait_for_function(f"() => {{ const p = ({OPERATING_POINT_JS})(); return p && JSON.stringify(p) !== "
                            f"{json.dumps(json.dumps(list(other_than)) if other_than else '')}; }}", timeout=60_000)
-    return tuple(page.evaluate(_POINT_JS))
+    return tuple(page.evaluate(OPERATING_POINT_JS))
 
 
 def wait_idle(page) -> None:

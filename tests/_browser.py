@@ -1,0 +1,72 @@
+"""The real-browser pieces shared by tests/test_browser.py and bench/browser_latency.py: the app on
+a loopback port, Debian's Chromium and how to read the explorer chart's operating point."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from _loopback import REPO_ROOT, free_port
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+# The explorer's chart is ECharts with `aria` on: its container's aria-label describes each series,
+# "... representing these thresholds.The data is as follows: <cost>, <accuracy %>." (costs in the axis's
+# thousands/millions/..., accuracy in percent). ECharts rewrites it on every redraw, so it changes
+# exactly when the drawn point does.
+OPERATING_POINT_JS = """() => {
+    const el = Array.from(document.querySelectorAll('.stEChartsChart[aria-label], .stEChartsChart [aria-label]'))
+        .find(e => (e.getAttribute('aria-label') || '').includes('representing these thresholds'));
+    const m = el && el.getAttribute('aria-label')
+        .match(/representing these thresholds\\.The data is as follows: ([-0-9.e+]+), ([-0-9.e+]+)/);
+    return m ? [parseFloat(m[1]), parseFloat(m[2])] : null;
+}"""
+IDLE_JS = "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+
+
+class StreamlitApp:
+    """`streamlit run app.py` on a free loopback port with `env` added, waited for on its health
+    endpoint; stopped on exit. Its output goes to `log_path`."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, start_timeout_s: float = 90.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **env}
+        self.log_path = Path(log_path)
+        self.start_timeout_s = start_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "StreamlitApp":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(self.port),
+             "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+            cwd=REPO_ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                if httpx.get(f"{self.url}/_stcore/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"streamlit did not start:\n{self.log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.3)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._log.close()
