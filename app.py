@@ -127,7 +127,8 @@ def home() -> None:
 
 def preload() -> None:
     """Start loading the session's preset's models in the background (the Settings page's switch;
-    on by default for the packaged CPU preset), so the first question finds them loaded."""
+    on by default for the packaged CPU preset), so the first question finds them loaded; with it
+    off, import their code only, so a first load costs just the weights."""
     from cascade_core.presets import PresetError, load_preset
 
     try:
@@ -136,6 +137,8 @@ def preload() -> None:
         return
     if state.preload_enabled(preset):
         backends.start_preload(preset.stages)
+    else:
+        backends.start_warm_up(preset.stages)
 
 
 if not SERVING:

