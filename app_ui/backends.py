@@ -30,12 +30,20 @@ def backend_key(config: StageConfig) -> str:
     return json.dumps({f: getattr(config, f) for f in _BACKEND_FIELDS}, sort_keys=True)
 
 
+_build_lock = threading.Lock()  # one model build (or the code warm-up) at a time in this process
+
+
 @st.cache_resource(show_spinner=False, max_entries=12)
 def _load_backend(key: str):
     from cascade_core.compose.live import build_backend
 
     fields = json.loads(key)
-    backend = build_backend(StageConfig(name="cached", **fields))
+    # Serialised: a first build imports transformers' model code, and two threads importing it at
+    # once (the start-up warm-up and a question's load) once left the question's stage failing
+    # (bench/first_answer.py, cold-kept routed right after opening, 2026-12-01). On 2 cores two
+    # loads at once are no faster than one after the other.
+    with _build_lock:
+        backend = build_backend(StageConfig(name="cached", **fields))
     with _loaded_lock:
         _loaded[key] = backend
     return backend
@@ -151,7 +159,8 @@ def start_warm_up(stages) -> None:
         from cascade_core.compose.live import warm_model_code
 
         try:
-            warm_model_code(stages)
+            with _build_lock:
+                warm_model_code(stages)
         except Exception:  # noqa: BLE001 - only a head start: the first load imports whatever is missing
             pass
 

@@ -75,9 +75,10 @@ def route_once(url: str, question: dict, wait_s: float) -> dict:
             stages = re.findall(r"^(.+: (?:kept its answer|escalated|answered \(last stage\)|failed))$", text, re.M)
             loaded = [float(m) for m in re.findall(r"model loaded in ([0-9.]+) s", text)]
             answer = page.get_by_text(ANSWER_TEXT).first.inner_text()
+            errors = page.get_by_test_id("stAlertContentError").all_inner_texts()
         finally:
             browser.close()
-    return {"seconds": seconds, "stages": stages, "load_s": loaded, "answer": answer,
+    return {"seconds": seconds, "stages": stages, "load_s": loaded, "answer": answer, "errors": errors,
             "since_open_s": seconds + max(wait_s, 0.0)}
 
 
@@ -104,7 +105,8 @@ def main() -> None:
             with StreamlitApp(env, tmp / f"streamlit-{scenario}.log") as app:
                 figures = route_once(app.url, question, args.wait if scenario == "warm" else args.typing)
             print(f"{scenario}: answer on screen {figures['seconds']:.2f} s after Route; stages "
-                  f"{figures['stages']}; model load reported {figures['load_s']} s; {figures['answer']!r}")
+                  f"{figures['stages']}; model load reported {figures['load_s']} s; {figures['answer']!r}"
+                  + (f"; errors shown: {figures['errors']}" if figures["errors"] else ""))
             out[scenario] = figures
     print(json.dumps({f"{k.replace('-', '_')}_s": round(v["seconds"], 2) for k, v in out.items()}))
 
