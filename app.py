@@ -136,7 +136,11 @@ def preload() -> None:
     except PresetError:
         return
     if state.preload_enabled(preset):
-        backends.start_preload(preset.stages)
+        # The stages the session's thresholds use: a stage calibration switched off loads only if
+        # the user routes through it (with the shipped default policy that is 1.5B alone: one load
+        # of ~20-30 s here instead of three).
+        policies, _, _ = state.stage_thresholds(preset, data.applied(preset)[0])
+        backends.start_preload([s for s in preset.stages if s.name not in policies or policies[s.name].enabled])
     else:
         backends.start_warm_up(preset.stages)
 

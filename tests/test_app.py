@@ -497,6 +497,20 @@ def test_route_a_new_run_clears_the_previous_result(app):
     assert not at.status and "Routing path" not in [h.value for h in at.subheader]  # the old cards are gone
 
 
+def test_start_up_preloads_only_the_stages_the_policy_uses(app, no_policy_files, monkeypatch):
+    """With preloading on, the first page starts loading the stages the calibrated policy keeps on,
+    not one calibration switched off (recorded here instead of loading 1.5 B parameters)."""
+    from app_ui import backends
+
+    write_policy_with_a_stage_off(no_policy_files)  # qwen2.5-coder-0.5b off
+    monkeypatch.setenv("CASCADE_APP_PRELOAD", "1")
+    started: list[list[str]] = []
+    monkeypatch.setattr(backends, "start_preload", lambda stages: started.append([s.name for s in stages]))
+    at = app.run()
+    no_exception(at)
+    assert started and started[0] == ["smollm2-135m", "qwen2.5-coder-1.5b"]
+
+
 @pytest.mark.model
 def test_route_a_question_kept_by_stage_1_loads_only_stage_1(app, smollm2_path):
     from app_ui import backends
