@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from _browser import CHROMIUM, CHROMIUM_ARGS as ARGS, IDLE_JS, OPERATING_POINT_JS, StreamlitApp  # noqa: E402
+from _browser import CHROMIUM, IDLE_JS, OPERATING_POINT_JS, StreamlitApp, chromium_page  # noqa: E402
 from app_latency import write_synthetic  # noqa: E402  (the same 14,042-question synthetic records)
 
 STATE_JS = ("() => { const m = document.querySelector('[data-testid=\"stMetricValue\"]');"
@@ -53,60 +53,52 @@ def pct(values: list[float], q: float) -> float:
 
 
 def measure(url: str, query: str, changes: int, burst: int) -> dict:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.set_default_timeout(120_000)
-            page.goto(f"{url}/explore?{query}")
-            page.wait_for_function("() => { const s = JSON.parse((" + STATE_JS + ")()); return s[0] && s[1]; }")
-            page.wait_for_timeout(500)
-            page.wait_for_function(IDLE_JS)
-            box = page.get_by_role("spinbutton", name="exact").first  # the first stage's exact τ_T box
-            values = [0.05 + 0.9 * ((i * 7) % 30) / 29 for i in range(changes)]
-            times, misses = [], 0
-            for value in values:
-                before = page.evaluate(STATE_JS)
-                box.fill(f"{value:.4f}")
-                started = time.perf_counter()
-                box.press("Enter")
-                try:
-                    page.wait_for_function(
-                        "(before) => { const s = JSON.parse((" + STATE_JS + ")()); const b = JSON.parse(before);"
-                        " return s[0] !== b[0] && JSON.stringify(s[1]) !== JSON.stringify(b[1]); }",
-                        arg=before, polling="raf", timeout=15_000)
-                    times.append((time.perf_counter() - started) * 1000)
-                except Exception:  # noqa: BLE001 - no visible change (same metric text): not timed
-                    misses += 1
-                page.wait_for_function(IDLE_JS)
-                page.wait_for_timeout(150)
-            slider = page.get_by_test_id("stSlider").first.get_by_role("slider")
-            box.fill("0.3000")  # on the slider's 0.01 grid, with room for the burst
+    with chromium_page(1400, 900, timeout_ms=120_000) as page:
+        page.goto(f"{url}/explore?{query}")
+        page.wait_for_function("() => { const s = JSON.parse((" + STATE_JS + ")()); return s[0] && s[1]; }")
+        page.wait_for_timeout(500)
+        page.wait_for_function(IDLE_JS)
+        box = page.get_by_role("spinbutton", name="exact").first  # the first stage's exact τ_T box
+        values = [0.05 + 0.9 * ((i * 7) % 30) / 29 for i in range(changes)]
+        times, misses = [], 0
+        for value in values:
+            before = page.evaluate(STATE_JS)
+            box.fill(f"{value:.4f}")
+            started = time.perf_counter()
             box.press("Enter")
-            page.wait_for_function("() => { const s = document.querySelector('[data-testid=\"stSlider\"] input');"
-                                   " return s && s.getAttribute('aria-valuetext') === '0.30'; }", timeout=60_000)
-            page.wait_for_timeout(300)
-            page.wait_for_function(IDLE_JS)
-            start = 0.3
-            slider.focus()
-            for _ in range(burst):
-                slider.press("ArrowRight", delay=0)
-            last = time.perf_counter()
-            target = round(start + 0.01 * burst, 2)
-            try:  # the exact box follows the slider only once the server has run the last value
+            try:
                 page.wait_for_function(
-                    "(t) => { const b = document.querySelector('input[aria-label=\"exact\"]');"
-                    " return b && Math.abs(parseFloat(b.value) - t) < 0.006; }", arg=target, timeout=60_000)
-                page.wait_for_timeout(100)
-                page.wait_for_function(IDLE_JS, timeout=120_000)
-                settle = (time.perf_counter() - last) * 1000
-            except Exception:  # noqa: BLE001 - reported: the page never showed the last value within 60 s
-                settle = float("nan")
-            shown = box.input_value()
-        finally:
-            browser.close()
+                    "(before) => { const s = JSON.parse((" + STATE_JS + ")()); const b = JSON.parse(before);"
+                    " return s[0] !== b[0] && JSON.stringify(s[1]) !== JSON.stringify(b[1]); }",
+                    arg=before, polling="raf", timeout=15_000)
+                times.append((time.perf_counter() - started) * 1000)
+            except Exception:  # noqa: BLE001 - no visible change (same metric text): not timed
+                misses += 1
+            page.wait_for_function(IDLE_JS)
+            page.wait_for_timeout(150)
+        slider = page.get_by_test_id("stSlider").first.get_by_role("slider")
+        box.fill("0.3000")  # on the slider's 0.01 grid, with room for the burst
+        box.press("Enter")
+        page.wait_for_function("() => { const s = document.querySelector('[data-testid=\"stSlider\"] input');"
+                               " return s && s.getAttribute('aria-valuetext') === '0.30'; }", timeout=60_000)
+        page.wait_for_timeout(300)
+        page.wait_for_function(IDLE_JS)
+        start = 0.3
+        slider.focus()
+        for _ in range(burst):
+            slider.press("ArrowRight", delay=0)
+        last = time.perf_counter()
+        target = round(start + 0.01 * burst, 2)
+        try:  # the exact box follows the slider only once the server has run the last value
+            page.wait_for_function(
+                "(t) => { const b = document.querySelector('input[aria-label=\"exact\"]');"
+                " return b && Math.abs(parseFloat(b.value) - t) < 0.006; }", arg=target, timeout=60_000)
+            page.wait_for_timeout(100)
+            page.wait_for_function(IDLE_JS, timeout=120_000)
+            settle = (time.perf_counter() - last) * 1000
+        except Exception:  # noqa: BLE001 - reported: the page never showed the last value within 60 s
+            settle = float("nan")
+        shown = box.input_value()
     return {"changes": len(times), "unchanged": misses, "median_ms": statistics.median(times),
             "p90_ms": pct(times, 0.9), "min_ms": min(times), "max_ms": max(times),
             "burst": burst, "burst_settle_ms": settle, "burst_final_value": shown}

@@ -15,8 +15,8 @@ Scenarios (each on a fresh `streamlit run app.py`, real packaged models, one MML
     .venv/bin/python bench/first_answer.py [--scenarios warm,cold-kept,cold-shipped] [--wait 60]
 
 The question is MMLU virology/0020 (test split): SmolLM2 keeps it in the committed records
-(P(T) 0.89, P(IK) 0.71). Prints one line per scenario (also the model load time the page reports)
-and ends with one JSON line.
+(P(T) 0.89, P(IK) 0.71). Prints one line per scenario (also the seconds the stages themselves took,
+the page's "Seconds" metric, and the model load time the page reports) and ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from _browser import CHROMIUM, CHROMIUM_ARGS, IDLE_JS, StreamlitApp  # noqa: E402
+from _browser import CHROMIUM, IDLE_JS, StreamlitApp, chromium_page  # noqa: E402
 
 QID = "virology/0020"
 ANSWER_TEXT = "The cascade answers"
@@ -48,37 +48,31 @@ def mmlu_question(qid: str) -> dict:
 
 
 def route_once(url: str, question: dict, wait_s: float) -> dict:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1600})
-            page.set_default_timeout(600_000)
-            page.goto(url)
-            page.wait_for_function(IDLE_JS)
-            opened = time.perf_counter()
-            page.get_by_test_id("stSidebarNav").get_by_text("Route a question", exact=True).click()
-            page.wait_for_timeout(300)
-            page.wait_for_function(IDLE_JS)
-            page.get_by_role("textbox", name="Question", exact=True).fill(question["text"])
-            page.get_by_label("Answer options, one per line (leave empty for a free-form answer)").fill(
-                "\n".join(question["options"]))
-            page.get_by_label("Subject (optional, goes into the prompt header)").fill(question["subject"])
-            page.wait_for_timeout(max(0.0, wait_s - (time.perf_counter() - opened)) * 1000)
-            started = time.perf_counter()
-            page.get_by_role("button", name="Route").click()
-            page.get_by_text(ANSWER_TEXT).first.wait_for()
-            seconds = time.perf_counter() - started
-            page.wait_for_function(IDLE_JS)
-            text = "\n".join(page.get_by_test_id("stExpander").all_inner_texts())
-            stages = re.findall(r"^(.+: (?:kept its answer|escalated|answered \(last stage\)|failed))$", text, re.M)
-            loaded = [float(m) for m in re.findall(r"model loaded in ([0-9.]+) s", text)]
-            answer = page.get_by_text(ANSWER_TEXT).first.inner_text()
-            errors = page.get_by_test_id("stAlertContentError").all_inner_texts()
-        finally:
-            browser.close()
-    return {"seconds": seconds, "stages": stages, "load_s": loaded, "answer": answer, "errors": errors,
+    with chromium_page(1400, 1600, timeout_ms=600_000) as page:
+        page.goto(url)
+        page.wait_for_function(IDLE_JS)
+        opened = time.perf_counter()
+        page.get_by_test_id("stSidebarNav").get_by_text("Route a question", exact=True).click()
+        page.wait_for_timeout(300)
+        page.wait_for_function(IDLE_JS)
+        page.get_by_role("textbox", name="Question", exact=True).fill(question["text"])
+        page.get_by_label("Answer options, one per line (leave empty for a free-form answer)").fill(
+            "\n".join(question["options"]))
+        page.get_by_label("Subject (optional, goes into the prompt header)").fill(question["subject"])
+        page.wait_for_timeout(max(0.0, wait_s - (time.perf_counter() - opened)) * 1000)
+        started = time.perf_counter()
+        page.get_by_role("button", name="Route").click()
+        page.get_by_text(ANSWER_TEXT).first.wait_for()
+        seconds = time.perf_counter() - started
+        page.wait_for_function(IDLE_JS)
+        text = "\n".join(page.get_by_test_id("stExpander").all_inner_texts())
+        stages = re.findall(r"^(.+: (?:kept its answer|escalated|answered \(last stage\)|failed))$", text, re.M)
+        loaded = [float(m) for m in re.findall(r"model loaded in ([0-9.]+) s", text)]
+        answer = page.get_by_text(ANSWER_TEXT).first.inner_text()
+        errors = page.get_by_test_id("stAlertContentError").all_inner_texts()
+        model_s = float(page.get_by_test_id("stMetric").filter(has_text="Seconds").get_by_test_id(
+            "stMetricValue").inner_text())
+    return {"seconds": seconds, "stages": stages, "load_s": loaded, "answer": answer, "errors": errors, "model_s": model_s,
             "since_open_s": seconds + max(wait_s, 0.0)}
 
 
@@ -105,7 +99,7 @@ def main() -> None:
             with StreamlitApp(env, tmp / f"streamlit-{scenario}.log") as app:
                 figures = route_once(app.url, question, args.wait if scenario == "warm" else args.typing)
             print(f"{scenario}: answer on screen {figures['seconds']:.2f} s after Route; stages "
-                  f"{figures['stages']}; model load reported {figures['load_s']} s; {figures['answer']!r}"
+                  f"{figures['stages']}; the stages' own seconds {figures['model_s']:.2f}; model load reported {figures['load_s']} s; {figures['answer']!r}"
                   + (f"; errors shown: {figures['errors']}" if figures["errors"] else ""))
             out[scenario] = figures
     print(json.dumps({f"{k.replace('-', '_')}_s": round(v["seconds"], 2) for k, v in out.items()}))

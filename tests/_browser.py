@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
-from _loopback import REPO_ROOT, free_port
+from _loopback import REPO_ROOT, free_port, stop_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -29,6 +31,22 @@ OPERATING_POINT_JS = """() => {
     return m ? [parseFloat(m[1]), parseFloat(m[2])] : null;
 }"""
 IDLE_JS = "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+
+
+@contextmanager
+def chromium_page(width: int = 1400, height: int = 900, timeout_ms: int = 60_000) -> Iterator:
+    """A page of a headless Chromium (Playwright driving Debian's /usr/bin/chromium), closed on exit;
+    `page.context.browser.new_page(...)` opens another session in the same browser."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(timeout_ms)
+            yield page
+        finally:
+            browser.close()
 
 
 class StreamlitApp:
@@ -62,11 +80,5 @@ class StreamlitApp:
             time.sleep(0.3)
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc)
         self._log.close()

@@ -16,6 +16,17 @@ import uvicorn
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def stop_process(proc: subprocess.Popen | None) -> None:
+    """Terminate a server process and wait for it (killed when it does not stop within 15 s)."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
 def free_port() -> int:
     """A port nothing listens on right now (bound once, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -94,10 +105,4 @@ class SubprocessServer:
             time.sleep(0.25)
 
     def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from _browser import CHROMIUM, CHROMIUM_ARGS, OPERATING_POINT_JS, StreamlitApp
+from _browser import CHROMIUM, OPERATING_POINT_JS, StreamlitApp, chromium_page
 from _records import write_synthetic_records
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,86 +65,80 @@ def shot(page, name: str) -> None:
 
 
 def test_browser_end_to_end(server):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     expect.set_options(timeout=60_000)  # the 2-core machine may be busy; Streamlit reruns can take seconds
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            page.set_default_timeout(60_000)
-            page.goto(server)
-            expect(page.get_by_role("heading", name="Confidence-driven model cascade")).to_be_visible()
-            wait_idle(page)
-            expect(page.get_by_text("Headline from the cached benchmark")).to_be_visible()
-            shot(page, "1-home")
+    with chromium_page(1400, 1800, timeout_ms=60_000) as page:
+        page.goto(server)
+        expect(page.get_by_role("heading", name="Confidence-driven model cascade")).to_be_visible()
+        wait_idle(page)
+        expect(page.get_by_text("Headline from the cached benchmark")).to_be_visible()
+        shot(page, "1-home")
 
-            # Explore: move SmolLM2's τ_T to its maximum; the metric and the chart's point follow.
-            go_to(page, "Explore thresholds")
-            accuracy = page.get_by_test_id("stMetricValue").first
-            expect(accuracy).to_contain_text("%")
-            before_text, before_point = accuracy.inner_text(), operating_point(page)
-            slider = page.get_by_test_id("stSlider").filter(has_text="τ_T").first.get_by_role("slider")
-            slider.focus()
-            slider.press("End")
-            expect(accuracy).not_to_have_text(before_text)
-            wait_idle(page)
-            moved_point = operating_point(page, other_than=before_point)
-            assert moved_point[1] != before_point[1]
-            assert "t.smollm2-135m=1" in page.url
-            shot(page, "2-explore-thresholds")
+        # Explore: move SmolLM2's τ_T to its maximum; the metric and the chart's point follow.
+        go_to(page, "Explore thresholds")
+        accuracy = page.get_by_test_id("stMetricValue").first
+        expect(accuracy).to_contain_text("%")
+        before_text, before_point = accuracy.inner_text(), operating_point(page)
+        slider = page.get_by_test_id("stSlider").filter(has_text="τ_T").first.get_by_role("slider")
+        slider.focus()
+        slider.press("End")
+        expect(accuracy).not_to_have_text(before_text)
+        wait_idle(page)
+        moved_point = operating_point(page, other_than=before_point)
+        assert moved_point[1] != before_point[1]
+        assert "t.smollm2-135m=1" in page.url
+        shot(page, "2-explore-thresholds")
 
-            # Switch the 1.5B stage off: SmolLM2 (τ_T = 1, so it escalates) -> Qwen2.5-Coder-0.5B.
-            text = accuracy.inner_text()
-            page.get_by_test_id("stCheckbox").filter(has_text="Qwen2.5-Coder-1.5B-Instruct").locator("label").click()
-            expect(accuracy).not_to_have_text(text)
-            wait_idle(page)
-            assert operating_point(page, other_than=moved_point) != moved_point
-            assert "on.qwen2.5-coder-1.5b=0" in page.url
+        # Switch the 1.5B stage off: SmolLM2 (τ_T = 1, so it escalates) -> Qwen2.5-Coder-0.5B.
+        text = accuracy.inner_text()
+        page.get_by_test_id("stCheckbox").filter(has_text="Qwen2.5-Coder-1.5B-Instruct").locator("label").click()
+        expect(accuracy).not_to_have_text(text)
+        wait_idle(page)
+        assert operating_point(page, other_than=moved_point) != moved_point
+        assert "on.qwen2.5-coder-1.5b=0" in page.url
 
-            # Route: the stages and thresholds follow the explorer; the cards appear stage by stage.
-            go_to(page, "Route a question")
-            page.get_by_role("textbox", name="Question", exact=True).fill("Which planet is known as the Red Planet?")
-            page.get_by_label("Answer options, one per line (leave empty for a free-form answer)").fill(
-                "Venus\nMars\nJupiter\nSaturn")
-            page.get_by_role("button", name="Route").click()
-            first, second = "SmolLM2-135M-Instruct: escalated", "Qwen2.5-Coder-0.5B-Instruct: answered (last stage)"
-            seen: dict[str, float] = {}
-            started = time.monotonic()
-            while second not in seen and time.monotonic() - started < 240:
-                for label in (first, second):
-                    if label not in seen and page.get_by_text(label).count():
-                        seen[label] = time.monotonic()
-                        if label == first:
-                            shot(page, "3a-route-first-card")  # stage 1 done, stage 2 loading or running
-                page.wait_for_timeout(100)
-            assert first in seen and second in seen, seen
-            assert seen[first] < seen[second]  # stage 1's card was on screen before stage 2 answered
-            wait_idle(page)
-            assert page.get_by_test_id("stExpander").filter(has_text="answered (last stage)").count() == 1
-            expect(page.get_by_text("Routing path")).to_be_visible()
-            page.get_by_test_id("stGraphVizChart").locator("svg").first.wait_for()
-            shot(page, "3-route-a-question")
+        # Route: the stages and thresholds follow the explorer; the cards appear stage by stage.
+        go_to(page, "Route a question")
+        page.get_by_role("textbox", name="Question", exact=True).fill("Which planet is known as the Red Planet?")
+        page.get_by_label("Answer options, one per line (leave empty for a free-form answer)").fill(
+            "Venus\nMars\nJupiter\nSaturn")
+        page.get_by_role("button", name="Route").click()
+        first, second = "SmolLM2-135M-Instruct: escalated", "Qwen2.5-Coder-0.5B-Instruct: answered (last stage)"
+        seen: dict[str, float] = {}
+        started = time.monotonic()
+        while second not in seen and time.monotonic() - started < 240:
+            for label in (first, second):
+                if label not in seen and page.get_by_text(label).count():
+                    seen[label] = time.monotonic()
+                    if label == first:
+                        shot(page, "3a-route-first-card")  # stage 1 done, stage 2 loading or running
+            page.wait_for_timeout(100)
+        assert first in seen and second in seen, seen
+        assert seen[first] < seen[second]  # stage 1's card was on screen before stage 2 answered
+        wait_idle(page)
+        assert page.get_by_test_id("stExpander").filter(has_text="answered (last stage)").count() == 1
+        expect(page.get_by_text("Routing path")).to_be_visible()
+        page.get_by_test_id("stGraphVizChart").locator("svg").first.wait_for()
+        shot(page, "3-route-a-question")
 
-            go_to(page, "Benchmarks")
-            expect(page.get_by_role("heading", name="Per model")).to_be_visible()
-            shot(page, "4-benchmarks")
+        go_to(page, "Benchmarks")
+        expect(page.get_by_role("heading", name="Per model")).to_be_visible()
+        shot(page, "4-benchmarks")
 
-            go_to(page, "Settings and models")
-            expect(page.get_by_role("heading", name="Add a stage (this browser session only)")).to_be_visible()
-            shot(page, "5-settings")
-            assert not page.get_by_test_id("stException").count()
+        go_to(page, "Settings and models")
+        expect(page.get_by_role("heading", name="Add a stage (this browser session only)")).to_be_visible()
+        shot(page, "5-settings")
+        assert not page.get_by_test_id("stException").count()
 
-            # A shared link opens the explorer in a new session with its thresholds.
-            shared = browser.new_page(viewport={"width": 1400, "height": 1800})
-            shared.goto(f"{server}/explore?t.smollm2-135m=0.7&rule=pt_only")
-            expect(shared.get_by_test_id("stSlider").filter(has_text="τ_T").first).to_contain_text("0.70")
-            expect(shared.get_by_test_id("stSidebarNav").get_by_text("Home", exact=True)).to_be_visible()
-            assert shared.get_by_role("radio", name="P(T) only").is_checked()
-            shot(shared, "6-shared-explorer-link")
-        finally:
-            browser.close()
+        # A shared link opens the explorer in a new session with its thresholds.
+        shared = page.context.browser.new_page(viewport={"width": 1400, "height": 1800})
+        shared.goto(f"{server}/explore?t.smollm2-135m=0.7&rule=pt_only")
+        expect(shared.get_by_test_id("stSlider").filter(has_text="τ_T").first).to_contain_text("0.70")
+        expect(shared.get_by_test_id("stSidebarNav").get_by_text("Home", exact=True)).to_be_visible()
+        assert shared.get_by_role("radio", name="P(T) only").is_checked()
+        shot(shared, "6-shared-explorer-link")
 
 
 def test_a_deep_link_as_the_first_request_shows_the_navigation(server):
@@ -152,20 +146,15 @@ def test_a_deep_link_as_the_first_request_shows_the_navigation(server):
     navigation is there) and restores the link's state: pages/ and st.navigation together. No
     "Page not found" notice comes up over it (Streamlit's legacy pages/ navigation, which app.py
     switches off at start-up, used to answer that first request)."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            page.goto(f"{server}/explore?t.smollm2-135m=0.7&rule=pt_only")
-            expect(page.get_by_test_id("stSlider").filter(has_text="τ_T").first).to_contain_text("0.70",
-                                                                                              timeout=120_000)
-            expect(page.get_by_test_id("stSidebarNav").get_by_text("Home", exact=True)).to_be_visible()
-            assert page.get_by_role("radio", name="P(T) only").is_checked()
-            assert not page.get_by_test_id("stException").count()
-            page.wait_for_timeout(2_000)  # a notice sent late would be up by now
-            expect(page.get_by_role("dialog")).to_have_count(0)
-            expect(page.get_by_text("Page not found")).to_have_count(0)
-        finally:
-            browser.close()
+    with chromium_page(1400, 1800) as page:
+        page.goto(f"{server}/explore?t.smollm2-135m=0.7&rule=pt_only")
+        expect(page.get_by_test_id("stSlider").filter(has_text="τ_T").first).to_contain_text("0.70",
+                                                                                          timeout=120_000)
+        expect(page.get_by_test_id("stSidebarNav").get_by_text("Home", exact=True)).to_be_visible()
+        assert page.get_by_role("radio", name="P(T) only").is_checked()
+        assert not page.get_by_test_id("stException").count()
+        page.wait_for_timeout(2_000)  # a notice sent late would be up by now
+        expect(page.get_by_role("dialog")).to_have_count(0)
+        expect(page.get_by_text("Page not found")).to_have_count(0)
