@@ -218,7 +218,8 @@ def model_memory_bytes(config: StageConfig) -> int | None:
     model = getattr(backend, "model", None)
     if model is None:
         return None
-    return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+    # Buffers too: prepacked linear layers (models.hf.prepack_linear_layers) hold their weights as buffers.
+    return int(sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())))
 
 
 def process_memory_bytes() -> int | None:

@@ -267,3 +267,24 @@ def test_warm_imports_imports_the_model_code_and_loads_no_weights(smollm2_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=str(Path(__file__).resolve().parent.parent))
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_prepacked_linear_layers_give_the_plain_layers_logits_and_hidden_states(smollm2_path, smollm2_backend):
+    """oneDNN-prepacked float32 layers (forced on: "auto" leaves a model as narrow as SmolLM2 plain)
+    give the same letter logits and hidden states as plain nn.Linear, and the same greedy text."""
+    from models.hf import HFBackend
+
+    packed = HFBackend(smollm2_path, device="cpu", dtype="float32", quantization="none", cpu_prepack=True)
+    assert packed.prepacked_layers > 0 and smollm2_backend.prepacked_layers == 0
+    assert (packed.total_params, packed.non_embedding_params) == (smollm2_backend.total_params,
+                                                                    smollm2_backend.non_embedding_params)
+    question = Question(text="Which planet is known as the Red Planet?", options=("Venus", "Mars", "Jupiter", "Saturn"))
+    prompts = [format_prompt(question), format_prompt(Question(text="2 + 2 =", options=("3", "4", "5", "22")))]
+    plain = smollm2_backend.score_options(prompts, [4, 4], layers=[0, 15, 30])
+    fast = packed.score_options(prompts, [4, 4], layers=[0, 15, 30])
+    for a, b in zip(plain, fast):
+        np.testing.assert_allclose(b.letter_logits, a.letter_logits, atol=2e-4, rtol=1e-5)
+        for layer in (0, 15, 30):
+            np.testing.assert_allclose(b.hidden_states[layer], a.hidden_states[layer], atol=2e-3, rtol=1e-4)
+    assert packed.generate("Name a prime number.", max_new_tokens=12).text == \
+        smollm2_backend.generate("Name a prime number.", max_new_tokens=12).text
