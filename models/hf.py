@@ -7,8 +7,8 @@ Choices worth knowing:
 - Defaults: on CUDA, 4-bit bitsandbytes nf4 with bfloat16 compute; on a CPU, bfloat16 where the
   CPU has it natively (AVX512-BF16/AMX), else float32 (emulated bfloat16 is slower), and no
   quantisation (bitsandbytes 4-bit works on a CPU, `quantization="nf4"`, but is ~3x slower there).
-- float32 on a CPU: the linear layers' weights are packed for oneDNN once at load
-  (`prepack_linear_layers`) for models of hidden size >= 768 (`cpu_prepack="auto"`; True/False
+- float32 on a CPU: the linear layers' weights are packed for oneDNN once, in the background after
+  the load (`prepack_linear_layers`, `wait_prepacked`), for models of hidden size >= 768 (`cpu_prepack="auto"`; True/False
   force it): 1.32x faster for the 1.5B model, 1.16x for the 0.5B, but 0.92x for SmolLM2 (576), so
   not there; logits equal to float32 rounding (bench/cpu_prepack.py).
 - Batches are left-padded and get explicit position ids (cumulative attention mask), so a padded
@@ -166,25 +166,31 @@ def warm_imports(model_dirs: Sequence[str | Path]) -> None:
             AutoTokenizer.from_pretrained(folder)
 
 
-def prepack_linear_layers(model) -> int:
+def prepack_linear_layers(model, lock=None, on_layer=None) -> int:
     """Replace the model's float32 nn.Linear layers (all but the output head) by oneDNN ones whose
-    weights are packed once, at load, instead of on every matrix product. Returns how many.
+    weights are packed once instead of on every matrix product. Returns how many.
 
     On the 2-core AVX2 CPU (no native bfloat16, so float32) this took the 1.5B model from 2.62 to
     1.99 s per MMLU question (median of 8) and generation from 0.51 to 0.41 s per token, logits
-    equal to 1.6e-5 (bench/cpu_prepack.py, 2026-12-01). The head is left alone: it may share its
-    weight with the input embedding (a packed copy would double that memory), and with
-    `logits_to_keep=1` it runs on one position."""
+    equal to 1.6e-5 (bench/cpu_prepack.py, 2026-12-01). Packing its 196 layers takes about 15 s,
+    so HFBackend does it in the background: one layer at a time under `lock` (the backend's
+    inference lock), so a question waits for at most one layer, and a forward pass between two
+    layers runs on a mix of packed and plain ones, which compute the same thing. The head is left
+    alone: it may share its weight with the input embedding (a packed copy would double that
+    memory), and with `logits_to_keep=1` it runs on one position."""
+    from contextlib import nullcontext
+
     from torch.utils.mkldnn import MkldnnLinear
 
     head = model.get_output_embeddings()
-    count = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and child is not head and child.weight.dtype == torch.float32:
-                setattr(module, name, MkldnnLinear(child, torch.float32))
-                count += 1
-    return count
+    todo = [(module, name, child) for module in model.modules() for name, child in module.named_children()
+            if type(child) is torch.nn.Linear and child is not head and child.weight.dtype == torch.float32]
+    for count, (module, name, child) in enumerate(todo, start=1):
+        with lock or nullcontext(), torch.no_grad():
+            setattr(module, name, MkldnnLinear(child, torch.float32))
+        if on_layer is not None:
+            on_layer(count)
+    return len(todo)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -273,18 +279,37 @@ class HFBackend:
         if self.max_length < 8:
             raise ValueError(f"max_length must be at least 8 tokens, got {self.max_length}")
         self.total_params, self.non_embedding_params = count_parameters(self.model)
-        self.prepacked_layers = 0
+        self.prepacked_layers = 0  # grows while the background packing runs
+        self._prepacked = threading.Event()
         if cpu_prepack == "auto":  # it pays from about this width (SmolLM2's 576 got slower, 0.5B's 896 faster)
             cpu_prepack = self.hidden_size >= PREPACK_MIN_HIDDEN
         if (cpu_prepack and self.device.type == "cpu" and self.dtype == torch.float32 and self.quantization == "none"
                 and torch.backends.mkldnn.is_available()):
-            self.prepacked_layers = prepack_linear_layers(self.model)
+            threading.Thread(target=self._prepack, name=f"prepack-{self.model_id}", daemon=True).start()
+        else:
+            self._prepacked.set()
         self.letter_token_ids = letter_token_ids(self.tokenizer)
 
         params = inspect.signature(self.model.forward).parameters
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._pass_positions = "position_ids" in params or any(
             p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+    def _prepack(self) -> None:
+        """The background packing (prepack_linear_layers); a failure leaves the plain layers working."""
+        def count(n: int) -> None:
+            self.prepacked_layers = n
+
+        try:
+            prepack_linear_layers(self.model, lock=self.lock, on_layer=count)
+        except Exception as err:  # noqa: BLE001 - an optimisation only
+            log.warning("%s: packing the linear layers for oneDNN failed (%s); they stay plain", self.model_id, err)
+        finally:
+            self._prepacked.set()
+
+    def wait_prepacked(self, timeout: float | None = None) -> bool:
+        """Until the background packing of the linear layers is done (at once where there is none)."""
+        return self._prepacked.wait(timeout)
 
     def _bnb_config(self):
         try:

@@ -271,17 +271,21 @@ def test_warm_imports_imports_the_model_code_and_loads_no_weights(smollm2_path):
 
 def test_prepacked_linear_layers_give_the_plain_layers_logits_and_hidden_states(smollm2_path, smollm2_backend):
     """oneDNN-prepacked float32 layers (forced on: "auto" leaves a model as narrow as SmolLM2 plain)
-    give the same letter logits and hidden states as plain nn.Linear, and the same greedy text."""
+    give the same letter logits and hidden states as plain nn.Linear, and the same greedy text,
+    also while the background packing is under way (a mix of packed and plain layers)."""
     from models.hf import HFBackend
 
     packed = HFBackend(smollm2_path, device="cpu", dtype="float32", quantization="none", cpu_prepack=True)
-    assert packed.prepacked_layers > 0 and smollm2_backend.prepacked_layers == 0
+    early = packed.score_options([format_prompt(Question(text="2 + 2 =", options=("3", "4", "5", "22")))], [4])
+    assert packed.wait_prepacked(timeout=300)  # packed in the background; usable meanwhile
+    assert packed.prepacked_layers == 210 and smollm2_backend.prepacked_layers == 0
     assert (packed.total_params, packed.non_embedding_params) == (smollm2_backend.total_params,
                                                                     smollm2_backend.non_embedding_params)
     question = Question(text="Which planet is known as the Red Planet?", options=("Venus", "Mars", "Jupiter", "Saturn"))
     prompts = [format_prompt(question), format_prompt(Question(text="2 + 2 =", options=("3", "4", "5", "22")))]
     plain = smollm2_backend.score_options(prompts, [4, 4], layers=[0, 15, 30])
     fast = packed.score_options(prompts, [4, 4], layers=[0, 15, 30])
+    np.testing.assert_allclose(early[0].letter_logits, plain[1].letter_logits, atol=2e-4, rtol=1e-5)
     for a, b in zip(plain, fast):
         np.testing.assert_allclose(b.letter_logits, a.letter_logits, atol=2e-4, rtol=1e-5)
         for layer in (0, 15, 30):
