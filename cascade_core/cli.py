@@ -177,7 +177,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from cascade_core.compose.locations import locations
     from cascade_core.compose.policies import calibrate, stage_summary
-    from cascade_core.policy import CascadePolicy
 
     if args.budget is not None and args.target is not None:
         raise UsageError("give --target or --budget, not both")
@@ -190,7 +189,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                             letter_bias=args.letter_bias)
     figures = found.calibration
     print(f"{found.description} -> {path}")
-    policy = CascadePolicy.from_dict(found.policy)
+    policy = found.cascade_policy()
     for i, (name, stage) in enumerate(zip(found.stages, policy.stages)):
         print(f"  {name:<22} {stage_summary(stage, i == policy.last_enabled, found.off_reasons.get(name, ''))}")
     print(f"  rule {found.guarantee['rule']}; on calibration: accuracy {figures['accuracy']:.4f} "

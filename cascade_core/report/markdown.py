@@ -18,25 +18,23 @@ from cascade_core.report.ood import OodSection
 NEAR_CHANCE_AUROC = 0.6  # below this a signal barely ranks right answers above wrong ones
 
 
+_THRESHOLD_PHRASES = {
+    "off": "off",
+    "answers the rest": "answers the rest",
+    "p_t": "P(T) ≥ {tau_t:.2f}",
+    "p_ik": "P(IK) ≥ {tau_ik:.2f}",
+    "learned": "combined score ≥ {tau_learned:.2f}",
+    "loss_aware": "expected gain of keeping ≥ {tau_learned:.2f}",
+    "p_t+p_ik": "P(T) ≥ {tau_t:.2f}, P(IK) ≥ {tau_ik:.2f}",
+}
+
+
 def _thresholds(rows: Sequence[dict]) -> str:
     """'smollm2: off; qwen-0.5b: P(T) ≥ 0.41, P(IK) ≥ 0.30; qwen-1.5b: answers the rest'."""
     parts = []
     for r in rows:
-        on = r.get("routes_on", "p_t+p_ik")
-        if on == "off":
-            parts.append(f"{r['stage']}: off")
-        elif on == "answers the rest":
-            parts.append(f"{r['stage']}: answers the rest")
-        elif on == "p_t":
-            parts.append(f"{r['stage']}: P(T) ≥ {r['tau_t']:.2f}")
-        elif on == "p_ik":
-            parts.append(f"{r['stage']}: P(IK) ≥ {r['tau_ik']:.2f}")
-        elif on == "learned":
-            parts.append(f"{r['stage']}: combined score ≥ {r.get('tau_learned', float('nan')):.2f}")
-        elif on == "loss_aware":
-            parts.append(f"{r['stage']}: expected gain of keeping ≥ {r.get('tau_learned', float('nan')):.2f}")
-        else:
-            parts.append(f"{r['stage']}: P(T) ≥ {r['tau_t']:.2f}, P(IK) ≥ {r['tau_ik']:.2f}")
+        phrase = _THRESHOLD_PHRASES.get(r.get("routes_on", "p_t+p_ik"), _THRESHOLD_PHRASES["p_t+p_ik"])
+        parts.append(f"{r['stage']}: " + phrase.format(**{"tau_learned": float("nan"), **r}))
     return "; ".join(parts)
 
 
