@@ -23,7 +23,9 @@ largest=$(echo "$stages" | tail -n 1)
 jobs=("$largest")
 for s in $stages; do [ "$s" = "$largest" ] || jobs+=("$s"); done
 for s in $stages; do [ "$s" = "$largest" ] || jobs+=("$s --backfill-features"); done
-jobs+=("$largest --backfill-features")
+# The largest model's backfill is the second-longest job: its two halves run on both workers (a
+# backfill only adds feature chunks, so two of them on one stage never write the same file).
+jobs+=("$largest --backfill-features --split calibration" "$largest --backfill-features --split test")
 
 claims=$(mktemp -d)
 trap 'rm -rf "$claims"' EXIT
