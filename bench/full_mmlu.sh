@@ -19,10 +19,12 @@ mkdir -p "$LOGS"
 
 stages=$("$PYTHON" -m cascade_core presets --stages "$PRESET") || exit 2
 largest=$(echo "$stages" | tail -n 1)
-# The largest model first (the longest job), the others in cascade order, then the backfills.
+# The largest model's records first (the longest job); then each other stage in cascade order,
+# its older records' features before its new records, so that when a session ends mid-run every
+# record of a stage that has grown has features (its probe can be retrained on all of them) and
+# the questions all stages share grow only with whole stages; then the largest model's backfill.
 jobs=("$largest")
-for s in $stages; do [ "$s" = "$largest" ] || jobs+=("$s"); done
-for s in $stages; do [ "$s" = "$largest" ] || jobs+=("$s --backfill-features"); done
+for s in $stages; do [ "$s" = "$largest" ] || jobs+=("$s --backfill-features" "$s"); done
 # The largest model's backfill is the second-longest job: its two halves run on both workers (a
 # backfill only adds feature chunks, so two of them on one stage never write the same file).
 jobs+=("$largest --backfill-features --split calibration" "$largest --backfill-features --split test")
