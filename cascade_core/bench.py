@@ -90,8 +90,9 @@ def load_features(features_dir: Path) -> tuple[np.ndarray, dict[int, np.ndarray]
 
 
 def _question(row) -> Question:
+    answer = int(row.answer)  # -1: a dataset without answers (its records say -1, never correct)
     return Question(text=row.question, options=tuple(row.options), subject=row.subject,
-                    answer=int(row.answer), qid=row.qid)
+                    answer=answer if answer >= 0 else None, qid=row.qid)
 
 
 def _batches(todo: pd.DataFrame, batch_size: int, max_batches: int | None):
@@ -186,6 +187,7 @@ def run_stage(
         scores, seconds, prediction, p_t, margin, entropy, probs = _score_batch(backend, batch)
         _write_feature_chunk(backend, paths, batch, scores, prediction, p_t)
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        answers = np.array([-1 if q.answer is None else q.answer for q in batch], dtype=np.int64)
         new = pd.DataFrame({
             "qid": [q.qid for q in batch],
             "subject": [r.subject for r in source],
@@ -193,9 +195,9 @@ def run_stage(
             "split": [r.split for r in source],
             "stage": stage,
             "model_id": backend.model_id,
-            "answer": [q.answer for q in batch],
+            "answer": answers,
             "prediction": prediction.astype(np.int16),
-            "correct": prediction == np.array([q.answer for q in batch]),
+            "correct": (prediction == answers) & (answers >= 0),
             "p_t": p_t, "margin": margin, "entropy": entropy,
             "option_probs": [p.tolist() for p in probs],
             "prompt_tokens": [s.prompt_tokens for s in scores],
@@ -221,6 +223,7 @@ def backfill_features(
     progress: Progress | None = None,
     max_batches: int | None = None,
     dtype: str = "",
+    have_elsewhere: frozenset[str] | set[str] = frozenset(),
 ) -> dict[str, int]:
     """Hidden-state features for questions that have records but no features; records stay as they are.
 
@@ -228,14 +231,15 @@ def backfill_features(
     their features from a fresh forward pass of the same prompt. The records are never
     rewritten: the pass only adds chunk files, each carrying its own prediction, and the return
     value counts how many of those agree with the recorded prediction (bfloat16 numerics can
-    differ with the batch a question was padded in). Resumable like `run_stage`.
+    differ with the batch a question was padded in). Resumable like `run_stage`; `have_elsewhere`
+    names questions whose features exist outside the chunks (a committed checkpoint), not redone.
     """
     if not backend.has_hidden_states:
         raise ValueError(f"{backend.model_id}: this backend gives no hidden states; nothing to backfill")
     records = load_records(paths.records)
     check_same_dtype(records, dtype, paths.records)
     recorded = records.set_index(records["qid"].astype(str))["prediction"]
-    have = feature_qids(paths.features_dir) if paths.features_dir.exists() else set()
+    have = (feature_qids(paths.features_dir) if paths.features_dir.exists() else set()) | set(have_elsewhere)
     qids = questions["qid"].astype(str)
     wanted = questions[qids.isin(recorded.index)]
     todo = wanted[~wanted["qid"].astype(str).isin(have)]

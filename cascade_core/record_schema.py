@@ -6,6 +6,9 @@ every file read) and the app (`ui_data.record_frames`, the inverse of the record
 violation names the file and the column, so a damaged or hand-edited file is refused at load
 instead of bending every number computed from it.
 
+`answer` is the right option's index, -1 for a dataset without answers (its `correct` is then
+always false and only the label-free guarantee applies, `label_free`).
+
 Kinds: "str", "int", "bool", "float", "list" (option probabilities). Ranges: probabilities in
 [0, 1]; counts and costs >= 0. NaN: never in a required signal (`p_t`, `margin`); `p_ik` is NaN
 where no probe has scored the question yet (questions benchmarked after the probe was trained).
@@ -34,7 +37,7 @@ class Column:
 COLUMNS: tuple[Column, ...] = (
     Column("qid", "str"), Column("subject", "str"), Column("category", "str"), Column("split", "str"),
     Column("stage", "str"), Column("model_id", "str"),
-    Column("answer", "int", low=0), Column("prediction", "int", low=-1), Column("correct", "bool"),
+    Column("answer", "int", low=-1), Column("prediction", "int", low=-1), Column("correct", "bool"),
     Column("p_t", "float", 0.0, 1.0), Column("margin", "float", 0.0, 1.0), Column("entropy", "float", low=0.0),
     Column("option_probs", "list"),
     Column("prompt_tokens", "int", low=0), Column("output_tokens", "int", low=0),

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cascade_core.bench import BenchPaths, backfill_features, load_features, load_records, run_stage
-from cascade_core.compose.features import export_probe_layer, stage_features
+from cascade_core.compose.features import checkpoint_qids, export_probe_layer, stage_features
 from cascade_core.compose.live import build_backend, describe_backend
 from cascade_core.compose.locations import Locations
 from cascade_core.io import atomic_write_parquet
@@ -25,14 +25,23 @@ Progress = Callable[[int, int], None]
 
 
 def bench_questions(dataset: str = "mmlu", split: str | None = None, per_subject: int | None = None,
-                    subjects: Sequence[str] | None = None) -> pd.DataFrame:
+                    subjects: Sequence[str] | None = None, results_dir=None) -> pd.DataFrame:
     """The questions a benchmark runs, round-robin over subjects in their seeded order, so a run
-    stopped part-way leaves a balanced per-subject sample, half calibration and half test."""
+    stopped part-way leaves a balanced per-subject sample, half calibration and half test.
+    `dataset`: `mmlu` or anything `dataset_registry.resolve_dataset` takes (a file's split and
+    metadata are then stored under `results_dir`, the records' folder)."""
     from cascade_core.datasets import load_mmlu
     from cascade_core.split import seeded_ranks
 
-    if dataset != "mmlu":
-        raise ValueError(f"unknown dataset {dataset!r}; available: mmlu")
+    if dataset != "mmlu":  # a file dataset (or a name reserved for one): the registry resolves it
+        from cascade_core.dataset_registry import resolve_dataset, select_questions
+
+        found = resolve_dataset(dataset, results_dir)
+        if found.kind != "mc":
+            raise ValueError(f"dataset {found.name!r} is free-form (no options): benchmarking free-form questions "
+                             "is not built yet (issue 20, item 2); only multiple-choice files can be benchmarked")
+        questions = select_questions(found, split, per_subject, subjects)
+        return questions.iloc[np.lexsort((questions["subject"].to_numpy(), questions["rank"].to_numpy()))]
     questions = load_mmlu(split=None if split in (None, "all") else split, per_subject=per_subject, subjects=subjects)
     return questions.iloc[np.lexsort((questions["subject"].to_numpy(), seeded_ranks(questions).to_numpy()))]
 
@@ -53,7 +62,8 @@ def bench_stage(config: StageConfig, questions: pd.DataFrame, where: Locations, 
     size = batch_size or config.batch_size
     if backfill:
         return backfill_features(backend, questions, paths, batch_size=size, progress=progress,
-                                 dtype=describe_backend(config, backend)["dtype"])
+                                 dtype=describe_backend(config, backend)["dtype"],
+                                 have_elsewhere=checkpoint_qids(where, config.name, dataset))
     return run_stage(backend, config.name, questions, paths, batch_size=size, progress=progress,
                      **describe_backend(config, backend))
 
@@ -107,7 +117,7 @@ def train_probes(preset: Preset, where: Locations, dataset: str = "mmlu", stages
         result.probe.save(probe_path)
         atomic_write_parquet(with_p_ik(records, result.p_ik, str(paths.records)), paths.records)
         exported = ""
-        if source == "local":
+        if source in ("local", "local+committed"):
             exported = f"; layer {result.probe.layer} -> {export_probe_layer(where, config.name, records, qids, features, result.probe.layer, dataset)}"
         yield ProbeOutcome(config.name, True, f"layer {result.probe.layer}, C {result.probe.C:g}, "
                                               f"held-out AUROC {result.test_auroc:.3f} ({source} features) -> {probe_path}{exported}")
