@@ -19,6 +19,8 @@ from cascade_core.presets import PresetError, list_presets, load_preset
 from cascade_core.types import Question, Trace
 
 FOLDER_HELP = "default: ${}, else {}"
+DATASET_HELP = ("mmlu (default), a .jsonl/.csv/.parquet question file, or the name of a file dataset "
+                "benchmarked before; records go to <results>/<name>/")
 
 
 class UsageError(ValueError):
@@ -65,6 +67,9 @@ def cmd_route(args: argparse.Namespace) -> int:
     from cascade_core.compose.live import build_cascade
     from cascade_core.prompts import validate_question
 
+    from cascade_core.server.options import check_max_new_tokens
+
+    check_max_new_tokens(args.max_new_tokens)  # before any model loads
     question = Question(text=args.question, options=tuple(args.options or ()), subject=args.subject or "")
     validate_question(question)
     preset = load_preset(args.preset)
@@ -100,13 +105,20 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_name(spec: str, results_dir) -> str:
+    """The folder name of a `--dataset` value (`dataset_registry.dataset_name`): `mmlu` as it was."""
+    if spec == "mmlu":
+        return spec
+    from cascade_core.dataset_registry import dataset_name
+
+    return dataset_name(spec, results_dir)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from cascade_core.compose.jobs import bench_configs, bench_questions, bench_stage
 
-    if args.dataset != "mmlu":
-        raise UsageError(f"unknown dataset {args.dataset!r}; available: mmlu")
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be at least 1, got {args.threads}")
@@ -115,7 +127,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     preset = load_preset(args.preset)
     where = locations(args.results_dir, args.features_dir)
-    questions = bench_questions(args.dataset, split=args.split, per_subject=args.per_subject)
+    dataset = _dataset_name(args.dataset, where.results)
+    questions = bench_questions(args.dataset, split=args.split, per_subject=args.per_subject,
+                                results_dir=where.results)
     for config in bench_configs(preset, args.stages):
         if config.backend == "recorded":
             print(f"{config.name}: recorded stage, nothing to run")
@@ -129,17 +143,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  smoothing=0.05))
             bars[0].update(done - bars[0].n)
 
-        result = bench_stage(config, questions, where, args.dataset, batch_size=args.batch_size,
+        result = bench_stage(config, questions, where, dataset, batch_size=args.batch_size,
                              progress=progress, backfill=args.backfill_features)
         for bar in bars:
             bar.close()
         if args.backfill_features:
             print(f"{config.name}: features for {result['questions']} recorded questions "
                   f"({result['backfilled']} computed now, {result['agree']} of them agree with the "
-                  f"recorded prediction) -> {where.features_dir(config.name, args.dataset)}")
+                  f"recorded prediction) -> {where.features_dir(config.name, dataset)}")
         else:
             print(f"{config.name}: {len(result)} records, accuracy {result['correct'].mean():.3f} -> "
-                  f"{where.record_path(config.name, args.dataset)}")
+                  f"{where.record_path(config.name, dataset)}")
         del result
     return 0
 
@@ -149,7 +163,8 @@ def cmd_probes_train(args: argparse.Namespace) -> int:
 
     preset = load_preset(args.preset)
     where = locations(args.results_dir, args.features_dir, args.probes_dir)
-    for outcome in train_probes(preset, where, args.dataset, stages=args.stages, seed=args.seed):
+    dataset = _dataset_name(args.dataset, where.results)
+    for outcome in train_probes(preset, where, dataset, stages=args.stages, seed=args.seed):
         print(f"{outcome.stage}: {outcome.message}")
     return 0
 
@@ -160,15 +175,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     from cascade_core.report.markdown import render
     from cascade_core.compose.tables import load_report_inputs
 
-    inputs = load_report_inputs(args.preset, args.dataset, args.results_dir, args.features_dir)
+    dataset = _dataset_name(args.dataset, locations(args.results_dir).results)
+    inputs = load_report_inputs(args.preset, dataset, args.results_dir, args.features_dir)
     for stage, why in inputs["meta"]["features_missing"].items():
         print(f"{stage}: no OOD / label-free probes ({why})", file=sys.stderr)
     say = (lambda message: None) if args.quiet else (lambda message: print(f"... {message}", file=sys.stderr, flush=True))
     report = build_report(inputs["table"], questions=inputs["questions"], features=inputs["features"],
                           meta=inputs["meta"], progress=say)
-    if args.out:
-        atomic_write_text(Path(args.out), render(report))
-        print(f"wrote {args.out}", file=sys.stderr)
+    out = args.out
+    if out is None:  # MMLU's report is docs/RESULTS.md; another dataset's sits beside its records
+        out = str(RESULTS_DOC) if dataset == "mmlu" else str(locations(args.results_dir).results / dataset / "REPORT.md")
+    if out:
+        atomic_write_text(Path(out), render(report))
+        print(f"wrote {out}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, allow_nan=False))
     return 0
@@ -184,14 +203,23 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UsageError(f"--delta must be between 0 and 1, got {args.delta}")
     where = locations(results_dir=args.results_dir, policies_dir=args.policies_dir)
     target = None if args.budget is not None else (1.0 if args.target is None else args.target)
-    path, found = calibrate(load_preset(args.preset), where, args.dataset, target_pt=target, delta=args.delta,
+    dataset = _dataset_name(args.dataset, where.results)
+    path, found = calibrate(load_preset(args.preset), where, dataset, target_pt=target, delta=args.delta,
                             budget=args.budget, unit=args.unit, rule=args.rule, seed=args.seed,
-                            letter_bias=args.letter_bias)
+                            letter_bias=args.letter_bias, label_free=args.label_free)
     figures = found.calibration
     print(f"{found.description} -> {path}")
     policy = found.cascade_policy()
     for i, (name, stage) in enumerate(zip(found.stages, policy.stages)):
         print(f"  {name:<22} {stage_summary(stage, i == policy.last_enabled, found.off_reasons.get(name, ''))}")
+    if found.guarantee.get("loss") == "label_free":
+        labelled = (f"accuracy {figures['accuracy']:.4f} (last stage alone {figures['reference_accuracy']:.4f})"
+                    if figures.get("accuracy") is not None else "no answers to measure accuracy")
+        print(f"  label-free: the guarantee bounds the disagreement with {found.stages[-1]}'s answers, so it holds "
+              "for any labels")
+        print(f"  rule {found.guarantee['rule']}; on calibration: agreement with the last stage "
+              f"{figures['agreement']:.4f}, {labelled}, {figures['unit']} saved {figures['cost_reduction']:.1%}")
+        return 0
     print(f"  rule {found.guarantee['rule']}; on calibration: accuracy {figures['accuracy']:.4f} "
           f"(last stage alone {figures['reference_accuracy']:.4f}), {figures['unit']} saved {figures['cost_reduction']:.1%}")
     return 0
@@ -214,17 +242,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """The cascade (or, with --single-stage, one packaged model) behind the OpenAI API."""
     import uvicorn
 
-    from cascade_core.server.common import check_bind_host
+    from cascade_core.server.options import check_serve_args
 
-    check_bind_host(args.host, args.allow_remote)
-    for name in ("max_body_bytes", "max_prompt_chars", "max_in_flight", "port"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.max_queue < 0 or not args.timeout_s > 0:
-        raise UsageError("--max-queue must be >= 0 and --timeout-s > 0")
+    check_serve_args(args)  # every flag that needs no model, before any model loads
     if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be at least 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -287,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run every stage over a dataset and cache per-question records")
     bench.add_argument("--preset", default="default")
-    bench.add_argument("--dataset", default="mmlu")
+    bench.add_argument("--dataset", default="mmlu", help=DATASET_HELP)
     bench.add_argument("--per-subject", type=int, default=None, metavar="N",
                        help="N questions per subject, half calibration, half test (default: all)")
     bench.add_argument("--split", choices=["all", "calibration", "test"], default="all")
@@ -306,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     probes_sub = probes.add_subparsers(dest="probes_command", required=True)
     train = probes_sub.add_parser("train", help="train one probe per model on the calibration split")
     train.add_argument("--preset", default="default")
-    train.add_argument("--dataset", default="mmlu")
+    train.add_argument("--dataset", default="mmlu", help=DATASET_HELP)
     train.add_argument("--stages", nargs="+", metavar="NAME")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--results-dir", default=None, help=FOLDER_HELP.format("CASCADE_RESULTS_DIR", "data/results"))
@@ -317,9 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="the paper's experiment on the records -> docs/RESULTS.md")
     report.add_argument("--preset", default="default")
-    report.add_argument("--dataset", default="mmlu")
+    report.add_argument("--dataset", default="mmlu", help=DATASET_HELP)
     report.add_argument("--json", action="store_true", help="also print every number as JSON")
-    report.add_argument("--out", default=str(RESULTS_DOC), help="'' to skip the file")
+    report.add_argument("--out", default=None, help="default: docs/RESULTS.md for mmlu, else "
+                        "<results>/<dataset>/REPORT.md; '' to skip the file")
     report.add_argument("--results-dir", default=None, help=FOLDER_HELP.format("CASCADE_RESULTS_DIR", "data/results"))
     report.add_argument("--features-dir", default=None, help=FOLDER_HELP.format("CASCADE_FEATURES_DIR", "data/features"))
     report.add_argument("--quiet", action="store_true")
@@ -350,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="choose thresholds with a guarantee on the calibration split -> a policy file")
     cal.add_argument("--preset", default="default")
-    cal.add_argument("--dataset", default="mmlu")
+    cal.add_argument("--dataset", default="mmlu", help=DATASET_HELP)
     cal.add_argument("--target", type=float, default=None, metavar="PT",
                      help="accuracy points the cascade may lose against its last stage (default 1)")
     cal.add_argument("--delta", type=float, default=0.1, help="risk: the target holds with probability >= 1 - delta")
@@ -362,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "calibration), pt_only, both, learned or loss_aware")
     cal.add_argument("--letter-bias", action="store_true",
                      help="debias the early stages' option letters (fit on calibration) before choosing")
+    cal.add_argument("--label-free", dest="label_free", action="store_true", default=None,
+                     help="certify the disagreement with the last stage's answers: the target then holds for any "
+                          "labels (automatic when the dataset has no answers; the last stage must not be recorded)")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--results-dir", default=None)
     cal.add_argument("--policies-dir", default=None)

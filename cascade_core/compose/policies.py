@@ -119,7 +119,7 @@ def debiased_table(table, where: Locations, dataset: str = "mmlu"):
 def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str = "mmlu",
               target_pt: float | None = 1.0, delta: float = 0.1, budget: float | None = None,
               unit: str | None = None, rule: str = "auto", seed: int = 0,
-              letter_bias: bool = False) -> tuple[Path, PolicyFile]:
+              letter_bias: bool = False, label_free: bool | None = None) -> tuple[Path, PolicyFile]:
     """Choose the preset's policy on the calibration split with a Learn-then-Test guarantee, write it.
 
     Target mode (default): at most `target_pt` accuracy points lost against the last stage, with
@@ -129,6 +129,9 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
     defaults to dollars when a stage has prices (an API or recorded stage), else FLOPs.
     `letter_bias`: debias the early local stages' letters first (`debiased_table`); the biases
     go into the file and the live stages apply them, so their answers can change.
+    `label_free`: certify the disagreement with the last stage's answers instead of the accuracy
+    lost (`label_free`: the same promise for any labels); None: only when the dataset has no
+    answers. The file then says so (`guarantee.loss`), with both figures when labels exist.
     """
     from cascade_core.bench import code_version
     from cascade_core.calibrated import calibrate_policy
@@ -148,6 +151,17 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
     biases: list = []
     if letter_bias:
         table, biases = debiased_table(table, where, dataset)
+    has_answers = _has_answers(dataset, where)
+    if label_free is None:
+        label_free = not has_answers
+    elif not label_free and not has_answers:
+        raise ValueError(f"dataset {dataset!r} has no answers: only the label-free guarantee applies "
+                         "(calibrate --label-free)")
+    labelled = table.subset("calibration") if has_answers else None
+    if label_free:
+        from cascade_core.label_free import label_free_table
+
+        table = label_free_table(table)
     calib = table.subset("calibration")
     if unit is None:  # dollars when a stage has prices (local stages cost none), else FLOPs
         unit = "dollars" if any(c.price_in or c.price_out for c in preset.stages if c.enabled) else "flops"
@@ -156,7 +170,42 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
                               biases=tuple(biases))
     record_files = {n: where.record_path(n, dataset) for n in names if where.record_path(n, dataset).exists()}
     provenance = make_provenance(record_files, dataset, "calibration", calib.n_questions, code_version())
+    if label_free:
+        chosen = _label_free_figures(chosen, labelled)
     found = policy_file_from_calibrated(chosen, preset.name, provenance, target_pt=target_pt, budget=budget,
                                         rule_choice=rule)
+    if label_free:
+        from cascade_core.label_free import LOSS_NAME
+
+        found = replace(found, guarantee={**found.guarantee, "loss": "label_free", "loss_name": LOSS_NAME})
     path = write_policy_file(policy_path(preset, where), found)
     return path, found
+
+
+def _has_answers(dataset: str, where: Locations) -> bool:
+    """Whether the dataset's questions have answers (MMLU does; a file says in its metadata)."""
+    if dataset == "mmlu":
+        return True
+    from cascade_core.dataset_registry import read_metadata
+
+    return bool(read_metadata(dataset, where.results).get("has_answers", True))
+
+
+def _label_free_figures(chosen, labelled):
+    """A label-free choice's calibration figures: its agreement with the last stage (what was
+    certified) and, when the questions have answers, its accuracy against theirs (`labelled`,
+    the same calibration questions with their correctness); None where there are no answers."""
+    from cascade_core.replay import replay
+
+    figures = dict(chosen.calibration)
+    figures["agreement"] = figures.pop("accuracy")
+    figures["disagreement"] = figures.pop("accuracy_loss")
+    figures.pop("reference_accuracy")
+    figures["loss"] = "label_free"
+    if labelled is None:
+        figures.update(accuracy=None, reference_accuracy=None, accuracy_loss=None)
+    else:
+        accuracy = replay(labelled, chosen.policy).accuracy
+        reference = float(labelled.correct[-1].mean())
+        figures.update(accuracy=accuracy, reference_accuracy=reference, accuracy_loss=reference - accuracy)
+    return replace(chosen, calibration=figures)

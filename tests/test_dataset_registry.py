@@ -1,0 +1,120 @@
+"""The dataset registry: names and files resolve the same way everywhere; a file's split and
+metadata are stored beside its records, and only after the whole file passed its checks."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from cascade_core.cli import main
+from cascade_core.compose.jobs import bench_questions
+from cascade_core.dataset_registry import (dataset_name, known_datasets, read_metadata, resolve_dataset,
+                                           select_questions)
+from cascade_core.datasets import load_mmlu
+from cascade_core.question_files import QuestionFileError
+from cascade_core.split import read_split_json
+
+
+def _mc_file(tmp_path, n=40, name="my_set.csv", groups=("alpha", "beta")):
+    frame = pd.DataFrame({
+        "question": [f"Question {i}?" for i in range(n)],
+        "A": ["yes"] * n, "B": ["no"] * n, "C": ["maybe"] * n,
+        "answer": ["ABC"[i % 3] for i in range(n)],
+        "subject": [groups[i % len(groups)] for i in range(n)],
+    })
+    path = tmp_path / name
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_mmlu_resolves_to_the_shipped_questions_and_split(tmp_path):
+    found = resolve_dataset("mmlu", results_dir=tmp_path)
+    shipped = load_mmlu()
+    assert (found.name, found.kind, found.grader, found.has_answers) == ("mmlu", "mc", {"name": "mc"}, True)
+    assert found.questions["qid"].tolist() == shipped["qid"].tolist()
+    assert found.questions["split"].tolist() == shipped["split"].tolist()
+    assert not any(tmp_path.iterdir())  # MMLU writes nothing: its split is the committed one
+
+
+def test_a_file_gets_a_stratified_seeded_split_and_metadata_beside_its_records(tmp_path):
+    path = _mc_file(tmp_path)
+    results = tmp_path / "results"
+    found = resolve_dataset(str(path), results_dir=results)
+    assert found.name == "my_set" and found.kind == "mc" and found.grader == {"name": "mc"}
+    split = read_split_json(results / "my_set" / "split.json")
+    assert set(split["qid"]) == set(found.questions["qid"])
+    for group, rows in found.questions.groupby("subject"):
+        n_cal = int((rows["split"] == "calibration").sum())
+        assert n_cal - (len(rows) - n_cal) in (0, 1), group
+    meta = read_metadata("my_set", results)
+    assert meta["source"] == str(path.resolve()) and meta["has_answers"] and meta["questions"] == 40
+    assert meta["columns"]["group"] == "subject"
+    # The same file again: the same split, files untouched; by its name: the same dataset.
+    before = (results / "my_set" / "split.json").read_bytes(), (results / "my_set" / "dataset.json").read_bytes()
+    again = resolve_dataset(str(path), results_dir=results)
+    by_name = resolve_dataset("my_set", results_dir=results)
+    assert again.questions["split"].tolist() == found.questions["split"].tolist() == by_name.questions["split"].tolist()
+    assert before == ((results / "my_set" / "split.json").read_bytes(), (results / "my_set" / "dataset.json").read_bytes())
+    assert known_datasets(results) == ["mmlu", "my_set"]
+
+
+def test_a_refused_file_writes_nothing(tmp_path):
+    path = tmp_path / "broken.csv"
+    path.write_text("question,A,B,answer\nQ1,x,y,A\nQ2,x,y,Z\n")
+    with pytest.raises(QuestionFileError, match="row 2, column 'answer'"):
+        resolve_dataset(str(path), results_dir=tmp_path / "results")
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_changed_file_cannot_move_questions_between_the_halves(tmp_path):
+    path = _mc_file(tmp_path, n=20)
+    results = tmp_path / "results"
+    resolve_dataset(str(path), results_dir=results)
+    _mc_file(tmp_path, n=24)  # four questions more: the per-group order would shift
+    with pytest.raises(ValueError, match=r"made for other questions: 4 question\(s\) of the file are not in it"):
+        resolve_dataset(str(path), results_dir=results)
+
+
+def test_names_reserved_unknown_and_colliding(tmp_path):
+    assert dataset_name("mmlu") == "mmlu"
+    assert dataset_name("some/dir/My Questions.jsonl") == "my-questions"
+    with pytest.raises(ValueError, match="planned .* not built yet"):
+        dataset_name("arith", tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset 'nope'; available: mmlu"):
+        dataset_name("nope", tmp_path)
+    with pytest.raises(ValueError, match="built-in dataset's name"):
+        dataset_name(str(tmp_path / "mmlu.csv"))
+
+
+def test_select_questions_per_group_and_split(tmp_path):
+    found = resolve_dataset(str(_mc_file(tmp_path, n=40)), results_dir=tmp_path / "r")
+    small = select_questions(found, per_subject=4)
+    assert small.groupby("subject").size().to_dict() == {"alpha": 4, "beta": 4}
+    assert (small["split"] == "calibration").sum() == 4
+    test = select_questions(found, split="test", per_subject=4)
+    assert set(test["qid"]) < set(small["qid"]) and (test["split"] == "test").all()
+    with pytest.raises(ValueError, match="no group"):
+        select_questions(found, subjects=["gamma"])
+
+
+def test_bench_questions_takes_files_and_refuses_free_form(tmp_path):
+    questions = bench_questions(str(_mc_file(tmp_path, n=10)), per_subject=2, results_dir=tmp_path / "r")
+    assert len(questions) == 4
+    assert {"qid", "subject", "category", "split", "question", "options", "answer"} <= set(questions.columns)
+    free = tmp_path / "free.jsonl"
+    free.write_text('{"question": "3+4?", "answer": "7"}\n')
+    with pytest.raises(ValueError, match="free-form .* not built yet"):
+        bench_questions(str(free), results_dir=tmp_path / "r")
+
+
+def test_cli_bench_refuses_a_bad_file_and_free_form_with_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "Q", "options": ["a"]}\n')
+    assert main(["bench", "--dataset", str(bad), "--results-dir", str(tmp_path / "r")]) == 2
+    assert f"{bad}, line 1, column 'options': 1 option(s)" in capsys.readouterr().err
+    free = tmp_path / "free.jsonl"
+    free.write_text('{"question": "3+4?", "answer": "7"}\n')
+    assert main(["bench", "--dataset", str(free), "--results-dir", str(tmp_path / "r")]) == 2
+    assert "free-form" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "r" / "free" / "dataset.json").read_text())
+    assert meta["kind"] == "free" and meta["grader"] == {"name": "numeric", "tolerance": 1e-06}
