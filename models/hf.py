@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 import time
 import warnings
@@ -98,12 +99,33 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+AUTO_CPU_DTYPE_ENV = "CASCADE_AUTO_DTYPE"  # pins what "auto" means on a CPU: float32 or bfloat16
+AUTO_CPU_DTYPES = ("float32", "bfloat16")
+
+
+def auto_cpu_dtype() -> torch.dtype:
+    """What `auto` resolves to on this CPU: $CASCADE_AUTO_DTYPE when set, else by the CPU's flags.
+
+    The two formats give a different letter on about 5% of MMLU questions, so anything that
+    compares numbers across processes or machines (the test suite, a server beside a local
+    backend) pins the format here instead of inheriting whatever the CPU favours.
+    """
+    forced = os.environ.get(AUTO_CPU_DTYPE_ENV, "").strip()
+    if forced:
+        if forced not in AUTO_CPU_DTYPES:
+            raise ValueError(f"environment variable {AUTO_CPU_DTYPE_ENV}={forced!r}: expected one of "
+                             f"{', '.join(AUTO_CPU_DTYPES)} (or unset: chosen by the CPU's flags)")
+        return DTYPES[forced]
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 (or float16) on a GPU; on a CPU bfloat16 where it is native, else float32."""
+    """`auto`: bfloat16 (or float16) on a GPU; on a CPU `auto_cpu_dtype()` (bfloat16 where it is
+    native, else float32, unless $CASCADE_AUTO_DTYPE pins it)."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return auto_cpu_dtype()
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]

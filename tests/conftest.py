@@ -6,7 +6,17 @@ cache ($CASCADE_CACHE_DIR or the user cache folder) and only load it (a few seco
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The number format that dtype "auto" resolves to on a CPU differs between machines (bfloat16 where
+# the CPU computes it natively, float32 elsewhere), and the two formats give different answers on a
+# few percent of questions. Tests that compare numbers compare them in float32 on every CPU: pinned
+# here, before any test runs, so that the servers and Streamlit apps the tests start in other
+# processes inherit it too. Tests of the resolution itself set or clear it with monkeypatch
+# (tests/test_dtype_resolution.py).
+os.environ["CASCADE_AUTO_DTYPE"] = "float32"
 
 SMOLLM2 = "smollm2-135m"
 
