@@ -111,9 +111,14 @@ def _score_batch(backend: Backend, batch: list[Question]):
     started = time.perf_counter()
     scores = backend.score_options(prompts, [len(q.options) for q in batch], None)
     seconds = (time.perf_counter() - started) / len(batch)
-    logits = np.stack([np.asarray(s.letter_logits, dtype=np.float64) for s in scores])
-    prediction, p_t, margin, entropy = mc_signals(logits)
-    return scores, seconds, prediction, p_t, margin, entropy, option_probabilities(logits)
+    rows = [np.asarray(s.letter_logits, dtype=np.float64) for s in scores]
+    if len({len(r) for r in rows}) == 1:  # one option count (MMLU): one array
+        logits = np.stack(rows)
+        prediction, p_t, margin, entropy = mc_signals(logits)
+        return scores, seconds, prediction, p_t, margin, entropy, option_probabilities(logits)
+    # A file whose questions have different option counts: the same signals, question by question.
+    prediction, p_t, margin, entropy = (np.array(v) for v in zip(*(mc_signals(r) for r in rows)))
+    return scores, seconds, prediction.astype(np.int64), p_t, margin, entropy, [option_probabilities(r) for r in rows]
 
 
 def _write_feature_chunk(backend: Backend, paths: BenchPaths, batch: list[Question], scores,

@@ -38,18 +38,25 @@ def qid_digest(qids: Sequence[str]) -> str:
 
 
 def export_layer(out_dir: Path | str, record_qids: Sequence[str], qids: np.ndarray, features: np.ndarray,
-                 layer: int, model_id: str, max_part_bytes: int = MAX_PART_BYTES) -> dict:
+                 layer: int, model_id: str, max_part_bytes: int = MAX_PART_BYTES, partial: bool = False) -> dict:
     """Write `features` (rows keyed by `qids`) for `record_qids`, in that order; return the manifest.
 
-    Every record must have a feature row (a clear error names the first that has none). Old
-    parts in `out_dir` are removed once the new manifest is written, so a crash midway leaves
-    the previous export readable.
+    Every record must have a feature row (a clear error names the first that has none), unless
+    `partial`: then only the records that have one are written, in the records' order, and the
+    manifest says `complete: false` with the records' count. A partial export is a checkpoint of
+    a benchmark still running (committed so that a session ending mid-run loses nothing); readers
+    that need every record's features (`load_layer` with record qids) refuse it. Old parts in
+    `out_dir` are removed once the new manifest is written, so a crash midway leaves the previous
+    export readable.
     """
     out_dir = Path(out_dir)
     record_qids = np.asarray(record_qids).astype(str)
+    records_total = len(record_qids)
     position = {q: i for i, q in enumerate(np.asarray(qids).astype(str))}
     missing = [q for q in record_qids if q not in position]
-    if missing:
+    if missing and partial:
+        record_qids = np.array([q for q in record_qids if q in position], dtype=str)
+    elif missing:
         raise ValueError(f"{len(missing)} of {len(record_qids)} records have no features (e.g. {missing[0]!r})")
     rows = np.asarray(features)[[position[q] for q in record_qids]].astype(np.float16)
     per_row = max(1, rows.shape[1] * 2)
@@ -62,7 +69,8 @@ def export_layer(out_dir: Path | str, record_qids: Sequence[str], qids: np.ndarr
         parts.append({"file": name, "rows": int(min(rows_per_part, len(rows) - start))})
     manifest = {"format": FORMAT, "model_id": str(model_id), "layer": int(layer), "dtype": "float16",
                 "rows": int(len(rows)), "feature_size": int(rows.shape[1]),
-                "qid_sha256": qid_digest(record_qids), "parts": parts}
+                "qid_sha256": qid_digest(record_qids), "parts": parts,
+                "records": int(records_total), "complete": bool(len(rows) == records_total)}
     atomic_write_json(out_dir / "manifest.json", manifest)
     keep = {p["file"] for p in parts} | {"manifest.json"}
     for stale in out_dir.glob("layer-*.part-*.npz"):
@@ -90,12 +98,17 @@ def load_layer(out_dir: Path | str, record_qids: Sequence[str] | None = None) ->
     """(qids, {layer: (n, d) float32}) from an export; ({}, empty) when there is none.
 
     With `record_qids`, the rows must be exactly those qids in that order: any difference is a
-    FeatureMismatchError naming the part file (or the manifest) where it starts.
+    FeatureMismatchError naming the part file (or the manifest) where it starts, and a partial
+    export (a checkpoint: `manifest["complete"]` false) is refused the same way.
     """
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     if manifest is None:
         return np.array([], dtype=str), {}
+    if record_qids is not None and not manifest.get("complete", True):
+        raise FeatureMismatchError(
+            f"{out_dir / 'manifest.json'}: a checkpoint of a benchmark still running ({manifest['rows']} of "
+            f"{manifest.get('records', '?')} records have features); finish it with `bench --backfill-features`")
     qids, blocks = [], []
     for part in manifest["parts"]:
         path = out_dir / part["file"]

@@ -158,6 +158,18 @@ def test_backfill_adds_features_to_records_made_without_them(tmp_path, smollm2_b
     assert backfill_features(smollm2_backend, _questions(), paths, batch_size=BATCH)["backfilled"] == 0
 
 
+def test_backfill_skips_what_a_committed_checkpoint_already_has(tmp_path, smollm2_backend, clean_run):
+    """A run resumed on another machine: questions whose features came with the clone are not redone."""
+    paths = _paths(tmp_path)
+    paths.records.parent.mkdir(parents=True)
+    paths.records.write_bytes(clean_run[0].records.read_bytes())
+    elsewhere = set(_questions()["qid"].astype(str).iloc[:20])
+    done = backfill_features(smollm2_backend, _questions(), paths, batch_size=BATCH, have_elsewhere=elsewhere)
+    assert done["backfilled"] == 24 - 20
+    qids, _ = load_features(paths.features_dir)
+    assert not set(qids) & elsewhere
+
+
 def test_records_are_never_extended_in_another_dtype(tmp_path, smollm2_backend, clean_run):
     """The clean run's records say float32; a run that would compute in bfloat16 is refused."""
     paths = _paths(tmp_path)

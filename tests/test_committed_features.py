@@ -73,3 +73,53 @@ def test_committed_features_in_another_order_than_the_records_are_refused(setup)
     shuffled = records["qid"].to_numpy()[::-1]
     with pytest.raises(FeatureMismatchError, match=r"layer-\d+\.part-00\.npz: qids differ from the records'"):
         stage_features(where, STAGE, shuffled)
+
+
+def _keep_chunks(where, qids_kept: set[str]) -> None:
+    """Leave in the chunks only the questions in `qids_kept` (another machine computed only those)."""
+    for chunk in sorted(where.features_dir(STAGE).glob("chunk-*.npz")):
+        with np.load(chunk) as data:
+            arrays = {k: data[k] for k in data.files}
+        keep = np.isin(arrays["qid"].astype(str), list(qids_kept))
+        chunk.unlink()
+        if keep.any():
+            atomic_write_npz(chunk, **{k: v[keep] for k, v in arrays.items()})
+
+
+def test_a_checkpoint_exports_what_has_features_and_is_refused_where_all_are_needed(setup):
+    from cascade_core.compose.features import checkpoint_features, checkpoint_qids
+
+    where, preset, records = setup
+    qids = records["qid"].astype(str).to_numpy()
+    _keep_chunks(where, set(qids[:700]))  # the run has features for 700 of its 1,200 records so far
+    manifest = checkpoint_features(where, STAGE, records, layer=2)
+    assert (manifest["rows"], manifest["records"], manifest["complete"], manifest["layer"]) == (700, 1200, False, 2)
+    assert checkpoint_qids(where, STAGE) == set(qids[:700])
+    shutil.rmtree(where.features)
+    with pytest.raises(FeatureMismatchError, match="checkpoint of a benchmark still running.*700 of 1200"):
+        from cascade_core.features_store import load_layer
+        load_layer(where.hidden_dir() / STAGE, qids)
+    assert stage_features(where, STAGE, records["qid"])[2] == ""  # not enough for a probe: none, no error
+    assert checkpoint_features(where, STAGE, records, layer=3) is None  # a layer the checkpoint lacks
+
+
+def test_a_run_resumed_on_another_machine_merges_the_checkpoint_with_its_own_chunks(setup):
+    """The checkpoint holds the first 700 questions (layer 2); the new machine's chunks hold the other
+    500 (all layers): together they cover every record in layer 2, the probe trains on it, and its
+    export is complete."""
+    from cascade_core.compose.features import checkpoint_features
+
+    where, preset, records = setup
+    qids = records["qid"].astype(str).to_numpy()
+    saved = {c.name: c.read_bytes() for c in where.features_dir(STAGE).glob("chunk-*.npz")}
+    _keep_chunks(where, set(qids[:700]))
+    checkpoint_features(where, STAGE, records, layer=2)
+    for name, body in saved.items():  # the other machine: only what it computed itself
+        (where.features_dir(STAGE) / name).write_bytes(body)
+    _keep_chunks(where, set(qids[700:]))
+    got, layers, source = stage_features(where, STAGE, records["qid"])
+    assert source == "local+committed" and list(layers) == [2] and set(got) == set(qids)
+    (outcome,) = train_probes(preset, where)
+    assert outcome.trained and "layer 2" in outcome.message and "(local+committed features)" in outcome.message
+    manifest = read_manifest(where.hidden_dir() / STAGE)
+    assert manifest["complete"] and manifest["rows"] == len(records)
