@@ -115,6 +115,7 @@ def _dataset_name(spec: str, results_dir) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import numpy as np
     from tqdm import tqdm
 
     from cascade_core.compose.jobs import bench_configs, bench_questions, bench_stage
@@ -152,8 +153,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"({result['backfilled']} computed now, {result['agree']} of them agree with the "
                   f"recorded prediction) -> {where.features_dir(config.name, dataset)}")
         else:
-            print(f"{config.name}: {len(result)} records, accuracy {result['correct'].mean():.3f} -> "
-                  f"{where.record_path(config.name, dataset)}")
+            labelled = (result["answer"] >= 0).to_numpy() if "answer" in result else np.ones(len(result), bool)
+            accuracy = (f"accuracy {result['correct'][labelled].mean():.3f}" if labelled.any()
+                        else "no answers (calibrate label-free)")
+            print(f"{config.name}: {len(result)} records, {accuracy} -> {where.record_path(config.name, dataset)}")
         del result
     return 0
 

@@ -118,3 +118,40 @@ def test_cli_bench_refuses_a_bad_file_and_free_form_with_one_line(tmp_path, caps
     assert "free-form" in capsys.readouterr().err
     meta = json.loads((tmp_path / "r" / "free" / "dataset.json").read_text())
     assert meta["kind"] == "free" and meta["grader"] == {"name": "numeric", "tolerance": 1e-06}
+
+
+@pytest.mark.model
+def test_bench_a_file_through_the_cli_with_smollm2(tmp_path, smollm2_path, capsys):
+    """A tiny multiple-choice file, labelled and not, benchmarked by the runner MMLU uses."""
+    preset = tmp_path / "one.toml"
+    preset.write_text('name = "one"\n[[stages]]\nname = "s1"\nbackend = "packaged"\nmodel = "smollm2-135m"\n'
+                      'dtype = "float32"\nprobe_optional = true\n')
+    quiz = tmp_path / "quiz.jsonl"
+    rows = [{"question": "What is 2 + 2?", "choices": ["3", "4", "5", "6"], "answer": "4", "subject": "math"},
+            {"question": "Capital of France?", "choices": ["Rome", "Paris"], "answer": "B", "subject": "geo"},
+            {"question": "Largest planet?", "choices": ["Mars", "Jupiter", "Venus"], "answer": 1, "subject": "geo"},
+            {"question": "What is 3 x 3?", "choices": ["6", "9", "12"], "answer": "9", "subject": "math"}]
+    quiz.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    blind = tmp_path / "blind.csv"
+    pd.DataFrame([{k: v for k, v in r.items() if k != "answer"} | {"choices": json.dumps(r["choices"])}
+                  for r in rows]).to_csv(blind, index=False)
+    results, features = tmp_path / "r", tmp_path / "f"
+    common = ["--preset", str(preset), "--results-dir", str(results), "--features-dir", str(features),
+              "--threads", "1", "--quiet"]
+    assert main(["bench", "--dataset", str(quiz), *common]) == 0
+    assert "s1: 4 records, accuracy" in capsys.readouterr().out
+    records = pd.read_parquet(results / "quiz" / "s1.parquet").set_index("qid")
+    split = read_split_json(results / "quiz" / "split.json").set_index("qid")
+    assert sorted(records.index) == sorted(split.index) and len(records) == 4
+    assert (records["split"] == split.loc[records.index, "split"]).all()
+    assert records["answer"].tolist() == [1, 1, 1, 1]
+    assert (records["correct"] == (records["prediction"] == records["answer"])).all()
+    assert (features / "quiz" / "s1").is_dir()
+    before = (results / "quiz" / "s1.parquet").read_bytes()
+    assert main(["bench", "--dataset", "quiz", *common]) == 0  # by name: resumes, nothing to do
+    assert (results / "quiz" / "s1.parquet").read_bytes() == before
+    assert main(["bench", "--dataset", str(blind), *common]) == 0
+    assert "no answers (calibrate label-free)" in capsys.readouterr().out
+    blind_records = pd.read_parquet(results / "blind" / "s1.parquet")
+    assert (blind_records["answer"] == -1).all() and not blind_records["correct"].any()
+    assert blind_records["prediction"].between(0, 3).all()
