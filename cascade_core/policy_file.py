@@ -81,6 +81,9 @@ class PolicyFile:
         if g.get("mode") == "budget":
             unit = g.get("unit", "")
             return f"calibrated for a budget of {g.get('budget'):g} {unit} per question at delta {g.get('delta'):g}{on}"
+        if g.get("loss") == "label_free":  # label_free: certified on the disagreement with the last stage
+            return (f"calibrated label-free for <= {g.get('target_pt'):g} pt against the last stage's answers "
+                    f"at delta {g.get('delta'):g}{on}")
         return f"calibrated for <= {g.get('target_pt'):g} pt at delta {g.get('delta'):g}{on}"
 
     def cascade_policy(self) -> "CascadePolicy":

@@ -141,6 +141,7 @@ def test_calibrate_label_free_on_mmlu_records_says_so_with_both_figures(tmp_path
     assert main(["calibrate", "--preset", str(preset), "--rule", "pt_only", "--target", "5", "--label-free"]) == 0
     out = capsys.readouterr().out
     assert "label-free" in out and "agreement with the last stage" in out
+    assert "calibrated label-free for <= 5 pt against the last stage's answers at delta 0.1" in out
     data = json.loads((tmp_path / "policies" / "three.json").read_text())
     assert data["guarantee"]["loss"] == "label_free" and data["guarantee"]["target_pt"] == 5.0
     figures = data["calibration"]
