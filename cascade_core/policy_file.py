@@ -167,15 +167,76 @@ def write_policy_file(path: Path | str, policy_file: PolicyFile) -> Path:
     return path
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _threshold_range(key: str, rule: str) -> tuple[float, float]:
+    """A keep threshold's range: P(T) and P(IK) are probabilities; the learned score is one too,
+    the loss-aware score a difference of two (`policy.LossAwareScore`)."""
+    return (-1.0, 1.0) if key == "tau_learned" and rule == "loss_aware" else (0.0, 1.0)
+
+
+def _check_cascade_policy(path: Path, where: str, policy, n_stages: int) -> None:
+    """Fail closed: every threshold a finite number in its range, `enabled` a boolean, a known rule,
+    at least one stage on; the message names the file and the key (`policy.stages[1].tau_t`)."""
+    from cascade_core.policy import RULES, CascadePolicy
+
+    if not isinstance(policy, dict) or not isinstance(policy.get("stages"), list):
+        raise PolicyFileError(f"{path}: key {where!r} must be an object with a list 'stages'")
+    if len(policy["stages"]) != n_stages:
+        raise PolicyFileError(f"{path}: {where} has {len(policy['stages'])} stages but 'stages' names {n_stages}")
+    for i, stage in enumerate(policy["stages"]):
+        at = f"{where}.stages[{i}]"
+        if not isinstance(stage, dict):
+            raise PolicyFileError(f"{path}: key {at} must be an object, got {type(stage).__name__}")
+        rule = stage.get("rule", "both")
+        if rule not in RULES:
+            raise PolicyFileError(f"{path}: key {at}.rule is {rule!r}; rules: {', '.join(RULES)}")
+        if not isinstance(stage.get("enabled", True), bool):
+            raise PolicyFileError(f"{path}: key {at}.enabled must be true or false, got {stage.get('enabled')!r}")
+        for key in ("tau_t", "tau_ik", "tau_learned"):
+            if key not in stage:
+                continue
+            value, (low, high) = stage[key], _threshold_range(key, rule)
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or not low <= value <= high):
+                raise PolicyFileError(f"{path}: key {at}.{key} must be a number in [{low:g}, {high:g}], got {value!r}")
+    if not any(stage.get("enabled", True) for stage in policy["stages"]):
+        raise PolicyFileError(f"{path}: {where} switches every stage off; at least one must answer")
+    try:
+        CascadePolicy.from_dict(policy)
+    except (ValueError, TypeError, KeyError) as err:
+        raise PolicyFileError(f"{path}: key {where}: {err}") from None
+
+
+def _check_policy(path: Path, policy: dict, n_stages: int) -> None:
+    """A cascade policy (`stages`) or a per-subject one (`default` + `by_subject`), each checked."""
+    if "stages" in policy:
+        _check_cascade_policy(path, "policy", policy, n_stages)
+        return
+    if "default" not in policy:
+        raise PolicyFileError(f"{path}: key 'policy' holds neither 'stages' nor a per-subject 'default'")
+    _check_cascade_policy(path, "policy.default", policy["default"], n_stages)
+    by_subject = policy.get("by_subject") or {}
+    if not isinstance(by_subject, dict):
+        raise PolicyFileError(f"{path}: key 'policy.by_subject' must be an object")
+    for subject, sub in by_subject.items():
+        _check_cascade_policy(path, f"policy.by_subject.{subject}", sub, n_stages)
+
+
 def read_policy_file(path: Path | str, expect_stages: Sequence[str] | None = None) -> PolicyFile:
     """Load and check a policy file; `expect_stages`: the enabled stages of the preset it will run."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except FileNotFoundError:
         raise
+    except RecursionError:  # 100,000 nested brackets: the parser's recursion, never a traceback
+        raise PolicyFileError(f"{path}: not a readable policy file (nested too deeply to parse)") from None
     except (OSError, ValueError) as err:
-        raise PolicyFileError(f"{path}: not a readable policy file ({err})") from None
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PolicyFileError(f"{path}: not a readable policy file ({first})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise PolicyFileError(f"{path}: not a policy file (format {data.get('format') if isinstance(data, dict) else None!r}, "
                               f"expected {FORMAT!r})")
@@ -193,6 +254,7 @@ def read_policy_file(path: Path | str, expect_stages: Sequence[str] | None = Non
         raise PolicyFileError(f"{path}: the policy has {len(n_policy)} stages but 'stages' names {len(stages)}")
     if biases and len(biases) != len(stages):
         raise PolicyFileError(f"{path}: 'biases' has {len(biases)} entries for {len(stages)} stages")
+    _check_policy(path, data["policy"], len(stages))
     return PolicyFile(preset=data["preset"], stages=stages, policy=data["policy"], guarantee=data["guarantee"],
                       provenance=data["provenance"], calibration=data.get("calibration") or {},
                       off_reasons=data.get("off_reasons") or {}, biases=list(biases))

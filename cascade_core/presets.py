@@ -102,14 +102,24 @@ class StageConfig(BaseModel):
 
 
 def check_stage_files(config: StageConfig, source: str = "", key: str = "") -> None:
-    """Refuse a stage whose probe file is missing (unless `probe_optional`) or whose combiner file
-    is missing; the message names the preset file, the key and the file."""
+    """Refuse a stage whose probe file is missing (unless `probe_optional`), damaged or made for
+    another model or layer, or whose combiner file is missing; the message names the preset file,
+    the key and the file."""
     where = f"preset {source}: " if source else ""
     key = key or f"stage {config.name!r}"
     probe = config.probe_path()
     if probe is not None and not config.probe_optional and not probe.is_file():
         raise PresetError(f"{where}{key}.probe: probe file not found: {probe} (train it with `python -m "
                           f"cascade_core probes train`, or set probe_optional = true to route on P(T) alone)")
+    if probe is not None and probe.is_file() and config.backend in ("packaged", "hf"):
+        # Read it now (a few kilobytes), before any weights load: a damaged probe, or one trained
+        # for another model or layer, is refused in a second instead of after a 20 s model load.
+        from cascade_core.probe import PIKProbe
+
+        try:
+            PIKProbe.load(probe, expected_model_id=config.model, expected_layer=config.probe_layer)
+        except ValueError as err:  # CorruptFileError, ProbeMismatchError
+            raise PresetError(f"{where}{key}.probe: {err}") from None
     combiner = config.combiner_path()
     if combiner is not None and not combiner.is_file():
         raise PresetError(f"{where}{key}.combiner: combiner file not found: {combiner}")
@@ -205,6 +215,8 @@ def load_preset(name_or_path: str | Path, check_files: bool = False) -> Preset:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise PresetError(f"invalid preset {path}: not valid TOML ({err})") from None
+    except RecursionError:  # tomllib recurses per nested array or table: 5,000 levels exhaust it
+        raise PresetError(f"invalid preset {path}: nested too deeply to parse (a preset needs two levels)") from None
     preset = parse_preset(data, str(path))
     if check_files:
         preset.check_files()

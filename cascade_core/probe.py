@@ -92,7 +92,8 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def _p_correct(X: np.ndarray, mean, scale, coef, intercept) -> np.ndarray:
-    return _sigmoid(((X - mean) / scale) @ coef + intercept)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow shows as non-finite: `p_ik` refuses it
+        return _sigmoid(((X - mean) / scale) @ coef + intercept)
 
 
 class PIKProbe:
@@ -172,7 +173,14 @@ class PIKProbe:
                 f"the probe for {self.model_id!r} (layer {self.layer}) expects "
                 f"{self.n_features_in_} features, got {X.shape[1]}"
             )
-        return _p_correct(X, self.mean_, self.scale_, self.coef_, self.intercept_)
+        p = _p_correct(X, self.mean_, self.scale_, self.coef_, self.intercept_)
+        if not np.isfinite(p).all():
+            # Fail closed: the cascade reads a NaN P(IK) as "no probe" and would keep on P(T) alone.
+            # Raising makes the stage an error step, which escalates (or fails, never keeps).
+            bad = np.flatnonzero(~np.isfinite(p))
+            raise ValueError(f"the probe for {self.model_id!r} (layer {self.layer}) gave a non-finite P(IK) "
+                             f"in rows {bad[:10].tolist()}: the stage cannot vouch for its answer")
+        return p
 
     def predict_proba(self, X) -> np.ndarray:
         """(n, 2) like scikit-learn: column 0 = P(wrong), column 1 = P(correct)."""
@@ -234,13 +242,30 @@ class PIKProbe:
             raise CorruptFileError(
                 f"{path} has probe format version {meta.get('format_version')!r}; this code reads {FORMAT_VERSION}"
             )
-        d = int(meta.get("feature_size", -1))
+        for key in ("feature_size", "layer"):
+            if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), int) or meta[key] < 0:
+                raise CorruptFileError(f"{path} is damaged: metadata key {key!r} must be a whole number >= 0, "
+                                       f"got {meta.get(key)!r}")
+        if not isinstance(meta.get("model_id"), str):
+            raise CorruptFileError(f"{path} is damaged: metadata key 'model_id' must be a string")
+        d = int(meta["feature_size"])
         shapes_ok = (
             arrays["coef"].shape == (d,) and arrays["mean"].shape == (d,)
             and arrays["scale"].shape == (d,) and arrays["intercept"].shape == (1,)
         )
-        if not shapes_ok or not all(np.isfinite(arrays[k]).all() for k in ("coef", "intercept", "mean", "scale")):
-            raise CorruptFileError(f"{path} is damaged: its arrays do not match feature_size={d} or are not finite")
+        if not shapes_ok:
+            raise CorruptFileError(f"{path} is damaged: its arrays do not match feature_size={d}")
+        for key in ("coef", "intercept", "mean", "scale"):  # fail closed: a NaN P(IK) must never be possible
+            if not np.issubdtype(arrays[key].dtype, np.number) or np.issubdtype(arrays[key].dtype, np.complexfloating):
+                raise CorruptFileError(f"{path} is damaged: key {key!r} holds {arrays[key].dtype}, not real numbers")
+            bad = np.flatnonzero(~np.isfinite(arrays[key]))
+            if bad.size:
+                raise CorruptFileError(f"{path} is damaged: key {key!r} is not finite at index {int(bad[0])} "
+                                       f"({arrays[key].flat[bad[0]]!r})")
+        zero = np.flatnonzero(arrays["scale"] <= 0)
+        if zero.size:
+            raise CorruptFileError(f"{path} is damaged: key 'scale' must be > 0 (a standard deviation), "
+                                   f"got {float(arrays['scale'][zero[0]])!r} at index {int(zero[0])}")
         if expected_model_id is not None and meta["model_id"] != expected_model_id:
             raise ProbeMismatchError(
                 f"probe {path} was trained for model {meta['model_id']!r}, not {expected_model_id!r}"

@@ -181,9 +181,9 @@ def test_bad_input_is_a_clear_4xx(cascade, what, body, status, needle):
 
 @pytest.mark.model
 @pytest.mark.parametrize("raw, needle", [
-    (b'{"messages": [{"role": "user", "content": "caf\xe9 \xff"}]}', "not valid JSON (UnicodeDecodeError"),
+    (b'{"messages": [{"role": "user", "content": "caf\xe9 \xff"}]}', "not UTF-8 (UnicodeDecodeError"),
     (b'{"messages": [', "not valid JSON"),
-    (b'{"messages": [{"role": "user", "content": "Q\\ud800?"}]}', "control characters (U+D800)"),
+    (b'{"messages": [{"role": "user", "content": "Q\\ud800?"}]}', "lone surrogate (U+D800)"),
     (b"", "empty request body"),
     (b"[1, 2]", "must be a JSON object"),
 ])

@@ -20,6 +20,7 @@ arrives as one piece), and the trace rides in the last chunk's `cascade` field.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 import uuid
@@ -33,7 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from cascade_core.cascade import CascadeCancelled, CascadeError, RuntimeStage, run_cascade, trace_to_dict
 from cascade_core.server.chat_question import question_from_chat
 from cascade_core.server.common import (DEFAULT_MAX_PROMPT_CHARS, ApiError, bearer_checker, install_error_handlers,
-                                        read_json, read_token)
+                                        read_request, read_token)
 from cascade_core.server.metrics import Metrics, StatusCounter
 from cascade_core.server.openai_request import MAX_NEW_TOKENS, ChatRequest, parse_chat
 from cascade_core.server.queue import CancelToken, Gate, GaveUp, QueueFull, run_in_slot, start_in_slot
@@ -90,6 +91,30 @@ def answer_content(trace: Trace) -> str:
     return final.answer or ""
 
 
+def alone(stage: RuntimeStage) -> RuntimeStage:
+    """`stage` as a cascade of one, switched on: a client naming a stage asks for that stage
+    alone (docs/SERVING.md), whatever a cascade's policy decided about it. Alone, a stage is the
+    last one and always answers, so its thresholds never matter."""
+    return dataclasses.replace(stage, policy=dataclasses.replace(stage.policy, enabled=True), off_reason="")
+
+
+def _ends_turn(token: str) -> bool:
+    """An end-of-turn or end-of-sequence token as backends write them (`<|im_end|>`, `</s>`)."""
+    token = token.strip()
+    return (token.startswith("<|") and token.endswith("|>")) or token in ("</s>", "<eos>", "<end_of_turn>")
+
+
+def finish_reason(trace: Trace, max_new: int) -> str:
+    """OpenAI's `finish_reason`: "length" when a free-form answer was cut at `max_new` tokens
+    (it used them all and its last token does not end the turn), "stop" otherwise. A multiple-
+    choice answer is one letter, never cut."""
+    final = trace.answered_by
+    if final is None or trace.question.is_multiple_choice or final.output_tokens < max_new:
+        return "stop"
+    tokens = [t for t, _ in final.token_logprobs or ()]
+    return "stop" if tokens and _ends_turn(str(tokens[-1])) else "length"
+
+
 def create_cascade_app(
     cascades: Mapping[str, Sequence[RuntimeStage]],
     *,
@@ -122,12 +147,11 @@ def create_cascade_app(
     if serve_stages:
         for stages in cascades.values():
             for stage in stages:
-                if stage.name in served and served[stage.name][0] is not stage:
+                if stage.name in served:
                     if served[stage.name][0].backend is not stage.backend:
                         raise ValueError(f"two different stages are named {stage.name!r}")
                     continue
-                # Alone, a stage is the last one: it always answers, whatever its thresholds.
-                served[stage.name] = [stage]
+                served[stage.name] = [alone(stage)]
     default_model = next(iter(served))
     check_auth = bearer_checker(read_token(api_key_env))
     gates = {name: Gate(max_in_flight, max_waiting) for name in served}
@@ -162,10 +186,18 @@ def create_cascade_app(
     app.state.set_unavailable = set_unavailable
 
     def model_card(name: str) -> dict:
+        """A cascade's card lists the stages its policy runs and, apart, the ones it switched off
+        (with why); a stage's card says in which cascades it runs. Both answer when asked."""
         stages = served[name]
-        return {"id": name, "object": "model", "created": created, "owned_by": "cascade",
-                "cascade": [s.name for s in stages] if name.startswith(CASCADE_PREFIX) else None,
-                "available": name not in unavailable}
+        card = {"id": name, "object": "model", "created": created, "owned_by": "cascade",
+                "cascade": None, "available": name not in unavailable}
+        if name.startswith(CASCADE_PREFIX):
+            card["cascade"] = [s.name for s in stages if s.policy.enabled]
+            card["switched_off"] = {s.name: s.off_reason or "switched off" for s in stages if not s.policy.enabled}
+        else:
+            card["in_cascades"] = [c for c, st in served.items() if c.startswith(CASCADE_PREFIX)
+                                   and any(s.name == name and s.policy.enabled for s in st)]
+        return card
 
     @app.get("/health")
     async def health():
@@ -206,6 +238,11 @@ def create_cascade_app(
             raise ApiError(400, "top_logprobs: a free-form answer gives the log-probability of each generated "
                                 "token, not alternatives; ask with logprobs=true alone", param="top_logprobs")
         return model, question, req.max_new_tokens(default_max_new_tokens)
+
+    def parse_body(data: dict) -> tuple[ChatRequest, str, Question, int]:
+        """A chat body -> (request, model, question, max new tokens); off the event loop (`read_request`)."""
+        req = parse_chat(data)
+        return (req, *parse(req))
 
     def work(model: str, question: Question, max_new: int, cancel: CancelToken, on_text=None) -> Trace | None:
         """Runs in a worker thread; its trace (also of a failed run) goes into the metrics.
@@ -290,7 +327,7 @@ def create_cascade_app(
             rest = content[len(streamed):] if content.startswith(streamed) else content
             lp = answer_logprobs(trace, req.top_logprobs or 0) if req.logprobs else None
             extra = {"cascade": trace_field(model, trace)}
-            last = chunks.chunk(content=rest or None, finish_reason="stop", logprobs=lp,
+            last = chunks.chunk(content=rest or None, finish_reason=finish_reason(trace, max_new), logprobs=lp,
                                 **({} if req.include_usage() else extra))
             if not req.include_usage():
                 return [last]
@@ -304,8 +341,7 @@ def create_cascade_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_auth(request)
-        req = parse_chat(await read_json(request, max_body_bytes))
-        model, question, max_new = parse(req)
+        req, model, question, max_new = await read_request(request, max_body_bytes, parse_body)
         if model in unavailable:
             raise ApiError(503, f"model {model!r} is not available: {unavailable[model]}", kind="server_error",
                            headers={"Retry-After": "5"})
@@ -321,7 +357,7 @@ def create_cascade_app(
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer_content(trace)},
-                         "finish_reason": "stop",
+                         "finish_reason": finish_reason(trace, max_new),
                          "logprobs": answer_logprobs(trace, req.top_logprobs or 0) if req.logprobs else None}],
             "usage": usage(trace),
             "cascade": trace_field(model, trace),

@@ -26,11 +26,12 @@ class Metrics:
         self.cancelled_tokens = 0
         self.streams = 0
 
-    def response(self, status: int, seconds: float) -> None:
-        """One /v1 response left (any status); its latency counts when it was an answer (200)."""
+    def response(self, status: int, seconds: float, answer: bool = True) -> None:
+        """One /v1 response left (any status); its latency counts when it was an answer: a 200 to
+        a completion request (`answer`), not a listing of /v1/models."""
         with self._lock:
             self.by_status[str(status)] += 1
-            if status == 200:
+            if status == 200 and answer:
                 self.latencies.append(seconds)
 
     def cancel(self, reason: str, tokens_generated: int) -> None:
@@ -106,4 +107,4 @@ class StatusCounter:
         try:
             await self.app(scope, receive, counting_send)
         finally:
-            self.metrics.response(status[0], time.monotonic() - started)
+            self.metrics.response(status[0], time.monotonic() - started, answer=scope.get("method") == "POST")

@@ -16,6 +16,7 @@ accepted and have no effect.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from cascade_core.server.common import ApiError, validate_body
 
 MAX_NEW_TOKENS = 1024
+_LINE_BREAK = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")  # what str.splitlines() splits on
 MAX_TOP_LOGPROBS = 20
 NOT_SUPPORTED = "not supported by a confidence cascade"
 
@@ -79,7 +81,7 @@ class ChatMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    include_usage: bool = False
+    include_usage: bool = Field(default=False, strict=True)
 
 
 class _Request(BaseModel):
@@ -87,12 +89,14 @@ class _Request(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    # Strict types: `"max_tokens": "5"`, `true` or `"stream": "yes"`, `1` are 400s, not silent
+    # conversions (issue 23); numbers for temperature/top_p may still be integers.
+    model: str | None = Field(default=None, min_length=1, strict=True)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS, strict=True)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # accepted; decoding is greedy
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)  # accepted; decoding is greedy
-    n: int = 1
-    stream: bool = False
+    n: int = Field(default=1, strict=True)
+    stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     logit_bias: dict[str, float] | None = None
@@ -111,9 +115,9 @@ class _Request(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS, strict=True)
+    logprobs: bool = Field(default=False, strict=True)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, strict=True)
     response_format: dict | None = None
     tools: list | None = None
     functions: list | None = None
@@ -123,6 +127,23 @@ class ChatRequest(_Request):
     # question, and the subject named in the prompt's header.
     options: list[str] | None = None
     subject: str = ""
+
+    @field_validator("options")
+    @classmethod
+    def _one_line_options(cls, value: list[str] | None) -> list[str] | None:
+        """An option is one line: a line break inside one would put a second "B." line in the
+        prompt, a question the stages were never calibrated on."""
+        for i, option in enumerate(value or ()):
+            if _LINE_BREAK.search(option):
+                raise ValueError(f"option {i} ({option[:20]!r}) holds a line break: an option is one line")
+        return value
+
+    @field_validator("subject")
+    @classmethod
+    def _one_line_subject(cls, value: str) -> str:
+        if _LINE_BREAK.search(value):
+            raise ValueError("the subject holds a line break: it is one line of the prompt's header")
+        return value
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -143,8 +164,8 @@ class ChatRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, strict=True)
+    echo: bool = Field(default=False, strict=True)
 
 
 def _first_line(message: str) -> str:

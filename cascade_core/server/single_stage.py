@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from cascade_core.server.common import (DEFAULT_MAX_PROMPT_CHARS, ApiError, bearer_checker, install_error_handlers,
-                                        read_json, read_token)
+                                        read_request, read_token)
 from cascade_core.server.metrics import Metrics, StatusCounter
 from cascade_core.server.openai_request import ChatRequest, CompletionRequest, parse_chat, parse_completion
 from cascade_core.server.queue import CancelToken, Gate, GaveUp, QueueFull, run_in_slot, start_in_slot
@@ -199,6 +199,37 @@ def create_single_stage_app(
                              gone=request.is_disconnected, timeout_s=timeout_s)
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    def completion_request(data: dict) -> tuple[CompletionRequest, str]:
+        """A /v1/completions body -> (request, prompt); runs off the event loop (`read_request`)."""
+        req = parse_completion(data)
+        check_model(req)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, "send exactly one prompt string per request", param="prompt")
+        prompt = prompts[0]
+        if not prompt.strip():
+            raise ApiError(400, "prompt is empty", param="prompt")
+        if len(prompt) > max_prompt_chars:
+            raise ApiError(400, f"prompt is {len(prompt)} characters, over the limit of {max_prompt_chars}",
+                           param="prompt")
+        return req, prompt
+
+    def chat_request(data: dict) -> tuple[ChatRequest, str, bool]:
+        """A /v1/chat/completions body -> (request, prompt text, whether it holds the special
+        tokens); runs off the event loop (`read_request`), the chat template included."""
+        req = parse_chat(data)
+        check_model(req)
+        if not any(m.content.strip() for m in req.messages):
+            raise ApiError(400, "every message is empty", param="messages")
+        chars = sum(len(m.content) for m in req.messages)
+        if chars > max_prompt_chars:
+            raise ApiError(400, f"messages hold {chars} characters, over the limit of {max_prompt_chars}",
+                           param="messages")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                    for m in req.messages]
+        text, special = engine.chat_prompt(messages)
+        return req, text, special
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "queue": gate.snapshot()}
@@ -217,17 +248,7 @@ def create_single_stage_app(
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_auth(request)
-        req: CompletionRequest = parse_completion(await read_json(request, max_body_bytes))
-        check_model(req)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if len(prompts) != 1:
-            raise ApiError(400, "send exactly one prompt string per request", param="prompt")
-        prompt = prompts[0]
-        if not prompt.strip():
-            raise ApiError(400, "prompt is empty", param="prompt")
-        if len(prompt) > max_prompt_chars:
-            raise ApiError(400, f"prompt is {len(prompt)} characters, over the limit of {max_prompt_chars}",
-                           param="prompt")
+        req, prompt = await read_request(request, max_body_bytes, completion_request)
         max_tokens = req.max_tokens or DEFAULT_MAX_TOKENS
         top_k = req.logprobs or 0
         args = (prompt, False, max_tokens, top_k, req.stop_list(), False)
@@ -248,17 +269,7 @@ def create_single_stage_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_auth(request)
-        req: ChatRequest = parse_chat(await read_json(request, max_body_bytes))
-        check_model(req)
-        if not any(m.content.strip() for m in req.messages):
-            raise ApiError(400, "every message is empty", param="messages")
-        chars = sum(len(m.content) for m in req.messages)
-        if chars > max_prompt_chars:
-            raise ApiError(400, f"messages hold {chars} characters, over the limit of {max_prompt_chars}",
-                           param="messages")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
-                    for m in req.messages]
-        text, special = engine.chat_prompt(messages)
+        req, text, special = await read_request(request, max_body_bytes, chat_request)
         top_k = (req.top_logprobs or 0) if req.logprobs else 0
         args = (text, special, req.max_new_tokens(DEFAULT_MAX_TOKENS), top_k, req.stop_list(), True)
         if req.stream:

@@ -1,0 +1,46 @@
+"""The command-line options of `serve` (and `route`'s `--max-new-tokens`), checked before any model loads.
+
+Every value here can be checked without a model, so a typo costs a one-line error in a second,
+not a traceback after a 20 s model load (issue 23: `serve --port 99999` failed with an
+OverflowError only once the weights were in memory). The CLI calls these first; the messages
+name the flag.
+"""
+
+from __future__ import annotations
+
+import math
+
+from cascade_core.server.common import check_bind_host, is_loopback, read_token
+from cascade_core.server.openai_request import MAX_NEW_TOKENS
+
+
+def check_max_new_tokens(value: int, flag: str = "--max-new-tokens") -> None:
+    """1..MAX_NEW_TOKENS, as the servers accept in `max_tokens`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_NEW_TOKENS:
+        raise ValueError(f"{flag} must be a whole number from 1 to {MAX_NEW_TOKENS}, got {value!r}")
+
+
+def check_serve_args(args) -> None:
+    """Refuse bad `serve` options (an argparse Namespace) with a message naming the flag.
+
+    Checked: the bind address (loopback unless --allow-remote, and a reachable server must have a
+    --token-env), the port (1..65535), the token variable is set, the limits are positive, the
+    timeout finite, --max-new-tokens in range, --threads >= 1.
+    """
+    check_bind_host(args.host, args.allow_remote)
+    if not is_loopback(args.host) and not args.token_env:
+        raise ValueError(f"--host {args.host} with --allow-remote needs --token-env NAME: a server other machines "
+                         "can reach must require a bearer token")
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be from 1 to 65535, got {args.port}")
+    for name in ("max_body_bytes", "max_prompt_chars", "max_in_flight"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not (math.isfinite(args.timeout_s) and args.timeout_s > 0):
+        raise ValueError(f"--timeout-s must be a finite number of seconds > 0, got {args.timeout_s}")
+    check_max_new_tokens(args.max_new_tokens)
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    read_token(args.token_env)  # named but unset: refused now, not after the model load
