@@ -186,3 +186,18 @@ def test_calibrate_label_free_refuses_a_recorded_last_stage(tmp_path, monkeypatc
     assert main(["calibrate", "--preset", "api-recorded", "--label-free"]) == 2
     assert "replays recorded outcomes" in capsys.readouterr().err
     assert not (tmp_path / "policies").exists()
+
+
+def test_label_free_auto_rule_leaves_out_loss_aware_and_refuses_it_by_name(tmp_path, monkeypatch, capsys):
+    from _records import DEFAULT_STAGES, write_synthetic_records
+    from cascade_core.cli import main
+
+    write_synthetic_records(tmp_path / "results", n=1600)
+    monkeypatch.setenv("CASCADE_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("CASCADE_POLICIES_DIR", str(tmp_path / "policies"))
+    preset = _preset(tmp_path, DEFAULT_STAGES)
+    assert main(["calibrate", "--preset", str(preset), "--label-free", "--rule", "loss_aware"]) == 2
+    assert "rule loss_aware models the last stage's own correctness" in capsys.readouterr().err
+    assert main(["calibrate", "--preset", str(preset), "--label-free", "--target", "5"]) == 0
+    data = json.loads((tmp_path / "policies" / "three.json").read_text())
+    assert data["guarantee"]["rule"] in ("pt_only", "both", "learned") and "loss_aware" not in data["guarantee"]["cv"]

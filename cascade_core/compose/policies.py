@@ -158,15 +158,22 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
         raise ValueError(f"dataset {dataset!r} has no answers: only the label-free guarantee applies "
                          "(calibrate --label-free)")
     labelled = table.subset("calibration") if has_answers else None
+    rules = RULES if rule == "auto" else (rule,)
     if label_free:
         from cascade_core.label_free import label_free_table
 
+        # loss_aware scores "stage right minus reference right"; label-free the reference always
+        # agrees with itself, so that score is `learned` with a constant subtracted (and unfittable).
+        if rule == "loss_aware":
+            raise ValueError("rule loss_aware models the last stage's own correctness, which the label-free loss fixes "
+                             "(it always agrees with itself); use learned, pt_only or both")
+        rules = tuple(r for r in rules if r != "loss_aware")
         table = label_free_table(table)
     calib = table.subset("calibration")
     if unit is None:  # dollars when a stage has prices (local stages cost none), else FLOPs
         unit = "dollars" if any(c.price_in or c.price_out for c in preset.stages if c.enabled) else "flops"
     chosen = calibrate_policy(calib, target_max_loss=None if target_pt is None else target_pt / 100.0, delta=delta,
-                              cost_budget=budget, unit=unit, rules=RULES if rule == "auto" else (rule,), seed=seed,
+                              cost_budget=budget, unit=unit, rules=rules, seed=seed,
                               biases=tuple(biases))
     record_files = {n: where.record_path(n, dataset) for n in names if where.record_path(n, dataset).exists()}
     provenance = make_provenance(record_files, dataset, "calibration", calib.n_questions, code_version())
