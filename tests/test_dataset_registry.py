@@ -155,3 +155,24 @@ def test_bench_a_file_through_the_cli_with_smollm2(tmp_path, smollm2_path, capsy
     blind_records = pd.read_parquet(results / "blind" / "s1.parquet")
     assert (blind_records["answer"] == -1).all() and not blind_records["correct"].any()
     assert blind_records["prediction"].between(0, 3).all()
+
+
+def test_probes_train_skips_a_dataset_without_answers_and_says_why(tmp_path, capsys):
+    from cascade_core.records import synthetic_table
+    from cascade_core.ui_data import record_frames
+
+    n = 60
+    pd.DataFrame({"question": [f"Q{i}" for i in range(n)], "options": [["a", "b"]] * n}).to_json(
+        tmp_path / "blind.jsonl", orient="records", lines=True)
+    results = tmp_path / "r"
+    found = resolve_dataset(str(tmp_path / "blind.jsonl"), results_dir=results)
+    frame = record_frames(synthetic_table(n, 1, seed=1), qids=found.questions["qid"].to_numpy(),
+                          splits=found.questions["split"].to_numpy())[0]
+    frame.assign(stage="s1", model_id="s1", answer=-1, correct=False).to_parquet(results / "blind" / "s1.parquet")
+    preset = tmp_path / "one.toml"
+    preset.write_text('name = "one"\n[[stages]]\nname = "s1"\nbackend = "packaged"\nmodel = "smollm2-135m"\n'
+                      'probe_optional = true\n')
+    assert main(["probes", "train", "--preset", str(preset), "--dataset", "blind", "--results-dir", str(results),
+                 "--features-dir", str(tmp_path / "f"), "--probes-dir", str(tmp_path / "p")]) == 0
+    assert "s1: its dataset has no answers" in capsys.readouterr().out
+    assert not (tmp_path / "p").exists()

@@ -103,6 +103,11 @@ def train_probes(preset: Preset, where: Locations, dataset: str = "mmlu", stages
         if config.backend == "recorded" or not paths.records.exists():
             continue
         records = load_records(paths.records)
+        if "answer" in records and len(records) and (records["answer"] < 0).all():
+            yield ProbeOutcome(config.name, False, "its dataset has no answers and a P(IK) probe learns right from "
+                                                   "wrong (a probe of agreement with the last stage is not built yet); "
+                                                   "skipped")
+            continue
         qids, features, source = stage_features(where, config.name, records["qid"], dataset)
         if not features:
             yield ProbeOutcome(config.name, False, f"no hidden-state features under {paths.features_dir} "
