@@ -21,9 +21,12 @@ setup: $(STAMP)
 fetch: setup
 	$(BIN)/python -m cascade_core models fetch --preset $(PRESET)
 
-## run: set up, fetch the default models if missing, start the app
+## run: set up, fetch the default models if missing, start the app on 127.0.0.1 (this machine only);
+## `make run HOST=0.0.0.0` exposes it to the network on purpose (HOST counts only on the command line:
+## some shells export HOST as the machine's name)
 run: fetch
-	$(BIN)/streamlit run app.py --server.port $(PORT)
+	$(BIN)/streamlit run app.py --server.port $(PORT) \
+	    --server.address $(if $(filter command line,$(origin HOST)),$(HOST),127.0.0.1)
 
 ## browser: Debian's Chromium for the real-browser app test (installed only when missing)
 browser:

@@ -11,6 +11,7 @@ import streamlit as st
 from pydantic import ValidationError
 
 from app_ui import backends, state
+from cascade_core.endpoint_hosts import api_base_problem
 from cascade_core.presets import PresetError, StageConfig, load_preset
 
 
@@ -144,6 +145,8 @@ def field_problems(fields: dict, kind: str, taken: set[str]) -> list[str]:
             out.append("Base URL: give the endpoint's base URL (e.g. http://127.0.0.1:8000/v1)")
         elif not base.startswith(("http://", "https://")):
             out.append(f"Base URL: {base!r} must start with http:// or https://")
+        elif api_base_problem(base):
+            out.append(f"Base URL: {api_base_problem(base)}")
     return out
 
 

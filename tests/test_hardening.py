@@ -488,3 +488,77 @@ def test_route_name_a_prime_number_on_the_default_preset_is_never_empty(capsys):
     trace = json.loads(out.strip().splitlines()[-1])
     assert trace["answer"] and trace["answer"].strip()
     assert trace["steps"][-1]["output_tokens"] <= 24
+
+
+# ---- issue 23 item 7: the app is as closed as the server --------------------------------------
+
+
+def test_the_app_binds_to_loopback_unless_exposed_on_the_make_command_line():
+    import os
+    import subprocess
+    import tomllib
+
+    config = tomllib.loads((REPO_ROOT / ".streamlit" / "config.toml").read_text(encoding="utf-8"))
+    assert config["server"]["address"] == "127.0.0.1"
+
+    def dry_run(*args, env=None) -> str:
+        out = subprocess.run(["make", "-n", "run", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                             env={**os.environ, **(env or {})}, check=True).stdout
+        return " ".join(out.split())
+
+    assert "--server.address 127.0.0.1" in dry_run()
+    assert "--server.address 127.0.0.1" in dry_run(env={"HOST": "my-laptop"})  # a shell's HOST does not expose it
+    assert "--server.address 0.0.0.0" in dry_run("HOST=0.0.0.0")
+
+
+@pytest.mark.parametrize("api_base, env, allowed", [
+    ("http://127.0.0.1:8001/v1", {}, True),
+    ("http://localhost:8000/v1", {}, True),
+    ("http://[::1]:8000/v1", {}, True),
+    ("https://api.openai.com/v1", {}, False),
+    ("http://169.254.169.254/latest/meta-data", {}, False),
+    ("http://10.0.0.5:8000/v1", {}, False),
+    ("http://127.0.0.1@evil.example/v1", {}, False),  # the host is evil.example, not the user part
+    ("https://api.openai.com/v1", {"CASCADE_ALLOWED_API_HOSTS": "api.openai.com, 10.0.0.5"}, True),
+    ("http://10.0.0.5:8000/v1", {"CASCADE_ALLOWED_API_HOSTS": "api.openai.com,10.0.0.5"}, True),
+    ("http://10.0.0.6:8000/v1", {"CASCADE_ALLOWED_API_HOSTS": "api.openai.com,10.0.0.5"}, False),
+    ("http://anything.example/v1", {"CASCADE_ALLOWED_API_HOSTS": "*"}, True),
+    ("file:///etc/passwd", {"CASCADE_ALLOWED_API_HOSTS": "*"}, False),
+])
+def test_add_stage_calls_only_allowed_endpoint_hosts(api_base, env, allowed):
+    from cascade_core.endpoint_hosts import api_base_problem
+
+    problem = api_base_problem(api_base, env=env)
+    assert (problem is None) == allowed, problem
+    if problem and "evil" in api_base:
+        assert "'evil.example' is not allowed" in problem and "CASCADE_ALLOWED_API_HOSTS" in problem
+
+
+def test_the_add_stage_form_refuses_a_host_outside_the_allow_list(tmp_path, monkeypatch):
+    """The app's form, driven by Streamlit's AppTest: a cloud metadata address is refused with the
+    switch named; after the operator's opt-in the same stage is added."""
+    from streamlit.testing.v1 import AppTest
+
+    from _records import write_synthetic_records
+    from app_ui import state
+
+    write_synthetic_records(tmp_path / "results")
+    for name, value in {"CASCADE_RESULTS_DIR": str(tmp_path / "results"), "CASCADE_APP_PRELOAD": "0",
+                        "CASCADE_POLICIES_DIR": str(tmp_path / "policies")}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("CASCADE_ALLOWED_API_HOSTS", raising=False)
+    at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("pages/4_Settings.py").run()
+    at.radio(key="add_kind").set_value("openai").run()
+    at.text_input(key="add_api_model").set_value("m")
+    at.text_input(key="add_api_base").set_value("http://169.254.169.254/v1")
+    at.text_input(key="add_name").set_value("metadata")
+    at.button(key="FormSubmitter:add_stage-Add stage").click().run()
+    shown = "\n".join(str(e.value) for e in at.error)
+    assert "host '169.254.169.254' is not allowed" in shown and "CASCADE_ALLOWED_API_HOSTS" in shown
+    added = at.session_state[state.ADDED_KEY] if state.ADDED_KEY in at.session_state else {}
+    assert not added.get("default")
+    monkeypatch.setenv("CASCADE_ALLOWED_API_HOSTS", "169.254.169.254")
+    at.button(key="FormSubmitter:add_stage-Add stage").click().run()
+    assert [s["name"] for s in at.session_state[state.ADDED_KEY]["default"]] == ["metadata"]
