@@ -40,7 +40,9 @@ test: setup browser
 test-fast: setup
 	$(BIN)/python -m pytest -m "not model"
 
-## bench: the cached results: every stage of the preset over MMLU (resumable), then the P(IK) probes
+## bench: the cached results: every stage of the preset over MMLU (resumable), then the P(IK) probes.
+## bench and bench-full refuse to run a stage in emulated bfloat16 (a CPU without native bfloat16,
+## 5-7x slower than float32); CASCADE_ALLOW_EMULATED_BF16=1 forces them
 PER_SUBJECT ?= 40
 THREADS     ?= 1
 bench: fetch
@@ -50,6 +52,7 @@ bench: fetch
 ## bench-full: all 14,042 MMLU questions for every stage (two workers, one thread each; resumable: rerun
 ## after an interruption), features for older records, then the probes; see bench/full_mmlu.sh
 bench-full: fetch
+	$(BIN)/python -m cascade_core bench --preset $(PRESET) --format-check
 	PYTHON=$(BIN)/python bench/full_mmlu.sh $(PRESET)
 
 ## report: docs/RESULTS.md from the cached results

@@ -27,10 +27,12 @@ class UsageError(ValueError):
     """Bad command-line input; printed without a traceback."""
 
 
-def trace_table(trace: Trace, has_probe: dict[str, bool]) -> str:
-    """Human-readable trace: one line per stage visited, then the answer and total cost."""
+def trace_table(trace: Trace, has_probe: dict[str, bool], formats: dict[str, str] | None = None) -> str:
+    """Human-readable trace: one line per stage visited, then the answer and total cost.
+    `formats`: stage -> its number format in words (`compose.formats.served_format_notes`)."""
     header = f"{'stage':<22} {'answer':<8} {'P(T)':>6} {'P(IK)':>12} {'decision':<9} {'tokens':>7} {'FLOPs':>10} {'sec':>7}"
     lines = [trace.thresholds] if trace.thresholds else []
+    lines += [f"{name:<22} number format: {note}" for name, note in (formats or {}).items()]
     lines += [f"{name:<22} off: {why}" for name, why in trace.off.items()]
     lines += [header, "-" * len(header)]
     for s in trace.steps:
@@ -64,6 +66,7 @@ def trace_table(trace: Trace, has_probe: dict[str, bool]) -> str:
 
 def cmd_route(args: argparse.Namespace) -> int:
     from cascade_core.cascade import CascadeError, run_cascade, trace_to_dict
+    from cascade_core.compose.formats import served_format_notes
     from cascade_core.compose.live import build_cascade
     from cascade_core.prompts import validate_question
 
@@ -74,6 +77,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     validate_question(question)
     preset = load_preset(args.preset)
     stages = build_cascade(preset, only=args.stages, progress=not args.json, thresholds=args.thresholds)
+    formats = served_format_notes(f"cascade-{preset.name}", stages)
 
     def on_event(event, stage, step):
         if not args.json and event == "start":
@@ -84,15 +88,15 @@ def cmd_route(args: argparse.Namespace) -> int:
     except CascadeError as err:
         trace = err.trace
         if args.json:
-            print(json.dumps(trace_to_dict(trace)))
+            print(json.dumps({**trace_to_dict(trace), "number_format": formats}))
         else:
-            print(trace_table(trace, {s.name: s.probe is not None for s in stages}))
+            print(trace_table(trace, {s.name: s.probe is not None for s in stages}, formats))
         print(f"error: {err}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(trace_to_dict(trace)))
+        print(json.dumps({**trace_to_dict(trace), "number_format": formats}))
     else:
-        print(trace_table(trace, {s.name: s.probe is not None for s in stages}))
+        print(trace_table(trace, {s.name: s.probe is not None for s in stages}, formats))
     return 0
 
 
@@ -120,6 +124,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from cascade_core.compose.jobs import bench_configs, bench_questions, bench_stage
 
+    check_bench_format(load_preset(args.preset), args)
+    if args.format_check:
+        return 0
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be at least 1, got {args.threads}")
@@ -159,6 +166,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"{config.name}: {len(result)} records, {accuracy} -> {where.record_path(config.name, dataset)}")
         del result
     return 0
+
+
+def check_bench_format(preset, args: argparse.Namespace) -> None:
+    """Refuse to benchmark in emulated bfloat16 (a stage resolving to bfloat16 on a CPU without it),
+    5-7x slower than float32, unless forced (--allow-emulated-bf16 or $CASCADE_ALLOW_EMULATED_BF16=1)."""
+    import os
+
+    from cascade_core.compose.formats import emulated_stages
+    from cascade_core.compose.jobs import bench_configs
+    from cascade_core.number_format import ALLOW_EMULATED_ENV, emulated_bf16_refusal
+
+    emulated = emulated_stages([c for c in bench_configs(preset, args.stages) if c.backend != "recorded"])
+    if not emulated:
+        return
+    if args.allow_emulated_bf16 or os.environ.get(ALLOW_EMULATED_ENV, "").strip() == "1":
+        print(f"warning: {', '.join(emulated)} run in emulated bfloat16 (forced): expect 5-7x the float32 time",
+              file=sys.stderr)
+        return
+    raise UsageError(emulated_bf16_refusal(emulated))
 
 
 def cmd_probes_train(args: argparse.Namespace) -> int:
@@ -323,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CPU threads for torch (default: torch's choice; 1 is fastest when other work shares the cores)")
     bench.add_argument("--backfill-features", action="store_true",
                        help="only compute hidden-state features for questions that have records but none")
+    bench.add_argument("--allow-emulated-bf16", action="store_true",
+                       help="run even where a stage would compute in bfloat16 on a CPU without native bfloat16 "
+                            "(refused by default: 5-7x slower than float32; or $CASCADE_ALLOW_EMULATED_BF16=1)")
+    bench.add_argument("--format-check", action="store_true",
+                       help="only check the stages' number format (the emulated-bfloat16 refusal), run nothing")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_bench)
 

@@ -135,6 +135,7 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
     """
     from cascade_core.bench import code_version
     from cascade_core.calibrated import calibrate_policy
+    from cascade_core.compose.formats import records_dtype
     from cascade_core.resplit import RULES
 
     preset = load_preset(preset) if not isinstance(preset, Preset) else preset
@@ -177,6 +178,8 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
                               biases=tuple(biases))
     record_files = {n: where.record_path(n, dataset) for n in names if where.record_path(n, dataset).exists()}
     provenance = make_provenance(record_files, dataset, "calibration", calib.n_questions, code_version())
+    # the number format the records were made in: route, serve and the app say when a stage runs in another
+    provenance["records_dtype"] = {n: d for n, path in record_files.items() if (d := records_dtype(path))}
     if label_free:
         chosen = _label_free_figures(chosen, labelled)
     found = policy_file_from_calibrated(chosen, preset.name, provenance, target_pt=target_pt, budget=budget,

@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cascade_core.cascade import CascadeCancelled, CascadeError, RuntimeStage, run_cascade, trace_to_dict
+from cascade_core.compose.formats import served_format_notes
 from cascade_core.server.chat_question import question_from_chat
 from cascade_core.server.common import (DEFAULT_MAX_PROMPT_CHARS, ApiError, bearer_checker, install_error_handlers,
                                         read_request, read_token)
@@ -197,6 +198,7 @@ def create_cascade_app(
         else:
             card["in_cascades"] = [c for c, st in served.items() if c.startswith(CASCADE_PREFIX)
                                    and any(s.name == name and s.policy.enabled for s in st)]
+        card["number_format"] = served_format_notes(name, stages)  # per local stage, vs the calibration records
         return card
 
     @app.get("/health")
