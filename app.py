@@ -81,6 +81,9 @@ def home() -> None:
     } for i, s in enumerate(enabled)], hide_index=True, width="stretch")
     st.caption(f"{found.description.capitalize()}. The last stage always answers. Recorded stages replay real "
                "per-question outcomes (MMLU only).")
+    number_format, differs = backends.format_caption(enabled, found)
+    if number_format:
+        (st.info if differs else st.caption)(number_format)
 
     st.subheader("Headline from the cached benchmark")
     headline = data.headline(preset)

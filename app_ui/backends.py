@@ -305,3 +305,35 @@ def runs_as(config: StageConfig) -> str:
     dtype = str(getattr(backend, "dtype", "")).replace("torch.", "")
     quant = str(getattr(backend, "quantization", "none"))
     return f"{getattr(backend, 'device', '?')}, {dtype}" + (f", {quant}" if quant != "none" else "") + source
+
+
+def number_formats(configs, applied=None) -> dict:
+    """Stage name -> its `compose.formats.StageFormat` (the live number format, from the loaded model
+    where there is one, beside the format the policy was calibrated on); `applied`: the preset's
+    AppliedPolicy (its policy file is the reference when it has one)."""
+    from app_ui.data import where
+    from cascade_core.compose.formats import stage_formats
+
+    with _loaded_lock:
+        loaded = {c.name: _loaded[backend_key(c)] for c in configs if backend_key(c) in _loaded}
+    policy_file = applied.file if applied is not None and applied.policy is not None else None
+    return stage_formats(configs, policy_file, where(), loaded=loaded)
+
+
+def format_caption(configs, applied=None) -> tuple[str, bool]:
+    """One line for a page: each local stage's number format, stages that say the same grouped
+    ("**Number format**: SmolLM2-135M-Instruct, Qwen2.5-Coder-1.5B-Instruct: float32 here;
+    calibrated on bfloat16 records: about 5% of answers may differ."), and whether any stage runs in
+    another format than its records; ("", False) when no stage has a format of ours."""
+    from app_ui.state import label_of
+
+    labels = {c.name: label_of(c) for c in configs}
+    groups: dict[str, list[str]] = {}
+    differs = False
+    for name, found in number_formats(configs, applied).items():
+        if found.live:
+            groups.setdefault(found.note, []).append(labels[name])
+            differs = differs or found.differs
+    if not groups:
+        return "", False
+    return "**Number format**: " + " ".join(f"{', '.join(names)}: {note}." for note, names in groups.items()), differs

@@ -94,6 +94,9 @@ def stage_policy(name: str) -> StagePolicy:
 
 enabled_names = [n for n in names if configs[n].enabled]
 st.caption(f"{source.capitalize()}.")
+number_format, format_differs = backends.format_caption([configs[n] for n in chosen], found_policy)
+if number_format:
+    (st.info if format_differs else st.caption)(number_format)
 for name, why in off_reasons.items():
     if name in configs:
         st.caption(f"**{state.label_of(configs[name])}: off**. {why[0].upper()}{why[1:]}.")

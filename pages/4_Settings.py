@@ -10,7 +10,7 @@ import os
 import streamlit as st
 from pydantic import ValidationError
 
-from app_ui import backends, state
+from app_ui import backends, data, state
 from cascade_core.endpoint_hosts import api_base_problem
 from cascade_core.presets import PresetError, StageConfig, load_preset
 
@@ -59,6 +59,10 @@ for config in preset.stages + preset.extra_stages:
         "weights in memory": gib(backends.model_memory_bytes(config)),
     })
 st.dataframe(rows, hide_index=True, width="stretch")
+number_format, differs = backends.format_caption(preset.stages + preset.extra_stages, data.applied(preset)[0])
+if number_format:
+    (st.info if differs else st.caption)(number_format + " Pin what dtype \"auto\" means with $CASCADE_AUTO_DTYPE "
+                                         "(float32 or bfloat16; bfloat16 is fast only where the CPU has it natively).")
 weights = [backends.model_memory_bytes(c) for c in preset.stages + preset.extra_stages]
 total = sum(w for w in weights if w)
 st.caption(f"Model weights in memory: {gib(total) if total else 'none'}. This server process uses "

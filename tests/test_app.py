@@ -9,6 +9,7 @@ routing uses the real SmolLM2-135M.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -306,16 +307,20 @@ def test_explorer_opens_on_the_calibrated_thresholds(app, synthetic_results, no_
     assert found.description in texts(at.sidebar.caption)
 
 
-def write_policy_with_a_stage_off(policies: Path) -> tuple[CascadePolicy, str]:
-    """A policy file whose 0.5B stage calibration switched off (written as `calibrate` writes one)."""
+def write_policy_with_a_stage_off(policies: Path, records_dtype: str | None = None) -> tuple[CascadePolicy, str]:
+    """A policy file whose 0.5B stage calibration switched off (written as `calibrate` writes one);
+    `records_dtype`: the number format its records were made in (provenance.records_dtype)."""
     from cascade_core.policy_file import PolicyFile, write_policy_file
 
     policy = CascadePolicy((StagePolicy(0.62, 0.41), StagePolicy(0.5, 0.5, enabled=False), StagePolicy(0.0, 0.0)))
     why = "calibration switched it off: no threshold of this stage was certified to keep the loss <= 1 pt at delta 0.1"
+    provenance = {"dataset": "mmlu", "split": "calibration", "questions": 401}
+    if records_dtype:
+        provenance["records_dtype"] = {name: records_dtype for name in STAGES}
     write_policy_file(policies / "default.json", PolicyFile(
         preset="default", stages=tuple(STAGES), policy=policy.to_dict(),
         guarantee={"mode": "target", "target_pt": 1.0, "delta": 0.1, "unit": "flops"},
-        provenance={"dataset": "mmlu", "split": "calibration", "questions": 401}, off_reasons={STAGES[1]: why}))
+        provenance=provenance, off_reasons={STAGES[1]: why}))
     return policy, why
 
 
@@ -341,6 +346,32 @@ def test_every_page_says_when_calibration_switched_a_stage_off(app, synthetic_re
     assert at.multiselect(key="stages::default@route").value == [STAGES[0], STAGES[2]]
     routing = list(at.dataframe[0].value["routing"])
     assert routing == ["keep when P(T) >= 0.62 and P(IK) >= 0.41", f"off: {why}", "last stage: always answers"]
+
+
+@pytest.mark.parametrize("live", ["float32", "bfloat16"])
+def test_home_route_and_settings_say_the_number_format_against_the_calibration(app, no_policy_files, monkeypatch, live):
+    """Issue 18: the live format per stage, and plainly when it is not the calibration records' (bfloat16)."""
+    import models.hf as hf
+    from app_ui import backends
+
+    backends.unload_all()  # the format of a model loaded by another test would be its own
+    monkeypatch.setenv("CASCADE_AUTO_DTYPE", live)
+    monkeypatch.setattr(hf, "cpu_has_native_bf16", lambda cpuinfo=None: live == "bfloat16")
+    write_policy_with_a_stage_off(no_policy_files, records_dtype="bfloat16")
+    differs = "float32 here; calibrated on bfloat16 records: about 5% of answers may differ"
+    at = app.run()
+    no_exception(at)
+    for page in (None, ROUTE, SETTINGS):
+        if page:
+            at.switch_page(page).run()
+            no_exception(at)
+        said = texts(at.info) if live == "float32" else texts(at.caption)
+        assert "**Number format**: SmolLM2-135M-Instruct" in said, page
+        if live == "float32":
+            assert f"Qwen2.5-Coder-1.5B-Instruct: {differs}." in said, page
+        else:
+            assert re.search(r"Qwen2\.5-Coder-1\.5B-Instruct[^:]*: bfloat16\.", said) and "may differ" not in said, page
+            assert "Number format" not in texts(at.info)
 
 
 def test_explorer_can_end_with_the_recorded_gpt4_stage(app, synthetic_results):
