@@ -152,7 +152,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             bars[0].update(done - bars[0].n)
 
         result = bench_stage(config, questions, where, dataset, batch_size=args.batch_size,
-                             progress=progress, backfill=args.backfill_features)
+                             progress=progress, backfill=args.backfill_features,
+                             max_new_tokens=args.max_new_tokens)
         for bar in bars:
             bar.close()
         if args.backfill_features:
@@ -160,7 +161,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"({result['backfilled']} computed now, {result['agree']} of them agree with the "
                   f"recorded prediction) -> {where.features_dir(config.name, dataset)}")
         else:
-            labelled = (result["answer"] >= 0).to_numpy() if "answer" in result else np.ones(len(result), bool)
+            if "references" in result:  # free-form: labelled where the dataset gave accepted answers
+                labelled = (result["references"].astype(str) != "[]").to_numpy()
+            else:
+                labelled = (result["answer"] >= 0).to_numpy() if "answer" in result else np.ones(len(result), bool)
             accuracy = (f"accuracy {result['correct'][labelled].mean():.3f}" if labelled.any()
                         else "no answers (calibrate label-free)")
             print(f"{config.name}: {len(result)} records, {accuracy} -> {where.record_path(config.name, dataset)}")
@@ -347,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--features-dir", default=None, help=FOLDER_HELP.format("CASCADE_FEATURES_DIR", "data/features"))
     bench.add_argument("--threads", type=int, default=None, metavar="N",
                        help="CPU threads for torch (default: torch's choice; 1 is fastest when other work shares the cores)")
+    bench.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                       help="free-form datasets: the longest answer generated (default 16)")
     bench.add_argument("--backfill-features", action="store_true",
                        help="only compute hidden-state features for questions that have records but none")
     bench.add_argument("--allow-emulated-bf16", action="store_true",

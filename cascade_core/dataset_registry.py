@@ -29,13 +29,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cascade_core.compose.locations import DATA_DIR
 from cascade_core.graders import default_grader, get_grader
 from cascade_core.io import atomic_write_json
 from cascade_core.question_files import SUFFIXES, read_question_file
 from cascade_core.split import SPLIT_SEED, SPLITS, read_split_json, split_document, take_per_subject, write_split_json
 
-BUILTIN = ("mmlu",)
-RESERVED = ("arith", "mmlu-open")  # the shipped free-form sets of issue 20, not built yet
+BUILTIN = ("mmlu", "arith")
+RESERVED = ("mmlu-open",)  # a shipped free-form set of issue 20, not built yet
+# Shipped question files that are built-in datasets: (file, grader, tolerance). Their metadata names
+# the source "builtin:<name>", not a path, so a clone in any folder reads the committed records.
+BUILTIN_FILES = {"arith": (DATA_DIR / "arith" / "arith.jsonl", "numeric", 0.0)}
 META_FILE = "dataset.json"
 SPLIT_FILE = "split.json"
 META_FORMAT = "cascade-dataset"
@@ -154,15 +158,16 @@ def _ranked(keys: pd.DataFrame, document: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["qid", "split", "rank"])
 
 
-def _file_dataset(path: Path, results_dir, grader: str | None, tolerance: float | None, write: bool) -> Dataset:
+def _file_dataset(path: Path, results_dir, grader: str | None, tolerance: float | None, write: bool,
+                  builtin: str | None = None) -> Dataset:
     import hashlib
 
-    name = dataset_name(str(path), results_dir)
+    name = builtin or dataset_name(str(path), results_dir)
     read = read_question_file(path)  # every check before anything is written
     folder = _results(results_dir) / name
     meta_path, split_path = folder / META_FILE, folder / SPLIT_FILE
     old = read_metadata(name, results_dir) if meta_path.exists() else None
-    if old is not None and Path(old.get("source", "")).resolve() != path.resolve():
+    if builtin is None and old is not None and Path(old.get("source", "")).resolve() != path.resolve():
         raise ValueError(f"{path}: dataset {name!r} already exists for another file ({old.get('source')}); "
                          "rename the file or bench into another --results-dir")
     chosen = grader or (old or {}).get("grader", {}).get("name") or default_grader(read.kind, read.table["references"])
@@ -176,7 +181,7 @@ def _file_dataset(path: Path, results_dir, grader: str | None, tolerance: float 
     split, new_split = _split_of(read.table, split_path, path)
     table = read.table.merge(split, on="qid", how="left", validate="one_to_one")
     table["rank"] = table["rank"].astype(np.int64)
-    meta = {"format": META_FORMAT, "name": name, "source": str(path.resolve()),
+    meta = {"format": META_FORMAT, "name": name, "source": f"builtin:{name}" if builtin else str(path.resolve()),
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "kind": read.kind, "grader": grader_dict,
             "has_answers": read.has_answers, "questions": int(len(table)),
             "groups": int(table["subject"].nunique()), "columns": read.columns, "split": SPLIT_FILE,
@@ -201,6 +206,10 @@ def resolve_dataset(spec: str, results_dir: Path | str | None = None, grader: st
         if grader not in (None, "mc"):
             raise ValueError(f"MMLU is multiple choice and graded by 'mc', not {grader!r}")
         return _mmlu()
+    if name in BUILTIN_FILES:
+        path, default, default_tolerance = BUILTIN_FILES[name]
+        return _file_dataset(path, results_dir, grader or default,
+                             default_tolerance if tolerance is None else tolerance, write, builtin=name)
     if looks_like_file(spec):
         return _file_dataset(Path(spec), results_dir, grader, tolerance, write)
     source = read_metadata(name, results_dir).get("source", "")

@@ -48,6 +48,8 @@ class Generation:
     seconds: float = 0.0
     tokens: tuple[str, ...] = ()  # the text of each generated token, where the backend gives it
     finish_reason: str = "stop"  # "stop" (end of turn), "length" (max_new_tokens) or "cancelled"
+    hidden_states: dict[int, np.ndarray] | None = None  # at the prompt's last token, when asked for
+    first_token_seconds: float = float("nan")  # the prompt's pass (and its first token)
 
 
 @runtime_checkable

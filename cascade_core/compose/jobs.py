@@ -37,9 +37,6 @@ def bench_questions(dataset: str = "mmlu", split: str | None = None, per_subject
         from cascade_core.dataset_registry import resolve_dataset, select_questions
 
         found = resolve_dataset(dataset, results_dir)
-        if found.kind != "mc":
-            raise ValueError(f"dataset {found.name!r} is free-form (no options): benchmarking free-form questions "
-                             "is not built yet (issue 20, item 2); only multiple-choice files can be benchmarked")
         questions = select_questions(found, split, per_subject, subjects)
         return questions.iloc[np.lexsort((questions["subject"].to_numpy(), questions["rank"].to_numpy()))]
     questions = load_mmlu(split=None if split in (None, "all") else split, per_subject=per_subject, subjects=subjects)
@@ -52,14 +49,27 @@ def stage_paths(where: Locations, config: StageConfig, dataset: str = "mmlu") ->
 
 def bench_stage(config: StageConfig, questions: pd.DataFrame, where: Locations, dataset: str = "mmlu",
                 backend=None, batch_size: int | None = None, progress: Progress | None = None,
-                backfill: bool = False):
+                backfill: bool = False, max_new_tokens: int | None = None):
     """One stage over `questions` (resumable): its records, or with `backfill` only the missing
-    hidden-state features (returns `bench.backfill_features`'s counts)."""
+    hidden-state features (returns `bench.backfill_features`'s counts). Questions without options
+    are answered in free form (`freeform_bench`), graded by the dataset's grader."""
     if config.backend == "recorded":
         raise ValueError(f"stage {config.name!r} replays recorded outcomes: there is nothing to run")
+    free = "options" in questions and len(questions) > 0 and not any(len(o) for o in questions["options"])
+    if free and backfill:
+        raise ValueError(f"dataset {dataset!r} is free-form: its runner keeps features as it goes; nothing to backfill")
     backend = backend or build_backend(config)
     paths = stage_paths(where, config, dataset)
     size = batch_size or config.batch_size
+    if free:
+        from cascade_core.dataset_registry import read_metadata
+        from cascade_core.freeform_bench import DEFAULT_MAX_NEW_TOKENS, run_freeform_stage
+        from cascade_core.graders import grader_from_dict
+
+        grader = grader_from_dict(read_metadata(dataset, where.results)["grader"])
+        return run_freeform_stage(backend, config.name, questions, paths, grader,
+                                  max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS, batch_size=size,
+                                  progress=progress, **describe_backend(config, backend))
     if backfill:
         return backfill_features(backend, questions, paths, batch_size=size, progress=progress,
                                  dtype=describe_backend(config, backend)["dtype"],
@@ -115,7 +125,7 @@ def train_probes(preset: Preset, where: Locations, dataset: str = "mmlu", stages
             continue
         aligned = align_features(records, qids, features)
         result = train_probe(records, aligned, model_id=str(records["model_id"].iloc[0]), seed=seed)
-        probe_path = where.probe_path(config)
+        probe_path = where.probe_path(config, dataset)
         result.probe.metadata["test_auroc"] = result.test_auroc
         result.probe.metadata["layer_cv_auroc"] = {str(k): v for k, v in result.layer_auroc.items()}
         result.probe.metadata["grid_cv_auroc"] = {f"{l}/{c:g}": v for (l, c), v in (result.grid_auroc or {}).items()}

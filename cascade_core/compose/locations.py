@@ -53,8 +53,12 @@ class Locations:
     def hidden_dir(self, dataset: str = "mmlu") -> Path:
         return self.hidden / dataset
 
-    def probe_path(self, config) -> Path:
-        """A stage's probe file: the preset's `probe` key, else `<probes>/<stage>.npz`."""
+    def probe_path(self, config, dataset: str = "mmlu") -> Path:
+        """A stage's probe file: for MMLU the preset's `probe` key, else `<probes>/<stage>.npz`; for
+        any other dataset `<probes>/<dataset>/<stage>.npz` (a probe learns one kind of question:
+        an arithmetic probe must never replace the MMLU one the preset names)."""
+        if dataset != "mmlu":
+            return self.probes / dataset / f"{config.name}.npz"
         return config.probe_path() or self.probes / f"{config.name}.npz"
 
     @property

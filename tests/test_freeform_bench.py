@@ -1,0 +1,99 @@
+"""Free-form benchmarks: the shipped `arith` set, answer classes, and a tiny run with SmolLM2 through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cascade_core.arith import PER_TASK, SHIPPED, TASKS, arith_rows, write_arith_file
+from cascade_core.freeform_bench import answer_class
+from cascade_core.graders import get_grader
+
+
+def test_arith_is_reproducible_and_its_answers_are_right(tmp_path):
+    rows = arith_rows()
+    assert rows == arith_rows()  # a fixed seed: the same questions every time
+    assert write_arith_file(tmp_path / "a.jsonl").read_bytes() == SHIPPED.read_bytes()  # the shipped file is this draw
+    assert len(rows) == len(TASKS) * PER_TASK and len({r["id"] for r in rows}) == len(rows)
+    for row in rows:
+        expression = row["question"].removeprefix("What is ").removesuffix("? Answer with the number only.")
+        assert eval(expression, {"__builtins__": {}}) == int(row["answer"]), row  # noqa: S307 - digits and + - * ( ) only
+    by_task = pd.Series([r["subject"] for r in rows]).value_counts()
+    assert (by_task == PER_TASK).all() and set(by_task.index) == set(TASKS)
+    five = [r for r in rows if r["subject"] == "5D+"]
+    assert max(len(r["question"].split()[2]) for r in five) == 5  # operands drawn from [0, 10^5)
+
+
+def test_answer_classes_follow_the_grader_and_unkeyed_answers_agree_only_with_the_same_text():
+    numeric = get_grader("numeric", 0.0)
+    assert answer_class(numeric, "124") == answer_class(numeric, "The answer is 124.") >= 0
+    assert answer_class(numeric, "124") != answer_class(numeric, "125")
+    assert answer_class(numeric, "I don't know") == answer_class(numeric, "i don't know") >= 0
+    assert answer_class(numeric, "I don't know") != answer_class(numeric, "no idea")
+    assert answer_class(numeric, "I don't know") != answer_class(numeric, "124")
+    assert answer_class(numeric, "124") < 2 ** 52  # exact in the float64 a record table reads
+
+
+def test_arith_resolves_as_a_builtin_free_form_dataset(tmp_path):
+    from cascade_core.dataset_registry import resolve_dataset
+
+    found = resolve_dataset("arith", tmp_path)
+    assert (found.name, found.kind, found.grader, found.has_answers) == ("arith", "free", {"name": "numeric", "tolerance": 0.0}, True)
+    meta = json.loads((tmp_path / "arith" / "dataset.json").read_text())
+    assert meta["source"] == "builtin:arith"  # no path of this checkout: a clone elsewhere reads it too
+    halves = found.questions.groupby("subject")["split"].value_counts().unstack()
+    assert (halves["calibration"] == halves["test"]).all()  # stratified by task, 50 / 50
+
+
+@pytest.mark.model
+def test_a_free_form_benchmark_with_smollm2_through_the_cli(tmp_path, smollm2_backend, capsys):
+    """Answers, grades, both P(T)s, the prompt's features and resuming, on four questions."""
+    from cascade_core.bench import load_features
+    from cascade_core.cli import main
+
+    questions = tmp_path / "mini.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "a", "question": "What is 2 + 2? Answer with the number only.", "answer": "4", "group": "easy"},
+        {"id": "b", "question": "What is 3 + 5? Answer with the number only.", "answer": "8", "group": "easy"},
+        {"id": "c", "question": "What is 4817 * 93? Answer with the number only.", "answer": "447981", "group": "hard"},
+        {"id": "d", "question": "What is 9 - 11? Answer with the number only.", "answer": "-2", "group": "hard"},
+    ]))
+    args = ["bench", "--dataset", str(questions), "--stages", "smollm2-135m", "--max-new-tokens", "6",
+            "--results-dir", str(tmp_path / "results"), "--features-dir", str(tmp_path / "features"), "--quiet"]
+    assert main(args) == 0
+    assert "smollm2-135m: 4 records, accuracy" in capsys.readouterr().out
+    records = pd.read_parquet(tmp_path / "results" / "mini" / "smollm2-135m.parquet")
+    grader = get_grader("numeric")
+    for row in records.itertuples():
+        refs = json.loads(row.references)
+        assert row.correct == grader.grade(row.answer_text, refs)
+        assert row.prediction == answer_class(grader, row.answer_text) and row.answer == -1
+        assert 0 <= row.p_t_min <= row.p_t <= 1 and 1 <= row.output_tokens <= 6
+        assert 0 < row.first_token_seconds <= row.seconds and row.finish_reason in ("stop", "length")
+    qids, layers = load_features(tmp_path / "features" / "mini" / "smollm2-135m")
+    assert sorted(qids) == ["a", "b", "c", "d"] and len(layers) == 8
+    assert all(np.isfinite(x).all() and x.shape == (4, smollm2_backend.model.config.hidden_size) for x in layers.values())
+    before = (tmp_path / "results" / "mini" / "smollm2-135m.parquet").read_bytes()
+    assert main(args) == 0  # resumed: nothing left to answer, nothing rewritten
+    assert (tmp_path / "results" / "mini" / "smollm2-135m.parquet").read_bytes() == before
+
+
+@pytest.mark.model
+def test_generate_returns_the_prompt_hidden_state_of_the_same_pass(smollm2_backend):
+    """P(IK) for free-form answers reads the prompt's last token from the pass that also gives
+    the first answer token: the same numbers as a plain forward pass over the templated prompt."""
+    import torch
+
+    b = smollm2_backend
+    prompt = "What is 7 + 6? Answer with the number only."
+    g = b.generate(prompt, max_new_tokens=3, layers=[5, b.n_layers])
+    ids = b.encode(prompt, multiple_choice=False, reserve=3, chat=True)
+    with torch.inference_mode():
+        out = b._forward([ids], want_hidden=True)
+    for layer in (5, b.n_layers):
+        np.testing.assert_allclose(g.hidden_states[layer], out.hidden_states[layer][0, -1].float().numpy(), atol=1e-4)
+    assert 0 < g.first_token_seconds <= g.seconds
+    assert b.generate(prompt, max_new_tokens=2).hidden_states is None  # none unless asked for
