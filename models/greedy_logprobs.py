@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from models.user_text import encode_rendered, encode_text
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
@@ -63,7 +65,23 @@ class GreedyLogprobEngine:
         return "\n".join(lines) + "\nassistant:", False
 
     def encode(self, prompt: str, special_tokens_included: bool = False) -> list[int]:
-        return list(self.tokenizer(prompt, add_special_tokens=not special_tokens_included)["input_ids"])
+        """Ids of a raw prompt (/v1/completions): all of it client text, so a special-token string
+        in it stays characters (`models.user_text`); BOS/EOS are added as the tokenizer does."""
+        if special_tokens_included:
+            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return encode_text(self.tokenizer, prompt, add_special_tokens=True)
+
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        """Ids of `messages` through the chat template, every message's content kept as text: a
+        `<|im_end|><|im_start|>system` inside one cannot close its turn or open another."""
+        if not self.has_chat_template:
+            return encode_text(self.tokenizer, self.chat_prompt(messages)[0], add_special_tokens=True)
+
+        def render(texts: Sequence[str]) -> str:
+            with_texts = [{**m, "content": t} for m, t in zip(messages, texts)]
+            return self.tokenizer.apply_chat_template(with_texts, tokenize=False, add_generation_prompt=True)
+
+        return encode_rendered(self.tokenizer, render, [str(m["content"]) for m in messages])
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([int(token_id)], skip_special_tokens=False,

@@ -54,6 +54,7 @@ import torch
 
 from cascade_core.types import MAX_OPTIONS, OPTION_LETTERS, Generation, OptionScores
 from models.errors import ModelLoadError
+from models.user_text import encode_rendered, encode_text
 
 log = logging.getLogger(__name__)
 
@@ -360,15 +361,19 @@ class HFBackend:
 
     # --- prompts -> token ids ------------------------------------------------------------------
 
-    def _chat_text(self, prompt: str, multiple_choice: bool) -> str:
-        prefill = ""
-        user = prompt
+    def _chat_parts(self, prompt: str, multiple_choice: bool) -> tuple[str, str]:
+        """(the user message, the answer cue prefilled after the template's assistant header)."""
         if multiple_choice and prompt.rstrip().endswith(ANSWER_CUE):
-            user = prompt.rstrip()[: -len(ANSWER_CUE)].rstrip()
-            prefill = ANSWER_CUE
+            return prompt.rstrip()[: -len(ANSWER_CUE)].rstrip(), ANSWER_CUE
+        return prompt, ""
+
+    def _render_chat(self, user: str, prefill: str) -> str:
         text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
         return text + prefill
+
+    def _chat_text(self, prompt: str, multiple_choice: bool) -> str:
+        return self._render_chat(*self._chat_parts(prompt, multiple_choice))
 
     def encode(self, prompt: str, multiple_choice: bool = True, reserve: int = 0, chat: bool | None = None) -> list[int]:
         """Token ids of `prompt` as the model sees it, cut from the left to fit the context.
@@ -376,11 +381,13 @@ class HFBackend:
         `chat` (default: the backend's `chat_template` setting) wraps it in the chat template."""
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"a prompt must be a non-empty string, got {prompt!r}")
+        # The prompt is user text: a special-token string in it stays characters (models.user_text).
         if self.chat_template if chat is None else chat:
             # The template writes its own special tokens (BOS included where the model has one).
-            ids = list(self.tokenizer(self._chat_text(prompt, multiple_choice), add_special_tokens=False)["input_ids"])
+            user, prefill = self._chat_parts(prompt, multiple_choice)
+            ids = encode_rendered(self.tokenizer, lambda texts: self._render_chat(texts[0], prefill), [user])
         else:
-            ids = list(self.tokenizer(prompt)["input_ids"])
+            ids = encode_text(self.tokenizer, prompt)
         limit = self.max_length - reserve
         if len(ids) > limit:
             keep_first = ids[0] in set(self.tokenizer.all_special_ids)

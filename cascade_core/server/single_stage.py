@@ -121,10 +121,12 @@ def create_single_stage_app(
             raise ApiError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
                            kind="not_found_error", param="model")
 
-    def run(prompt: str, special_tokens_included: bool, max_tokens: int, top_k: int, stop: list[str],
+    def run(prompt: str | list[dict], special_tokens_included: bool, max_tokens: int, top_k: int, stop: list[str],
             chat: bool, cancel: CancelToken, on_token=None):
         with lock:  # the tokenizer too: a fast tokenizer used from two threads can fail
-            prompt_ids = engine.encode(prompt, special_tokens_included)
+            # Chat messages through the template with their contents kept as text (models.user_text).
+            prompt_ids = engine.encode_chat(prompt) if isinstance(prompt, list) else engine.encode(
+                prompt, special_tokens_included)
             if not prompt_ids:
                 raise ApiError(400, "the prompt is empty after tokenization", param="prompt")
             if engine.max_positions and len(prompt_ids) + max_tokens > engine.max_positions:
@@ -214,9 +216,9 @@ def create_single_stage_app(
                            param="prompt")
         return req, prompt
 
-    def chat_request(data: dict) -> tuple[ChatRequest, str, bool]:
-        """A /v1/chat/completions body -> (request, prompt text, whether it holds the special
-        tokens); runs off the event loop (`read_request`), the chat template included."""
+    def chat_request(data: dict) -> tuple[ChatRequest, str | list[dict], bool]:
+        """A /v1/chat/completions body -> (request, the messages or the prompt text, whether it
+        holds the special tokens); runs off the event loop (`read_request`)."""
         req = parse_chat(data)
         check_model(req)
         if not any(m.content.strip() for m in req.messages):
@@ -227,6 +229,8 @@ def create_single_stage_app(
                            param="messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
                     for m in req.messages]
+        if hasattr(engine, "encode_chat"):  # the template is applied with the tokens, contents kept as text
+            return req, messages, True
         text, special = engine.chat_prompt(messages)
         return req, text, special
 
@@ -269,9 +273,9 @@ def create_single_stage_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_auth(request)
-        req, text, special = await read_request(request, max_body_bytes, chat_request)
+        req, prompt, special = await read_request(request, max_body_bytes, chat_request)
         top_k = (req.top_logprobs or 0) if req.logprobs else 0
-        args = (text, special, req.max_new_tokens(DEFAULT_MAX_TOKENS), top_k, req.stop_list(), True)
+        args = (prompt, special, req.max_new_tokens(DEFAULT_MAX_TOKENS), top_k, req.stop_list(), True)
         if req.stream:
             return await streamed(request, Chunks(model_name), args, req.include_usage(), req.logprobs)
         completion = await bounded(request, *args)
