@@ -39,6 +39,13 @@ def axis_scale(largest: float) -> tuple[float, str]:
     return 1.0, ""
 
 
+def option_scale(option: dict) -> tuple[float, str]:
+    """The factor and words the chart's cost axis is drawn in (`frontier_option`'s x axis), so that
+    a cost typed by the user is read in the unit the chart shows ("billions of FLOPs" -> 1e9)."""
+    name = str(option.get("xAxis", {}).get("name", ""))
+    return next(((f, w) for f, w in SI_WORDS if f"({w} " in name), (1.0, ""))
+
+
 def label_sides(xs: Sequence[float], x_range: tuple[float, float]) -> list[str]:
     """Where each single model's label goes: to the right of a point in the left half of the plot and
     to the left of one in the right half, so no label runs off an edge (ECharts' labelLayout then

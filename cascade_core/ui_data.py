@@ -51,16 +51,25 @@ SCORE_RANGE = {"learned": (0.0, 1.0), "loss_aware": (-1.0, 1.0)}  # what each sc
 
 def settings_to_params(settings: Mapping[str, StageSetting], rule: str) -> dict[str, str]:
     """Explorer state -> query parameters: `rule`, and per stage `t.<stage>`, `ik.<stage>`, `on.<stage>`
-    (and `s.<stage>`, the score threshold, under a scored rule)."""
+    (and `s.<stage>`, the score threshold, under a scored rule).
+
+    Every stage's on/off is written, on as well as off: a fresh page opens on the calibrated policy,
+    which may switch a stage off, so a link that only named the stages switched off would bring
+    that stage back off (issue 22). Thresholds are written exactly (`repr`), so the link replays to
+    the last digit."""
     params = {"rule": rule}
     for name, s in settings.items():
-        params[f"t.{name}"] = f"{s.tau_t:.4g}"
-        params[f"ik.{name}"] = f"{s.tau_ik:.4g}"
+        params[f"t.{name}"] = _exact(s.tau_t)
+        params[f"ik.{name}"] = _exact(s.tau_ik)
         if rule in SCORE_RANGE:
-            params[f"s.{name}"] = f"{s.tau_score:.4g}"
-        if not s.enabled:
-            params[f"on.{name}"] = "0"
+            params[f"s.{name}"] = _exact(s.tau_score)
+        params[f"on.{name}"] = "1" if s.enabled else "0"
     return params
+
+
+def _exact(value: float) -> str:
+    """A threshold as the shortest text that reads back to the same float (0.5 -> "0.5")."""
+    return repr(float(value))
 
 
 def settings_from_params(params: Mapping[str, str], defaults: Mapping[str, StageSetting],

@@ -190,8 +190,15 @@ def apply_policy(policy, names: tuple[str, ...], preset_name: str, scores_key: s
             st.session_state[widget_key(preset_name, name, what)] = value
 
 
-def recalibrate(preset, recorded, names: tuple[str, ...], unit: str, split: str, scores_key: str) -> None:
-    """Callback of the calibrate button: Learn-then-Test on the calibration split, sliders moved to the result."""
+def budget_key(unit: str, factor: float) -> str:
+    """The budget box's key: per unit and per axis scale (a value typed in billions stays in billions)."""
+    return f"cal_budget::{unit}::{factor:g}"
+
+
+def recalibrate(preset, recorded, names: tuple[str, ...], unit: str, split: str, scores_key: str,
+                factor: float = 1.0) -> None:
+    """Callback of the calibrate button: Learn-then-Test on the calibration split, sliders moved to the
+    result. `factor`: what the budget box's unit is worth (1e9 when the chart shows billions of FLOPs)."""
     from cascade_core.calibrated import calibrate_policy
 
     mode = st.session_state.get("cal_mode", "accuracy loss")
@@ -204,7 +211,7 @@ def recalibrate(preset, recorded, names: tuple[str, ...], unit: str, split: str,
             chosen = calibrate_policy(calib.table, target_max_loss=float(st.session_state["cal_target"]) / 100.0,
                                       delta=float(st.session_state["cal_delta"]), unit=unit)
         else:
-            chosen = calibrate_policy(calib.table, target_max_loss=None, cost_budget=float(st.session_state[f"cal_budget::{unit}"]),
+            chosen = calibrate_policy(calib.table, target_max_loss=None, cost_budget=float(st.session_state[budget_key(unit, factor)]) * factor,
                                       delta=float(st.session_state["cal_delta"]), unit=unit)
     except ValueError as err:
         st.session_state["_calibrated"] = {"error": f"No policy could be certified: {err}"}
@@ -316,7 +323,7 @@ def explorer(rule: str) -> None:
             st.info(f"{', '.join(zero_cost)} cost{'s' if len(zero_cost) == 1 else ''} nothing in {unit_label} "
                     "(a local model has no price; GPT-4's size, hence its FLOPs, is unknown): pick another cost unit "
                     "to compare them.")
-        draw_chart(point, [s.enabled for s in policy.stages], unit_label)
+        scale = draw_chart(point, [s.enabled for s in policy.stages], unit_label)
         st.subheader("Where the questions go")
         rates = [{"stage": state.label_of(configs[n]) if n in configs else n,
                   "in use": bool(policy.stages[i].enabled),
@@ -324,7 +331,7 @@ def explorer(rule: str) -> None:
                   "escalation rate": pct(point.escalation_rate[n], 1),
                   "answers": pct(point.answer_rate[n], 1)} for i, n in enumerate(table.names)]
         st.dataframe(rates, hide_index=True, width="stretch")
-        calibrate_form(unit_label)
+        calibrate_form(unit_label, scale)
         st.caption("Share this view: the page's address carries the thresholds, the rule, the split and the cost unit.")
 
 
@@ -345,8 +352,9 @@ def draw_metrics(area, point, unit_label: str) -> None:
                  f"{charts.fmt_number(point.random_cost)} {unit_label}.")
 
 
-def draw_chart(point, enabled: list[bool], unit_label: str) -> None:
-    """The accuracy-cost chart: the sweep, the references and the operating point (with where it was)."""
+def draw_chart(point, enabled: list[bool], unit_label: str) -> tuple[float, str]:
+    """The accuracy-cost chart: the sweep, the references and the operating point (with where it was);
+    returns the factor and words its cost axis is drawn in (`charts.option_scale`)."""
     swept = data.load_frontier(preset, split, recorded, rule, unit)
     refs = data.load_references(preset, split, recorded, enabled, unit)
     singles = [{"label": state.label_of(configs[stage]) if stage in configs else stage, "cost": cost,
@@ -367,28 +375,31 @@ def draw_chart(point, enabled: list[bool], unit_label: str) -> None:
     st.caption(f"{swept['policies']:,} swept polic{'y' if swept['policies'] == 1 else 'ies'} (every sub-cascade, quantile "
                "thresholds); the oracle answers each question with the cheapest model that gets it right, the limit no "
                "router can beat.")
+    return charts.option_scale(option)
 
 
-def calibrate_form(unit_label: str) -> None:
+def calibrate_form(unit_label: str, scale: tuple[float, str] = (1.0, "")) -> None:
     with st.expander("Calibrate for a promise (computed on the calibration split, shown on the chosen split)",
                      expanded=False):
         st.caption("Learn-then-Test on the calibration split: with probability at least 1 − δ over the draw of the "
                    "calibration questions, the chosen policy keeps its promise on new questions. The sliders move to "
                    f"the chosen policy; the metrics above show it on the **{split}** split.")
+        factor, words = scale  # the budget is typed in the unit the chart's cost axis shows
+        shown_unit = f"{words} {unit_label}" if words else unit_label
         mode = st.radio("Promise", ["accuracy loss", "cost budget"], horizontal=True, key="cal_mode",
                         format_func=lambda m: {"accuracy loss": "at most this accuracy loss against the largest stage",
-                                               "cost budget": f"at most this mean cost ({unit_label} / question)"}[m])
+                                               "cost budget": f"at most this mean cost ({shown_unit} / question)"}[m])
         left, right = st.columns(2)
         if mode == "accuracy loss":
             left.number_input("Accuracy loss allowed (points)", 0.0, 100.0, 1.0, 0.5, key="cal_target")
         else:
-            largest = float(table.cost(unit)[-1].mean())
-            left.number_input(f"Budget ({unit_label} per question)", 0.0, value=float(f"{largest / 2:.3g}"),
-                              key=f"cal_budget::{unit}", format="%.4g")
+            largest = float(table.cost(unit)[-1].mean()) / factor
+            left.number_input(f"Budget ({shown_unit} per question, as on the chart)",
+                              0.0, value=float(f"{largest / 2:.3g}"), key=budget_key(unit, factor), format="%.4g")
         right.number_input("Risk δ", 0.001, 0.5, 0.1, 0.01, key="cal_delta", format="%.3f",
                            help="The chance that the promise fails on new questions of the same kind")
         st.button("Calibrate and move the sliders", key="cal_button", type="primary", on_click=recalibrate,
-                  args=(preset, recorded, table.names, unit, split, scores_key))
+                  args=(preset, recorded, table.names, unit, split, scores_key, factor))
         done = st.session_state.get("_calibrated")
         if done and "error" in done:
             st.error(done["error"])

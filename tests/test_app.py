@@ -248,6 +248,27 @@ def test_explorer_rule_and_switched_off_stage_replay_exactly(app, synthetic_resu
     assert at.query_params["on.qwen2.5-coder-0.5b"] in ("0", ["0"])
 
 
+def test_a_shared_link_opens_in_a_fresh_session_exactly_as_the_sender_saw_it(app, synthetic_results, no_policy_files):
+    """Issue 22: the fresh page opens on the calibrated policy (the 0.5B stage off); the sender had
+    switched it on and moved a threshold; the link restores both, to the last digit."""
+    write_policy_with_a_stage_off(no_policy_files)
+    at = open_page(app, EXPLORE)
+    assert at.checkbox(key=key(STAGES[1], "on")).value is False
+    at.checkbox(key=key(STAGES[1], "on")).check().run()
+    at.number_input(key=key(STAGES[0], "tau_t") + "#n").set_value(0.6137).run()
+    no_exception(at)
+    link = {k: v[0] if isinstance(v, list) else v for k, v in at.query_params.items()}
+    assert link[f"on.{STAGES[1]}"] == "1" and link[f"on.{STAGES[0]}"] == "1"
+    fresh = AppTest.from_file(APP, default_timeout=120)
+    fresh.query_params.update(link)
+    opened = open_page(fresh, EXPLORE)
+    assert opened.checkbox(key=key(STAGES[1], "on")).value is True
+    assert opened.number_input(key=key(STAGES[0], "tau_t") + "#n").value == pytest.approx(0.6137, abs=0)
+    assert metrics(opened) == metrics(at)  # accuracy, cost, PD, McNemar: to the last digit shown
+    assert chart_point(opened, "these thresholds") == chart_point(at, "these thresholds")
+    assert not [w for w in texts(opened.warning).splitlines() if w.startswith("Ignored from the link")]
+
+
 def test_explorer_all_stages_off_is_a_message(app):
     at = open_page(app, EXPLORE)
     for stage in STAGES:
@@ -281,6 +302,31 @@ def test_explorer_target_control_moves_the_sliders_to_the_calibrated_policy(app,
     on_test = replay(table.subset("test"), chosen.policy)
     assert metrics(at)["Accuracy"] == f"{on_test.accuracy:.2%}"  # chosen on calibration, shown on test
     assert "calibrated for <= 2 pt at delta 0.2" in texts(at.success).lower()
+
+
+def test_explorer_budget_is_typed_in_the_chart_s_unit(app, synthetic_results):
+    """Issue 22: the chart shows (say) billions of FLOPs; the budget box takes the same unit."""
+    from app_ui.charts import SI_WORDS
+    from cascade_core.calibrated import calibrate_policy
+
+    _, table = synthetic_results
+    at = open_page(app, EXPLORE)
+    at.radio(key="cal_mode").set_value("cost budget").run()
+    no_exception(at)
+    axis = chart_option(at)["xAxis"]["name"]
+    factor, words = next((f, w) for f, w in SI_WORDS if f"({w} " in axis)
+    box = next(n for n in at.number_input if n.label.startswith("Budget ("))
+    assert f"{words} FLOPs per question, as on the chart" in box.label
+    largest = float(table.subset("test").cost("flops")[-1].mean())  # the page shows the test split
+    assert box.value == pytest.approx(float(f"{largest / factor / 2:.3g}"))  # half the largest stage, in the axis' unit
+    budget = round(0.8 * largest / factor, 3)
+    box.set_value(budget).run()
+    at.button(key="cal_button").click().run()
+    no_exception(at)
+    assert not at.error, texts(at.error)
+    chosen = calibrate_policy(table.subset("calibration"), target_max_loss=None, cost_budget=budget * factor, delta=0.1,
+                              unit="flops")
+    assert metrics(at)["Accuracy"] == f"{replay(table.subset('test'), chosen.policy).accuracy:.2%}"
 
 
 def write_policy_file(results_root: Path, policies: Path, target_pt: float = 3.0):
