@@ -209,6 +209,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from cascade_core.compose.tables import load_report_inputs
 
     dataset = _dataset_name(args.dataset, locations(args.results_dir).results)
+    from cascade_core.dataset_registry import read_metadata
+
+    if read_metadata(dataset, locations(args.results_dir).results).get("kind") == "free":
+        return _report_free_form(args, dataset)
     inputs = load_report_inputs(args.preset, dataset, args.results_dir, args.features_dir)
     for stage, why in inputs["meta"]["features_missing"].items():
         print(f"{stage}: no OOD / label-free probes ({why})", file=sys.stderr)
@@ -220,6 +224,33 @@ def cmd_report(args: argparse.Namespace) -> int:
         out = str(RESULTS_DOC) if dataset == "mmlu" else str(locations(args.results_dir).results / dataset / "REPORT.md")
     if out:
         atomic_write_text(Path(out), render(report))
+        print(f"wrote {out}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report, allow_nan=False))
+    return 0
+
+
+def _report_free_form(args: argparse.Namespace, dataset: str) -> int:
+    """`report` of a free-form dataset (`report.freeform`): a shipped set's goes to
+    docs/RESULTS-<name>.md, a user's file's beside its records."""
+    from cascade_core.bench import load_records
+    from cascade_core.compose.tables import load_preset_table
+    from cascade_core.dataset_registry import BUILTIN
+    from cascade_core.io import atomic_write_text
+    from cascade_core.report.freeform import freeform_report, render_freeform
+
+    where = locations(args.results_dir)
+    table = load_preset_table(args.preset, dataset, args.results_dir, include_recorded=False)
+    frames = {name: load_records(where.record_path(name, dataset)) for name in table.names}
+    if not args.quiet:
+        print(f"... free-form report of {dataset}: {table.n_questions} questions, {args.resplits} re-splits",
+              file=sys.stderr, flush=True)
+    report = freeform_report(table, frames, dataset, resplits=args.resplits)
+    out = args.out
+    if out is None:
+        out = str(RESULTS_DOC.with_name(f"RESULTS-{dataset}.md")) if dataset in BUILTIN else str(where.results / dataset / "REPORT.md")
+    if out:
+        atomic_write_text(Path(out), render_freeform(report))
         print(f"wrote {out}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, allow_nan=False))
@@ -384,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "<results>/<dataset>/REPORT.md; '' to skip the file")
     report.add_argument("--results-dir", default=None, help=FOLDER_HELP.format("CASCADE_RESULTS_DIR", "data/results"))
     report.add_argument("--features-dir", default=None, help=FOLDER_HELP.format("CASCADE_FEATURES_DIR", "data/features"))
+    report.add_argument("--resplits", type=int, default=200, help="free-form datasets: re-splits of the guarantee study")
     report.add_argument("--quiet", action="store_true")
     report.set_defaults(func=cmd_report)
 

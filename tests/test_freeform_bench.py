@@ -97,3 +97,56 @@ def test_generate_returns_the_prompt_hidden_state_of_the_same_pass(smollm2_backe
         np.testing.assert_allclose(g.hidden_states[layer], out.hidden_states[layer][0, -1].float().numpy(), atol=1e-4)
     assert 0 < g.first_token_seconds <= g.seconds
     assert b.generate(prompt, max_new_tokens=2).hidden_states is None  # none unless asked for
+
+
+def _synthetic_free_form(tmp_path, n=2000, seed=0):
+    """Two stages' free-form records on a registered answer file: the large one right on 90%, the
+    small one right on 70%, and only where the large one is, its P(T) and P(IK) informative.
+    Returns the preset path."""
+    from cascade_core.dataset_registry import resolve_dataset
+
+    rng = np.random.default_rng(seed)
+    questions = tmp_path / "sums.jsonl"
+    questions.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + 1?", "answer": str(i + 1),
+                                             "group": f"g{i % 4}"}) + "\n" for i in range(n)))
+    found = resolve_dataset(str(questions), tmp_path / "results")
+    table = found.questions
+    grader = get_grader("numeric")
+    results = tmp_path / "results" / "sums"
+    large_right = rng.random(n) < 0.9
+    for stage, params in (("small", 1e8), ("large", 1e9)):
+        right = large_right if stage == "large" else large_right & (rng.random(n) < 0.78)
+        answers = [str(i + 1) if r else str(i + 7) for i, r in enumerate(right)]
+        p_t = np.clip(np.where(right, 0.85, 0.45) + rng.normal(0, 0.06, n), 0.01, 1)
+        pd.DataFrame({
+            "qid": table["qid"], "subject": table["subject"], "category": "", "split": table["split"], "stage": stage,
+            "model_id": stage, "answer": -1, "prediction": [answer_class(grader, a) for a in answers], "correct": right,
+            "p_t": p_t, "p_t_min": p_t * 0.8, "p_ik": np.clip(np.where(right, 0.7, 0.4) + rng.normal(0, 0.15, n), 0, 1),
+            "answer_text": answers, "references": [json.dumps([str(i + 1)]) for i in range(n)],
+            "prompt_tokens": 20, "output_tokens": 4, "flops": 2 * params * 24, "seconds": 1.0, "first_token_seconds": 0.4,
+        }).to_parquet(results / f"{stage}.parquet")
+    preset = tmp_path / "two.toml"
+    preset.write_text('name = "two"\n' + "".join(f'[[stages]]\nname = "{s}"\nbackend = "packaged"\nmodel = "smollm2-135m"\n'
+                                                 f'rule = "both"\nprobe_optional = true\n' for s in ("small", "large")))
+    return preset
+
+
+def test_the_free_form_report_measures_both_guarantees_and_the_gate(tmp_path, capsys):
+    from cascade_core.cli import main
+
+    preset = _synthetic_free_form(tmp_path)
+    out = tmp_path / "REPORT.md"
+    assert main(["report", "--dataset", "sums", "--preset", str(preset), "--results-dir", str(tmp_path / "results"),
+                 "--out", str(out), "--resplits", "20", "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    small, large = report["models"]
+    assert small["auroc_p_t"] > 0.8 and small["auroc_p_ik"] > 0.8 and large["accuracy"] > small["accuracy"]
+    for kind in ("labelled", "label_free"):
+        for rule in ("pt_only", "both"):
+            r = report[kind][rule]
+            assert 0 <= r["held_share"] <= 1 and r["saving_mean"] <= r["oracle_saving_mean"] + 1e-9
+    assert report["label_free"]["both"]["certified_held_share"] <= report["label_free"]["both"]["held_share"] + 1e-12
+    gate = report["gate"]["stages"]["small"]
+    assert 0 <= gate["gated"] <= gate["reached"] and gate["seconds_skipped"] == pytest.approx(0.6 * gate["gated"])
+    text = out.read_text()
+    assert "label-free" in text and "Generation skipped by the P(IK) gate" in text
