@@ -493,7 +493,7 @@ class HFBackend:
         return end_of_turn_ids(self.tokenizer, self.model.generation_config)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, *, chat: bool | None = None, cancel=None,
-                 on_text=None) -> Generation:
+                 on_text=None, layers: Sequence[int] | None = None) -> Generation:
         """Greedy answer to `prompt`, stopping at the end of the turn or after `max_new_tokens`.
 
         `chat` (default: whenever the tokenizer has a chat template) wraps the prompt in the chat
@@ -502,6 +502,11 @@ class HFBackend:
         set, generation stops within one decoding step (finish_reason "cancelled"). `on_text(delta)`
         receives the answer's text as it grows. `token_logprobs` has one entry per generated token,
         the end-of-turn token included; `text` never holds special tokens.
+
+        `layers` (none by default) also returns the hidden states of those layers at the prompt's
+        last token, from the same pass that gives the first token: P(IK) is read before the answer
+        exists, so a stage can decide from it whether generating is worth it. `first_token_seconds`
+        is the time until the first token (the prompt's pass): what a P(IK) gate cannot save.
         """
         if not 1 <= max_new_tokens <= self.max_length - 8:
             raise ValueError(f"max_new_tokens must be between 1 and {self.max_length - 8} (the context less "
@@ -513,10 +518,15 @@ class HFBackend:
             raise ValueError(f"{self.model_id}: chat=True, but the tokenizer has no chat template")
         stop_ids = sorted(self.end_of_turn_ids())
 
+        wanted = self._layers(layers) if layers else []
+
         class _Cancelled(StoppingCriteria):
             fired = False
+            first_at: float | None = None  # called once per generated token: the first call ends the prompt's pass
 
             def __call__(self, input_ids, scores, **kwargs):
+                if self.first_at is None:
+                    self.first_at = time.perf_counter()
                 hit = cancel is not None and bool(cancel.is_set())
                 self.fired = self.fired or hit
                 return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
@@ -533,7 +543,8 @@ class HFBackend:
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                 do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1,
-                output_logits=True, return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id,
+                output_logits=True, return_dict_in_generate=True, output_hidden_states=bool(wanted),
+                pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=stop_ids or None, stopping_criteria=StoppingCriteriaList([cancelled]),
                 streamer=streamer,
             )
@@ -542,7 +553,11 @@ class HFBackend:
                         for step, token in zip(out.logits, new)]
             text = self.tokenizer.decode(new, skip_special_tokens=True)
             tokens = tuple(self.tokenizer.decode([t], skip_special_tokens=False) for t in new)
+            hidden = None
+            if wanted and out.hidden_states:  # step 0 is the prompt's pass: (1, prompt length, d) per layer
+                hidden = {layer: out.hidden_states[0][layer][0, -1, :].float().cpu().numpy() for layer in wanted}
             seconds = time.perf_counter() - began
+            first = (cancelled.first_at - began) if cancelled.first_at is not None else seconds
         if cancelled.fired:
             finish = "cancelled"
         elif new and new[-1] in stop_ids:
@@ -551,7 +566,7 @@ class HFBackend:
             finish = "length" if len(new) >= max_new_tokens else "stop"
         return Generation(text=text, token_logprobs=np.asarray(logprobs, dtype=np.float64),
                           prompt_tokens=len(ids), output_tokens=len(logprobs), seconds=seconds,
-                          tokens=tokens, finish_reason=finish)
+                          tokens=tokens, finish_reason=finish, hidden_states=hidden, first_token_seconds=first)
 
 
 def end_of_turn_ids(tokenizer, generation_config=None) -> set[int]:
