@@ -125,6 +125,17 @@ def stage_thresholds(preset: Preset, applied=None) -> tuple[dict[str, StagePolic
     return followed, "thresholds: from the threshold explorer", off
 
 
+def switched_on_by_hand(config: StageConfig) -> StagePolicy:
+    """The policy of a stage the followed policy switches off but the user routes through anyway:
+    the preset's own thresholds, on (a switched-off stage's stored thresholds, often 0 / 0, would
+    keep every answer)."""
+    from dataclasses import replace
+
+    from cascade_core.compose.live import stage_policy
+
+    return replace(stage_policy(config), enabled=True)
+
+
 def _same(a: StagePolicy, b: StagePolicy | None) -> bool:
     """The same routing (a switched-off stage's thresholds do not matter; thresholds to 1e-9)."""
     if b is None or a.enabled != b.enabled:

@@ -86,10 +86,23 @@ else:
 # ---- thresholds ---------------------------------------------------------------------------------------
 
 
+# A stage the followed policy switches off but the user chose in the sidebar runs with the preset's own
+# thresholds (never the 0 / 0 a switched-off stage carries), and the table below says so.
+run_policies = {n: policies[n] if policies[n].enabled or n not in chosen else state.switched_on_by_hand(configs[n])
+                for n in names}
+
+
 def stage_policy(name: str) -> StagePolicy:
-    """The stage's policy to run with; a stage the user chose although its policy is off runs as on."""
-    policy = policies[name]
-    return policy if policy.enabled else StagePolicy(**{**policy.__dict__, "enabled": True})
+    """The policy the stage runs with (`run_policies`)."""
+    return run_policies[name]
+
+
+def routing_text(name: str) -> str:
+    """A stage's routing in the thresholds table: what it runs with when it is routed."""
+    last = name == (chosen or names)[-1]
+    if policies[name].enabled or name not in chosen:
+        return stage_summary(policies[name], last, off_reasons.get(name, ""))
+    return f"switched on here: {stage_summary(run_policies[name], last)} (the preset's thresholds)"
 
 
 enabled_names = [n for n in names if configs[n].enabled]
@@ -98,12 +111,16 @@ number_format, format_differs = backends.format_caption([configs[n] for n in cho
 if number_format:
     (st.info if format_differs else st.caption)(number_format)
 for name, why in off_reasons.items():
-    if name in configs:
+    if name not in configs:
+        continue
+    if name in chosen:
+        st.caption(f"**{state.label_of(configs[name])}: switched on here** although {why[0].lower()}{why[1:]}; "
+                   f"it runs with the preset's thresholds: {routing_text(name).removeprefix('switched on here: ')}.")
+    else:
         st.caption(f"**{state.label_of(configs[name])}: off**. {why[0].upper()}{why[1:]}.")
 with st.expander("Thresholds", expanded=False):
-    st.dataframe([{"stage": state.label_of(configs[n]),
-                   "routing": stage_summary(policies[n], n == (chosen or names)[-1], off_reasons.get(n, ""))}
-                  for n in names], hide_index=True, width="stretch")
+    st.dataframe([{"stage": state.label_of(configs[n]), "routing": routing_text(n)} for n in names],
+                 hide_index=True, width="stretch")
     st.page_link("pages/2_Explore_thresholds.py", label="Change them in the threshold explorer", icon=":material/tune:")
 
 

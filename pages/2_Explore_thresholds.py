@@ -4,6 +4,8 @@ thresholds so a view can be shared."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import streamlit as st
 
 from app_ui import charts, data, state
@@ -131,8 +133,14 @@ scores_key = f"_explore_scores::{preset.name}::{'|'.join(table.names)}"  # fitte
 found_policy, policy_problem = data.applied(preset)
 calibrated_names = [s.name for s in preset.stages if s.enabled]
 opens_calibrated = found_policy.source == "calibrated" and list(table.names) == calibrated_names
+calibrated_off: set[str] = set()
 if opens_calibrated:
     defaults, rule_default, combiners = settings_from_policy(table.names, found_policy.policy)
+    # A stage calibration switched off keeps the preset's thresholds for when it is switched on by
+    # hand (its stored ones, 0 / 0, would keep every answer).
+    calibrated_off = {n for n, s in defaults.items() if not s.enabled}
+    defaults = {n: replace(s, tau_t=preset_setting(n, i).tau_t, tau_ik=preset_setting(n, i).tau_ik) if n in calibrated_off
+                else s for i, (n, s) in enumerate(defaults.items())}
     if combiners and scores_key not in st.session_state:
         st.session_state[scores_key] = {"rule": rule_default, "combiners": combiners}
 stored = state.explorer_thresholds(preset.name)
@@ -187,7 +195,8 @@ def apply_policy(policy, names: tuple[str, ...], preset_name: str, scores_key: s
     st.session_state[widget_key(preset_name, "*", "rule")] = rule
     for name, s in settings.items():
         for what, value in (("tau_t", s.tau_t), ("tau_ik", s.tau_ik), ("on", s.enabled), ("tau_score", s.tau_score)):
-            st.session_state[widget_key(preset_name, name, what)] = value
+            if s.enabled or what == "on":  # a stage switched off keeps its sliders for when it is switched on
+                st.session_state[widget_key(preset_name, name, what)] = value
 
 
 def budget_key(unit: str, factor: float) -> str:
@@ -279,6 +288,9 @@ def explorer(rule: str) -> None:
                 if i == last_enabled:
                     st.caption("Last stage in use: it always answers, so it has no thresholds.")
                     continue
+                if name in calibrated_off and enabled_now[i]:
+                    st.caption("Calibration switched this stage off; switched on here, it starts at the preset's "
+                               "thresholds.")
                 off = not enabled_now[i]
                 has_pik = bool(table.has_hidden[i])
                 if rule in SCORE_RANGE:

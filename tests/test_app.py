@@ -259,6 +259,9 @@ def test_a_shared_link_opens_in_a_fresh_session_exactly_as_the_sender_saw_it(app
     no_exception(at)
     link = {k: v[0] if isinstance(v, list) else v for k, v in at.query_params.items()}
     assert link[f"on.{STAGES[1]}"] == "1" and link[f"on.{STAGES[0]}"] == "1"
+    # switched on by hand, the stage calibration switched off starts at the preset's thresholds, not 0 / 0
+    assert (link[f"t.{STAGES[1]}"], link[f"ik.{STAGES[1]}"]) == ("0.5", "0.5")
+    assert "Calibration switched this stage off; switched on here" in texts(at.caption)
     fresh = AppTest.from_file(APP, default_timeout=120)
     fresh.query_params.update(link)
     opened = open_page(fresh, EXPLORE)
@@ -358,7 +361,7 @@ def write_policy_with_a_stage_off(policies: Path, records_dtype: str | None = No
     `records_dtype`: the number format its records were made in (provenance.records_dtype)."""
     from cascade_core.policy_file import PolicyFile, write_policy_file
 
-    policy = CascadePolicy((StagePolicy(0.62, 0.41), StagePolicy(0.5, 0.5, enabled=False), StagePolicy(0.0, 0.0)))
+    policy = CascadePolicy((StagePolicy(0.62, 0.41), StagePolicy(0.0, 0.0, enabled=False), StagePolicy(0.0, 0.0)))
     why = "calibration switched it off: no threshold of this stage was certified to keep the loss <= 1 pt at delta 0.1"
     provenance = {"dataset": "mmlu", "split": "calibration", "questions": 401}
     if records_dtype:
@@ -418,6 +421,37 @@ def test_home_route_and_settings_say_the_number_format_against_the_calibration(a
         else:
             assert re.search(r"Qwen2\.5-Coder-1\.5B-Instruct[^:]*: bfloat16\.", said) and "may differ" not in said, page
             assert "Number format" not in texts(at.info)
+
+
+def test_route_runs_a_stage_calibration_switched_off_at_the_preset_s_thresholds_when_chosen(app, no_policy_files,
+                                                                                         monkeypatch):
+    """Issue 22: re-enabled on Route, the 0.5B stage ran at 0 / 0 ("Keep: P(T) 0.87 >= tau_T 0.00")
+    while the table said "off". It runs with the preset's thresholds, and the page says which."""
+    from app_ui import backends
+    from cascade_core.presets import load_preset
+
+    _, why = write_policy_with_a_stage_off(no_policy_files)
+    given, build = {}, backends.lazy_stage
+
+    def capture(config, policy):
+        given[config.name] = policy
+        if config.name == STAGES[-1]:
+            raise RuntimeError("captured")  # stop before any model loads: the page shows it as a message
+        return build(config, policy)  # lazy: loads nothing
+
+    monkeypatch.setattr(backends, "lazy_stage", capture)
+    at = open_page(app, ROUTE)
+    at.multiselect(key="stages::default@route").set_value(list(STAGES)).run()
+    no_exception(at)
+    preset = {c.name: c for c in load_preset("default").stages}[STAGES[1]]
+    wanted = f"keep when P(T) >= {preset.tau_t:.4g} and P(IK) >= {preset.tau_ik:.4g}"
+    routing = list(at.dataframe[0].value["routing"])
+    assert routing[1] == f"switched on here: {wanted} (the preset's thresholds)"
+    assert "Qwen2.5-Coder-0.5B-Instruct: switched on here** although calibration switched it off" in texts(at.caption)
+    ask(at, "What is 2 + 2?", "3\n4", stages=STAGES)
+    assert "captured" in texts(at.error)
+    assert given[STAGES[0]] == StagePolicy(0.62, 0.41)  # the calibrated stage as calibrated
+    assert given[STAGES[1]].enabled and (given[STAGES[1]].tau_t, given[STAGES[1]].tau_ik) == (preset.tau_t, preset.tau_ik)
 
 
 def test_explorer_can_end_with_the_recorded_gpt4_stage(app, synthetic_results):
