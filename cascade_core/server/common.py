@@ -146,6 +146,20 @@ def _surrogate_at(value, where: str) -> tuple[str, str] | None:
     return None
 
 
+def _int(text: str) -> int:
+    return int(text)
+
+
+def _object(pairs: list) -> dict:
+    return dict(pairs)
+
+
+# `_int` and `_object` are Python callbacks on purpose: the C parser holds the GIL for as long as it
+# runs without calling back into Python, and on a megabyte of tiny objects or 4,300-digit integers
+# that was 50-90 ms in which the event loop could not run (bench/body_cost.py). A Python call per
+# number and object lets the interpreter hand the GIL to the loop every switch interval (5 ms).
+
+
 def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict:
     """A body as a JSON object, or ApiError(400) with a one-line message: never a RecursionError.
 
@@ -168,7 +182,8 @@ def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict:
     if depth > max_depth:
         raise ApiError(400, f"request body nests {depth} levels deep, over the limit of {max_depth}")
     try:
-        data = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        data = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_int,
+                          object_pairs_hook=_object)
     except json.JSONDecodeError as err:
         raise ApiError(400, f"request body is not valid JSON (JSONDecodeError: {err})") from None
     except (ValueError, RecursionError) as err:  # a 5,000-digit integer, NaN, a depth the scan missed
