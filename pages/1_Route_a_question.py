@@ -80,7 +80,8 @@ else:
                         answer=int(row["answer"]), qid=row["qid"])
     with st.container(border=True):
         st.markdown(f"**{question.text}**")
-        st.markdown("\n".join(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(question.options)))
+        # one option a line: a markdown line break ("  \n"); a bare "\n" would run them into one paragraph
+        st.markdown("  \n".join(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(question.options)))
         st.caption(f"MMLU `{question.qid}`; the right answer is shown after routing.")
 
 # ---- thresholds ---------------------------------------------------------------------------------------
@@ -178,9 +179,13 @@ def status_label(step: StageStep, label: str) -> str:
 run = st.button("Route", type="primary", key="route_button", disabled=not chosen)
 if not chosen:
     st.info("Choose at least one stage in the sidebar.")
-# Everything a run shows goes into this one slot: a new run replaces it at once, so the previous
-# question's cards never stay on screen while the next one runs.
-results = st.empty()
+# Everything a run shows goes into one of two slots, and a new run uses the slot the last one did not.
+# Streamlit sends a container drawn where the previous run drew one as an update of that container:
+# the old cards stay on screen, faded, until the new run ends, and the new cards replace them one by
+# one (measured in Chromium: the previous answer and path stayed for the whole 8 s run). The slot
+# left empty this run replaces the previous result at once instead.
+SLOT_KEY = "_route_slot"
+slots = (st.empty(), st.empty())
 
 
 def no_probe_note(trace, recorded: dict[str, bool], labels: dict[str, str]) -> None:
@@ -235,9 +240,13 @@ def run_question() -> None:
                     stage.backend.get()
                 except Exception:  # noqa: BLE001 - raised again inside the stage: its error row, as any failure
                     return
-                loads[stage.name] = time.perf_counter() - started
-                boxes[stage.name].update(label=f"{label}: loaded {configs[stage.name].model} in "
-                                               f"{loads[stage.name]:.1f} s; running…")
+                took = time.perf_counter() - started
+                if took < 0.05:  # already in memory (another session or the preload loaded it): nothing to say
+                    boxes[stage.name].update(label=f"{label}: running…")
+                else:
+                    loads[stage.name] = took
+                    boxes[stage.name].update(label=f"{label}: loaded {configs[stage.name].model} in {took:.1f} s; "
+                                                   "running…")
             else:
                 boxes[stage.name] = st.status(f"{label}: running…", expanded=True)
             return
@@ -315,10 +324,11 @@ def draw_summary(last: dict, drawn: bool) -> None:
 
 if run:
     st.session_state.pop(LAST_KEY, None)
-    with results.container():
+    st.session_state[SLOT_KEY] = 1 - st.session_state.get(SLOT_KEY, 0)
+    with slots[st.session_state[SLOT_KEY]].container():
         run_question()
 else:
     last = st.session_state.get(LAST_KEY)
     if last and last["preset"] == preset.name:
-        with results.container():
+        with slots[st.session_state.get(SLOT_KEY, 0)].container():
             draw_summary(last, drawn=False)

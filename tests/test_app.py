@@ -548,6 +548,16 @@ def test_route_mmlu_question_shows_the_right_answer(app, smollm2_path):
     assert "The right answer is" in texts(at.success) + texts(at.error)
 
 
+def test_route_shows_an_mmlu_question_s_options_one_per_line(app):
+    at = open_page(app, ROUTE)
+    at.radio(key="route_mode").set_value("mmlu").run()
+    no_exception(at)
+    options = next(m.value for m in at.markdown if m.value.startswith("A. "))
+    lines = options.split("  \n")  # markdown hard line breaks: one option a line
+    assert [line[:3] for line in lines] == ["A. ", "B. ", "C. ", "D. "]
+    assert "\n" not in "".join(lines)
+
+
 @pytest.mark.parametrize("text, options, message", [
     ("   ", "", "the question is empty"),
     ("Pick one", "y" * 1500 + "\nno", "too long"),
@@ -606,6 +616,38 @@ def test_route_a_new_run_clears_the_previous_result(app):
     no_exception(at)
     assert "the question is empty" in texts(at.error)
     assert not at.status and "Routing path" not in [h.value for h in at.subheader]  # the old cards are gone
+
+
+def _slot_of_the_result(at: AppTest) -> int:
+    """The top-level position of the block that holds the Route page's result (its status cards)."""
+    def holds_status(node) -> bool:
+        return getattr(node, "type", "") == "status" or any(holds_status(c) for c in getattr(node, "children", {}).values())
+
+    found = [i for i, node in at.main.children.items() if holds_status(node)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_route_a_new_run_draws_where_the_previous_result_was_not(app):
+    """Issue 22: the previous answer and path stayed on screen, faded, for the whole next run, the new
+    cards replacing the old ones one by one: Streamlit updates a container drawn where the last run
+    drew one, old children first. A run draws into the other of two slots, and the slot of the
+    previous result is left empty, which clears it at once (checked in Chromium: gone after 0.5 s)."""
+    app.session_state[state.PRESET_KEY] = "api-recorded"
+    at = open_page(app, ROUTE)
+    at.multiselect(key="stages::api-recorded@route").set_value(["gpt-4-recorded"])
+    at.radio(key="route_mode").set_value("mmlu").run()
+    at.button(key="route_button").click().run()
+    no_exception(at)
+    first = _slot_of_the_result(at)
+    at.run()  # a rerun without a run draws the stored result where it was
+    assert _slot_of_the_result(at) == first
+    at.number_input(key=next(n.key for n in at.number_input if n.key.startswith("route_mmlu_n::"))).set_value(2)
+    at.button(key="route_button").click().run()
+    no_exception(at)
+    second = _slot_of_the_result(at)
+    assert second != first and at.main.children[first].type == "empty"
+    assert len(at.status) == 1
 
 
 def test_start_up_preloads_only_the_stages_the_policy_uses(app, no_policy_files, monkeypatch):
