@@ -202,3 +202,15 @@ def test_bench_refuses_emulated_bfloat16_with_the_measured_slowdown(monkeypatch,
         assert "emulated bfloat16 (forced)" in capsys.readouterr().err
     else:
         assert "EMULATED" not in err
+
+
+@pytest.mark.model
+def test_the_single_stage_server_s_card_says_its_format(where, smollm2_backend):
+    from fastapi.testclient import TestClient
+
+    from cascade_core.server.single_stage import create_single_stage_app
+
+    write_records(where.results, "smollm2-135m", "bfloat16")
+    card = TestClient(create_single_stage_app(smollm2_backend, "smollm2-135m")).get("/v1/models").json()["data"][0]
+    assert card["number_format"] == {"smollm2-135m": "float32 here; the records were made in bfloat16: about 5% of "
+                                                     "answers may differ"}  # the fixture loads float32

@@ -159,3 +159,11 @@ def served_format_notes(cascade: str, stages: Sequence, where: Locations | None 
         if found.live:
             out[stage.name] = found.note
     return out
+
+
+def backend_format_notes(name: str, backend, where: Locations | None = None) -> dict[str, str]:
+    """For `serve --single-stage`'s /v1/models: {name: its format note} for one loaded local
+    backend (compared with the records of a stage of that name); {} for a remote one."""
+    from types import SimpleNamespace
+
+    return served_format_notes(name, [SimpleNamespace(name=name, backend=backend, policy_source="")], where)

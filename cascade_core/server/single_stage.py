@@ -245,9 +245,12 @@ def create_single_stage_app(
 
     @app.get("/v1/models")
     async def models(request: Request):
+        from cascade_core.compose.formats import backend_format_notes
+
         check_auth(request)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "cascade"}]}
+                                            "owned_by": "cascade",
+                                            "number_format": backend_format_notes(model_name, backend)}]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
