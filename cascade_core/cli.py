@@ -304,9 +304,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The cascade (or, with --single-stage, one packaged model) behind the OpenAI API."""
-    import uvicorn
-
     from cascade_core.server.options import check_serve_args
+    from cascade_core.server.run import serve_app
 
     check_serve_args(args)  # every flag that needs no model, before any model loads
     if args.threads is not None:
@@ -342,7 +341,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served = list(app.state.served)
     print(f"serving {', '.join(served)} on http://{args.host}:{args.port}/v1"
           f"{' (bearer token required)' if args.token_env else ''}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve_app(app, args.host, args.port, args.log_level, grace_s=args.grace_s, header_timeout_s=args.header_timeout_s)
     return 0
 
 
@@ -435,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting per model; 429 beyond (default 64)")
     serve.add_argument("--timeout-s", type=float, default=120.0, help="per-request limit; 504 after (default 120)")
     serve.add_argument("--max-new-tokens", type=int, default=64, help="free-form answers, unless the request says")
+    serve.add_argument("--grace-s", type=float, default=10.0,
+                       help="on SIGTERM: seconds running requests may finish before they are cancelled (default 10)")
+    serve.add_argument("--header-timeout-s", type=float, default=10.0,
+                       help="a connection must send its request headers within this (default 10)")
     serve.add_argument("--thresholds", choices=["auto", "calibrated", "preset"], default="auto",
                        help="auto (default): the preset's calibrated policy file when there is one, else its thresholds")
     serve.add_argument("--device", default="auto", help="--single-stage only (presets name their own devices)")

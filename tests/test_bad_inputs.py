@@ -272,6 +272,8 @@ CLI = [
      "CASCADE_TEST_NO_SUCH_VARIABLE is not set"),
     ("serve: single-stage port 99999", ["serve", "--single-stage", "smollm2-135m", "--port", "99999"], 2,
      "--port must be from 1 to 65535"),
+    ("serve: grace -1", ["serve", "--grace-s", "-1"], 2, "--grace-s must be a finite number of seconds >= 0"),
+    ("serve: header timeout 0", ["serve", "--header-timeout-s", "0"], 2, "--header-timeout-s must be a finite number"),
     ("route: max-new-tokens 0", ["route", "Name a prime.", "--max-new-tokens", "0"], 2, "from 1 to 1024, got 0"),
     ("route: max-new-tokens -5", ["route", "Name a prime.", "--max-new-tokens", "-5"], 2, "got -5"),
     ("route: max-new-tokens 1e8", ["route", "Name a prime.", "--max-new-tokens", "100000000"], 2, "got 100000000"),

@@ -242,3 +242,87 @@ def test_a_client_that_leaves_a_stream_stops_the_generation(server):
     assert 3 <= after["cancelled"]["tokens_generated"] - before["tokens_generated"] < 400  # stopped early, by tokens
     assert after["queue"]["in_flight"] == 0
     assert complete(server, prompt="1, 2, 3,", max_tokens=2)["choices"][0]["text"]
+
+
+# ---- issue 23: half-open connections and graceful shutdown ---------------------------------------------
+
+
+def test_connections_that_send_no_headers_are_closed(smollm2_backend):
+    """1,000 connections that never sent a request were all held after 62 s (issue 23). With the
+    serve command's protocol (header timeout 0.5 s here), silent and half-sent connections are
+    closed by the server, and a real request on a fresh connection is still answered."""
+    import socket
+    import threading
+
+    from _loopback import free_port
+    from cascade_core.server.run import DrainingServer, server_config
+
+    app = create_single_stage_app(smollm2_backend, MODEL_NAME)
+    port = free_port()
+    server = DrainingServer(server_config(app, "127.0.0.1", port, header_timeout_s=0.5), app)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+        half = socket.create_connection(("127.0.0.1", port))
+        half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        for sock in [*silent, half]:
+            sock.settimeout(30)  # the hang guard, not a timing assertion
+            assert sock.recv(1024) == b""  # closed by the server
+            sock.close()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            assert client.get("/health").status_code == 200
+            reply = client.post("/v1/completions", json={"prompt": MC_PROMPT, "max_tokens": 1})
+            assert reply.status_code == 200, reply.text
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_sigterm_drains_queued_requests_with_503_cancels_the_running_one_and_exits_0(tmp_path):
+    """The real `serve --single-stage` process: a long generation runs, a second request waits in
+    the queue; SIGTERM answers the waiting one 503 with Retry-After at once, refuses new
+    connections, cancels the running generation after the grace period (503 too) and exits 0."""
+    import signal
+    import threading
+
+    from _loopback import SubprocessServer
+
+    counting = {"prompt": "Count from 1 to 2000, separated by commas: 1, 2, 3,", "max_tokens": 1000}
+    server = SubprocessServer("cascade_core", ["serve", "--single-stage", MODEL_NAME, "--max-in-flight", "1",
+                                               "--grace-s", "2", "--threads", "1"], log_path=tmp_path / "serve.log")
+    results: dict[str, object] = {}
+
+    def ask(name: str):
+        try:
+            with httpx.Client(base_url=server.url, timeout=120) as client:
+                results[name] = client.post("/v1/completions", json=counting)
+        except httpx.HTTPError as err:  # the running request's connection ends without an answer
+            results[name] = err
+
+    with server:
+        running = threading.Thread(target=ask, args=("running",))
+        running.start()
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            while client.get("/health").json()["queue"]["in_flight"] < 1:
+                time.sleep(0.05)
+            waiting = threading.Thread(target=ask, args=("waiting",))
+            waiting.start()
+            while client.get("/health").json()["queue"]["waiting"] < 1:
+                time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        waiting.join(timeout=60)
+        queued = results["waiting"]
+        assert isinstance(queued, httpx.Response) and queued.status_code == 503, queued
+        assert queued.headers["retry-after"] == "5" and "shutting down" in queued.json()["error"]["message"]
+        time.sleep(0.5)
+        with pytest.raises(httpx.TransportError):  # no longer accepting connections
+            httpx.get(f"{server.url}/health", timeout=5)
+        assert server.proc.wait(timeout=60) == 0, server.log_tail()
+        running.join(timeout=60)
+    cut = results["running"]  # cancelled within a decoding step once the grace period ended
+    assert isinstance(cut, httpx.Response) and cut.status_code == 503 and cut.headers["retry-after"] == "5", cut
+    assert "shut down before the answer was complete" in cut.json()["error"]["message"]
+    assert "Traceback" not in server.log_tail()

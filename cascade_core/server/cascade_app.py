@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import weakref
 import math
 import time
 import uuid
@@ -38,7 +39,8 @@ from cascade_core.server.common import (DEFAULT_MAX_PROMPT_CHARS, ApiError, bear
                                         read_request, read_token)
 from cascade_core.server.metrics import Metrics, StatusCounter
 from cascade_core.server.openai_request import MAX_NEW_TOKENS, ChatRequest, parse_chat
-from cascade_core.server.queue import CancelToken, Gate, GaveUp, QueueFull, run_in_slot, start_in_slot
+from cascade_core.server.queue import (SHUTDOWN, CancelToken, Closed, Gate, GaveUp, QueueFull, run_in_slot,
+                                       start_in_slot)
 from cascade_core.server.sse import Chunks, Pieces, stream_events
 from cascade_core.types import MAX_OPTIONS, OPTION_LETTERS, Question, Trace
 
@@ -186,6 +188,24 @@ def create_cascade_app(
 
     app.state.set_unavailable = set_unavailable
 
+    def drain(reason: str = "the server is shutting down") -> None:
+        """Graceful shutdown, first step (`server.run`): every model unavailable (new requests and
+        those waiting in a queue get 503 with Retry-After); running work goes on."""
+        for name in served:
+            unavailable.setdefault(name, reason)
+        for gate in gates.values():
+            gate.close(reason)
+
+    app.state.drain = drain
+    running: weakref.WeakSet[CancelToken] = weakref.WeakSet()  # every request's token while its work lives
+    # Graceful shutdown, past the grace period: running work stops within a decoding step (503).
+    app.state.cancel_running = lambda: [token.cancel(SHUTDOWN) for token in list(running)]
+
+    def new_token(deadline: float) -> CancelToken:
+        token = CancelToken(deadline)
+        running.add(token)
+        return token
+
     def model_card(name: str) -> dict:
         """A cascade's card lists the stages its policy runs and, apart, the ones it switched off
         (with why); a stage's card says in which cascades it runs. Both answer when asked."""
@@ -260,6 +280,10 @@ def create_cascade_app(
         metrics.trace(model, trace)
         return trace
 
+    def closing(model: str, why: Closed) -> ApiError:
+        return ApiError(503, f"model {model!r} is not available: {why}", kind="server_error",
+                        headers={"Retry-After": "5"})
+
     def busy(model: str) -> ApiError:
         gate = gates[model]
         return ApiError(429, f"model {model!r} is busy: {gate.in_flight} requests running and "
@@ -281,12 +305,17 @@ def create_cascade_app(
     async def run_bounded(request: Request, model: str, question: Question, max_new: int) -> Trace | None:
         """The trace, or None when the client left; 429/504 as ApiError."""
         deadline = time.monotonic() + timeout_s
-        cancel = CancelToken(deadline)
+        cancel = new_token(deadline)
         try:
-            return await run_in_slot(gates[model], executor, work, model, question, max_new, cancel,
-                                     deadline=deadline, gone=request.is_disconnected, cancel=cancel)
+            trace = await run_in_slot(gates[model], executor, work, model, question, max_new, cancel,
+                                      deadline=deadline, gone=request.is_disconnected, cancel=cancel)
+            if trace is None and cancel.reason == SHUTDOWN:
+                raise closing(model, Closed("the server shut down before the answer was complete"))
+            return trace
         except QueueFull:
             raise busy(model) from None
+        except Closed as why:
+            raise closing(model, why) from None
         except GaveUp as gave_up:
             where = ("the request waited in the queue the whole time" if gave_up.reason == "queue timeout"
                      else "the request was cancelled (its stage stops within one decoding step)")
@@ -301,11 +330,13 @@ def create_cascade_app(
 
     async def stream(request: Request, req: ChatRequest, model: str, question: Question, max_new: int):
         deadline = time.monotonic() + timeout_s
-        cancel = CancelToken(deadline)
+        cancel = new_token(deadline)
         try:
             await gates[model].acquire(deadline, request.is_disconnected)
         except QueueFull:
             raise busy(model) from None
+        except Closed as why:
+            raise closing(model, why) from None
         except GaveUp as gave_up:
             if gave_up.reason == "timeout":
                 raise ApiError(504, f"no answer within {timeout_s:g} s from {model!r}: the request waited in "
@@ -322,6 +353,8 @@ def create_cascade_app(
             return [chunks.chunk(content=delta)] if delta else []
 
         def finish(trace: Trace | None) -> list[dict]:
+            if trace is None and cancel.reason == SHUTDOWN:
+                raise closing(model, Closed("the server shut down before the answer was complete"))
             if trace is None:
                 raise ApiError(504, f"no answer within {timeout_s:g} s from {model!r}: the request was cancelled",
                                kind="timeout_error")

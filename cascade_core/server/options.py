@@ -25,7 +25,7 @@ def check_serve_args(args) -> None:
 
     Checked: the bind address (loopback unless --allow-remote, and a reachable server must have a
     --token-env), the port (1..65535), the token variable is set, the limits are positive, the
-    timeout finite, --max-new-tokens in range, --threads >= 1.
+    timeout finite, --max-new-tokens in range, --threads >= 1, the shutdown grace and header timeout.
     """
     check_bind_host(args.host, args.allow_remote)
     if not is_loopback(args.host) and not args.token_env:
@@ -41,6 +41,11 @@ def check_serve_args(args) -> None:
     if not (math.isfinite(args.timeout_s) and args.timeout_s > 0):
         raise ValueError(f"--timeout-s must be a finite number of seconds > 0, got {args.timeout_s}")
     check_max_new_tokens(args.max_new_tokens)
+    grace, header = getattr(args, "grace_s", 10.0), getattr(args, "header_timeout_s", 10.0)
+    if not (math.isfinite(grace) and grace >= 0):
+        raise ValueError(f"--grace-s must be a finite number of seconds >= 0, got {grace}")
+    if not (math.isfinite(header) and header > 0):
+        raise ValueError(f"--header-timeout-s must be a finite number of seconds > 0, got {header}")
     if getattr(args, "threads", None) is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     read_token(args.token_env)  # named but unset: refused now, not after the model load

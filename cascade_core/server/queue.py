@@ -18,6 +18,10 @@ class QueueFull(Exception):
     """No room to wait: answer 429."""
 
 
+class Closed(Exception):
+    """The gate closed (the server is shutting down): answer 503 with Retry-After."""
+
+
 class GaveUp(Exception):
     """The deadline passed or the client left while waiting; `reason` says which."""
 
@@ -38,6 +42,9 @@ async def wait_or_leave(future: asyncio.Future, deadline: float, gone: Callable[
         if not future.done() and await gone():
             return False
     return True
+
+
+SHUTDOWN = "server shutting down"  # the CancelToken reason a graceful shutdown's grace period gives
 
 
 class CancelToken:
@@ -73,6 +80,7 @@ class Gate:
         self.max_in_flight, self.max_waiting = int(max_in_flight), int(max_waiting)
         self.in_flight = 0
         self._waiters: deque[asyncio.Future] = deque()
+        self.closed: str | None = None  # why no new work is admitted (`close`)
 
     @property
     def waiting(self) -> int:
@@ -82,8 +90,19 @@ class Gate:
         return {"in_flight": self.in_flight, "waiting": self.waiting,
                 "max_in_flight": self.max_in_flight, "max_waiting": self.max_waiting}
 
+    def close(self, reason: str) -> None:
+        """Admit nothing more: every caller waiting in line, and every later one, gets Closed.
+        Work already holding a slot runs on (a graceful shutdown lets it finish)."""
+        self.closed = reason
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(Closed(reason))
+
     async def acquire(self, deadline: float, gone: Callable[[], Awaitable[bool]], poll_s: float = 0.25) -> None:
-        """Take a slot, waiting in line until `deadline` (monotonic); raise QueueFull or GaveUp."""
+        """Take a slot, waiting in line until `deadline` (monotonic); raise QueueFull, GaveUp or Closed."""
+        if self.closed is not None:
+            raise Closed(self.closed)
         if self.in_flight < self.max_in_flight and not self.waiting:
             self.in_flight += 1
             return
@@ -94,8 +113,9 @@ class Gate:
         try:
             if not await wait_or_leave(granted, deadline, gone, poll_s):
                 raise GaveUp("client disconnected")
+            granted.result()  # Closed while waiting
         except BaseException:
-            if granted.done() and not granted.cancelled():
+            if granted.done() and not granted.cancelled() and granted.exception() is None:
                 self.release()  # the slot arrived as we gave up: hand it on
             else:
                 granted.cancel()

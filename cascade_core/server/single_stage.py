@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,8 @@ from cascade_core.server.common import (DEFAULT_MAX_PROMPT_CHARS, ApiError, bear
                                         read_request, read_token)
 from cascade_core.server.metrics import Metrics, StatusCounter
 from cascade_core.server.openai_request import ChatRequest, CompletionRequest, parse_chat, parse_completion
-from cascade_core.server.queue import CancelToken, Gate, GaveUp, QueueFull, run_in_slot, start_in_slot
+from cascade_core.server.queue import (SHUTDOWN, CancelToken, Closed, Gate, GaveUp, QueueFull, run_in_slot,
+                                       start_in_slot)
 from cascade_core.server.sse import Chunks, Pieces, stream_events
 
 __all__ = ["ApiError", "create_single_stage_app"]
@@ -112,6 +114,16 @@ def create_single_stage_app(
     app = FastAPI(title=f"cascade single-stage server: {model_name}", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.metrics = metrics
     app.state.gate = gate
+    # Graceful shutdown, first step (`server.run`): queued and new requests get 503 with Retry-After.
+    app.state.drain = lambda reason="the server is shutting down": gate.close(reason)
+    running: weakref.WeakSet[CancelToken] = weakref.WeakSet()  # every request's token while its work lives
+    # Graceful shutdown, past the grace period: running work stops within a decoding step (503).
+    app.state.cancel_running = lambda: [token.cancel(SHUTDOWN) for token in list(running)]
+
+    def new_token(deadline: float) -> CancelToken:
+        token = CancelToken(deadline)
+        running.add(token)
+        return token
 
     install_error_handlers(app)
     app.add_middleware(StatusCounter, metrics=metrics)
@@ -147,6 +159,10 @@ def create_single_stage_app(
             metrics.cancel(cancel.reason or "client disconnected", len(completion.tokens))
         return completion
 
+    def closing(why: Closed) -> ApiError:
+        return ApiError(503, f"{model_name} is not available: {why}", kind="server_error",
+                        headers={"Retry-After": "5"})
+
     def busy() -> ApiError:
         return ApiError(429, f"{model_name} is busy: {gate.in_flight} running and {gate.max_waiting} waiting "
                              "(the queue's limit); retry later", kind="rate_limit_error", headers={"Retry-After": "1"})
@@ -154,24 +170,30 @@ def create_single_stage_app(
     async def bounded(request: Request, *args):
         """`run(*args)` in a queue slot; 429 when the queue is full, 504 past the deadline."""
         deadline = time.monotonic() + timeout_s
-        cancel = CancelToken(deadline)
+        cancel = new_token(deadline)
         try:
             completion = await run_in_slot(gate, executor, run, *args, cancel, deadline=deadline,
                                            gone=request.is_disconnected, cancel=cancel)
         except QueueFull:
             raise busy() from None
+        except Closed as why:
+            raise closing(why) from None
         except GaveUp:
             raise ApiError(504, f"no answer within {timeout_s:g} s", kind="timeout_error") from None
+        if cancel.reason == SHUTDOWN:
+            raise closing(Closed("the server shut down before the answer was complete"))
         return completion  # None: the client left
 
     async def streamed(request: Request, chunks: Chunks, args: tuple, include_usage: bool, want_logprobs: bool):
         """The same work, its tokens sent as server-sent events while they are generated."""
         deadline = time.monotonic() + timeout_s
-        cancel = CancelToken(deadline)
+        cancel = new_token(deadline)
         try:
             await gate.acquire(deadline, request.is_disconnected)
         except QueueFull:
             raise busy() from None
+        except Closed as why:
+            raise closing(why) from None
         except GaveUp as gave_up:
             if gave_up.reason == "timeout":
                 raise ApiError(504, f"no answer within {timeout_s:g} s (waited in the queue)",
@@ -236,7 +258,7 @@ def create_single_stage_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "queue": gate.snapshot()}
+        return {"status": "ok" if gate.closed is None else "draining", "model": model_name, "queue": gate.snapshot()}
 
     @app.get("/metrics")
     async def metrics_route(request: Request):
