@@ -68,8 +68,9 @@ def settings_to_params(settings: Mapping[str, StageSetting], rule: str) -> dict[
 
 
 def _exact(value: float) -> str:
-    """A threshold as the shortest text that reads back to the same float (0.5 -> "0.5")."""
-    return repr(float(value))
+    """A threshold as the shortest text that reads back to the same float (0.5 -> "0.5", 1.0 -> "1")."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
 
 
 def settings_from_params(params: Mapping[str, str], defaults: Mapping[str, StageSetting],
