@@ -69,10 +69,9 @@ def cmd_route(args: argparse.Namespace) -> int:
     from cascade_core.compose.formats import served_format_notes
     from cascade_core.compose.live import build_cascade
     from cascade_core.prompts import validate_question
+    from cascade_core.server.options import check_route_args
 
-    from cascade_core.server.options import check_max_new_tokens
-
-    check_max_new_tokens(args.max_new_tokens)  # before any model loads
+    check_route_args(args)  # before any model loads
     question = Question(text=args.question, options=tuple(args.options or ()), subject=args.subject or "")
     validate_question(question)
     preset = load_preset(args.preset)

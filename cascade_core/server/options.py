@@ -11,13 +11,25 @@ from __future__ import annotations
 import math
 
 from cascade_core.server.common import check_bind_host, is_loopback, read_token
-from cascade_core.server.openai_request import MAX_NEW_TOKENS
+from cascade_core.server.openai_request import _LINE_BREAK, MAX_NEW_TOKENS
 
 
 def check_max_new_tokens(value: int, flag: str = "--max-new-tokens") -> None:
     """1..MAX_NEW_TOKENS, as the servers accept in `max_tokens`."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_NEW_TOKENS:
         raise ValueError(f"{flag} must be a whole number from 1 to {MAX_NEW_TOKENS}, got {value!r}")
+
+
+def check_route_args(args) -> None:
+    """`route`'s options that need no model: --max-new-tokens in range, every option and the
+    subject on one line (a line break in an option would put a second "B." line in the prompt,
+    as the servers refuse too)."""
+    check_max_new_tokens(args.max_new_tokens)
+    for i, option in enumerate(args.options or ()):
+        if _LINE_BREAK.search(option):
+            raise ValueError(f"--options: option {i + 1} ({option[:20]!r}) holds a line break: an option is one line")
+    if args.subject and _LINE_BREAK.search(args.subject):
+        raise ValueError("--subject holds a line break: it is one line of the prompt's header")
 
 
 def check_serve_args(args) -> None:
