@@ -138,14 +138,16 @@ def _cost(stage: RuntimeStage, step: StageStep) -> None:
     step.dollars = float(dollar_cost(step.prompt_tokens, step.output_tokens, stage.price_in, stage.price_out))
 
 
-def _decide(stage: RuntimeStage, step: StageStep, is_last: bool) -> None:
+def _decide(stage: RuntimeStage, step: StageStep, is_last: bool, subject: str | None = None) -> None:
+    """Keep or escalate by `policy.keep_mask` on this question's signals and subject (a fitted
+    keep score may read the subject prior; the replay passes the records' subjects the same way)."""
     if is_last:
         step.decision, step.reason = "final", "last stage: always answers"
         return
     args = [np.array([v]) for v in (step.p_t, step.p_ik, step.margin, step.entropy)]
-    keep = bool(keep_mask(stage.policy, *args)[0])
+    keep = bool(keep_mask(stage.policy, *args, subject=subject)[0])
     step.decision = "keep" if keep else "escalate"
-    step.reason = explain(stage.policy, *args)
+    step.reason = explain(stage.policy, *args, subject=subject)
 
 
 def run_cascade(
@@ -197,7 +199,7 @@ def run_cascade(
                     raise EmptyAnswer("empty answer (only whitespace or the end-of-turn token)")
                 step.decision, step.reason = "escalate", "empty answer"
             else:
-                _decide(stage, step, is_last=i == last)
+                _decide(stage, step, is_last=i == last, subject=question.subject or None)
         except _StageCancelled:
             _cost(stage, step)
             step.seconds = time.perf_counter() - started

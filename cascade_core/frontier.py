@@ -111,7 +111,7 @@ def stage_candidates(table: RecordTable, stage: int, rule: str = "both", n_quant
         else:
             if combiner is None:
                 raise ValueError(f"rule {rule!r} needs a fitted model for stage {table.names[stage]!r}")
-            score = combiner.score(p_t, p_ik, table.margin[stage], table.entropy[stage])
+            score = combiner.score(p_t, p_ik, table.margin[stage], table.entropy[stage], table.subjects)
             t = _quantile_thresholds(score, n)
             policies = [dict(tau_learned=a, rule=rule, combiner=combiner) for a in t]
             keep = np.where(np.isnan(score)[None, :], (p_t >= 0.0)[None, :], score[None, :] >= t[:, None])

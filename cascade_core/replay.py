@@ -60,7 +60,8 @@ def check_policy(table: RecordTable, policy: CascadePolicy) -> None:
 
 def stage_keep(table: RecordTable, policy: CascadePolicy, stage: int) -> np.ndarray:
     """Stage `stage`'s keep decisions on every question of the table (policy.keep_mask)."""
-    return keep_mask(policy[stage], table.p_t[stage], table.p_ik[stage], table.margin[stage], table.entropy[stage])
+    return keep_mask(policy[stage], table.p_t[stage], table.p_ik[stage], table.margin[stage], table.entropy[stage],
+                     table.subjects)
 
 
 def route(table: RecordTable, policy: CascadePolicy) -> tuple[np.ndarray, np.ndarray]:
