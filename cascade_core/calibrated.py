@@ -46,7 +46,7 @@ class CalibratedPolicy:
 
 def calibrate_policy(calib: RecordTable, target_max_loss: float | None = 0.01, delta: float = 0.1,
                      cost_budget: float | None = None, unit: str = "flops", rules=RULES, folds: int = 2,
-                     seed: int = 0, biases=()) -> CalibratedPolicy:
+                     seed: int = 0, biases=(), bound: str = "wsr") -> CalibratedPolicy:
     """Choose the policy on `calib` (the calibration split) with a Learn-then-Test guarantee.
 
     Target mode (default): at most `target_max_loss` accuracy lost against the last stage, with
@@ -54,7 +54,8 @@ def calibrate_policy(calib: RecordTable, target_max_loss: float | None = 0.01, d
     (largest held-out saving in `unit` within the target) and its thresholds certified on all of
     `calib`. Budget mode (`cost_budget`, mean `unit` per question): the most accurate certified
     policy of each rule, the rule with the best calibration accuracy. `biases`: per-stage
-    `LetterBias` already applied to `calib` (stored with the policy; `()` = none).
+    `LetterBias` already applied to `calib` (stored with the policy; `()` = none). `bound`: the
+    paired loss's p-value (`risk`; "wsr", the betting bound, is valid and the tightest).
     """
     check_unit(unit)
     if not 0.0 < delta < 1.0:
@@ -64,9 +65,9 @@ def calibrate_policy(calib: RecordTable, target_max_loss: float | None = 0.01, d
     cv: dict = {}
     if cost_budget is None:
         target = 0.01 if target_max_loss is None else float(target_max_loss)
-        rule, policies, scores = choose(calib, rules, target, delta, unit, folds, seed, saving_unit)
+        rule, policies, scores = choose(calib, rules, target, delta, unit, folds, seed, saving_unit, bound)
         cv = {r: {"accuracy_loss": v[0], "saving": v[1]} for r, v in scores.items()}
-        policy, guarantee, _ = _guaranteed(calib, unit, rule, target, None, delta, None, "binomial", seed=seed)
+        policy, guarantee, _ = _guaranteed(calib, unit, rule, target, None, delta, None, bound, seed=seed)
     else:
         best = None
         for r in rules:

@@ -54,7 +54,8 @@ def _outcome(policy, test: RecordTable, unit: str) -> tuple[float, float]:
     return loss, float(1 - paid / reference) if reference > 0 else float("nan")
 
 
-def choose(calib, rules, target: float, delta: float, cost_unit: str, folds: int, seed: int, unit: str = "calls"):
+def choose(calib, rules, target: float, delta: float, cost_unit: str, folds: int, seed: int, unit: str = "calls",
+           bound: str = "binomial"):
     """The whole choice on one calibration set: each rule's guaranteed policy, and the rule picked
     by `folds`-fold cross-validation (largest held-out saving in `unit` among rules whose held-out
     loss is within the target; the lowest held-out loss when none is).
@@ -66,7 +67,7 @@ def choose(calib, rules, target: float, delta: float, cost_unit: str, folds: int
         loss = saving = 0.0
         for k in range(folds):
             train, held = calib.subset(fold != k), calib.subset(fold == k)
-            policy, _, _ = _guaranteed(train, cost_unit, rule, target, None, delta, None, "binomial", seed=seed + k,
+            policy, _, _ = _guaranteed(train, cost_unit, rule, target, None, delta, None, bound, seed=seed + k,
                                        pvalues=False)
             l, v = _outcome(policy, held, unit)
             loss += l * held.n_questions / n
@@ -74,7 +75,7 @@ def choose(calib, rules, target: float, delta: float, cost_unit: str, folds: int
         cv[rule] = (loss, saving)
     ok = [r for r in rules if cv[r][0] <= target + 1e-12]
     chosen = max(ok, key=lambda r: (cv[r][1], -rules.index(r))) if ok else min(rules, key=lambda r: cv[r][0])
-    policies = {rule: _guaranteed(calib, cost_unit, rule, target, None, delta, None, "binomial", seed=seed,
+    policies = {rule: _guaranteed(calib, cost_unit, rule, target, None, delta, None, bound, seed=seed,
                                   pvalues=False)[0] for rule in rules}
     return chosen, policies, cv
 
@@ -104,7 +105,7 @@ def _summary(loss: np.ndarray, saving: np.ndarray, target: float) -> dict:
 
 def resplit_study(table: RecordTable, target: float = 0.01, delta: float = 0.1, resplits: int = 200,
                   rules=RULES, unit: str = "calls", cost_unit: str = "dollars", folds: int = 2,
-                  seed: int = 0) -> ResplitStudy:
+                  seed: int = 0, bound: str = "binomial") -> ResplitStudy:
     """Redo the guaranteed choice on `resplits` stratified halves of `table` (its committed split
     is ignored) and measure each on the other half. `unit` is what the saving counts ("calls" of
     the last stage, or a cost unit); `cost_unit` what the thresholds minimise."""
@@ -116,7 +117,7 @@ def resplit_study(table: RecordTable, target: float = 0.01, delta: float = 0.1, 
     counts = {r: 0 for r in rules}
     for i, cal in enumerate(halves):
         calib, test = TableRows(table, cal), TableRows(table, ~cal)
-        chosen, policies, _ = choose(calib, rules, target, delta, cost_unit, folds, seed + i, unit)
+        chosen, policies, _ = choose(calib, rules, target, delta, cost_unit, folds, seed + i, unit, bound)
         counts[chosen] += 1
         for rule, policy in policies.items():
             loss[rule][i], saving[rule][i] = _outcome(policy, test, unit)

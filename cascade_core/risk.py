@@ -21,6 +21,13 @@ probability >= 1 - delta, so the cheapest certified one does too.
   HB needs the observed loss several points BELOW zero before it certifies anything. The two
   binomial bounds adapt to the small shares and are exact at any n (valid whatever the
   dependence between the two counts, by the union bound).
+- `bound="wsr"`: a betting p-value (Waudby-Smith & Ramdas 2023, "Estimating means of bounded
+  random variables by betting"): the questions in a seeded order, the capital
+  K_t = prod_{i<=t} (1 + lambda_i (m - x_i)) of x = (L + 1) / 2 against m = (1 + target) / 2, with
+  lambda_i predictable (their plug-in: sqrt(2 log(1/level) / (n var_{i-1})), truncated at
+  1/2 / (1 - m)); under H0 (mean >= m) K is a nonnegative supermartingale, so by Ville's
+  inequality p = 1 / max_t K_t is valid at any n. It adapts to the loss's variance
+  (P(+) + P(-)), not to each share separately; it needs the per-question losses, not counts.
 - Budget mode: the per-question cost divided by a bound `cost_max` lies in [0, 1]; its p-value is
   MAPIE's Hoeffding-Bentkus one (`binary=True` when the cost is a 0/1 call count).
 """
@@ -32,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import betaincinv
 
-BOUNDS = ("binomial", "hb")
+BOUNDS = ("binomial", "hb", "wsr")
 
 
 def _cp_upper(k: np.ndarray, n: int, level: np.ndarray) -> np.ndarray:
@@ -86,6 +93,25 @@ def paired_loss_pvalues(n_plus, n_minus, n: int, target: float, bound: str = "bi
         hi = np.where(ok, mid, hi)
         lo = np.where(ok, lo, mid)
     return np.where(ok_at_one, 10.0 ** hi, 1.0)[np.ravel(back)]
+
+
+def betting_pvalues(losses, target: float, level: float, truncation: float = 0.5) -> np.ndarray:
+    """The `wsr` p-values of H0 "mean paired loss > target", one per row of `losses` (J, n):
+    per-question paired losses in {-1, 0, 1}, in an order fixed independently of the outcomes
+    (module docstring). `level` only tunes the bets (validity holds for any level)."""
+    L = np.atleast_2d(np.asarray(losses, dtype=np.float64))
+    J, n = L.shape
+    if n < 1:
+        raise ValueError("a p-value needs at least one calibration question")
+    x = (L + 1.0) / 2.0
+    m = (1.0 + target) / 2.0
+    t = np.arange(1, n + 1, dtype=np.float64)
+    mean = (0.5 + np.cumsum(x, axis=1)) / (t + 1.0)
+    var = (0.25 + np.cumsum((x - mean) ** 2, axis=1)) / (t + 1.0)
+    previous = np.concatenate([np.full((J, 1), 0.25), var[:, :-1]], axis=1)  # predictable: up to i - 1
+    lam = np.minimum(np.sqrt(2.0 * np.log(1.0 / level) / (n * previous)), truncation / (1.0 - m))
+    log_capital = np.cumsum(np.log1p(lam * (m - x)), axis=1)
+    return np.minimum(1.0, np.exp(-np.maximum(log_capital.max(axis=1), 0.0)))
 
 
 def sequence_pvalues(n_plus, n_minus, n: int, target: float, level: float, bound: str = "binomial") -> np.ndarray:

@@ -40,7 +40,8 @@ from cascade_core.policy import (SCORED_RULES, CascadePolicy, LearnedCombiner, L
                                  fit_combiner, fit_loss_aware)
 from cascade_core.records import RecordTable
 from cascade_core.replay import ReplayResult, check_policy, replay, route, summarise
-from cascade_core.risk import Guarantee, cost_pvalues, fixed_sequence, paired_loss_upper_bound, sequence_pvalues
+from cascade_core.risk import (Guarantee, betting_pvalues, cost_pvalues, fixed_sequence, paired_loss_upper_bound,
+                               sequence_pvalues)
 
 _SLACK = 1e-12
 
@@ -271,6 +272,33 @@ def _path(table: RecordTable, subset: tuple[int, ...], scores: dict[int, np.ndar
     return n_plus, n_minus, mean_cost, right, most
 
 
+def paired_losses(table, subset: tuple[int, ...], scores: dict[int, np.ndarray], grid: np.ndarray) -> np.ndarray:
+    """(J, N) paired loss per threshold and question (1[reference right] - 1[cascade right]) of
+    `subset` with one shared threshold: what `bound="wsr"` bets on; its row sums are `_path`'s
+    n_plus - n_minus."""
+    J, N = len(grid), table.n_questions
+    right = np.repeat(table.correct[subset[-1]][None, :], J, axis=0)
+    decided = np.zeros((J, N), dtype=bool)
+    for s in subset[:-1]:
+        keep = scores[s][None, :] >= grid[:, None]
+        new = keep & ~decided
+        right[new] = np.broadcast_to(table.correct[s][None, :], (J, N))[new]
+        decided |= keep
+    return table.correct[-1][None, :].astype(np.int8) - right.astype(np.int8)
+
+
+def _betting_sequence(table, subset, scores, grid, order, target: float, level: float, chunk: int = 32) -> np.ndarray:
+    """`risk.betting_pvalues` along the grid, computed in chunks up to the first candidate the
+    sequence cannot certify at `level` (1.0 after it: never tested, the same outcome)."""
+    p = np.ones(len(grid))
+    for start in range(0, len(grid), chunk):
+        rows = slice(start, start + chunk)
+        p[rows] = betting_pvalues(paired_losses(table, subset, scores, grid[rows])[:, order], target, level)
+        if (p[rows] > level).any():
+            break
+    return p
+
+
 def _certified_prefix(n_plus, n_minus, n: int, target: float, level: float, chunk: int = 32) -> int:
     """How many candidates fixed-sequence testing at `level` certifies, bounding only up to the
     first failure (in chunks): the same count as `fixed_sequence` on the p-values."""
@@ -309,10 +337,14 @@ def _guaranteed(table: RecordTable, unit: str, rule: str, target: float | None, 
     if budget is None:  # the reference alone loses nothing: certified without a test, and may be cheapest
         best = ((float(test_table.cost(unit)[S - 1].mean()), -float(test_table.correct[S - 1].mean()), 1),
                 reference_only, 0, float("nan"))
+    order = np.random.default_rng(seed + 1).permutation(n) if bound == "wsr" else None
     for subset in subsets:
         n_plus, n_minus, mean_cost, accuracy, cost = _path(test_table, subset, scores, grid, unit)
         if budget is None:
-            if pvalues or bound != "binomial":
+            if bound == "wsr":
+                p = _betting_sequence(test_table, subset, scores, grid, order, target, delta / m)
+                k = fixed_sequence(p, delta / m)
+            elif pvalues or bound != "binomial":
                 p = sequence_pvalues(n_plus, n_minus, n, target, delta / m, bound=bound)
                 k = fixed_sequence(p, delta / m)
             else:

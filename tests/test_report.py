@@ -324,7 +324,8 @@ def test_load_preset_table_joins_local_records_and_the_recording(tmp_path):
 def test_guarantee_headline_has_the_promised_keys_and_replays(report, table):
     g = report["guarantee"]
     assert set(g) == {"cascade", "variant", "delta", "target_pt", "resplits", "held_share", "saving_mean",
-                      "saving_p05", "unit"}
+                      "saving_p05", "unit", "bound", "rules"}
+    assert g["bound"] == SETTINGS.guarantee_bound and set(g["rules"]) == set(SETTINGS.guarantee_rules)
     assert g["cascade"] == "large -> gpt4" and g["delta"] == 0.1 and g["target_pt"] == 1.0
     assert g["resplits"] == SETTINGS.resplits and g["unit"] == "calls"
     assert 0 <= g["held_share"] <= 1 and g["saving_p05"] <= g["saving_mean"]
@@ -336,7 +337,7 @@ def test_guarantee_headline_has_the_promised_keys_and_replays(report, table):
 
     sub = table.stage_subset([2, 3])
     chosen, policies, _ = choose(sub.subset("calibration"), tuple(SETTINGS.guarantee_rules), 0.01, 0.1, "dollars",
-                                 SETTINGS.guarantee_folds, SETTINGS.seed, "calls")
+                                 SETTINGS.guarantee_folds, SETTINGS.seed, "calls", SETTINGS.guarantee_bound)
     assert chosen == head["committed"]["rule"]
     loss, saving = _outcome(policies[chosen], sub.subset("test"), "calls")
     assert saving == pytest.approx(head["committed"]["saving"]) and loss == pytest.approx(head["committed"]["accuracy_loss"])

@@ -164,3 +164,48 @@ def test_per_group_guarantee_splits_delta():
 def test_bad_delta_is_refused():
     with pytest.raises(ValueError, match="delta"):
         select_policy(_draw(50, np.random.default_rng(0)), delta=1.5)
+
+
+def test_the_betting_bound_holds_in_at_least_1_minus_delta_of_500_draws():
+    """`bound="wsr"` (Waudby-Smith & Ramdas betting) on the same population, true loss known."""
+    rng = np.random.default_rng(13)
+    target, delta = 0.01, 0.1
+    held, saved_wsr, saved_binomial = 0, [], []
+    for _ in range(500):
+        calib = _draw(600, rng)
+        tau = _tau(select_policy(calib, target_max_loss=target, unit="flops", rule="pt_only", delta=delta,
+                                 bound="wsr").policy)
+        held += true_loss(tau) <= target
+        saved_wsr.append(1 - tau)
+        saved_binomial.append(1 - _tau(select_policy(calib, target_max_loss=target, unit="flops", rule="pt_only",
+                                                     delta=delta).policy))
+    assert held / 500 >= 1 - delta
+    assert np.mean(np.array(saved_wsr) > 0) > 0.9  # not vacuous
+    print(f"wsr held {held / 500:.3f}, mean kept {np.mean(saved_wsr):.4f} vs binomial {np.mean(saved_binomial):.4f}")
+
+
+def test_betting_pvalues_are_valid_under_a_null_at_the_target():
+    from cascade_core.risk import betting_pvalues
+
+    rng = np.random.default_rng(1)
+    n, target = 400, 0.02
+    draws = rng.choice([1, -1, 0], p=[0.05, 0.03, 0.92], size=(4000, n))  # mean exactly 0.02
+    p = betting_pvalues(draws, target, 0.1)
+    assert np.mean(p <= 0.1) <= 0.1
+    assert np.all((p > 0) & (p <= 1))
+    # All zeros, far below the target: certified.
+    assert betting_pvalues(np.zeros((1, 2000)), 0.01, 0.1)[0] < 0.1
+
+
+def test_paired_losses_sum_to_the_path_counts():
+    from cascade_core.records import synthetic_table
+    from cascade_core.selection import paired_losses
+
+    table = synthetic_table(500, 3, seed=2)
+    grid = threshold_grid("pt_only")
+    scores = {s: keep_scores(table, s, "pt_only") for s in (0, 1)}
+    for subset in ((0, 2), (1, 2), (0, 1, 2)):
+        n_plus, n_minus, *_ = _path(table, subset, scores, grid, "flops")
+        losses = paired_losses(table, subset, scores, grid)
+        assert (losses == 1).sum(axis=1).tolist() == n_plus.tolist()
+        assert (losses == -1).sum(axis=1).tolist() == n_minus.tolist()

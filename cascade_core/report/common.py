@@ -50,6 +50,10 @@ class ReportSettings:
     resplits_others: int = 20  # ... of the other studied cascades
     guarantee_rules: tuple[str, ...] = ("pt_only", "both", "learned", "loss_aware")
     guarantee_folds: int = 2  # CV folds inside each calibration half that pick the rule
+    # The paired loss's p-value (`risk`): the betting bound is valid (tests/test_risk.py) and tighter
+    # than the binomial one; the headline study is also run with `guarantee_compare_bound`.
+    guarantee_bound: str = "wsr"
+    guarantee_compare_bound: str | None = "binomial"
 
 
 class Part:

@@ -24,6 +24,7 @@ class GuaranteeSection(Part):
     target_pt: float | None = None
     rules: list | None = None
     folds: int | None = None
+    bound: str | None = None
     cascades: list | None = None  # per cascade: stages, unit, cost_unit, headline, committed, study
     skipped: str | None = None
 
@@ -36,10 +37,12 @@ class GuaranteeSection(Part):
         return {"cascade": " -> ".join(c["stages"]), "variant": self.variant_name(),
                 "delta": self.delta, "target_pt": self.target_pt, "resplits": study["resplits"],
                 "held_share": study["chosen"]["held_share"], "saving_mean": study["chosen"]["saving_mean"],
-                "saving_p05": study["chosen"]["saving_p05"], "unit": c["unit"]}
+                "saving_p05": study["chosen"]["saving_p05"], "unit": c["unit"], "bound": self.bound,
+                "rules": {r: {k: v[k] for k in ("held_share", "saving_mean", "saving_p05")}
+                          for r, v in study["rules"].items()}}
 
     def variant_name(self) -> str:
-        return (f"learn-then-test (delta {self.delta:g}), rule by {self.folds}-fold CV among "
+        return (f"learn-then-test (delta {self.delta:g}, {self.bound} bound), rule by {self.folds}-fold CV among "
                 f"{'/'.join(self.rules)}, global thresholds")
 
 
@@ -64,8 +67,9 @@ def guarantee_section(table: RecordTable, settings: ReportSettings, progress: Pr
         sub = table.stage_subset(stages)
         progress(f"guarantee {' -> '.join(sub.names)}: {resplits} re-splits")
         calib, test = split_tables(sub)
+        bound = settings.guarantee_bound
         chosen, policies, cv = choose(calib, tuple(rules), settings.target_max_loss, settings.delta, cost_unit,
-                                      settings.guarantee_folds, settings.seed, unit)
+                                      settings.guarantee_folds, settings.seed, unit, bound)
         loss, saving = _outcome(policies[chosen], test, unit)
         per_rule = {}
         for rule, policy in policies.items():
@@ -74,7 +78,14 @@ def guarantee_section(table: RecordTable, settings: ReportSettings, progress: Pr
                               "thresholds": policy_thresholds(policy, sub)}
         study = resplit_study(sub, target=settings.target_max_loss, delta=settings.delta, resplits=resplits,
                               rules=tuple(rules), unit=unit, cost_unit=cost_unit, folds=settings.guarantee_folds,
-                              seed=settings.seed)
+                              seed=settings.seed, bound=bound)
+        compare = None
+        if headline and settings.guarantee_compare_bound not in (None, bound):
+            progress(f"guarantee {' -> '.join(sub.names)}: {resplits} re-splits, {settings.guarantee_compare_bound} bound")
+            compare = {"bound": settings.guarantee_compare_bound, **resplit_study(
+                sub, target=settings.target_max_loss, delta=settings.delta, resplits=resplits, rules=tuple(rules),
+                unit=unit, cost_unit=cost_unit, folds=settings.guarantee_folds, seed=settings.seed,
+                bound=settings.guarantee_compare_bound).to_json()}
         cascades.append({
             "stages": list(sub.names), "unit": unit, "cost_unit": cost_unit, "headline": headline,
             "committed": {"rule": chosen, "cv": {r: {"accuracy_loss": v[0], "saving": v[1]} for r, v in cv.items()},
@@ -82,8 +93,9 @@ def guarantee_section(table: RecordTable, settings: ReportSettings, progress: Pr
                           "accuracy_loss": loss, "saving": saving,
                           "held": loss <= settings.target_max_loss + 1e-12, "rules": per_rule},
             "study": study.to_json(),
+            **({"study_compare": compare} if compare else {}),
         })
     if not cascades:
         return GuaranteeSection(skipped="a guarantee needs a cascade of at least two stages")
     return GuaranteeSection(delta=settings.delta, target_pt=settings.target_max_loss * 100, rules=rules,
-                            folds=settings.guarantee_folds, cascades=cascades)
+                            folds=settings.guarantee_folds, bound=settings.guarantee_bound, cascades=cascades)

@@ -96,7 +96,7 @@ def _guarantee(report: Report) -> list[str]:
              f"the draw of the calibration questions, the accuracy lost against the cascade's last stage on new "
              f"questions from the same distribution is at most {g.target_pt:g} pt. Candidates on a threshold grid fixed "
              "before the data, tested from \"keep nothing\" to \"keep everything\" by fixed-sequence testing, each with "
-             "an exact binomial (Clopper–Pearson) bound on the paired loss; the rule is chosen by "
+             + _bound_words(g.bound) + "; the rule is chosen by "
              f"{g.folds}-fold cross-validation inside calibration among {', '.join(f'`{r}`' for r in g.rules)}. "
              "**Held share**: over many subject-stratified re-splits of all questions into calibration and test "
              "halves, with the whole choice redone on each calibration half, the share where the target held on "
@@ -121,7 +121,21 @@ def _guarantee(report: Report) -> list[str]:
                 for r, v in st["rules"].items()]
         lines.append(table(["rule", "held share", "mean saving", "5th pct", "mean Δacc", "saving (committed test)",
                             "Δacc (committed test)"], rows))
+        other = c.get("study_compare")
+        if other:
+            lines += ["", f"The same {other['resplits']} re-splits with {_bound_words(other['bound'])} "
+                      f"instead: " + "; ".join(
+                          f"`{r}` {pct(v['saving_mean'])} (5th pct {pct(v['saving_p05'])}, held {pct(v['held_share'], 1)})"
+                          for r, v in other["rules"].items())
+                      + f"; the CV choice {pct(other['chosen']['saving_mean'])} (5th pct "
+                      f"{pct(other['chosen']['saving_p05'])}, held {pct(other['chosen']['held_share'], 1)})."]
     return lines
+
+
+def _bound_words(bound: str | None) -> str:
+    return {"binomial": "an exact binomial (Clopper–Pearson) bound on the paired loss",
+            "wsr": "a betting bound on the paired loss (Waudby-Smith & Ramdas; valid at any n, adapts to its variance)",
+            "hb": "a Hoeffding–Bentkus bound on the paired loss"}.get(bound or "binomial", f"the {bound} bound")
 
 
 def _local_names(report: Report) -> list[str]:
