@@ -103,14 +103,16 @@ def betting_pvalues(losses, target: float, level: float, truncation: float = 0.5
     J, n = L.shape
     if n < 1:
         raise ValueError("a p-value needs at least one calibration question")
-    x = (L + 1.0) / 2.0
     m = (1.0 + target) / 2.0
-    t = np.arange(1, n + 1, dtype=np.float64)
-    mean = (0.5 + np.cumsum(x, axis=1)) / (t + 1.0)
-    var = (0.25 + np.cumsum((x - mean) ** 2, axis=1)) / (t + 1.0)
-    previous = np.concatenate([np.full((J, 1), 0.25), var[:, :-1]], axis=1)  # predictable: up to i - 1
-    lam = np.minimum(np.sqrt(2.0 * np.log(1.0 / level) / (n * previous)), truncation / (1.0 - m))
-    log_capital = np.cumsum(np.log1p(lam * (m - x)), axis=1)
+    # The bets in float32 (any predictable bet keeps the test valid; they need no precision), the
+    # capital in float64.
+    x = (L.astype(np.float32) + 1.0) / 2.0
+    t = np.arange(2, n + 2, dtype=np.float32)
+    mean = (0.5 + np.cumsum(x, axis=1)) / t
+    var = (0.25 + np.cumsum((x - mean) ** 2, axis=1)) / t
+    previous = np.concatenate([np.full((J, 1), 0.25, dtype=np.float32), var[:, :-1]], axis=1)  # up to i - 1
+    lam = np.minimum(np.sqrt(np.float32(2.0 * np.log(1.0 / level) / n) / previous), truncation / (1.0 - m))
+    log_capital = np.cumsum(np.log1p(lam.astype(np.float64) * (m - x.astype(np.float64))), axis=1)
     return np.minimum(1.0, np.exp(-np.maximum(log_capital.max(axis=1), 0.0)))
 
 

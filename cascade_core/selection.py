@@ -287,7 +287,7 @@ def paired_losses(table, subset: tuple[int, ...], scores: dict[int, np.ndarray],
     return table.correct[-1][None, :].astype(np.int8) - right.astype(np.int8)
 
 
-def _betting_sequence(table, subset, scores, grid, order, target: float, level: float, chunk: int = 32) -> np.ndarray:
+def _betting_sequence(table, subset, scores, grid, order, target: float, level: float, chunk: int = 16) -> np.ndarray:
     """`risk.betting_pvalues` along the grid, computed in chunks up to the first candidate the
     sequence cannot certify at `level` (1.0 after it: never tested, the same outcome)."""
     p = np.ones(len(grid))
