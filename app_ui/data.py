@@ -266,26 +266,36 @@ def _calibrated_headline(preset: Preset, found, dataset: str, paths: list[Path])
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def _cached_applied(preset_json: str, policies: str, signature: tuple):
+def _cached_applied(preset_json: str, policies: str, signature: tuple, dataset: str = "mmlu"):
     from cascade_core.compose.locations import locations as make_locations
     from cascade_core.compose.policies import applied_policy
 
     preset = parse_preset(json.loads(preset_json), "session preset")
     try:
-        return applied_policy(preset, make_locations(policies_dir=policies)), None
+        return applied_policy(preset, make_locations(policies_dir=policies), dataset=dataset), None
     except (ValueError, OSError, KeyError) as err:
         fallback = applied_policy(preset, thresholds="preset")
         return fallback, f"the calibrated policy file cannot be used here: {err}"
 
 
-def applied(preset: Preset):
+def applied(preset: Preset, dataset: str = "mmlu"):
     """(AppliedPolicy, problem or None): the thresholds the preset runs with (`compose.policies`):
     its calibrated policy file when there is one and it fits these stages, else the preset's own;
-    `problem` says why a policy file present was not used (e.g. stages added on the Settings page)."""
+    `problem` says why a policy file present was not used (e.g. stages added on the Settings page).
+    `dataset`: whose policy (`compose.policies.FREE_FORM_DATASET` for free-form questions)."""
     from cascade_core.compose.policies import policy_path
 
-    path = policy_path(preset, where())
-    return _cached_applied(preset.model_dump_json(), str(where().policies), _signature([path]))
+    path = policy_path(preset, where(), dataset)
+    return _cached_applied(preset.model_dump_json(), str(where().policies), _signature([path]), dataset)
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def dataset_questions(name: str, split: str = "test"):
+    """A shipped dataset's questions of one split (qid, subject, question, options, references), as
+    the registry resolves them; nothing is written."""
+    from cascade_core.dataset_registry import resolve_dataset, select_questions
+
+    return select_questions(resolve_dataset(name, where().results, write=False), split)
 
 
 def prompt_limit() -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -58,10 +58,23 @@ class RuntimeStage:
     bias: object | None = None  # cascade_core.bias.LetterBias: debiases the letters before answering
     policy_source: str = ""  # shown with every trace: which thresholds these are (compose.policies)
     off_reason: str = ""  # why the stage is switched off, when it is
+    # Free-form questions are another distribution: a policy calibrated on free-form records (the
+    # shipped `arith` one) replaces `policy` for them when set (`for_free_form`).
+    free_form_policy: StagePolicy | None = None
+    free_form_policy_source: str = ""
+    free_form_off_reason: str = ""
 
     @property
     def recorded(self) -> bool:
         return bool(getattr(self.backend, "recorded", False))
+
+
+def for_free_form(stage: RuntimeStage) -> RuntimeStage:
+    """The stage as it runs a free-form question: with its free-form policy when it has one."""
+    if stage.free_form_policy is None:
+        return stage
+    return replace(stage, policy=stage.free_form_policy, policy_source=stage.free_form_policy_source,
+                   off_reason=stage.free_form_off_reason)
 
 
 def _probe_layers(stage: RuntimeStage) -> list[int]:
@@ -168,6 +181,8 @@ def run_cascade(
     by backends that take it, at every decoding step: once set, `CascadeCancelled` is raised.
     `on_text(delta)` streams the last stage's free-form answer as it is generated.
     """
+    if not question.is_multiple_choice:
+        stages = [for_free_form(s) for s in stages]
     enabled = [i for i, s in enumerate(stages) if s.policy.enabled]
     if not enabled:
         raise ValueError("every stage is switched off: enable at least one")

@@ -8,11 +8,11 @@ import time
 import streamlit as st
 
 from app_ui import backends, charts, data, state
-from cascade_core.cascade import CascadeError, run_cascade
+from cascade_core.cascade import CascadeError, for_free_form, run_cascade
 from cascade_core.policy import StagePolicy
 from cascade_core.prompts import validate_question
 from cascade_core.types import OPTION_LETTERS, Question, StageStep
-from cascade_core.compose.policies import stage_summary
+from cascade_core.compose.policies import FREE_FORM_DATASET, apply_free_form, stage_summary
 from cascade_core.ui_data import decision_reason, display_answer, thresholds_applied
 
 
@@ -41,8 +41,9 @@ chosen = [n for n in names if n in chosen]
 st.sidebar.page_link("pages/4_Settings.py", label="Add a stage or fetch models", icon=":material/settings:")
 
 # ---- the question -------------------------------------------------------------------------------------
-mode = st.radio("Where the question comes from", ["type", "mmlu"], horizontal=True, key="route_mode",
-                format_func={"type": "Type a question", "mmlu": "Pick an MMLU question (test split)"}.get)
+mode = st.radio("Where the question comes from", ["type", "mmlu", "arith"], horizontal=True, key="route_mode",
+                format_func={"type": "Type a question", "mmlu": "Pick an MMLU question (test split)",
+                             "arith": "Pick an arithmetic question (arith, free-form)"}.get)
 question: Question | None = None
 input_problem: str | None = None
 if mode == "type":
@@ -64,6 +65,23 @@ if mode == "type":
         input_problem = (f"Option {OPTION_LETTERS[i] if i < len(OPTION_LETTERS) else i + 1} is too long: {n:,} "
                          f"characters, over the limit of {MAX_OPTION_CHARS:,} per option.")
     question = Question(text=text, options=options, subject=subject.strip())
+elif mode == "arith":
+    try:
+        pool = data.dataset_questions("arith", "test")
+    except (OSError, ValueError) as err:
+        st.error(f"The arith questions cannot be read: {err}")
+        st.stop()
+    tasks = list(dict.fromkeys(pool["subject"]))
+    left, right = st.columns([3, 1])
+    task = left.selectbox("Task (GPT-3's arithmetic tasks: digits and operation)", tasks, key="route_arith_task")
+    in_task = pool[pool["subject"] == task].reset_index(drop=True)
+    number = right.number_input(f"Question (1–{len(in_task)})", 1, len(in_task), 1, key=f"route_arith_n::{task}")
+    row = in_task.iloc[int(number) - 1]
+    question = Question(text=row["question"], qid=row["qid"])
+    with st.container(border=True):
+        st.markdown(f"**{question.text}**")
+        st.caption(f"arith `{question.qid}` (synthetic, seeded); the right answer is {row['references'][0]}. Free-form "
+                   "questions run with the free-form policy when one was calibrated.")
 else:
     try:
         pool = data.mmlu_questions("test")
@@ -225,6 +243,17 @@ def run_question() -> None:
         except Exception as err:  # noqa: BLE001 - any build failure becomes a message
             st.error(f"{state.label_of(configs[name])} is not usable: {err}")
             return
+    if not question.is_multiple_choice:  # free-form: the calibrated free-form policy, when there is one
+        free_form, free_problem = data.applied(preset, FREE_FORM_DATASET)
+        try:
+            stages = apply_free_form(stages, free_form, preset)
+        except ValueError as err:
+            free_problem = str(err)
+        if free_problem:
+            st.warning(f"Free-form policy not used: {free_problem}")
+        elif free_form.policy is not None:
+            st.caption(f"Free-form question: {free_form.description} ({FREE_FORM_DATASET} records).")
+    stages = [for_free_form(s) if not question.is_multiple_choice else s for s in stages]
     boxes: dict[str, object] = {}
     loads: dict[str, float] = {}
 

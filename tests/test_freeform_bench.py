@@ -99,35 +99,39 @@ def test_generate_returns_the_prompt_hidden_state_of_the_same_pass(smollm2_backe
     assert b.generate(prompt, max_new_tokens=2).hidden_states is None  # none unless asked for
 
 
-def _synthetic_free_form(tmp_path, n=2000, seed=0):
-    """Two stages' free-form records on a registered answer file: the large one right on 90%, the
-    small one right on 70%, and only where the large one is, its P(T) and P(IK) informative.
-    Returns the preset path."""
+def _synthetic_free_form(tmp_path, n=2000, seed=0, dataset="sums", stages=("small", "large")):
+    """Two stages' free-form records on a registered answer file (or on the shipped `arith`
+    questions): the large one right on 90%, the small one right on 70%, and only where the large
+    one is, its P(T) and P(IK) informative. Returns the preset path."""
     from cascade_core.dataset_registry import resolve_dataset
 
     rng = np.random.default_rng(seed)
-    questions = tmp_path / "sums.jsonl"
-    questions.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + 1?", "answer": str(i + 1),
-                                             "group": f"g{i % 4}"}) + "\n" for i in range(n)))
-    found = resolve_dataset(str(questions), tmp_path / "results")
+    if dataset == "arith":
+        found = resolve_dataset("arith", tmp_path / "results")
+    else:
+        questions = tmp_path / f"{dataset}.jsonl"
+        questions.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + 1?", "answer": str(i + 1),
+                                                 "group": f"g{i % 4}"}) + "\n" for i in range(n)))
+        found = resolve_dataset(str(questions), tmp_path / "results")
     table = found.questions
+    n = len(table)
     grader = get_grader("numeric")
-    results = tmp_path / "results" / "sums"
+    results = tmp_path / "results" / dataset
     large_right = rng.random(n) < 0.9
-    for stage, params in (("small", 1e8), ("large", 1e9)):
-        right = large_right if stage == "large" else large_right & (rng.random(n) < 0.78)
+    for stage, params in zip(stages, (1e8, 1e9)):
+        right = large_right if stage == stages[1] else large_right & (rng.random(n) < 0.78)
         answers = [str(i + 1) if r else str(i + 7) for i, r in enumerate(right)]
         p_t = np.clip(np.where(right, 0.85, 0.45) + rng.normal(0, 0.06, n), 0.01, 1)
         pd.DataFrame({
             "qid": table["qid"], "subject": table["subject"], "category": "", "split": table["split"], "stage": stage,
             "model_id": stage, "answer": -1, "prediction": [answer_class(grader, a) for a in answers], "correct": right,
             "p_t": p_t, "p_t_min": p_t * 0.8, "p_ik": np.clip(np.where(right, 0.7, 0.4) + rng.normal(0, 0.15, n), 0, 1),
-            "answer_text": answers, "references": [json.dumps([str(i + 1)]) for i in range(n)],
+            "answer_text": answers, "references": [json.dumps([str(i + 1)]) for i in range(n)],  # graded above
             "prompt_tokens": 20, "output_tokens": 4, "flops": 2 * params * 24, "seconds": 1.0, "first_token_seconds": 0.4,
         }).to_parquet(results / f"{stage}.parquet")
     preset = tmp_path / "two.toml"
     preset.write_text('name = "two"\n' + "".join(f'[[stages]]\nname = "{s}"\nbackend = "packaged"\nmodel = "smollm2-135m"\n'
-                                                 f'rule = "both"\nprobe_optional = true\n' for s in ("small", "large")))
+                                                 f'dtype = "float32"\nrule = "both"\nprobe_optional = true\n' for s in stages))
     return preset
 
 
@@ -150,3 +154,39 @@ def test_the_free_form_report_measures_both_guarantees_and_the_gate(tmp_path, ca
     assert 0 <= gate["gated"] <= gate["reached"] and gate["seconds_skipped"] == pytest.approx(0.6 * gate["gated"])
     text = out.read_text()
     assert "label-free" in text and "Generation skipped by the P(IK) gate" in text
+
+
+@pytest.mark.model
+def test_free_form_questions_run_with_the_calibrated_free_form_policy(tmp_path, monkeypatch, capsys):
+    """`calibrate --dataset arith` writes policies/arith/<preset>.json beside MMLU's file, not over
+    it; `route` then runs a free-form question with it and a multiple-choice one without it, and
+    each trace says which policy applied."""
+    from cascade_core.cli import main
+
+    preset = _synthetic_free_form(tmp_path, dataset="arith")
+    monkeypatch.setenv("CASCADE_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("CASCADE_POLICIES_DIR", str(tmp_path / "policies"))
+    assert main(["calibrate", "--dataset", "arith", "--preset", str(preset), "--rule", "pt_only", "--target", "5"]) == 0
+    written = tmp_path / "policies" / "arith" / "two.json"
+    assert written.exists() and not (tmp_path / "policies" / "two.json").exists()
+    capsys.readouterr()
+    assert main(["route", "What is 2 + 2? Answer with the number only.", "--preset", str(preset), "--json",
+                 "--max-new-tokens", "4"]) == 0
+    free = json.loads(capsys.readouterr().out)
+    assert "free-form policy, arith" in free["thresholds"] and "calibrated" in free["thresholds"]
+    assert main(["route", "2+2?", "--options", "3", "4", "5", "--preset", str(preset), "--json"]) == 0
+    mc = json.loads(capsys.readouterr().out)
+    assert "free-form" not in mc["thresholds"] and "preset file" in mc["thresholds"]
+
+
+def test_a_free_form_policy_that_needs_p_ik_is_refused(tmp_path, monkeypatch):
+    from cascade_core.cli import main
+    from cascade_core.compose.live import build_cascade
+    from cascade_core.presets import load_preset
+
+    preset = _synthetic_free_form(tmp_path, dataset="arith")
+    monkeypatch.setenv("CASCADE_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("CASCADE_POLICIES_DIR", str(tmp_path / "policies"))
+    assert main(["calibrate", "--dataset", "arith", "--preset", str(preset), "--rule", "both", "--target", "5"]) == 0
+    with pytest.raises(ValueError, match="route on P\\(T\\) alone: calibrate it with --rule pt_only"):
+        build_cascade(load_preset(preset))

@@ -105,8 +105,9 @@ def runtime_stage(config: StageConfig, backend: Backend | None = None) -> Runtim
 def build_cascade(preset: Preset, only: Sequence[str] | None = None, progress: bool = True,
                   thresholds: str = "auto", where=None) -> list[RuntimeStage]:
     """Every stage of `preset` (or the ones named in `only`, in preset order), ready to run, with
-    the thresholds `compose.policies.applied_policy` picks (the calibrated policy file if any)."""
-    from cascade_core.compose.policies import applied_policy, apply_to_stages
+    the thresholds `compose.policies.applied_policy` picks (the calibrated policy file if any), and
+    for free-form questions the preset's calibrated free-form policy, if any (`apply_free_form`)."""
+    from cascade_core.compose.policies import FREE_FORM_DATASET, applied_policy, apply_free_form, apply_to_stages
 
     configs = list(preset.stages)
     if only:
@@ -118,7 +119,9 @@ def build_cascade(preset: Preset, only: Sequence[str] | None = None, progress: b
     if only and thresholds == "auto":  # a calibrated policy is a guarantee for the whole cascade only
         thresholds = "preset"
     applied = applied_policy(preset, where, thresholds)  # a bad policy file, before any model loads
-    return apply_to_stages([runtime_stage(c) for c in configs], applied, preset)
+    free_form = applied_policy(preset, where, "preset" if thresholds == "preset" else "auto", FREE_FORM_DATASET)
+    stages = apply_to_stages([runtime_stage(c) for c in configs], applied, preset)
+    return apply_free_form(stages, free_form, preset)
 
 
 def fetch_preset_models(preset: Preset, include_extra: bool = False) -> Iterable[tuple[str, Path | str]]:

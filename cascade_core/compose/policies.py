@@ -26,9 +26,14 @@ ThresholdSource = Literal["auto", "preset", "calibrated"]
 THRESHOLD_SOURCES = ("auto", "preset", "calibrated")
 
 
-def policy_path(preset: Preset, where: Locations | None = None) -> Path:
-    """Where `calibrate` writes the preset's policy file (and everything reads it)."""
-    return (where or locations()).policies / f"{preset.name}.json"
+FREE_FORM_DATASET = "arith"  # the shipped free-form set whose policy free-form questions run with
+
+
+def policy_path(preset: Preset, where: Locations | None = None, dataset: str = "mmlu") -> Path:
+    """Where `calibrate` writes the preset's policy file (and everything reads it): MMLU's is
+    `<policies>/<preset>.json`, another dataset's `<policies>/<dataset>/<preset>.json`."""
+    folder = (where or locations()).policies
+    return folder / f"{preset.name}.json" if dataset == "mmlu" else folder / dataset / f"{preset.name}.json"
 
 
 def calibration_stages(preset: Preset) -> list[str]:
@@ -49,12 +54,14 @@ class AppliedPolicy:
 
 
 def applied_policy(preset: Preset | str, where: Locations | None = None,
-                   thresholds: ThresholdSource = "auto") -> AppliedPolicy:
-    """Which thresholds `preset` runs with (see the module docstring); a bad file is an error, never ignored."""
+                   thresholds: ThresholdSource = "auto", dataset: str = "mmlu") -> AppliedPolicy:
+    """Which thresholds `preset` runs with (see the module docstring); a bad file is an error, never
+    ignored. `dataset`: whose calibrated policy (MMLU's for multiple choice, `FREE_FORM_DATASET`'s
+    for free-form questions)."""
     preset = load_preset(preset) if not isinstance(preset, Preset) else preset
     if thresholds not in THRESHOLD_SOURCES:
         raise ValueError(f"thresholds must be one of {', '.join(THRESHOLD_SOURCES)}, got {thresholds!r}")
-    path = policy_path(preset, where)
+    path = policy_path(preset, where, dataset)
     if thresholds == "preset" or (thresholds == "auto" and not path.exists()):
         return AppliedPolicy("preset", f"thresholds: from the preset file ({preset.source or preset.name})")
     if not path.exists():
@@ -63,6 +70,33 @@ def applied_policy(preset: Preset | str, where: Locations | None = None,
     found = read_policy_file(path, expect_stages=calibration_stages(preset))
     return AppliedPolicy("calibrated", f"thresholds: {found.description}", policy=found.cascade_policy(),
                          off_reasons=dict(found.off_reasons), file=path, biases=found.letter_biases())
+
+
+def apply_free_form(stages: Sequence, applied: AppliedPolicy, preset: Preset) -> list:
+    """The runtime stages with a free-form policy file's per-stage policies as their free-form
+    policies (`cascade.for_free_form`); unchanged when no free-form policy was calibrated, so
+    free-form questions then run with the multiple-choice thresholds, as the trace says.
+
+    The live cascade reads no P(IK) for free-form answers (it routes them on P(T)), so a free-form
+    policy whose stages need P(IK) is refused: it was certified on a signal the cascade lacks."""
+    if applied.policy is None:
+        return list(stages)
+    names = calibration_stages(preset)
+    by_name = dict(zip(names, applied.policy.stages))
+    needs = [n for n, p in by_name.items() if p.enabled and p.rule != "pt_only" and n != names[-1]]
+    if needs:
+        raise ValueError(f"{applied.file}: free-form policy with rule(s) that read P(IK) at {', '.join(needs)}; "
+                         "free-form answers route on P(T) alone: calibrate it with --rule pt_only")
+    out = []
+    for stage in stages:
+        policy = by_name.get(stage.name)
+        if policy is None:
+            out.append(stage)
+            continue
+        reason = applied.off_reasons.get(stage.name, "") if not policy.enabled else ""
+        out.append(replace(stage, free_form_policy=policy, free_form_policy_source=f"{applied.description} "
+                           f"(free-form policy, {applied.file.parent.name})", free_form_off_reason=reason))
+    return out
 
 
 def apply_to_stages(stages: Sequence, applied: AppliedPolicy, preset: Preset) -> list:
@@ -188,7 +222,7 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
         from cascade_core.label_free import LOSS_NAME
 
         found = replace(found, guarantee={**found.guarantee, "loss": "label_free", "loss_name": LOSS_NAME})
-    path = write_policy_file(policy_path(preset, where), found)
+    path = write_policy_file(policy_path(preset, where, dataset), found)
     return path, found
 
 
