@@ -548,6 +548,20 @@ def test_route_mmlu_question_shows_the_right_answer(app, smollm2_path):
     assert "The right answer is" in texts(at.success) + texts(at.error)
 
 
+@pytest.mark.model
+def test_route_arith_question_runs_free_form(app, smollm2_path):
+    """A shipped arithmetic question: free-form, routed, its right answer shown with it."""
+    at = open_page(app, ROUTE)
+    at.radio(key="route_mode").set_value("arith").run()
+    no_exception(at)
+    assert at.selectbox(key="route_arith_task").value == "2D+"
+    assert any("arith `arith-2D+-" in c.value and "the right answer is" in c.value for c in at.caption)
+    at.multiselect(key="stages::default@route").set_value(["smollm2-135m"])
+    at.button(key="route_button").click().run()
+    no_exception(at)
+    assert len(at.status) == 1 and "free-form answer" in texts(at.info)
+
+
 def test_route_shows_an_mmlu_question_s_options_one_per_line(app):
     at = open_page(app, ROUTE)
     at.radio(key="route_mode").set_value("mmlu").run()

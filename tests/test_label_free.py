@@ -174,7 +174,7 @@ def test_calibrate_is_label_free_automatically_for_a_file_without_answers(tmp_pa
     assert main(["calibrate", "--preset", str(preset), "--dataset", "mine", "--rule", "pt_only", "--target", "10"]) == 0
     out = capsys.readouterr().out
     assert "no answers to measure accuracy" in out
-    data = json.loads((tmp_path / "policies" / "three.json").read_text())
+    data = json.loads((tmp_path / "policies" / "mine" / "three.json").read_text())  # a dataset's own policy folder
     assert data["guarantee"]["loss"] == "label_free" and data["provenance"]["dataset"] == "mine"
     assert data["calibration"]["accuracy"] is None
 
