@@ -7,7 +7,7 @@ PRESET ?= default
 PORT   ?= 8501
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup browser run test test-fast fetch bench bench-full report serve clean-venv
+.PHONY: setup browser run test test-fast fetch bench bench-full bench-arith report serve clean-venv
 
 $(STAMP): requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,14 @@ bench: fetch
 bench-full: fetch
 	$(BIN)/python -m cascade_core bench --preset $(PRESET) --format-check
 	PYTHON=$(BIN)/python bench/full_mmlu.sh $(PRESET)
+
+## bench-arith: the shipped free-form set (1,000 arithmetic questions) for every stage (resumable), its
+## probes, its label-free free-form policy and docs/RESULTS-arith.md
+bench-arith: fetch
+	$(BIN)/python -m cascade_core bench --preset $(PRESET) --dataset arith --max-new-tokens 10 --threads $(THREADS)
+	$(BIN)/python -m cascade_core probes train --preset $(PRESET) --dataset arith
+	$(BIN)/python -m cascade_core calibrate --preset $(PRESET) --dataset arith --label-free --rule pt_only
+	$(BIN)/python -m cascade_core report --preset $(PRESET) --dataset arith
 
 ## report: docs/RESULTS.md from the cached results
 report: setup

@@ -160,10 +160,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"({result['backfilled']} computed now, {result['agree']} of them agree with the "
                   f"recorded prediction) -> {where.features_dir(config.name, dataset)}")
         else:
-            if "references" in result:  # free-form: labelled where the dataset gave accepted answers
-                labelled = (result["references"].astype(str) != "[]").to_numpy()
-            else:
-                labelled = (result["answer"] >= 0).to_numpy() if "answer" in result else np.ones(len(result), bool)
+            from cascade_core.record_schema import labelled_rows
+
+            labelled = labelled_rows(result)
             accuracy = (f"accuracy {result['correct'][labelled].mean():.3f}" if labelled.any()
                         else "no answers (calibrate label-free)")
             print(f"{config.name}: {len(result)} records, {accuracy} -> {where.record_path(config.name, dataset)}")

@@ -119,3 +119,13 @@ def validate_records(frame: pd.DataFrame, source: str, required: tuple[str, ...]
             raise RecordSchemaError(f"{source}: column 'p_ik' is NaN where p_ik_source says a probe scored it "
                                     f"({_first_bad(frame, lost)})")
     return frame
+
+
+def labelled_rows(frame: pd.DataFrame) -> np.ndarray:
+    """Which records have a right answer to be graded against: for multiple choice an option index
+    (`answer` >= 0), for free-form answers (`references`, a JSON list) at least one accepted answer."""
+    if "references" in frame.columns:
+        return (frame["references"].astype(str) != "[]").to_numpy()
+    if "answer" in frame.columns:
+        return (frame["answer"] >= 0).to_numpy()
+    return np.ones(len(frame), dtype=bool)

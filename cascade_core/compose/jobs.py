@@ -19,7 +19,7 @@ from cascade_core.compose.live import build_backend, describe_backend
 from cascade_core.compose.locations import Locations
 from cascade_core.io import atomic_write_parquet
 from cascade_core.presets import Preset, StageConfig
-from cascade_core.record_schema import validate_records
+from cascade_core.record_schema import labelled_rows, validate_records
 
 Progress = Callable[[int, int], None]
 
@@ -113,7 +113,7 @@ def train_probes(preset: Preset, where: Locations, dataset: str = "mmlu", stages
         if config.backend == "recorded" or not paths.records.exists():
             continue
         records = load_records(paths.records)
-        if "answer" in records and len(records) and (records["answer"] < 0).all():
+        if len(records) and not labelled_rows(records).any():
             yield ProbeOutcome(config.name, False, "its dataset has no answers and a P(IK) probe learns right from "
                                                    "wrong (a probe of agreement with the last stage is not built yet); "
                                                    "skipped")
