@@ -55,7 +55,7 @@ def test_a_file_gets_a_stratified_seeded_split_and_metadata_beside_its_records(t
     by_name = resolve_dataset("my_set", results_dir=results)
     assert again.questions["split"].tolist() == found.questions["split"].tolist() == by_name.questions["split"].tolist()
     assert before == ((results / "my_set" / "split.json").read_bytes(), (results / "my_set" / "dataset.json").read_bytes())
-    assert known_datasets(results) == ["mmlu", "my_set"]
+    assert known_datasets(results) == ["mmlu", "arith", "my_set"]  # the built-ins, then the files benchmarked
 
 
 def test_a_refused_file_writes_nothing(tmp_path):
@@ -78,9 +78,10 @@ def test_a_changed_file_cannot_move_questions_between_the_halves(tmp_path):
 def test_names_reserved_unknown_and_colliding(tmp_path):
     assert dataset_name("mmlu") == "mmlu"
     assert dataset_name("some/dir/My Questions.jsonl") == "my-questions"
+    assert dataset_name("arith", tmp_path) == "arith"  # a shipped free-form set
     with pytest.raises(ValueError, match="planned .* not built yet"):
-        dataset_name("arith", tmp_path)
-    with pytest.raises(ValueError, match="unknown dataset 'nope'; available: mmlu"):
+        dataset_name("mmlu-open", tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset 'nope'; available: mmlu, arith"):
         dataset_name("nope", tmp_path)
     with pytest.raises(ValueError, match="built-in dataset's name"):
         dataset_name(str(tmp_path / "mmlu.csv"))
@@ -97,27 +98,24 @@ def test_select_questions_per_group_and_split(tmp_path):
         select_questions(found, subjects=["gamma"])
 
 
-def test_bench_questions_takes_files_and_refuses_free_form(tmp_path):
+def test_bench_questions_takes_multiple_choice_and_free_form_files(tmp_path):
     questions = bench_questions(str(_mc_file(tmp_path, n=10)), per_subject=2, results_dir=tmp_path / "r")
     assert len(questions) == 4
     assert {"qid", "subject", "category", "split", "question", "options", "answer"} <= set(questions.columns)
     free = tmp_path / "free.jsonl"
     free.write_text('{"question": "3+4?", "answer": "7"}\n')
-    with pytest.raises(ValueError, match="free-form .* not built yet"):
-        bench_questions(str(free), results_dir=tmp_path / "r")
+    (row,) = bench_questions(str(free), results_dir=tmp_path / "r").itertuples()
+    assert list(row.options) == [] and list(row.references) == ["7"]  # benchmarked free-form (freeform_bench)
+    meta = json.loads((tmp_path / "r" / "free" / "dataset.json").read_text())
+    assert meta["kind"] == "free" and meta["grader"] == {"name": "numeric", "tolerance": 1e-06}
 
 
-def test_cli_bench_refuses_a_bad_file_and_free_form_with_one_line(tmp_path, capsys):
+def test_cli_bench_refuses_a_bad_file_with_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Q", "options": ["a"]}\n')
     assert main(["bench", "--dataset", str(bad), "--results-dir", str(tmp_path / "r")]) == 2
     assert f"{bad}, line 1, column 'options': 1 option(s)" in capsys.readouterr().err
-    free = tmp_path / "free.jsonl"
-    free.write_text('{"question": "3+4?", "answer": "7"}\n')
-    assert main(["bench", "--dataset", str(free), "--results-dir", str(tmp_path / "r")]) == 2
-    assert "free-form" in capsys.readouterr().err
-    meta = json.loads((tmp_path / "r" / "free" / "dataset.json").read_text())
-    assert meta["kind"] == "free" and meta["grader"] == {"name": "numeric", "tolerance": 1e-06}
+    assert not (tmp_path / "r" / "bad").exists()  # nothing written
 
 
 @pytest.mark.model
