@@ -159,6 +159,20 @@ def check_same_dtype(records: pd.DataFrame, dtype: str, path: Path) -> None:
             f"stage's dtype = \"{made[0]}\" in the preset to extend them, or bench into another --results-dir")
 
 
+def resume(paths: BenchPaths, questions: pd.DataFrame, dtype: str, progress: Progress | None = None):
+    """(records so far, questions still to do, how many are done, how many in all): where a stage's
+    run picks up (the multiple-choice and the free-form runner alike); a records file made in
+    another dtype is refused (`check_same_dtype`)."""
+    records = load_records(paths.records)
+    check_same_dtype(records, dtype, paths.records)
+    done = set(records["qid"].astype(str))
+    todo = questions[~questions["qid"].astype(str).isin(done)]
+    total, finished = len(questions), len(questions) - len(todo)
+    if progress:
+        progress(finished, total)
+    return records, todo, finished, total
+
+
 def run_stage(
     backend: Backend,
     stage: str,
@@ -177,13 +191,7 @@ def run_stage(
     one forward pass; its records are appended with an atomic rewrite, its features written as a
     chunk file first, so a crash between the two only makes a rerun redo that batch.
     """
-    records = load_records(paths.records)
-    check_same_dtype(records, dtype, paths.records)
-    done = set(records["qid"].astype(str))
-    todo = questions[~questions["qid"].astype(str).isin(done)]
-    total, finished = len(questions), len(questions) - len(todo)
-    if progress:
-        progress(finished, total)
+    records, todo, finished, total = resume(paths, questions, dtype, progress)
     if todo.empty:
         return records
     version = code_version()

@@ -201,7 +201,6 @@ def cmd_probes_train(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cascade_core.io import atomic_write_text
     from cascade_core.report import build_report
     from cascade_core.report.markdown import render
     from cascade_core.compose.tables import load_report_inputs
@@ -217,11 +216,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     say = (lambda message: None) if args.quiet else (lambda message: print(f"... {message}", file=sys.stderr, flush=True))
     report = build_report(inputs["table"], questions=inputs["questions"], features=inputs["features"],
                           meta=inputs["meta"], progress=say)
-    out = args.out
-    if out is None:  # MMLU's report is docs/RESULTS.md; another dataset's sits beside its records
-        out = str(RESULTS_DOC) if dataset == "mmlu" else str(locations(args.results_dir).results / dataset / "REPORT.md")
+    default = str(RESULTS_DOC) if dataset == "mmlu" else str(locations(args.results_dir).results / dataset / "REPORT.md")
+    return _write_report(args, default, render(report), report)
+
+
+def _write_report(args: argparse.Namespace, default_out: str, text: str, report: dict) -> int:
+    """`--out` (default `default_out`; '' writes no file) gets the Markdown, `--json` the figures."""
+    from cascade_core.io import atomic_write_text
+
+    out = default_out if args.out is None else args.out
     if out:
-        atomic_write_text(Path(out), render(report))
+        atomic_write_text(Path(out), text)
         print(f"wrote {out}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, allow_nan=False))
@@ -234,7 +239,6 @@ def _report_free_form(args: argparse.Namespace, dataset: str) -> int:
     from cascade_core.bench import load_records
     from cascade_core.compose.tables import load_preset_table
     from cascade_core.dataset_registry import BUILTIN
-    from cascade_core.io import atomic_write_text
     from cascade_core.report.freeform import freeform_report, render_freeform
 
     where = locations(args.results_dir)
@@ -244,15 +248,8 @@ def _report_free_form(args: argparse.Namespace, dataset: str) -> int:
         print(f"... free-form report of {dataset}: {table.n_questions} questions, {args.resplits} re-splits",
               file=sys.stderr, flush=True)
     report = freeform_report(table, frames, dataset, resplits=args.resplits)
-    out = args.out
-    if out is None:
-        out = str(RESULTS_DOC.with_name(f"RESULTS-{dataset}.md")) if dataset in BUILTIN else str(where.results / dataset / "REPORT.md")
-    if out:
-        atomic_write_text(Path(out), render_freeform(report))
-        print(f"wrote {out}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(report, allow_nan=False))
-    return 0
+    default = str(RESULTS_DOC.with_name(f"RESULTS-{dataset}.md")) if dataset in BUILTIN else str(where.results / dataset / "REPORT.md")
+    return _write_report(args, default, render_freeform(report), report)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

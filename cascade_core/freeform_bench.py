@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from cascade_core.bench import BenchPaths, check_same_dtype, code_version, feature_layers, load_records
+from cascade_core.bench import BenchPaths, code_version, feature_layers, resume
 from cascade_core.cost import flops as flop_cost
 from cascade_core.graders import Grader, normalise_text
 from cascade_core.io import atomic_write_npz, atomic_write_parquet
@@ -85,13 +85,7 @@ def run_freeform_stage(
     accepted answers; empty where the dataset has no labels: `correct` is then false and only
     the label-free guarantee applies).
     """
-    records = load_records(paths.records)
-    check_same_dtype(records, dtype, paths.records)
-    done = set(records["qid"].astype(str))
-    todo = questions[~questions["qid"].astype(str).isin(done)]
-    total, finished = len(questions), len(questions) - len(todo)
-    if progress:
-        progress(finished, total)
+    records, todo, finished, total = resume(paths, questions, dtype, progress)
     if todo.empty:
         return records
     layers = feature_layers(backend.n_layers + 1) if getattr(backend, "has_hidden_states", False) else []
