@@ -118,7 +118,6 @@ def _dataset_name(spec: str, results_dir) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import numpy as np
     from tqdm import tqdm
 
     from cascade_core.compose.jobs import bench_configs, bench_questions, bench_stage

@@ -1,13 +1,13 @@
-"""Question sets as one table shape: MMLU as shipped in data/mmlu/, and any user file.
+"""MMLU as shipped in data/mmlu/, and the recorded outcomes on it.
 
-Every loader returns a DataFrame with columns qid, subject, category, split, question,
-options (list of strings), answer (0-based option index), so the benchmark, the probes and
-the dashboard treat all datasets alike. `to_questions` turns rows into `types.Question`.
+`load_mmlu` returns a DataFrame with columns qid, subject, category, split, question, options
+(list of strings), answer (0-based option index), the shape the benchmark, the probes and the
+dashboard read; a user's question file has the same shape through `dataset_registry` (which
+reads it with `question_files`). `to_questions` turns rows into `types.Question`.
 """
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,9 +17,8 @@ import pandas as pd
 
 from cascade_core.compose.locations import DATA_DIR
 from cascade_core.io import read_parquet_checked
-from cascade_core.prompts import check_format
-from cascade_core.split import SPLITS, assign_split, read_split_json, take_per_subject
-from cascade_core.types import OPTION_LETTERS, Question
+from cascade_core.split import SPLITS, read_split_json, take_per_subject
+from cascade_core.types import Question
 
 MMLU_DIR = DATA_DIR / "mmlu"
 MMLU_PATH = MMLU_DIR / "mmlu_test.parquet"
@@ -143,163 +142,6 @@ def load_recorded_outcomes(path: Path | str = RECORDED_PATH) -> pd.DataFrame:
 # ------------------------------------------------------------------------------ any other file
 
 
-def _read_any(path: Path) -> pd.DataFrame:
-    if path.is_dir():
-        try:
-            import datasets  # optional: only for folders saved with `datasets.save_to_disk`
-        except ImportError:
-            raise ValueError(
-                f"{path} is a folder; reading a Hugging Face dataset folder needs the `datasets` "
-                "package, or give a .csv, .jsonl, .json or .parquet file"
-            ) from None
-        data = datasets.load_from_disk(str(path))
-        if hasattr(data, "keys"):  # a DatasetDict: take the test split, else the only one
-            names = list(data.keys())
-            data = data["test"] if "test" in names else data[names[0]] if len(names) == 1 else None
-            if data is None:
-                raise ValueError(f"{path} holds splits {names}; none is called 'test'")
-        return data.to_pandas()
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        # keep_default_na=False: an option that reads "None" or "NA" stays that text.
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    if suffix in (".jsonl", ".json"):
-        try:
-            return pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
-        except ValueError as err:
-            raise ValueError(f"cannot read {path} as {'JSON lines' if suffix == '.jsonl' else 'JSON'}: {err}") from None
-    if suffix == ".parquet":
-        return read_parquet_checked(path)
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .csv, .jsonl, .json, .parquet or a folder")
-
-
-def _option_columns(frame: pd.DataFrame) -> list[str] | None:
-    """Letter columns A, B, ... (any case, also option_a / answer_a / choice_a), in order."""
-    lower = {str(c).lower(): c for c in frame.columns}
-    for prefix in ("", "option_", "answer_", "choice_"):
-        found = []
-        for letter in OPTION_LETTERS.lower():
-            if prefix + letter not in lower:
-                break
-            found.append(lower[prefix + letter])
-        if len(found) >= 2:
-            return found
-    return None
-
-
-def _is_missing(value) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and np.isnan(value):
-        return True
-    return isinstance(value, str) and value.strip() == ""
-
-
-def _options_of(raw, row: int) -> list[str]:
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except ValueError:
-            raise ValueError(f"row {row}: 'options' must be a list (or a JSON list in a CSV cell), got {raw[:60]!r}") from None
-    if isinstance(raw, np.ndarray):
-        raw = raw.tolist()
-    if not isinstance(raw, (list, tuple)):
-        raise ValueError(f"row {row}: 'options' must be a list, got {type(raw).__name__}")
-    return ["" if o is None else str(o) for o in raw]
-
-
-def _answer_index(value, n_options: int, row: int) -> int:
-    """A letter (A, b, ' C ') or a 0-based index; anything else names the row and value."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.isdigit():
-            value = int(text)
-        elif len(text) == 1 and text.upper() in OPTION_LETTERS:
-            index = OPTION_LETTERS.index(text.upper())
-            if index >= n_options:
-                raise ValueError(f"row {row}: answer {text!r} but the question has only {n_options} options")
-            return index
-        else:
-            raise ValueError(f"row {row}: answer {value!r} is neither an option letter nor a 0-based index")
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        value = int(value)
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        if not 0 <= int(value) < n_options:
-            raise ValueError(f"row {row}: answer index {int(value)} is outside 0..{n_options - 1}")
-        return int(value)
-    raise ValueError(f"row {row}: answer {value!r} is neither an option letter nor a 0-based index")
-
-
-def load_question_file(
-    path: Path | str, require_answer: bool = True, seed: int | None = None
-) -> pd.DataFrame:
-    """A question set from a CSV / JSONL / JSON / parquet file (or a `datasets` folder).
-
-    Columns: `question`; the options as a list column `options` (a JSON list in a CSV) or as
-    letter columns A, B, C, ... (also option_a.. / answer_a.. / choice_a..; empty trailing
-    letters are dropped per row, so K may vary); `answer` as a letter or a 0-based index
-    (optional with require_answer=False); `subject` and `qid` optional. Each row gets a
-    calibration/test split by the same seeded per-subject method as MMLU.
-    """
-    from cascade_core.split import SPLIT_SEED
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such question file: {path}")
-    raw = _read_any(path)
-    found = list(map(str, raw.columns))
-    if "question" not in raw.columns:
-        raise ValueError(f"{path}: missing column 'question' (found: {found})")
-    letters = None if "options" in raw.columns else _option_columns(raw)
-    if "options" not in raw.columns and letters is None:
-        raise ValueError(f"{path}: missing the options: give an 'options' list column or columns A, B, C, ... (found: {found})")
-    if require_answer and "answer" not in raw.columns:
-        raise ValueError(f"{path}: missing column 'answer' (a letter or a 0-based index; found: {found})")
-    if raw.empty:
-        raise ValueError(f"{path}: no rows")
-
-    rows = []
-    for i, record in enumerate(raw.to_dict("records")):
-        row = i + 1  # 1-based, as a person counts rows
-        if letters is not None:
-            options = ["" if _is_missing(record[c]) else str(record[c]) for c in letters]
-            while options and options[-1].strip() == "":
-                options.pop()
-        else:
-            options = _options_of(record["options"], row)
-        text = record["question"]
-        question = Question(text="" if _is_missing(text) else str(text), options=tuple(options))
-        try:
-            check_format(question)
-        except ValueError as err:
-            raise ValueError(f"{path}: row {row}: {err}") from None
-        if not question.options:
-            raise ValueError(f"{path}: row {row}: no options")
-        answer = record.get("answer")
-        if _is_missing(answer):
-            if require_answer:
-                raise ValueError(f"{path}: row {row}: the answer is missing")
-            index = -1
-        else:
-            try:
-                index = _answer_index(answer, len(options), row)
-            except ValueError as err:
-                raise ValueError(f"{path}: {err}") from None
-        subject = record.get("subject")
-        subject = "" if _is_missing(subject) else str(subject).strip()
-        qid = record.get("qid")
-        qid = f"{path.stem}/{i:05d}" if _is_missing(qid) else str(qid).strip()
-        rows.append((qid, subject, mmlu_category(subject), question.text, options, index))
-
-    frame = pd.DataFrame(rows, columns=["qid", "subject", "category", "question", "options", "answer"])
-    duplicated = frame["qid"].duplicated()
-    if duplicated.any():
-        raise ValueError(f"{path}: qid {frame.loc[duplicated, 'qid'].iloc[0]!r} appears more than once")
-    frame["split"] = assign_split(frame, SPLIT_SEED if seed is None else seed)["split"].to_numpy()
-    frame["answer"] = frame["answer"].astype(np.int64)
-    return frame[COLUMNS]
-
-
 def to_questions(frame: pd.DataFrame) -> list[Question]:
     """Rows of a question table -> `Question`s (answer -1, meaning unknown, becomes None)."""
     missing = [c for c in ("question", "options") if c not in frame.columns]
@@ -318,6 +160,6 @@ def to_questions(frame: pd.DataFrame) -> list[Question]:
 
 
 __all__: Sequence[str] = [
-    "CATEGORIES", "COLUMNS", "MMLU_CATEGORIES", "MMLU_SUBJECTS", "load_mmlu", "load_question_file",
+    "CATEGORIES", "COLUMNS", "MMLU_CATEGORIES", "MMLU_SUBJECTS", "load_mmlu",
     "load_recorded_outcomes", "load_split", "mmlu_category", "to_questions",
 ]

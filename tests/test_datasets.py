@@ -1,13 +1,12 @@
-"""MMLU as shipped, its fixed split, the per-subject sample, and the loader for user files."""
+"""MMLU as shipped, its fixed split and the per-subject sample (user files: tests/test_question_files.py)."""
 
 import json
 
-import pandas as pd
 import pytest
 
 from cascade_core.datasets import (
     CATEGORIES, COLUMNS, MMLU_CATEGORIES, MMLU_PATH, MMLU_SPLIT_PATH, load_mmlu,
-    load_question_file, load_split, mmlu_category, to_questions,
+    load_split, mmlu_category, to_questions,
 )
 from cascade_core.split import SPLIT_SEED, assign_split, read_split_json, split_document
 from cascade_core.types import Question
@@ -112,91 +111,6 @@ def test_category_lookup():
     assert mmlu_category("high_school_us_history") == "humanities"
     assert mmlu_category("High School Physics") == "STEM"
     assert mmlu_category("cooking") == ""
-
-
-# ------------------------------------------------------------------------------ user files
-
-
-def _write(tmp_path, name, frame):
-    path = tmp_path / name
-    if name.endswith(".csv"):
-        frame.to_csv(path, index=False)
-    elif name.endswith(".jsonl"):
-        frame.to_json(path, orient="records", lines=True)
-    else:
-        frame.to_parquet(path)
-    return path
-
-
-@pytest.mark.parametrize("name", ["q.csv", "q.jsonl", "q.parquet"])
-def test_letter_columns_in_every_format(tmp_path, name):
-    frame = pd.DataFrame({
-        "question": ["2+2?", "Capital of France?", "Pick"],
-        "A": ["3", "Paris", "None"], "B": ["4", "Rome", "NA"], "C": ["5", "", ""], "D": ["6", "", ""],
-        "answer": ["B", "a", "1"],
-        "subject": ["elementary_mathematics", "geography", ""],
-    })
-    loaded = load_question_file(_write(tmp_path, name, frame))
-    assert list(loaded.columns) == COLUMNS
-    assert loaded["options"].tolist() == [["3", "4", "5", "6"], ["Paris", "Rome"], ["None", "NA"]]
-    assert loaded["answer"].tolist() == [1, 0, 1]
-    assert loaded["category"].tolist() == ["STEM", "", ""]
-    assert loaded["qid"].tolist() == ["q/00000", "q/00001", "q/00002"]
-    assert set(loaded["split"]) <= {"calibration", "test"}
-
-
-def test_options_list_column_and_qids(tmp_path):
-    frame = pd.DataFrame({"qid": ["x1", "x2"], "question": ["Q1", "Q2"],
-                          "options": [["a", "b", "c"], ["d", "e"]], "answer": [2, 0]})
-    loaded = load_question_file(_write(tmp_path, "lists.jsonl", frame))
-    assert loaded["qid"].tolist() == ["x1", "x2"] and loaded["answer"].tolist() == [2, 0]
-    csv = tmp_path / "lists.csv"
-    csv.write_text('question,options,answer\nQ1,"[""a"", ""b""]",B\n')
-    assert load_question_file(csv)["options"].tolist() == [["a", "b"]]
-    assert to_questions(load_question_file(csv))[0].answer == 1
-
-
-def test_answer_is_optional_when_asked(tmp_path):
-    path = _write(tmp_path, "noanswer.csv", pd.DataFrame({"question": ["Q"], "A": ["x"], "B": ["y"]}))
-    with pytest.raises(ValueError, match="missing column 'answer'"):
-        load_question_file(path)
-    loaded = load_question_file(path, require_answer=False)
-    assert to_questions(loaded)[0].answer is None
-
-
-@pytest.mark.parametrize(
-    "frame, message",
-    [
-        (pd.DataFrame({"text": ["Q"], "A": ["x"], "B": ["y"], "answer": ["A"]}), "missing column 'question'"),
-        (pd.DataFrame({"question": ["Q"], "answer": ["A"]}), "missing the options"),
-        (pd.DataFrame({"question": ["Q"], "A": ["x"], "B": ["y"], "answer": ["C"]}), "row 1: answer 'C' but the question has only 2 options"),
-        (pd.DataFrame({"question": ["Q"], "A": ["x"], "B": ["y"], "answer": ["maybe"]}), "row 1: answer 'maybe' is neither"),
-        (pd.DataFrame({"question": ["Q", "R"], "A": ["x", "x"], "B": ["y", "y"], "answer": ["A", "7"]}), "row 2: answer index 7 is outside 0..1"),
-        (pd.DataFrame({"question": ["Q", "R"], "A": ["x", "x"], "B": ["y", "y"], "answer": ["A", ""]}), "row 2: the answer is missing"),
-        (pd.DataFrame({"question": ["", "R"], "A": ["x", "x"], "B": ["y", "y"], "answer": ["A", "A"]}), "row 1: the question is empty"),
-        (pd.DataFrame({"question": ["Q"], "A": ["x"], "B": [""], "answer": ["A"]}), "row 1: no options|at least 2 options"),
-        (pd.DataFrame({"question": ["Q"], "A": ["x"], "B": [""], "C": ["z"], "answer": ["A"]}), "row 1: option B is empty"),
-        (pd.DataFrame({"qid": ["a", "a"], "question": ["Q", "R"], "A": ["x", "x"], "B": ["y", "y"], "answer": ["A", "A"]}), "qid 'a' appears more than once"),
-    ],
-)
-def test_loader_errors_name_the_problem(tmp_path, frame, message):
-    path = _write(tmp_path, "bad.csv", frame)
-    with pytest.raises(ValueError, match=message):
-        load_question_file(path)
-
-
-def test_loader_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such question file"):
-        load_question_file(tmp_path / "absent.csv")
-    (tmp_path / "q.txt").write_text("hello")
-    with pytest.raises(ValueError, match="unsupported file type '.txt'"):
-        load_question_file(tmp_path / "q.txt")
-    (tmp_path / "q.jsonl").write_text("{broken\n")
-    with pytest.raises(ValueError, match="cannot read .* as JSON lines"):
-        load_question_file(tmp_path / "q.jsonl")
-    (tmp_path / "folder").mkdir()
-    with pytest.raises(ValueError, match="folder"):
-        load_question_file(tmp_path / "folder")
 
 
 def test_shipped_files_exist():
