@@ -112,6 +112,18 @@ def validate_records(frame: pd.DataFrame, source: str, required: tuple[str, ...]
             row = int(np.flatnonzero(bad)[0])
             raise RecordSchemaError(f"{source}: column {name!r} must be {span}, got {array[row]!r} "
                                     f"({_first_bad(frame, bad)})")
+    if "option_probs" in frame.columns and "prediction" in frame.columns:
+        # Multiple choice: the prediction (and a known answer) is one of the question's options.
+        n_options = frame["option_probs"].map(lambda p: len(p) if p is not None else 0).to_numpy()
+        for name in ("prediction", "answer"):
+            if name not in frame.columns:
+                continue
+            values = frame[name].to_numpy()
+            outside = (n_options > 0) & (values >= n_options)
+            if outside.any():
+                row = int(np.flatnonzero(outside)[0])
+                raise RecordSchemaError(f"{source}: column {name!r} names option {int(values[row])} of a question with "
+                                        f"{int(n_options[row])} options ({_first_bad(frame, outside)})")
     if "p_ik" in frame.columns and "p_ik_source" in frame.columns:
         scored = frame["p_ik_source"].fillna("").astype(str).str.len().to_numpy() > 0
         lost = scored & frame["p_ik"].isna().to_numpy()

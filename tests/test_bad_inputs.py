@@ -451,6 +451,19 @@ def test_records_out_of_schema_are_refused_naming_file_and_column(results, colum
     assert str(path) in text and f"column {column!r}" in text and words in text
 
 
+@pytest.mark.parametrize("column, value", [("prediction", 40), ("answer", 4)])
+def test_a_prediction_or_answer_beyond_the_options_is_refused(results, column, value):
+    path = results / "mmlu" / "smollm2-135m.parquet"
+    frame = pd.read_parquet(path).reset_index(drop=True)
+    frame["option_probs"] = [[0.4, 0.3, 0.2, 0.1]] * len(frame)  # 4-option questions, as MMLU's
+    frame["answer"] = 0
+    frame.loc[5, column] = value
+    frame.to_parquet(path)
+    with pytest.raises(RecordSchemaError) as err:
+        load_preset_table("default", results_dir=results, include_recorded=False)
+    assert str(path) in str(err.value) and f"column {column!r} names option {value} of a question with 4 options" in str(err.value)
+
+
 def test_p_ik_lost_where_a_probe_scored_it_is_refused(results):
     path = damage(results, "p_ik_source", None)
     frame = pd.read_parquet(path)
