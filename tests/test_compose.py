@@ -142,3 +142,24 @@ def test_bench_stage_writes_records_and_features_in_the_locations(tmp_path, smol
     qids, layers = load_features(where.features_dir(config.name))
     assert sorted(qids) == sorted(records["qid"]) and layers
     assert records["model_hash"].str.len().gt(0).all()  # describe_backend: the packaged GGUF's hash
+
+
+def test_a_stage_without_a_probe_key_reads_the_probe_probes_train_wrote(tmp_path, clean_env):
+    """`probes train` writes <probes>/<stage>.npz for a preset without `probe` keys; the live stage
+    must read that file (route, serve, the app), not silently route on P(T) alone."""
+    from cascade_core.compose.live import load_probe
+    from cascade_core.probe import PIKProbe
+
+    class _Hidden:
+        has_hidden_states = True
+        model_id = "smollm2-135m"
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(80, 6)), rng.random(80) < 0.5
+    PIKProbe(layer=3, model_id="smollm2-135m").fit(X, y).save(tmp_path / "probes" / "s1.npz")
+    config = StageConfig(name="s1", backend="packaged", model="smollm2-135m")
+    assert load_probe(config, _Hidden()) is None  # no s1.npz in data/probes/
+    clean_env.setenv("CASCADE_PROBES_DIR", str(tmp_path / "probes"))
+    probe = load_probe(config, _Hidden())
+    assert probe is not None and probe.layer == 3
+    assert load_probe(StageConfig(name="s2", backend="packaged", model="smollm2-135m"), _Hidden()) is None

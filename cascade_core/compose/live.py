@@ -79,11 +79,19 @@ def stage_policy(config: StageConfig) -> StagePolicy:
 
 
 def load_probe(config: StageConfig, backend: Backend):
-    """The stage's P(IK) probe, or None when it names none, has no hidden states, or its file is
-    missing and the stage says `probe_optional = true` (a missing file is refused otherwise)."""
-    path = config.probe_path()
-    if path is None or not backend.has_hidden_states:
+    """The stage's P(IK) probe, or None when it has no hidden states, names none and none was
+    trained for it, or its file is missing and the stage says `probe_optional = true` (a missing
+    file is refused otherwise). A stage without a `probe` key reads `<probes>/<stage>.npz`, where
+    `probes train` writes it ($CASCADE_PROBES_DIR or data/probes), when that file exists."""
+    if not backend.has_hidden_states:
         return None
+    path = config.probe_path()
+    if path is None:
+        from cascade_core.compose.locations import locations
+
+        path = locations().probe_path(config)
+        if not path.exists():
+            return None
     if not path.exists():
         check_stage_files(config)  # raises unless probe_optional
         log.info("stage %s: no probe yet at %s (routes on P(T) alone)", config.name, path)
