@@ -218,6 +218,35 @@ def resolve_dataset(spec: str, results_dir: Path | str | None = None, grader: st
     return _file_dataset(Path(source), results_dir, grader, tolerance, write)
 
 
+def store_upload(filename: str, content: bytes, results_dir: Path | str | None = None):
+    """Check an uploaded question file whole and keep it as `<results>/../uploads/<name><suffix>`
+    (the app's upload; the CLI takes a path instead); returns (stored path, `QuestionFile`).
+
+    A file that fails any check (`question_files`) is refused with the uploaded file's name, row
+    and column, and nothing is kept. The stored copy is what `resolve_dataset` then registers, so
+    the dataset's source stays readable after the browser's copy is gone."""
+    from cascade_core.question_files import QuestionFileError
+
+    suffix = Path(filename).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(f"{filename}: not a question file; upload a {', '.join(SUFFIXES)} file")
+    name = _slug(Path(filename).stem)
+    if name in BUILTIN + RESERVED:
+        raise ValueError(f"{filename}: a dataset would be named {name!r}, a built-in dataset's name; rename the file")
+    folder = Path(_results(results_dir)).parent / "uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    checking = folder / f".{name}.checking{suffix}"
+    checking.write_bytes(content)
+    try:
+        checked = read_question_file(checking)
+    except QuestionFileError as err:
+        checking.unlink(missing_ok=True)
+        raise ValueError(str(err).replace(str(checking), filename)) from None
+    final = folder / f"{name}{suffix}"
+    checking.replace(final)
+    return final, checked
+
+
 def select_questions(dataset: Dataset, split: str | None = None, per_subject: int | None = None,
                      subjects=None) -> pd.DataFrame:
     """Some of a dataset's questions: a split ("calibration" / "test"; None or "all": both), the

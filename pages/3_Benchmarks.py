@@ -111,6 +111,39 @@ else:
         st.markdown(text)
 
 # ---- run or extend a benchmark --------------------------------------------------------------------
+st.subheader("Your own questions")
+upload = st.file_uploader("A question file: .jsonl, .csv or .parquet (columns: question; options, or A, B, …; "
+                          "answer, optional; group and id, optional)", type=["jsonl", "csv", "parquet"],
+                          key="bench_upload")
+if upload is not None:
+    from cascade_core.dataset_registry import resolve_dataset, store_upload
+
+    try:
+        stored, checked = store_upload(upload.name, upload.getvalue(), data.where().results)
+    except ValueError as err:
+        st.error(f"Not taken: {err}")
+    else:
+        kind = "multiple choice" if checked.kind == "mc" else "free-form"
+        st.success(f"{len(checked.table):,} {kind} questions in {checked.table['subject'].nunique()} group(s), "
+                   f"{'with' if checked.has_answers else 'without'} answers; kept as `{stored}`.")
+        st.dataframe(checked.table.head(20)[["qid", "subject", "question", "options", "references"]],
+                     hide_index=True)
+        if st.button("Register it as a dataset (its seeded calibration / test split)", key="bench_register"):
+            try:
+                found = resolve_dataset(str(stored), data.where().results)
+            except ValueError as err:
+                st.error(f"Not registered: {err}")
+            else:
+                free_form = "" if found.kind == "mc" else " --max-new-tokens 16"
+                rule = "" if found.kind == "mc" else " --rule pt_only"  # live free-form answers route on P(T)
+                label_free = "" if found.has_answers else " --label-free"
+                st.success(f"Registered as `{found.name}`: {len(found.questions):,} questions, graded "
+                           f"`{found.grader['name']}`. Benchmark, train the probes and calibrate it with:")
+                st.code(f"python -m cascade_core bench --dataset {found.name}{free_form}\n"
+                        f"python -m cascade_core probes train --dataset {found.name}\n"
+                        f"python -m cascade_core calibrate --dataset {found.name}{label_free}{rule}\n"
+                        f"python -m cascade_core report --dataset {found.name}", language="bash")
+
 st.subheader("Run or extend a benchmark")
 runnable = [c for c in preset.stages + preset.extra_stages if c.backend != "recorded"]
 if not runnable:

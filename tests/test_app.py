@@ -821,3 +821,18 @@ def test_settings_unload_refreshes_the_table_and_says_how_stages_run(app, smollm
     assert rows["loaded"].iloc[0] == "no" and rows["weights in memory"].iloc[0] == "–"
     assert "Model weights in memory: none" in texts(at.caption)
     assert rows["runs as"].iloc[0].startswith("not loaded: will run on cpu, float32")
+
+
+def test_benchmarks_page_takes_an_uploaded_file_and_registers_it(empty_app):
+    at = open_page(empty_app, BENCH)
+    at.file_uploader(key="bench_upload").set_value(("sums.csv", b"question,answer,group\n2+2?,4,easy\n40*3?,120,hard\n",
+                                                     "text/csv")).run()
+    no_exception(at)
+    assert any("2 free-form questions in 2 group(s), with answers" in s.value for s in at.success)
+    at.button(key="bench_register").click().run()
+    no_exception(at)
+    assert any("Registered as `sums`" in s.value and "graded `numeric`" in s.value for s in at.success)
+    assert "bench --dataset sums --max-new-tokens 16" in at.code[0].value and "--rule pt_only" in at.code[0].value
+    at.file_uploader(key="bench_upload").set_value(("bad.csv", b"question,answer\n,4\n", "text/csv")).run()
+    assert any(e.value.startswith("Not taken: bad.csv, row") for e in at.error)
+

@@ -174,3 +174,22 @@ def test_probes_train_skips_a_dataset_without_answers_and_says_why(tmp_path, cap
                  "--features-dir", str(tmp_path / "f"), "--probes-dir", str(tmp_path / "p")]) == 0
     assert "s1: its dataset has no answers" in capsys.readouterr().out
     assert not (tmp_path / "p").exists()
+
+
+def test_an_upload_is_checked_whole_then_kept_and_a_bad_one_leaves_nothing(tmp_path):
+    from cascade_core.dataset_registry import store_upload
+
+    results = tmp_path / "results"
+    good = b'{"question": "2+2?", "options": ["3", "4"], "answer": "B"}\n{"question": "3+3?", "options": ["6", "7"], "answer": 0}\n'
+    stored, checked = store_upload("My Set.jsonl", good, results)
+    assert stored == tmp_path / "uploads" / "my-set.jsonl" and stored.read_bytes() == good
+    assert checked.kind == "mc" and checked.table["answer"].tolist() == [1, 0]
+    assert resolve_dataset(str(stored), results).name == "my-set"
+    bad = b'{"question": "2+2?", "options": ["3", "4"], "answer": "C"}\n'
+    with pytest.raises(ValueError, match=r"^broken\.jsonl, line 1, column 'answer'"):
+        store_upload("broken.jsonl", bad, results)
+    assert sorted(p.name for p in (tmp_path / "uploads").iterdir()) == ["my-set.jsonl"]  # nothing of the bad one
+    with pytest.raises(ValueError, match="notes.txt: not a question file"):
+        store_upload("notes.txt", b"hello", results)
+    with pytest.raises(ValueError, match="built-in dataset's name"):
+        store_upload("arith.csv", b"question\nq\n", results)
