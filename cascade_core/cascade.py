@@ -63,6 +63,9 @@ class RuntimeStage:
     free_form_policy: StagePolicy | None = None
     free_form_policy_source: str = ""
     free_form_off_reason: str = ""
+    # P(IK) of a free-form question: a probe trained on free-form records (the prompt's last hidden
+    # state, `freeform_bench`), read from the same pass that gives the first answer token.
+    free_form_probe: object | None = None
 
     @property
     def recorded(self) -> bool:
@@ -112,8 +115,9 @@ class _StageCancelled(Exception):
     """The stage's generation stopped because the request was cancelled."""
 
 
-def _generate(backend, prompt: str, max_new_tokens: int, cancel, on_text):
-    """`backend.generate`, handing it the cancel flag and the text callback where it takes them."""
+def _generate(backend, prompt: str, max_new_tokens: int, cancel, on_text, layers=None):
+    """`backend.generate`, handing it the cancel flag, the text callback and the layers whose
+    hidden states it should return, where it takes them."""
     try:
         params = inspect.signature(backend.generate).parameters
     except (TypeError, ValueError):
@@ -124,15 +128,24 @@ def _generate(backend, prompt: str, max_new_tokens: int, cancel, on_text):
         kwargs["cancel"] = cancel
     if on_text is not None and ("on_text" in params or takes_any):
         kwargs["on_text"] = on_text
+    if layers and ("layers" in params or takes_any):
+        kwargs["layers"] = layers
     return backend.generate(prompt, max_new_tokens=max_new_tokens, **kwargs)
 
 
 def _score_free_form(stage: RuntimeStage, question: Question, step: StageStep, max_new_tokens: int,
                      cancel=None, on_text=None) -> None:
-    """Free-form answers route on P(T) from token probabilities (geometric mean) alone.
+    """Free-form answers: P(T) from the token probabilities (geometric mean) and, with a free-form
+    probe, P(IK) from the prompt's last hidden state (the same pass as the first token).
 
     An answer with no visible text gets P(T) = 0: it is never kept (`run_cascade`)."""
-    generation = _generate(stage.backend, format_prompt(question), max_new_tokens, cancel, on_text)
+    probe = stage.free_form_probe if stage.backend.has_hidden_states else None
+    layers = [int(probe.layer)] if probe is not None else None
+    generation = _generate(stage.backend, format_prompt(question), max_new_tokens, cancel, on_text, layers)
+    hidden = getattr(generation, "hidden_states", None)
+    if probe is not None and hidden:
+        features = np.asarray(hidden[int(probe.layer)], dtype=np.float32)
+        step.p_ik = float(probe.p_ik(features[None, :])[0])
     step.answer = generation.text
     step.prompt_tokens, step.output_tokens = generation.prompt_tokens, generation.output_tokens
     step.token_logprobs = [[str(t), float(lp)] for t, lp in zip(generation.tokens, generation.token_logprobs)]

@@ -188,5 +188,29 @@ def test_a_free_form_policy_that_needs_p_ik_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("CASCADE_RESULTS_DIR", str(tmp_path / "results"))
     monkeypatch.setenv("CASCADE_POLICIES_DIR", str(tmp_path / "policies"))
     assert main(["calibrate", "--dataset", "arith", "--preset", str(preset), "--rule", "both", "--target", "5"]) == 0
-    with pytest.raises(ValueError, match="route on P\\(T\\) alone: calibrate it with --rule pt_only"):
+    with pytest.raises(ValueError, match="read P\\(IK\\) at small, which has no free-form probe: train it"):
         build_cascade(load_preset(preset))
+
+
+@pytest.mark.model
+def test_a_free_form_probe_gives_p_ik_from_the_prompt_s_pass(smollm2_backend):
+    """With a free-form probe, a free-form answer's step carries P(IK) from the prompt's last hidden
+    state at the probe's layer: the number the probe gives on `generate(layers=)`'s features."""
+    from cascade_core.cascade import RuntimeStage, run_cascade
+    from cascade_core.policy import StagePolicy
+    from cascade_core.probe import PIKProbe
+    from cascade_core.types import Question
+
+    b = smollm2_backend
+    rng = np.random.default_rng(0)
+    d = b.model.config.hidden_size
+    probe = PIKProbe(layer=6, model_id=b.model_id).fit(rng.normal(size=(60, d)), rng.random(60) < 0.5)
+    stage = RuntimeStage(name="s", backend=b, policy=StagePolicy(), free_form_probe=probe)
+    question = Question(text="What is 2 + 2? Answer with the number only.")
+    (step,) = run_cascade([stage], question, max_new_tokens=4).steps
+    g = b.generate("The following is a question (with answer).\n\nWhat is 2 + 2? Answer with the number only.\nAnswer:",
+                   max_new_tokens=4, layers=[6])
+    assert step.p_ik == pytest.approx(float(probe.p_ik(g.hidden_states[6][None, :])[0]), abs=1e-5)
+    (plain,) = run_cascade([RuntimeStage(name="s", backend=b, policy=StagePolicy())], question, max_new_tokens=4).steps
+    assert plain.p_ik is None or np.isnan(plain.p_ik)  # no probe: no P(IK), as before
+

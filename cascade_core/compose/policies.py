@@ -77,16 +77,20 @@ def apply_free_form(stages: Sequence, applied: AppliedPolicy, preset: Preset) ->
     policies (`cascade.for_free_form`); unchanged when no free-form policy was calibrated, so
     free-form questions then run with the multiple-choice thresholds, as the trace says.
 
-    The live cascade reads no P(IK) for free-form answers (it routes them on P(T)), so a free-form
-    policy whose stages need P(IK) is refused: it was certified on a signal the cascade lacks."""
+    A stage reads P(IK) for a free-form answer only with a free-form probe (`free_form_probe`), so
+    a free-form policy that needs P(IK) at a stage without one is refused: it was certified on a
+    signal that stage lacks."""
     if applied.policy is None:
         return list(stages)
     names = calibration_stages(preset)
     by_name = dict(zip(names, applied.policy.stages))
-    needs = [n for n, p in by_name.items() if p.enabled and p.rule != "pt_only" and n != names[-1]]
+    probed = {s.name for s in stages if getattr(s, "free_form_probe", None) is not None}
+    needs = [n for n, p in by_name.items()
+             if p.enabled and p.rule != "pt_only" and n != names[-1] and n not in probed]
     if needs:
-        raise ValueError(f"{applied.file}: free-form policy with rule(s) that read P(IK) at {', '.join(needs)}; "
-                         "free-form answers route on P(T) alone: calibrate it with --rule pt_only")
+        raise ValueError(f"{applied.file}: free-form policy with rule(s) that read P(IK) at {', '.join(needs)}, "
+                         "which has no free-form probe: train it (`probes train --dataset "
+                         f"{applied.file.parent.name}`) or calibrate with --rule pt_only")
     out = []
     for stage in stages:
         policy = by_name.get(stage.name)
