@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -107,7 +106,7 @@ def runtime_stage(config: StageConfig, backend: Backend | None = None) -> Runtim
     return RuntimeStage(
         name=config.name, backend=backend, policy=stage_policy(config),
         probe=load_probe(config, backend), price_in=config.price_in, price_out=config.price_out,
-        on_error=config.on_error, label=config.display_name,
+        on_error=config.on_error, label=config.display_name, free_form_probe=free_form_probe(config, backend),
     )
 
 
@@ -130,11 +129,10 @@ def build_cascade(preset: Preset, only: Sequence[str] | None = None, progress: b
     applied = applied_policy(preset, where, thresholds)  # a bad policy file, before any model loads
     free_form = applied_policy(preset, where, "preset" if thresholds == "preset" else "auto", FREE_FORM_DATASET)
     stages = apply_to_stages([runtime_stage(c) for c in configs], applied, preset)
-    stages = [replace(s, free_form_probe=free_form_probe(c, s.backend, where)) for c, s in zip(configs, stages)]
     return apply_free_form(stages, free_form, preset)
 
 
-def free_form_probe(config: StageConfig, backend: Backend, where=None):
+def free_form_probe(config: StageConfig, backend: Backend):
     """The stage's P(IK) probe for free-form questions (trained by `probes train --dataset arith`,
     `<probes>/arith/<stage>.npz`), or None when there is none or the stage has no hidden states."""
     from cascade_core.compose.locations import locations
@@ -142,7 +140,7 @@ def free_form_probe(config: StageConfig, backend: Backend, where=None):
 
     if not backend.has_hidden_states or config.backend not in ("packaged", "hf"):
         return None
-    path = (where or locations()).probe_path(config, FREE_FORM_DATASET)
+    path = locations().probe_path(config, FREE_FORM_DATASET)
     if not path.exists():
         return None
     from cascade_core.probe import PIKProbe
