@@ -256,9 +256,18 @@ def run_question() -> None:
     stages = [for_free_form(s) if not question.is_multiple_choice else s for s in stages]
     boxes: dict[str, object] = {}
     loads: dict[str, float] = {}
+    streaming = {"slot": None, "text": ""}  # the free-form answer of the stage running, as it is generated
+
+    def on_text(delta: str) -> None:
+        streaming["text"] += delta
+        if streaming["slot"] is not None:
+            streaming["slot"].text(f"generating: {streaming['text']}")  # st.text: user-visible model output, never markup
 
     def on_event(event, stage, step):
         label = state.label_of(configs[stage.name])
+        if event != "start" and streaming["slot"] is not None:
+            streaming["slot"].empty()  # the card below shows the whole answer
+            streaming["slot"], streaming["text"] = None, ""
         if event == "start":
             lazy = getattr(stage.backend, "loaded", True) is False
             if lazy:
@@ -278,6 +287,8 @@ def run_question() -> None:
                                                    "running…")
             else:
                 boxes[stage.name] = st.status(f"{label}: running…", expanded=True)
+            if not question.is_multiple_choice:
+                streaming["slot"], streaming["text"] = boxes[stage.name].empty(), ""
             return
         box = boxes[stage.name]
         with box:
@@ -287,7 +298,7 @@ def run_question() -> None:
 
     failure = None
     try:
-        trace = run_cascade(stages, question, on_event=on_event)
+        trace = run_cascade(stages, question, on_event=on_event, on_text=on_text)
     except CascadeError as err:
         trace, failure = err.trace, str(err)
     except ValueError as err:
