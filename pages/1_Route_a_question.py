@@ -280,11 +280,11 @@ def run_question() -> None:
                     return
                 took = time.perf_counter() - started
                 if took < 0.05:  # already in memory (another session or the preload loaded it): nothing to say
-                    boxes[stage.name].update(label=f"{label}: running…")
+                    boxes[stage.name].update(label=f"{label}: running…", expanded=True)
                 else:
                     loads[stage.name] = took
                     boxes[stage.name].update(label=f"{label}: loaded {configs[stage.name].model} in {took:.1f} s; "
-                                                   "running…")
+                                                   "running…", expanded=True)
             else:
                 boxes[stage.name] = st.status(f"{label}: running…", expanded=True)
             if not question.is_multiple_choice:
