@@ -33,7 +33,7 @@ from cascade_core.compose.locations import DATA_DIR
 from cascade_core.graders import default_grader, get_grader
 from cascade_core.io import atomic_write_json
 from cascade_core.question_files import SUFFIXES, read_question_file
-from cascade_core.split import SPLIT_SEED, SPLITS, read_split_json, split_document, take_per_subject, write_split_json
+from cascade_core.split import SPLIT_SEED, SPLITS, read_split_json, select_rows, split_document, write_split_json
 
 BUILTIN = ("mmlu", "arith")
 RESERVED = ("mmlu-open",)  # a shipped free-form set of issue 20, not built yet
@@ -251,19 +251,9 @@ def select_questions(dataset: Dataset, split: str | None = None, per_subject: in
                      subjects=None) -> pd.DataFrame:
     """Some of a dataset's questions: a split ("calibration" / "test"; None or "all": both), the
     first `per_subject` of each group's seeded order, some groups; in the file's order."""
-    table = dataset.questions
-    if split not in (None, "all") and split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use one of: all, {', '.join(SPLITS)}")
-    if subjects is not None:
-        wanted = [subjects] if isinstance(subjects, str) else list(subjects)
-        unknown = sorted(set(wanted) - set(table["subject"]))
-        if unknown:
-            raise ValueError(f"dataset {dataset.name!r} has no group(s) {unknown}; groups: {sorted(set(table['subject']))}")
-        table = table[table["subject"].isin(wanted)]
-    if per_subject is not None:
-        table = take_per_subject(table, per_subject)
-    if split in SPLITS:
-        table = table[table["split"] == split]
+    groups = sorted(set(dataset.questions["subject"]))
+    table = select_rows(dataset.questions, split, per_subject, subjects,
+                        lambda unknown: ValueError(f"dataset {dataset.name!r} has no group(s) {unknown}; groups: {groups}"))
     out = table.reset_index(drop=True).copy()
     out["options"] = [list(o) for o in out["options"]]
     return out

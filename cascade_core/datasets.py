@@ -17,7 +17,7 @@ import pandas as pd
 
 from cascade_core.compose.locations import DATA_DIR
 from cascade_core.io import read_parquet_checked
-from cascade_core.split import SPLITS, read_split_json, take_per_subject
+from cascade_core.split import read_split_json, select_rows
 from cascade_core.types import Question
 
 MMLU_DIR = DATA_DIR / "mmlu"
@@ -108,19 +108,8 @@ def load_mmlu(
     one); it picks the questions before `split` filters them, so the test part of
     `per_subject=10` is the test half of the same 10. `subjects`: MMLU subject names.
     """
-    table = _mmlu_table(str(path), str(split_path))
-    if split not in (None, "all") and split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use one of: all, {', '.join(SPLITS)}")
-    if subjects is not None:
-        wanted = [subjects] if isinstance(subjects, str) else list(subjects)
-        unknown = sorted(set(wanted) - set(table["subject"]))
-        if unknown:
-            raise ValueError(f"unknown MMLU subject(s) {unknown}; known: {', '.join(MMLU_SUBJECTS)}")
-        table = table[table["subject"].isin(wanted)]
-    if per_subject is not None:
-        table = take_per_subject(table, per_subject)
-    if split in SPLITS:
-        table = table[table["split"] == split]
+    table = select_rows(_mmlu_table(str(path), str(split_path)), split, per_subject, subjects,
+                        lambda unknown: ValueError(f"unknown MMLU subject(s) {unknown}; known: {', '.join(MMLU_SUBJECTS)}"))
     out = table[COLUMNS].reset_index(drop=True).copy()
     out["options"] = [list(o) for o in out["options"]]  # callers may edit; the cache stays whole
     return out

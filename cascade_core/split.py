@@ -114,3 +114,25 @@ def _require(frame: pd.DataFrame, columns) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ValueError(f"missing column(s) {missing}; found {list(frame.columns)}")
+
+
+def select_rows(table: pd.DataFrame, split: str | None, per_subject: int | None, subjects,
+                unknown_subjects) -> pd.DataFrame:
+    """Some questions of a table with `subject` and `split` columns: some subjects (an unknown one
+    raises `unknown_subjects(sorted unknown names)`), the first `per_subject` of each subject's
+    seeded order (picked before the split filters them), one split ("calibration" / "test"; None
+    or "all": both). MMLU's loader and the dataset registry select alike through this."""
+    if split not in (None, "all") and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of: all, {', '.join(SPLITS)}")
+    if subjects is not None:
+        wanted = [subjects] if isinstance(subjects, str) else list(subjects)
+        unknown = sorted(set(wanted) - set(table["subject"]))
+        if unknown:
+            raise unknown_subjects(unknown)
+        table = table[table["subject"].isin(wanted)]
+    if per_subject is not None:
+        table = take_per_subject(table, per_subject)
+    if split in SPLITS:
+        table = table[table["split"] == split]
+    return table
+
