@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import weakref
 import math
 import time
 import uuid
@@ -40,7 +39,7 @@ from cascade_core.server.common import (DEFAULT_MAX_PROMPT_CHARS, ApiError, bear
 from cascade_core.server.metrics import Metrics, StatusCounter
 from cascade_core.server.openai_request import MAX_NEW_TOKENS, ChatRequest, parse_chat
 from cascade_core.server.queue import (SHUTDOWN, CancelToken, Closed, Gate, GaveUp, QueueFull, run_in_slot,
-                                       start_in_slot)
+                                       start_in_slot, track_running)
 from cascade_core.server.sse import Chunks, Pieces, stream_events
 from cascade_core.types import MAX_OPTIONS, OPTION_LETTERS, Question, Trace
 
@@ -197,14 +196,7 @@ def create_cascade_app(
             gate.close(reason)
 
     app.state.drain = drain
-    running: weakref.WeakSet[CancelToken] = weakref.WeakSet()  # every request's token while its work lives
-    # Graceful shutdown, past the grace period: running work stops within a decoding step (503).
-    app.state.cancel_running = lambda: [token.cancel(SHUTDOWN) for token in list(running)]
-
-    def new_token(deadline: float) -> CancelToken:
-        token = CancelToken(deadline)
-        running.add(token)
-        return token
+    new_token = track_running(app)  # per-request cancel tokens; sets app.state.cancel_running
 
     def model_card(name: str) -> dict:
         """A cascade's card lists the stages its policy runs and, apart, the ones it switched off

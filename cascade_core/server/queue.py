@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Awaitable, Callable
 
@@ -187,3 +188,18 @@ def start_in_slot(gate: Gate, executor, fn: Callable, *args) -> asyncio.Future:
 
     future.add_done_callback(finished)
     return future
+
+
+def track_running(app) -> Callable[[float], "CancelToken"]:
+    """A factory of per-request cancel tokens that remembers every token while its work lives, and
+    `app.state.cancel_running`, the graceful shutdown's last step: once the grace period is over,
+    running work stops within a decoding step (503). Both servers use it, so both stop alike."""
+    running: weakref.WeakSet[CancelToken] = weakref.WeakSet()
+    app.state.cancel_running = lambda: [token.cancel(SHUTDOWN) for token in list(running)]
+
+    def new_token(deadline: float) -> CancelToken:
+        token = CancelToken(deadline)
+        running.add(token)
+        return token
+
+    return new_token

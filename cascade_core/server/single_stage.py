@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import weakref
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,7 @@ from cascade_core.server.common import (DEFAULT_MAX_PROMPT_CHARS, ApiError, bear
 from cascade_core.server.metrics import Metrics, StatusCounter
 from cascade_core.server.openai_request import ChatRequest, CompletionRequest, parse_chat, parse_completion
 from cascade_core.server.queue import (SHUTDOWN, CancelToken, Closed, Gate, GaveUp, QueueFull, run_in_slot,
-                                       start_in_slot)
+                                       start_in_slot, track_running)
 from cascade_core.server.sse import Chunks, Pieces, stream_events
 
 __all__ = ["ApiError", "create_single_stage_app"]
@@ -116,14 +115,7 @@ def create_single_stage_app(
     app.state.gate = gate
     # Graceful shutdown, first step (`server.run`): queued and new requests get 503 with Retry-After.
     app.state.drain = lambda reason="the server is shutting down": gate.close(reason)
-    running: weakref.WeakSet[CancelToken] = weakref.WeakSet()  # every request's token while its work lives
-    # Graceful shutdown, past the grace period: running work stops within a decoding step (503).
-    app.state.cancel_running = lambda: [token.cancel(SHUTDOWN) for token in list(running)]
-
-    def new_token(deadline: float) -> CancelToken:
-        token = CancelToken(deadline)
-        running.add(token)
-        return token
+    new_token = track_running(app)  # per-request cancel tokens; sets app.state.cancel_running
 
     install_error_handlers(app)
     app.add_middleware(StatusCounter, metrics=metrics)
