@@ -14,16 +14,6 @@ import numpy as np
 MISSING = "–"
 
 
-def is_number(x) -> bool:
-    """True for a finite number (not None, NaN or inf)."""
-    if x is None or isinstance(x, bool):
-        return False
-    try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
-
-
 def _ok(x) -> bool:
     """The report's test: not None and not a float NaN (inf still formats)."""
     return x is not None and not (isinstance(x, float) and math.isnan(x))

@@ -166,15 +166,6 @@ def hf_folder(key: str, cache_dir: str | os.PathLike | None = None) -> Path:
     return cache_root(cache_dir) / "hf" / get_spec(key).key
 
 
-def gguf_path(key: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    spec = get_spec(key)
-    return cache_root(cache_dir) / "gguf" / spec.gguf_name
-
-
-def wheel_dir(key: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    return cache_root(cache_dir) / "wheels" / get_spec(key).key
-
-
 def read_marker(folder: Path) -> dict | None:
     try:
         return json.loads((folder / MARKER).read_text())

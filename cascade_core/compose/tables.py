@@ -93,15 +93,6 @@ def stage_configs(preset: Preset, include_recorded: bool | StageConfig | str = T
     return local + [extra]
 
 
-def available_stages(preset: Preset | str, dataset: str = "mmlu",
-                     results_dir: Path | str | None = None) -> dict[str, bool]:
-    """Local stage name -> whether it has records on disk (for pages that show what is missing)."""
-    preset = load_preset(preset) if not isinstance(preset, Preset) else preset
-    where = locations(results_dir)
-    return {c.name: where.record_path(c.name, dataset).exists()
-            for c in stage_configs(preset, include_recorded=False)}
-
-
 def load_stage_records(config: StageConfig, dataset: str = "mmlu",
                        results_dir: Path | str | None = None) -> pd.DataFrame:
     """One stage's records: the benchmark's file for a local stage, the recording for a recorded one."""
@@ -159,11 +150,6 @@ def load_preset_table(
     if split not in (None, "all"):
         table = table.subset(split)
     return table
-
-
-def question_categories(table: RecordTable) -> np.ndarray:
-    """MMLU category of each question of the table ('' for a subject outside MMLU)."""
-    return np.array([mmlu_category(s) for s in table.subjects], dtype=object).astype(str)
 
 
 def load_stage_features(table: RecordTable, dataset: str = "mmlu", features_dir: Path | str | None = None,

@@ -201,10 +201,6 @@ def choose_and_report(table: RecordTable, stages: Sequence[int], rule: str, unit
     }
 
 
-def _strip(entry: dict) -> dict:
-    return {k: v for k, v in entry.items() if not k.startswith("_")}
-
-
 def _api_metrics(test: RecordTable, result: ReplayResult) -> dict:
     """GPT-4 (the last stage) calls, tokens and dollars saved; a question reaches it iff it answers it."""
     last = test.n_stages - 1

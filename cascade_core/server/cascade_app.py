@@ -6,7 +6,7 @@ answer comes back in the standard chat.completion shape, so stock clients work; 
 rides along in an extra top-level field `cascade` and, summarised, in `X-Cascade-*` headers.
 docs/SERVING.md describes the message format, the limits and every status code.
 
-The app takes stages that are already built (`models.factory.build_cascade`), so tests inject
+The app takes stages that are already built (`compose.live.build_cascade`), so tests inject
 their own and this module never imports model code. The cascade runs in worker threads; each
 served model has a bounded queue (`queue.Gate`); a request past its deadline gets 504, a full
 queue 429, a model marked unavailable (or a server shutting down) 503. A request whose client

@@ -168,10 +168,6 @@ class CompletionRequest(_Request):
     echo: bool = Field(default=False, strict=True)
 
 
-def _first_line(message: str) -> str:
-    return message.splitlines()[0] if message else message
-
-
 def check_common(req: _Request) -> None:
     """What neither server does, whichever endpoint: a 400 naming the field."""
     if req.n != 1:
