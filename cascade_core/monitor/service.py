@@ -57,7 +57,8 @@ class PolicyInfo:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PolicyInfo":
-        return cls(**{**data, "stages": tuple(data["stages"])})
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in data.items() if k in known}, "stages": tuple(data["stages"])})
 
     def get_grader(self) -> Grader:
         return get_grader(self.grader, self.tolerance)
@@ -209,7 +210,7 @@ class Monitor:
         self.watches: dict[str, PolicyWatch] = {}
         self.by_hash: dict[str, str] = {}
         for kind, info in self.policies.items():
-            store.register_policy(info.hash, kind, info.description, info.to_dict())
+            store.register_policy(info.hash, kind, info.description, {**info.to_dict(), "alpha": self.alpha})
             for row in store.rows(info.hash, columns=("audit",)):  # audits of an earlier process never finish
                 if row["audit"] == "pending":
                     store.update_audit(row["id"], audit="skipped")

@@ -125,8 +125,8 @@ class TraceStore:
                 raise FileNotFoundError(f"no trace database at {self.path}")
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = self._conn()
         try:
+            conn = self._conn()
             if not read_only:
                 conn.executescript(_SCHEMA)
                 conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
