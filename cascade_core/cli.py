@@ -259,6 +259,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UsageError("give --target or --budget, not both")
     if not 0 < args.delta < 1:
         raise UsageError(f"--delta must be between 0 and 1, got {args.delta}")
+    if args.from_traces:
+        return _calibrate_from_traces(args)
     where = locations(results_dir=args.results_dir, policies_dir=args.policies_dir)
     target = None if args.budget is not None else (1.0 if args.target is None else args.target)
     dataset = _dataset_name(args.dataset, where.results)
@@ -283,6 +285,36 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_from_traces(args: argparse.Namespace) -> int:
+    """`calibrate --from-traces DB`: a label-free policy from the audited traffic (`monitor.from_traces`)."""
+    from cascade_core.monitor.from_traces import calibrate_from_traces
+
+    if args.budget is not None:
+        raise UsageError("--from-traces certifies a loss target (label-free), not a --budget")
+    path, found = calibrate_from_traces(args.from_traces, args.preset, kind=args.traces_kind,
+                                        target_pt=1.0 if args.target is None else args.target, delta=args.delta,
+                                        rule=args.rule, seed=args.seed, out=args.out)
+    print(f"{found.description} -> {path}")
+    print(f"  label-free: the guarantee bounds the disagreement with {found.stages[-1]}'s answers on "
+          f"{found.provenance['questions']:,} audited questions of {args.from_traces}, so it holds for any labels")
+    return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """`monitor DB`: the trace database's status, drift and alarms (`monitor.view`), once or every --watch s."""
+    import time
+
+    from cascade_core.monitor.view import render_text, summarise
+
+    while True:
+        summary = summarise(args.db)
+        print(json.dumps(summary, allow_nan=False) if args.json else render_text(summary), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+        print()
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     if args.stages:  # for scripts: the preset's enabled stages that a benchmark runs, one a line
         for config in load_preset(args.stages).stages:
@@ -302,6 +334,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cascade_core.server.run import serve_app
 
     check_serve_args(args)  # every flag that needs no model, before any model loads
+    if getattr(args, "traces", None):
+        from cascade_core.monitor.setup import check_monitor_args
+
+        check_monitor_args(args)
     if args.threads is not None:
         import torch
 
@@ -328,10 +364,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              "answer live questions; serve the other stages with --stages NAME ...")
         stages = build_cascade(preset, only=args.stages, progress=False, thresholds=args.thresholds)
         print(stages[0].policy_source, file=sys.stderr, flush=True)
+        monitor = None
+        if args.traces:
+            from cascade_core.monitor.setup import build_monitor
+
+            monitor = build_monitor(preset, stages, args.traces, thresholds=args.thresholds,
+                                    retention_days=args.retention_days, max_rows=args.max_traces,
+                                    store_questions=args.store_questions, audit_share=args.audit_share,
+                                    seed=args.audit_seed, alpha=args.drift_alpha, fallback=args.fallback_on_broken)
+            print(f"traces -> {args.traces} (audit share {args.audit_share:g})", file=sys.stderr, flush=True)
         app = create_cascade_app({preset.name: stages}, api_key_env=args.token_env,
                                  max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
                                  max_in_flight=args.max_in_flight, max_waiting=args.max_queue,
-                                 timeout_s=args.timeout_s, default_max_new_tokens=args.max_new_tokens)
+                                 timeout_s=args.timeout_s, default_max_new_tokens=args.max_new_tokens,
+                                 monitor=monitor)
         served = list(app.state.served)
     print(f"serving {', '.join(served)} on http://{args.host}:{args.port}/v1"
           f"{' (bearer token required)' if args.token_env else ''}", file=sys.stderr, flush=True)
@@ -437,6 +483,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto", help="--single-stage only (presets name their own devices)")
     serve.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch")
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--traces", metavar="DB", default=None,
+                       help="store every trace in this SQLite file and monitor the policy (README: Monitoring)")
+    serve.add_argument("--retention-days", type=float, default=None, help="--traces: delete traces older than this")
+    serve.add_argument("--max-traces", type=int, default=None, help="--traces: keep at most this many (newest)")
+    serve.add_argument("--store-questions", action="store_true",
+                       help="--traces: also store question and answer texts (credential-shaped strings masked)")
+    serve.add_argument("--audit-share", type=float, default=0.02,
+                       help="--traces: share of questions audited by the skipped stages (default 0.02)")
+    serve.add_argument("--audit-seed", type=int, default=0, help="--traces: seed of the audit coin")
+    serve.add_argument("--drift-alpha", type=float, default=None,
+                       help="--traces: drift alarm level (default 1e-4: >= 10,000 questions between false alarms on average)")
+    serve.add_argument("--fallback-on-broken", action="store_true",
+                       help="--traces: when re-certification says broken, answer with the last stage alone until "
+                            "re-calibrated (said in every trace)")
     serve.set_defaults(func=cmd_serve)
 
     cal = sub.add_parser("calibrate", help="choose thresholds with a guarantee on the calibration split -> a policy file")
@@ -459,7 +519,18 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--results-dir", default=None)
     cal.add_argument("--policies-dir", default=None)
+    cal.add_argument("--from-traces", metavar="DB", default=None,
+                     help="calibrate label-free on the audited questions of a trace database (serve --traces DB)")
+    cal.add_argument("--traces-kind", choices=["free", "mc"], default="free",
+                     help="--from-traces: the free-form (default) or the multiple-choice policy's traffic")
+    cal.add_argument("--out", default=None, help="--from-traces: the policy file to write (default: the preset's)")
     cal.set_defaults(func=cmd_calibrate)
+
+    mon = sub.add_parser("monitor", help="a trace database's re-certification, drift alarm and costs (serve --traces)")
+    mon.add_argument("db", help="the SQLite file serve --traces wrote")
+    mon.add_argument("--json", action="store_true", help="print everything as one JSON object")
+    mon.add_argument("--watch", type=float, default=0, metavar="S", help="print again every S seconds")
+    mon.set_defaults(func=cmd_monitor)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.add_argument("--stages", metavar="PRESET", help="print this preset's benchmarked stages, one a line")

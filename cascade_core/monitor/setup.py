@@ -91,3 +91,19 @@ def build_monitor(preset, stages, db: Path | str, *, thresholds: str = "auto", r
     store = TraceStore(db, retention_days=retention_days, max_rows=max_rows, store_questions=store_questions)
     return Monitor(store, policy_infos(preset, stages, thresholds), audit_share=audit_share, seed=seed,
                    alpha=DEFAULT_ALPHA if alpha is None else alpha, fallback=fallback)
+
+
+def check_monitor_args(args) -> None:
+    """Refuse bad `serve --traces` options before any model loads, naming the flag."""
+    import math
+
+    if not 0.0 <= args.audit_share <= 1.0:
+        raise ValueError(f"--audit-share must be between 0 and 1, got {args.audit_share}")
+    if args.retention_days is not None and not (math.isfinite(args.retention_days) and args.retention_days > 0):
+        raise ValueError(f"--retention-days must be a number of days > 0, got {args.retention_days}")
+    if args.max_traces is not None and args.max_traces < 1:
+        raise ValueError(f"--max-traces must be at least 1, got {args.max_traces}")
+    if args.drift_alpha is not None and not 0.0 < args.drift_alpha < 1.0:
+        raise ValueError(f"--drift-alpha must be between 0 and 1, got {args.drift_alpha}")
+    if Path(args.traces).is_dir():
+        raise ValueError(f"--traces {args.traces} is a folder; give the database file's path")

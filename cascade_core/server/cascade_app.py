@@ -30,6 +30,7 @@ from typing import Mapping, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from cascade_core.cascade import CascadeCancelled, CascadeError, RuntimeStage, run_cascade, trace_to_dict
 from cascade_core.compose.formats import served_format_notes
@@ -128,12 +129,15 @@ def create_cascade_app(
     timeout_s: float = 120.0,
     default_max_new_tokens: int = 64,
     serve_stages: bool = True,
+    monitor=None,
 ) -> FastAPI:
     """An OpenAI-compatible app serving each cascade as `cascade-<name>` and each stage by name.
 
     `cascades` maps a cascade's name (usually the preset's) to its built stages. With
     `api_key_env`, every /v1 route needs `Authorization: Bearer <value of that variable>`.
     Each served model gets its own queue of `max_in_flight` running + `max_waiting` waiting.
+    `monitor` (`cascade_core.monitor.service.Monitor`, optional): every trace is stored before
+    its answer leaves, a seeded share is audited after it, and /health and /metrics carry its status.
     """
     if not cascades:
         raise ValueError("give at least one cascade to serve")
@@ -168,6 +172,8 @@ def create_cascade_app(
         for name in served:  # requests arriving while the server drains get 503
             unavailable.setdefault(name, "the server is shutting down")
         executor.shutdown(wait=False, cancel_futures=True)
+        if monitor is not None:
+            monitor.close()
 
     app = FastAPI(title="cascade server", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     install_error_handlers(app)
@@ -175,6 +181,7 @@ def create_cascade_app(
     app.state.metrics = metrics
     app.state.gates = gates
     app.state.served = served
+    app.state.monitor = monitor
 
     def set_unavailable(model: str, reason: str | None) -> None:
         """Mark a served model unavailable (503 with `reason`), or available again with None."""
@@ -216,12 +223,14 @@ def create_cascade_app(
     @app.get("/health")
     async def health():
         return {"status": "ok" if not unavailable else "degraded", "models": list(served),
-                "unavailable": dict(unavailable), "queues": {n: g.snapshot() for n, g in gates.items()}}
+                "unavailable": dict(unavailable), "queues": {n: g.snapshot() for n, g in gates.items()},
+                **({"monitor": monitor.health()} if monitor is not None else {})}
 
     @app.get("/metrics")
     async def metrics_route(request: Request):
         check_auth(request)
-        return {**metrics.snapshot(), "queues": {n: g.snapshot() for n, g in gates.items()}}
+        return {**metrics.snapshot(), "queues": {n: g.snapshot() for n, g in gates.items()},
+                **({"monitor": monitor.metrics()} if monitor is not None else {})}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -261,15 +270,21 @@ def create_cascade_app(
     def work(model: str, question: Question, max_new: int, cancel: CancelToken, on_text=None) -> Trace | None:
         """Runs in a worker thread; its trace (also of a failed run) goes into the metrics.
         None when the request was cancelled (the client left or the deadline passed)."""
+        started = time.monotonic()
+        stages, note = monitor.stages_for(model, served[model], question) if monitor else (served[model], None)
         try:
-            trace = run_cascade(served[model], question, max_new_tokens=max_new, cancel=cancel, on_text=on_text)
+            trace = run_cascade(stages, question, max_new_tokens=max_new, cancel=cancel, on_text=on_text)
         except CascadeCancelled as err:
             metrics.cancel(cancel.reason or "client disconnected", int(err.trace.total("output_tokens")))
             return None
         except CascadeError as err:
             metrics.trace(model, err.trace)
+            if monitor is not None and err.trace is not None:
+                monitor.record(model, stages, question, err.trace, time.monotonic() - started, note, status="error")
             raise
         metrics.trace(model, trace)
+        if monitor is not None:  # stored (committed) before the answer leaves
+            monitor.record(model, stages, question, trace, time.monotonic() - started, note, max_new_tokens=max_new)
         return trace
 
     def closing(model: str, why: Closed) -> ApiError:
@@ -339,12 +354,14 @@ def create_cascade_app(
         metrics.stream()
         chunks = Chunks(model)
         sent: list[str] = []
+        finished: list = []  # the trace, for the monitor's audit once the stream has ended
 
         def piece_chunks(delta) -> list[dict]:
             sent.append(delta)
             return [chunks.chunk(content=delta)] if delta else []
 
         def finish(trace: Trace | None) -> list[dict]:
+            finished.append(trace)
             if trace is None and cancel.reason == SHUTDOWN:
                 raise closing(model, Closed("the server shut down before the answer was complete"))
             if trace is None:
@@ -363,7 +380,9 @@ def create_cascade_app(
         first = [chunks.chunk(role="assistant", content="")]
         body = stream_events(future, pieces, cancel, first=first, piece_chunks=piece_chunks, finish=finish,
                              gone=request.is_disconnected, timeout_s=timeout_s, on_error=lambda e: failed(model, e))
-        return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        after = BackgroundTask(lambda: monitor.after_response(finished[0] if finished else None)) if monitor else None
+        return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                 background=after)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -389,7 +408,8 @@ def create_cascade_app(
             "usage": usage(trace),
             "cascade": trace_field(model, trace),
         }
-        return JSONResponse(body, headers=trace_headers(trace))
+        after = BackgroundTask(monitor.after_response, trace) if monitor is not None else None  # audits start after
+        return JSONResponse(body, headers=trace_headers(trace), background=after)
 
     return app
 
