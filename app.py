@@ -29,7 +29,7 @@ if SERVING:
     PagesManager.uses_pages_directory = False
     app = st.App(__file__)  # the same Starlette server `streamlit run` starts for a plain script
 else:
-    from app_ui import backends, charts, data, state
+    from app_ui import backends, charts, data, datasets, state
     from cascade_core import formatting
 
 PAGES_DIR = "pages"
@@ -63,6 +63,7 @@ def home() -> None:
         "You pay for the big model only on the questions the small ones cannot handle."
     )
     preset = state.preset_picker("home")
+    datasets.dataset_picker("home")
     if preset is None:
         st.stop()
     st.caption(f"Preset **{preset.name}**: {preset.description}")

@@ -7,7 +7,7 @@ import time
 
 import streamlit as st
 
-from app_ui import backends, charts, data, state
+from app_ui import backends, charts, data, datasets, state
 from cascade_core.cascade import CascadeError, for_free_form, run_cascade
 from cascade_core.policy import StagePolicy
 from cascade_core.prompts import validate_question
@@ -22,6 +22,7 @@ MAX_OPTION_CHARS = 1000  # an option is one line of the prompt
 
 st.title("Route a question")
 preset = state.preset_picker(PAGE)
+dataset = datasets.dataset_picker(PAGE)
 if preset is None:
     st.stop()
 found_policy, policy_problem = data.applied(preset)

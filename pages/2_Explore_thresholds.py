@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import streamlit as st
 
-from app_ui import charts, data, state
+from app_ui import charts, data, datasets, state
 from cascade_core import formatting
 from cascade_core.cost import COST_UNITS
 from cascade_core.replay import replay
@@ -54,6 +54,7 @@ st.caption("Every point is a replay of the cached benchmark records: the same an
            "cascade would give with these thresholds, without running a model.")
 
 preset = state.preset_picker(PAGE)
+dataset = datasets.dataset_picker(PAGE)  # the sidebar's dataset: its records and its policy below
 if preset is None:
     st.stop()
 
@@ -71,7 +72,7 @@ def sidebar_select(label: str, options, name: str, default, **kwargs):
 split = sidebar_select("Split", list(data.SPLIT_CHOICES), "split", "test",
                        help="Report on the test split; thresholds are chosen on the calibration split.")
 unit = sidebar_select("Cost unit", list(COST_UNITS), "unit", "flops", format_func=UNIT_LABELS.get)
-recorded_options = data.recorded_choices(preset)
+recorded_options = data.recorded_choices(preset) if dataset == "mmlu" else {}  # recorded outcomes are MMLU's
 own_recorded = [s.name for s in preset.stages if s.backend == "recorded"]
 if first_visit:
     value, bad = choice_param(params, "end", [NO_RECORDED, *recorded_options])
@@ -91,13 +92,13 @@ end = st.sidebar.selectbox(
 st.session_state[f"_explore_{end_key}"] = end
 recorded = None if end == NO_RECORDED else recorded_options[end]
 
-loaded = data.load_table(preset, split, recorded)
+loaded = data.load_table(preset, split, recorded, dataset=dataset)
 if loaded.error:
     st.error(f"The benchmark records cannot be read: {loaded.error}")
     st.stop()
 if loaded.table is None:
     st.info(f"No benchmark records yet for the stages of preset **{preset.name}** in "
-            f"`{data.results_dir() / data.DATASET}`. Run `make bench` (or the Benchmarks page) first; "
+            f"`{data.results_dir() / dataset}`. Run `make bench` (or the Benchmarks page) first; "
             "this page replays those records.")
     st.page_link("pages/3_Benchmarks.py", label="Benchmarks", icon=":material/bar_chart:")
     st.stop()
@@ -130,7 +131,7 @@ def preset_setting(name: str, position: int) -> StageSetting:
 defaults = {n: preset_setting(n, i) for i, n in enumerate(table.names)}
 rule_default = "both"
 scores_key = f"_explore_scores::{preset.name}::{'|'.join(table.names)}"  # fitted keep scores for this layout
-found_policy, policy_problem = data.applied(preset)
+found_policy, policy_problem = data.applied(preset, dataset)
 calibrated_names = [s.name for s in preset.stages if s.enabled]
 opens_calibrated = found_policy.source == "calibrated" and list(table.names) == calibrated_names
 calibrated_off: set[str] = set()
@@ -211,7 +212,7 @@ def recalibrate(preset, recorded, names: tuple[str, ...], unit: str, split: str,
     from cascade_core.calibrated import calibrate_policy
 
     mode = st.session_state.get("cal_mode", "accuracy loss")
-    calib = data.load_table(preset, "calibration", recorded)
+    calib = data.load_table(preset, "calibration", recorded, dataset=dataset)
     if calib.table is None or tuple(calib.table.names) != tuple(names):
         st.session_state["_calibrated"] = {"error": "Calibrating needs records of the same stages in the calibration split."}
         return
@@ -367,8 +368,8 @@ def draw_metrics(area, point, unit_label: str) -> None:
 def draw_chart(point, enabled: list[bool], unit_label: str) -> tuple[float, str]:
     """The accuracy-cost chart: the sweep, the references and the operating point (with where it was);
     returns the factor and words its cost axis is drawn in (`charts.option_scale`)."""
-    swept = data.load_frontier(preset, split, recorded, rule, unit)
-    refs = data.load_references(preset, split, recorded, enabled, unit)
+    swept = data.load_frontier(preset, split, recorded, rule, unit, dataset=dataset)
+    refs = data.load_references(preset, split, recorded, enabled, unit, dataset=dataset)
     singles = [{"label": state.label_of(configs[stage]) if stage in configs else stage, "cost": cost,
                 "accuracy": accuracy, "recorded": bool(table.recorded[i])}
                for i, (stage, cost, accuracy) in enumerate(refs["singles"])]

@@ -10,7 +10,7 @@ import os
 import streamlit as st
 from pydantic import ValidationError
 
-from app_ui import backends, data, state
+from app_ui import backends, data, datasets, state
 from cascade_core.endpoint_hosts import api_base_problem
 from cascade_core.presets import PresetError, StageConfig, load_preset
 
@@ -24,6 +24,7 @@ def gib(n: int | None) -> str:
 
 st.title("Settings and models")
 preset = state.preset_picker(PAGE)
+datasets.dataset_picker(PAGE)
 if preset is None:
     st.stop()
 st.caption(preset.description)
