@@ -113,6 +113,12 @@ class StageStep:
     error: str | None = None
     option_probs: list[float] = field(default_factory=list)
     token_logprobs: list[list] = field(default_factory=list)  # free-form: [token, log-probability] each
+    # Free-form, the live P(IK) gate (`cascade._score_free_form`): the answer was not generated
+    # because P(IK) < tau_ik; saved_tokens / saved_seconds: the stage's mean answer length and
+    # decoding time measured so far (NaN before its first answer): what the skip saved, on average.
+    generation_skipped: bool = False
+    saved_tokens: float = 0.0
+    saved_seconds: float = 0.0
 
 
 @dataclass
@@ -135,6 +141,16 @@ class Trace:
     def answer(self) -> str | None:
         step = self.answered_by
         return None if step is None else step.answer
+
+    def answer_text(self, step: StageStep | None = None) -> str:
+        """A stage's answer as a person reads it: the letter and its option ("C. Paris") for
+        multiple choice, the generated text otherwise; the final answer when no step is named."""
+        step = self.answered_by if step is None else step
+        if step is None:
+            return ""
+        if step.answer_index is not None and self.question.options:
+            return f"{step.answer}. {self.question.options[step.answer_index]}"
+        return step.answer or ""
 
     def total(self, unit: str) -> float:
         """Sum of one cost unit ("flops", "dollars", "seconds", "prompt_tokens", ...) over stages."""

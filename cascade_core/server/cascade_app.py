@@ -36,7 +36,7 @@ from cascade_core.cascade import CascadeCancelled, CascadeError, RuntimeStage, r
 from cascade_core.compose.formats import served_format_notes
 from cascade_core.server.chat_question import question_from_chat
 from cascade_core.server.common import (DEFAULT_MAX_PROMPT_CHARS, ApiError, bearer_checker, install_error_handlers,
-                                        read_request, read_token)
+                                        read_request, read_token, utf8_bytes)
 from cascade_core.server.metrics import Metrics, StatusCounter
 from cascade_core.server.openai_request import MAX_NEW_TOKENS, ChatRequest, parse_chat
 from cascade_core.server.queue import (SHUTDOWN, CancelToken, Closed, Gate, GaveUp, QueueFull, run_in_slot,
@@ -86,12 +86,7 @@ def trace_field(model: str, trace: Trace) -> dict:
 
 def answer_content(trace: Trace) -> str:
     """A letter and its option ("C. Paris") for multiple choice, the generated text otherwise."""
-    final = trace.answered_by
-    if final is None:
-        return ""
-    if final.answer_index is not None and trace.question.options:
-        return f"{final.answer}. {trace.question.options[final.answer_index]}"
-    return final.answer or ""
+    return trace.answer_text()
 
 
 def alone(stage: RuntimeStage) -> RuntimeStage:
@@ -416,10 +411,6 @@ def create_cascade_app(
 
 
 
-def _utf8(token: str) -> list[int]:
-    return list(token.encode("utf-8", errors="replace"))
-
-
 def answer_logprobs(trace: Trace, top_k: int) -> dict:
     """The answering stage's real log-probabilities in the chat `logprobs` shape.
 
@@ -438,9 +429,9 @@ def answer_logprobs(trace: Trace, top_k: int) -> dict:
 
         order = sorted(range(len(probs)), key=lambda i: -probs[i])[:top_k]
         entry = {"token": letters[final.answer_index], "logprob": lp(probs[final.answer_index]),
-                 "bytes": _utf8(letters[final.answer_index]),
-                 "top_logprobs": [{"token": letters[i], "logprob": lp(probs[i]), "bytes": _utf8(letters[i])}
+                 "bytes": utf8_bytes(letters[final.answer_index]),
+                 "top_logprobs": [{"token": letters[i], "logprob": lp(probs[i]), "bytes": utf8_bytes(letters[i])}
                                   for i in order]}
         return {"content": [entry], "refusal": None}
-    return {"content": [{"token": str(t), "logprob": float(v), "bytes": _utf8(str(t)), "top_logprobs": []}
+    return {"content": [{"token": str(t), "logprob": float(v), "bytes": utf8_bytes(str(t)), "top_logprobs": []}
                         for t, v in final.token_logprobs], "refusal": None}

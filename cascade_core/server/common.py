@@ -295,3 +295,8 @@ def check_bind_host(host: str, allow_remote: bool) -> None:
     if not is_loopback(host) and not allow_remote:
         raise ValueError(f"--host {host} is not a loopback address: the server would be reachable from other "
                          "machines. Pass --allow-remote to do that on purpose (and set --token-env).")
+
+
+def utf8_bytes(token: str) -> list[int]:
+    """A token's UTF-8 bytes, the `bytes` field of OpenAI's logprobs (a lone surrogate becomes '?')."""
+    return list(token.encode("utf-8", errors="replace"))

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from cascade_core.server.common import (DEFAULT_MAX_PROMPT_CHARS, ApiError, bearer_checker, install_error_handlers,
-                                        read_request, read_token)
+                                        read_request, read_token, utf8_bytes)
 from cascade_core.server.metrics import Metrics, StatusCounter
 from cascade_core.server.openai_request import ChatRequest, CompletionRequest, parse_chat, parse_completion
 from cascade_core.server.queue import (SHUTDOWN, CancelToken, Closed, Gate, GaveUp, QueueFull, run_in_slot,
@@ -44,10 +44,6 @@ def _usage(completion) -> dict:
             "total_tokens": completion.prompt_tokens + len(completion.tokens)}
 
 
-def _utf8(token: str) -> list[int]:
-    return list(token.encode("utf-8", errors="replace"))
-
-
 def _legacy_logprobs(tokens) -> dict:
     """The /v1/completions logprobs shape; a token string that two ids decode to keeps its best."""
     tops, offsets, offset = [], [], 0
@@ -63,8 +59,8 @@ def _legacy_logprobs(tokens) -> dict:
 
 
 def _chat_logprob_entries(tokens) -> list[dict]:
-    return [{"token": t.token, "logprob": t.logprob, "bytes": _utf8(t.token),
-             "top_logprobs": [{"token": tok, "logprob": lp, "bytes": _utf8(tok)} for tok, lp in t.top]}
+    return [{"token": t.token, "logprob": t.logprob, "bytes": utf8_bytes(t.token),
+             "top_logprobs": [{"token": tok, "logprob": lp, "bytes": utf8_bytes(tok)} for tok, lp in t.top]}
             for t in tokens]
 
 
