@@ -1,5 +1,6 @@
-"""Benchmarks: how each model did on the cached records (per model, per subject), how well its
-P(T) and P(IK) predict a right answer, and a way to run or extend a benchmark from the page."""
+"""Benchmarks: how each model did on the chosen dataset's records (per model, per group), how well
+its P(T) and P(IK) predict a right answer; your own question file (upload, check, register), its
+benchmark in the background and its calibration; and a way to run or extend an MMLU benchmark."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import streamlit as st
 
-from app_ui import backends, charts, data, state
+from app_ui import backends, bench_jobs, charts, data, datasets, state
 from cascade_core import formatting
 from cascade_core.compose.locations import REPO_ROOT
 from cascade_core.ui_data import per_subject_accuracy, reliability, stage_summary
@@ -30,31 +31,45 @@ st.title("Benchmarks")
 preset = state.preset_picker(PAGE)
 if preset is None:
     st.stop()
+dataset = datasets.dataset_picker(PAGE)
 configs = {s.name: s for s in preset.stages + preset.extra_stages}
+meta: dict = {}
+if dataset != "mmlu":
+    from cascade_core.dataset_registry import read_metadata
+
+    try:
+        meta = read_metadata(dataset, data.where().results)
+    except ValueError as err:  # a built-in set not registered in this results folder yet
+        meta = {"problem": str(err)}
 
 split = st.sidebar.selectbox("Split", list(data.SPLIT_CHOICES), key=f"split@{PAGE}")
-recorded_options = data.recorded_choices(preset)
+recorded_options = data.recorded_choices(preset) if dataset == "mmlu" else {}  # recorded outcomes are MMLU's
 configs.update(recorded_options)
-end = st.sidebar.selectbox("Compare with a recorded model", [NO_RECORDED, *recorded_options], key=f"end::{preset.name}@{PAGE}",
-                           format_func=lambda n: n if n == NO_RECORDED else state.label_of(recorded_options[n]))
-recorded = None if end == NO_RECORDED else recorded_options[end]
+recorded = None
+if recorded_options:
+    end = st.sidebar.selectbox("Compare with a recorded model", [NO_RECORDED, *recorded_options],
+                               key=f"end::{preset.name}@{PAGE}",
+                               format_func=lambda n: n if n == NO_RECORDED else state.label_of(recorded_options[n]))
+    recorded = None if end == NO_RECORDED else recorded_options[end]
 
 
 def label(name: str) -> str:
     return state.label_of(configs[name]) if name in configs else name
 
 
-loaded = data.load_table(preset, split, recorded)
+loaded = data.load_table(preset, split, recorded, dataset=dataset)
 if loaded.error:
     st.error(f"The benchmark records cannot be read: {loaded.error}")
 elif loaded.table is None:
     st.info(f"No benchmark records yet for the stages of preset **{preset.name}** in "
-            f"`{data.results_dir() / data.DATASET}`. Run `make bench`, or run a small one below.")
+            f"`{data.results_dir() / dataset}`. "
+            + ("Run `make bench`, or run a small one below." if dataset == "mmlu" else "Benchmark it below."))
 else:
     table = loaded.table
     if loaded.missing:
         st.warning(f"No records yet for {', '.join(map(label, loaded.missing))}.")
-    st.caption(f"{table.n_questions:,} MMLU questions ({split} split) that every stage shown has answered.")
+    st.caption(f"{table.n_questions:,} {'MMLU' if dataset == 'mmlu' else dataset} questions ({split} split) that "
+               "every stage shown has answered.")
 
     st.subheader("Per model")
     summary = stage_summary(table)
@@ -85,16 +100,19 @@ else:
             else:
                 st.info(f"No stage has {signal_label} on these records yet.")
 
-    st.subheader("Per subject")
+    st.subheader("Per subject" if dataset == "mmlu" else "Per group")
     subjects = per_subject_accuracy(table)
     st.plotly_chart(charts.subject_heatmap(subjects, list(table.names)), key="subject_heatmap")
-    with st.expander("Per-subject table"):
+    with st.expander("Per-subject table" if dataset == "mmlu" else "Per-group table"):
         st.dataframe(subjects.style.format({n: "{:.1%}" for n in table.names}), width="stretch")
 
 # ---- the report -------------------------------------------------------------------------------------
 st.subheader("The report")
-report_path = data.report_path()
-if report_path is None:
+report_path = data.report_path() if dataset == "mmlu" else bench_jobs.report_path(dataset)
+if report_path is None and dataset != "mmlu":
+    st.info(f"No report for {dataset} yet: `python -m cascade_core report --dataset {dataset}` writes one (accuracy, "
+            "P(T) and P(IK) per model, the guarantees and what they save).")
+elif report_path is None:
     st.info("No report for these records yet: `python -m cascade_core report` writes docs/RESULTS.md (the paper's "
             "experiment: cascades, the API scenario, ablations, baselines; it takes minutes, so it is not run here).")
 else:
@@ -103,14 +121,14 @@ else:
     shown_path = report_path.relative_to(REPO_ROOT) if report_path.is_relative_to(REPO_ROOT) else report_path
     st.caption(f"From `{shown_path}`, written "
                f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(report_path.stat().st_mtime))} by "
-               "`python -m cascade_core report`.")
+               f"`python -m cascade_core report{'' if dataset == 'mmlu' else ' --dataset ' + dataset}`.")
     for title in ("Summary", "1. Each model alone"):
         if title in sections:
             st.markdown("#### " + sections[title])
     with st.expander("The whole report"):
         st.markdown(text)
 
-# ---- run or extend a benchmark --------------------------------------------------------------------
+# ---- your own questions: upload, check, register ------------------------------------------------------
 st.subheader("Your own questions")
 upload = st.file_uploader("A question file: .jsonl, .csv or .parquet (columns: question; options, or A, B, …; "
                           "answer, optional; group and id, optional)", type=["jsonl", "csv", "parquet"],
@@ -128,22 +146,46 @@ if upload is not None:
                    f"{'with' if checked.has_answers else 'without'} answers; kept as `{stored}`.")
         st.dataframe(checked.table.head(20)[["qid", "subject", "question", "options", "references"]],
                      hide_index=True)
-        if st.button("Register it as a dataset (its seeded calibration / test split)", key="bench_register"):
+        found = datasets.registered_as(stored)
+        if found is None and st.button("Register it as a dataset (its seeded calibration / test split)",
+                                       key="bench_register"):
             try:
-                found = resolve_dataset(str(stored), data.where().results)
+                name = resolve_dataset(str(stored), data.where().results).name
             except ValueError as err:
                 st.error(f"Not registered: {err}")
             else:
-                free_form = "" if found.kind == "mc" else " --max-new-tokens 16"
-                rule = "" if found.kind == "mc" else " --rule pt_only"  # live free-form answers route on P(T)
-                label_free = "" if found.has_answers else " --label-free"
-                st.success(f"Registered as `{found.name}`: {len(found.questions):,} questions, graded "
-                           f"`{found.grader['name']}`. Benchmark, train the probes and calibrate it with:")
-                st.code(f"python -m cascade_core bench --dataset {found.name}{free_form}\n"
-                        f"python -m cascade_core probes train --dataset {found.name}\n"
-                        f"python -m cascade_core calibrate --dataset {found.name}{label_free}{rule}\n"
-                        f"python -m cascade_core report --dataset {found.name}", language="bash")
+                datasets.choose(name)  # the sidebar's dataset from the next run on
+                st.rerun()
+        if found is not None:
+            free_form = "" if found["kind"] == "mc" else " --max-new-tokens 16"
+            rule = "" if found["kind"] == "mc" else " --rule pt_only"  # live free-form answers route on P(T)
+            label_free = "" if found["has_answers"] else " --label-free"
+            picked = ("It is the dataset picked in the sidebar: benchmark and calibrate it below, or from a shell"
+                      if dataset == found["name"] else f"Pick `{found['name']}` in the sidebar to benchmark it here, "
+                                                       "or from a shell")
+            st.success(f"Registered as `{found['name']}`: {found['questions']:,} questions, graded "
+                       f"`{found['grader']['name']}`. {picked}:")
+            st.code(f"python -m cascade_core bench --dataset {found['name']}{free_form}\n"
+                    f"python -m cascade_core probes train --dataset {found['name']}\n"
+                    f"python -m cascade_core calibrate --dataset {found['name']}{label_free}{rule}\n"
+                    f"python -m cascade_core report --dataset {found['name']}", language="bash")
 
+# ---- a dataset of files: its benchmark in the background, its calibration --------------------------------
+if dataset != "mmlu":
+    if "problem" in meta:
+        st.info(f"{dataset} is not registered in `{data.where().results}` yet: {meta['problem']}")
+        st.stop()
+    from cascade_core.compose import background
+
+    try:
+        job = background.read_status(data.where(), dataset)
+    except ValueError:
+        job = None
+    bench_jobs.job_section(preset, dataset, meta)
+    bench_jobs.calibrate_section(preset, dataset, meta, job_active=job is not None and job.active)
+    st.stop()
+
+# ---- run or extend an MMLU benchmark ------------------------------------------------------------------
 st.subheader("Run or extend a benchmark")
 runnable = [c for c in preset.stages + preset.extra_stages if c.backend != "recorded"]
 if not runnable:
