@@ -96,6 +96,23 @@ def show_job(status) -> None:
             st.code(status.log_tail, language=None)
 
 
+def running_elsewhere(dataset: str) -> None:
+    """Say which datasets other than the picked one have a job running, with a button to watch it
+    (after a reload the session starts on MMLU again; the job did not stop)."""
+    from cascade_core.compose import background
+    from app_ui import datasets
+
+    for job in background.running_jobs(where()):
+        if job.dataset == dataset:
+            continue
+        left, right = st.columns([4, 1], vertical_alignment="center")
+        left.info(f"A benchmark job runs on **{job.dataset}** ({STATE_WORDS.get(job.state, job.state)}, "
+                  f"{job.done:,} / {job.total:,} questions).")
+        if right.button(f"Watch {job.dataset}", key=f"watch_job::{job.dataset}"):
+            datasets.choose(job.dataset)
+            st.rerun()
+
+
 def job_section(preset: Preset, dataset: str, meta: dict) -> None:
     """Start the benchmark of the preset's local stages on `dataset` in the background, or watch it."""
     from cascade_core.compose import background

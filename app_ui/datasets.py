@@ -105,10 +105,11 @@ def questions(name: str, split: str = "test"):
 
 
 def question_picker(name: str, key: str):
-    """A question of dataset `name` (test split) chosen by group and number; returns
-    (`types.Question`, its row) or None after saying why there is none. The right answer is in
-    the row's `references` (free-form) or `answer` (multiple choice, -1 when unknown)."""
-    from cascade_core.types import Question
+    """A question of dataset `name` (test split) chosen by group and number, shown in a box with the
+    right answer when the dataset has one (a free-form reference; a multiple-choice answer is shown
+    by the Route page after routing); returns the `types.Question`, or None after saying why there
+    is none."""
+    from cascade_core.types import OPTION_LETTERS, Question
 
     try:
         pool = questions(name, "test")
@@ -126,7 +127,17 @@ def question_picker(name: str, key: str):
     row = in_group.iloc[int(number) - 1]
     options = tuple(row["options"])
     answer = int(row["answer"]) if options and row["answer"] is not None and int(row["answer"]) >= 0 else None
+    references = [str(r) for r in row["references"]] if row["references"] is not None else []
     # The prompt as the benchmark built it: a multiple-choice question with its group as the subject
     # (bench.run_stage), a free-form one without (freeform_bench).
-    return Question(text=row["question"], options=options, subject=str(row["subject"]) if options else "",
-                    answer=answer, qid=row["qid"]), row
+    question = Question(text=row["question"], options=options, subject=str(row["subject"]) if options else "",
+                        answer=answer, qid=row["qid"])
+    with st.container(border=True):
+        st.text(question.text)  # a user's text: never markup
+        if options:
+            st.text("\n".join(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(options)))
+        told = ("the right answer is shown after routing" if answer is not None
+                else f"the right answer is {' / '.join(references)}" if references and not options
+                else "no right answer in the file")
+        st.caption(f"{name} `{question.qid}` ({'multiple choice' if options else 'free-form'}); {told}.")
+    return question

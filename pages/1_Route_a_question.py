@@ -42,9 +42,11 @@ chosen = [n for n in names if n in chosen]
 st.sidebar.page_link("pages/4_Settings.py", label="Add a stage or fetch models", icon=":material/settings:")
 
 # ---- the question -------------------------------------------------------------------------------------
-mode = st.radio("Where the question comes from", ["type", "mmlu", "arith"], horizontal=True, key="route_mode",
-                format_func={"type": "Type a question", "mmlu": "Pick an MMLU question (test split)",
-                             "arith": "Pick an arithmetic question (arith, free-form)"}.get)
+picked = ["picked"] if dataset not in ("mmlu", "arith") else []  # a registered file picked in the sidebar
+mode = st.radio("Where the question comes from", ["type", "mmlu", "arith", *picked], horizontal=True,
+                key="route_mode", format_func={"type": "Type a question", "mmlu": "Pick an MMLU question (test split)",
+                                               "arith": "Pick an arithmetic question (arith, free-form)",
+                                               "picked": f"Pick a question of {dataset}"}.get)
 question: Question | None = None
 input_problem: str | None = None
 if mode == "type":
@@ -83,6 +85,10 @@ elif mode == "arith":
         st.markdown(f"**{question.text}**")
         st.caption(f"arith `{question.qid}` (synthetic, seeded); the right answer is {row['references'][0]}. Free-form "
                    "questions run with the free-form policy when one was calibrated.")
+elif mode == "picked":  # a question of the dataset picked in the sidebar (app_ui.datasets)
+    question = datasets.question_picker(dataset, "route_picked")
+    if question is None:
+        st.stop()
 else:
     try:
         pool = data.mmlu_questions("test")

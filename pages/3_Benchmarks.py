@@ -32,6 +32,7 @@ preset = state.preset_picker(PAGE)
 if preset is None:
     st.stop()
 dataset = datasets.dataset_picker(PAGE)
+bench_jobs.running_elsewhere(dataset)
 configs = {s.name: s for s in preset.stages + preset.extra_stages}
 meta: dict = {}
 if dataset != "mmlu":

@@ -75,6 +75,11 @@ def test_upload_shows_the_checked_preview_and_registering_picks_the_dataset(fold
         at.switch_page(page).run()
         no_exception(at)
         assert [s.value for s in at.selectbox if s.label == "Dataset"] == ["sums"], page
+    # The Route page offers the picked dataset's questions.
+    at.switch_page(ROUTE).run()
+    at.radio(key="route_mode").set_value("picked").run()
+    no_exception(at)
+    assert any(c.value.startswith("sums `") and "(free-form); the right answer is " in c.value for c in at.caption)
 
 
 @pytest.mark.parametrize("content, where", [

@@ -195,6 +195,20 @@ def read_status(where: Locations, dataset: str) -> JobStatus | None:
                      probes=tuple(doc.get("probes", [])))
 
 
+def running_jobs(where: Locations) -> list[JobStatus]:
+    """The jobs that run now, on any dataset under the results folder (a fresh session's way back
+    to a job it did not start)."""
+    out = []
+    for path in sorted(where.results.glob(f"*/{STEM}.json")) if where.results.is_dir() else []:
+        try:
+            status = read_status(where, path.parent.name)
+        except ValueError:
+            continue
+        if status is not None and status.active:
+            out.append(status)
+    return out
+
+
 # ---- starting and stopping ------------------------------------------------------------------------
 def _try_lock(fd: int, status_path: Path) -> bool:
     """Take the job's lock; a job that has written its last state but not exited yet (a moment)
