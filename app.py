@@ -29,8 +29,11 @@ if SERVING:
     PagesManager.uses_pages_directory = False
     app = st.App(__file__)  # the same Starlette server `streamlit run` starts for a plain script
 else:
+    import pandas as pd
+
     from app_ui import backends, charts, data, datasets, state
     from cascade_core import formatting
+    from cascade_core.ui_data import headline_sentence
 
 PAGES_DIR = "pages"
 
@@ -74,12 +77,13 @@ def home() -> None:
     found, _ = data.applied(preset)
     enabled = [s for s in preset.stages if s.enabled]
     policies = dict(zip([s.name for s in enabled], found.policy.stages)) if found.policy is not None else {}
-    st.dataframe([{
+    # st.table, not st.dataframe: it wraps long cells ("routing" and "status" were cut at 1400 px)
+    st.table(pd.DataFrame([{
         "stage": state.label_of(s), "backend": s.backend, "model": s.model, "size": size_of(s),
         "runs as": backends.runs_as(s), "routing": policy_text(s, policies.get(s.name), i == len(enabled) - 1,
                                                                found.off_reasons.get(s.name, "")),
         "status": backends.fetched_status(s)[1],
-    } for i, s in enumerate(enabled)], hide_index=True, width="stretch")
+    } for i, s in enumerate(enabled)]).set_index("stage"))
     st.caption(f"{found.description.capitalize()}. The last stage always answers. Recorded stages replay real "
                "per-question outcomes (MMLU only).")
     number_format, differs = backends.format_caption(enabled, found)
@@ -87,6 +91,11 @@ def home() -> None:
         (st.info if differs else st.caption)(number_format)
 
     st.subheader("Headline from the cached benchmark")
+    guaranteed = data.guarantee_headline()
+    if guaranteed is not None:
+        st.success(headline_sentence(guaranteed), icon=":material/verified:")
+        st.caption("From the report (docs/RESULTS.md, `python -m cascade_core report`): the Benchmarks page and the "
+                   "README quote the same row. The figures below are this preset's own policy on the test split.")
     headline = data.headline(preset)
     if headline is None:
         st.info(f"No benchmark records for this preset's stages yet (looked in `{data.results_dir() / data.DATASET}`). "
@@ -98,12 +107,17 @@ def home() -> None:
             st.warning(headline["problem"].capitalize())
         cols = st.columns(4)
         cols[0].metric("Test questions", f"{headline['questions']:,}")
+        flat = abs(headline["pd"]) < 0.0005  # "+0.0%" with a green arrow read as a gain
         cols[1].metric("Cascade accuracy", f"{headline['accuracy']:.1%}",
-                       f"{headline['pd']:+.1%} vs {headline['reference']}")
+                       f"{0.0 if flat else headline['pd']:+.1%} vs {headline['reference']}",
+                       delta_color="off" if flat else "normal")
         reduction = headline["reduction"]
         unit = headline.get("unit", "flops")
         if unit == "flops":
             cols[2].metric("Compute reduction (FLOPs)", formatting.pct(reduction))
+        elif unit == "calls":
+            cols[2].metric(f"{headline['last_stage']} calls saved", formatting.pct(headline["unit_reduction"]),
+                           help="The share of questions the last stage never sees, as the report counts it")
         else:
             cols[2].metric(f"Saved ({unit})", formatting.pct(headline["unit_reduction"]))
         cols[3].metric("Mean FLOPs / question", charts.fmt_number(headline["mean_flops"]))
@@ -118,9 +132,13 @@ def home() -> None:
         if headline["off"]:
             names = ", ".join(headline["off"])
             why = " ".join(f"{r[0].upper()}{r[1:]}." for r in dict.fromkeys(headline["off"].values()))
+            what = ("FLOPs" if unit == "flops" else f"{headline['last_stage']} calls" if unit == "calls" else unit)
             st.info(f"Calibration switched off {names}, so the cascade is **{headline['stages']}** and saves "
                     f"{formatting.pct(headline['unit_reduction'] if unit != 'flops' else reduction)} of the "
-                    f"{'FLOPs' if unit == 'flops' else unit}. {why}")
+                    f"{what}. {why}")
+            if unit == "flops" and len(headline["stages"].split(" → ")) == 1:
+                st.page_link("pages/1_Route_a_question.py", icon=":material/alt_route:",
+                             label="See a keep and an escalation: the Route page opens on a looser promise")
 
     st.subheader("Pages")
     cols = st.columns(4)

@@ -250,14 +250,19 @@ def _calibrated_headline(preset: Preset, found, dataset: str, paths: list[Path])
     if any(b is not None for b in getattr(found, "biases", ())):
         return {"error": "the calibrated policy debiases letters, and the app does not replay that yet: "
                          "`python -m cascade_core report` gives its figures"}
+    from cascade_core.ui_data import last_stage_calls_saved
+
     result = evaluate_on(test.table, found.policy)
     table = test.table
-    unit = "dollars" if table.cost("dollars").any() else "flops"
+    # A cascade that ends with a recorded stage counts the calls it saves that stage (as the report
+    # does): its FLOPs are unknown, and its dollars hide what was skipped behind token counts.
+    unit = "calls" if table.recorded[-1] else "dollars" if table.cost("dollars").any() else "flops"
+    unit_reduction = last_stage_calls_saved(table, found.policy) if unit == "calls" else result.compute_reduction[unit]
     return {
         "questions": table.n_questions, "accuracy": result.accuracy, "reference": table.names[-1],
         "pd": float(accuracy_difference(result.accuracy, table.correct[-1].mean())),
         "reduction": result.compute_reduction["flops"], "mean_flops": result.mean_cost["flops"],
-        "unit": unit, "unit_reduction": result.compute_reduction[unit],
+        "unit": unit, "unit_reduction": unit_reduction, "last_stage": table.names[-1],
         "stages": " → ".join(n for n, s in zip(table.names, found.policy.stages) if s.enabled),
         "missing": list(test.missing), "source": "calibrated", "description": found.description,
         "off": {n: found.off_reasons.get(n, "switched off") for n, s in zip(names, found.policy.stages) if not s.enabled},
@@ -303,3 +308,95 @@ def prompt_limit() -> int:
     from cascade_core.server.common import DEFAULT_MAX_PROMPT_CHARS
 
     return int(DEFAULT_MAX_PROMPT_CHARS)
+
+
+# ---- the Route page's accuracy target and its examples ----------------------------------------------
+def shipped_target(preset: Preset) -> tuple[float, float] | None:
+    """(target in points, delta) of the preset's MMLU policy file when it promises an accuracy
+    target (`calibrate --target`), else None (no file, a budget file, or one that cannot be used)."""
+    from cascade_core.policy_file import read_policy_file
+
+    found, problem = applied(preset)
+    if problem or found.policy is None or found.file is None:
+        return None
+    try:
+        g = read_policy_file(found.file).guarantee
+    except (ValueError, OSError):
+        return None
+    if g.get("mode") != "target" or g.get("target_pt") is None or g.get("loss") == "label_free":
+        return None
+    return float(g["target_pt"]), float(g["delta"])
+
+
+def _own_recorded(preset: Preset) -> StageConfig | None:
+    own = [c for c in preset.stages if c.backend == "recorded" and c.enabled]
+    return own[-1] if own else None
+
+
+def _target_unit(preset: Preset) -> str:
+    """What a target policy minimises: dollars when a stage has prices, else FLOPs (as `calibrate`)."""
+    return "dollars" if any(c.price_in or c.price_out for c in preset.stages if c.enabled) else "flops"
+
+
+@st.cache_resource(show_spinner="Calibrating for this target (Learn-then-Test on the calibration split)…", max_entries=16)
+def _cached_target_policy(preset_json: str, recorded_json: str | None, root: str, dataset: str, split: str,
+                          signature: tuple, target_pt: float, delta: float, unit: str):
+    from cascade_core.ui_data import policy_for_target
+
+    calib = _cached_table(preset_json, recorded_json, root, dataset, split, signature)
+    if calib.table is None:
+        return None, calib.error or "no calibration records"
+    try:
+        return policy_for_target(calib.table, target_pt, delta, unit), None
+    except ValueError as err:
+        return None, str(err)
+
+
+def target_policy(preset: Preset, target_pt: float, delta: float):
+    """(ui_data.TargetPolicy or None, problem): the policy `calibrate --target target_pt` would choose
+    on the preset's calibration records, computed once per records version and shared by sessions."""
+    from cascade_core.compose.policies import calibration_stages
+
+    recorded = _own_recorded(preset)
+    key = _table_key(preset, "calibration", recorded, DATASET)
+    found, problem = _cached_target_policy(*key, float(target_pt), float(delta), _target_unit(preset))
+    if found is not None and len(found.policy) != len(calibration_stages(preset)):
+        return None, "the records do not cover every stage of the preset"
+    return found, problem
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _cached_examples(preset_json: str, recorded_json: str | None, root: str, dataset: str, split: str,
+                     signature: tuple, policy_json: str) -> dict:
+    from cascade_core.policy import CascadePolicy
+    from cascade_core.ui_data import route_examples
+
+    test = _cached_table(preset_json, recorded_json, root, dataset, split, signature).table
+    if test is None:
+        return {}
+    questions = mmlu_questions("test")
+    lengths = {q: len(t) + sum(len(o) for o in opts)
+               for q, t, opts in zip(questions["qid"], questions["question"], questions["options"])}
+    return route_examples(test, CascadePolicy.from_dict(json.loads(policy_json)), lengths)
+
+
+def route_examples(preset: Preset, policy) -> dict:
+    """{"keep": RouteExample, "escalate": RouteExample} (as far as the test records have them) for
+    `policy` (a CascadePolicy over the preset's enabled stages), cached per records version."""
+    recorded = _own_recorded(preset)
+    key = _table_key(preset, "test", recorded, DATASET)
+    return _cached_examples(*key, json.dumps(policy.to_dict(), sort_keys=True))
+
+
+def guarantee_headline() -> dict | None:
+    """The report's guaranteed headline (`ui_data.guarantee_headline` of docs/RESULTS.md), or None
+    when there is no report for the records the app reads."""
+    from cascade_core.ui_data import guarantee_headline as parse
+
+    path = report_path()
+    if path is None:
+        return None
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except OSError:
+        return None

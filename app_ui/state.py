@@ -90,12 +90,15 @@ def store_explorer_thresholds(name: str, settings: Mapping[str, StageSetting], r
     st.session_state[POLICY_KEY] = store
 
 
-def stage_thresholds(preset: Preset, applied=None) -> tuple[dict[str, StagePolicy], str, dict[str, str]]:
+EXPLORER_SOURCE = "thresholds: from the threshold explorer"
+
+
+def stage_thresholds(preset: Preset, applied=None, explorer: bool = True) -> tuple[dict[str, StagePolicy], str, dict[str, str]]:
     """Each stage's policy for live routing, where it came from, and why a stage is off.
 
-    The explorer's thresholds where it set them (with its rule and fitted scores), else the
-    calibrated policy (`applied`, an AppliedPolicy), else the preset's own. The explorer left on
-    the calibrated policy still says "calibrated".
+    The explorer's thresholds where it set them (with its rule and fitted scores; `explorer=False`
+    ignores them), else the calibrated policy (`applied`, an AppliedPolicy), else the preset's own.
+    The explorer left on the calibrated policy still says "calibrated".
     """
     from cascade_core.compose.live import stage_policy
     from cascade_core.ui_data import policy_from_settings
@@ -110,7 +113,7 @@ def stage_thresholds(preset: Preset, applied=None) -> tuple[dict[str, StagePolic
         off = {n: applied.off_reasons.get(n, "switched off by calibration") for n, p in calibrated.items() if not p.enabled}
     elif applied is not None:
         source = applied.description
-    stored = st.session_state.get(POLICY_KEY, {}).get(preset.name)
+    stored = st.session_state.get(POLICY_KEY, {}).get(preset.name) if explorer else None
     if not stored:
         return own, source, off
     names = [n for n in stored["stages"] if n in own]
@@ -122,7 +125,7 @@ def stage_thresholds(preset: Preset, applied=None) -> tuple[dict[str, StagePolic
     if calibrated and all(_same(followed[n], calibrated.get(n)) for n in names):
         return followed, source, off
     off = {n: "switched off in the threshold explorer" for n in names if not followed[n].enabled}
-    return followed, "thresholds: from the threshold explorer", off
+    return followed, EXPLORER_SOURCE, off
 
 
 def switched_on_by_hand(config: StageConfig) -> StagePolicy:
@@ -134,6 +137,11 @@ def switched_on_by_hand(config: StageConfig) -> StagePolicy:
     from cascade_core.compose.live import stage_policy
 
     return replace(stage_policy(config), enabled=True)
+
+
+def same_policy(a, b) -> bool:
+    """Whether two CascadePolicies route alike, stage by stage (`_same`)."""
+    return b is not None and len(a.stages) == len(b.stages) and all(_same(x, y) for x, y in zip(a.stages, b.stages))
 
 
 def _same(a: StagePolicy, b: StagePolicy | None) -> bool:

@@ -19,7 +19,7 @@ from cascade_core.frontier import accuracy_difference, random_routing
 from cascade_core.policy import CascadePolicy, StagePolicy, keep_mask
 from cascade_core.record_schema import TABLE_FLOATS
 from cascade_core.records import RecordTable
-from cascade_core.replay import ReplayResult
+from cascade_core.replay import ReplayResult, replay
 from cascade_core.stats import accuracy_ci, mcnemar_exact
 
 UNIT_LABELS = {"flops": "FLOPs", "tokens": "tokens", "dollars": "dollars", "seconds": "seconds", "calls": "API calls"}
@@ -163,7 +163,7 @@ def settings_from_policy(names: Sequence[str], policy: CascadePolicy) -> tuple[d
 
 # -- which threshold decides (the Route page's gauges) --------------------------------------------
 def thresholds_applied(policy: StagePolicy, p_t: float, p_ik: float, margin: float = float("nan"),
-                       entropy: float = float("nan")) -> dict[str, bool]:
+                       entropy: float = float("nan"), subject: str | None = None) -> dict[str, bool]:
     """Whether τ_T and τ_IK take part in this stage's decision on this question, asked of
     `policy.keep_mask` itself (so every rule, `learned` and any new one, is answered alike).
 
@@ -179,7 +179,7 @@ def thresholds_applied(policy: StagePolicy, p_t: float, p_ik: float, margin: flo
         for x in (np.nextafter(tau, -np.inf), tau):
             values[signal] = x
             both.append(bool(keep_mask(policy, [values["p_t"]], [values["p_ik"]], [values["margin"]],
-                                       [values["entropy"]])[0]))
+                                       [values["entropy"]], subject=subject)[0]))
         return both[0] != both[1]
 
     return {"tau_t": decides("p_t"), "tau_ik": not math.isnan(p_ik) and decides("p_ik")}
@@ -197,16 +197,17 @@ def _agreeing(value: float, tau: float) -> tuple[str, str]:
 
 
 def decision_reason(policy: StagePolicy, p_t: float, p_ik: float, margin: float = float("nan"),
-                    entropy: float = float("nan")) -> str:
+                    entropy: float = float("nan"), subject: str | None = None) -> str:
     """`policy.explain`'s reason for one question, its numbers printed so that each printed
-    comparison agrees with the decision (see `_agreeing`)."""
+    comparison agrees with the decision (see `_agreeing`). `subject`: the question's, as the live
+    decision read it (a fitted score with a subject prior depends on it)."""
     from cascade_core.policy import explain
 
-    text = explain(policy, [p_t], [p_ik], [margin], [entropy])
+    text = explain(policy, [p_t], [p_ik], [margin], [entropy], subject=subject)
     pairs = [("P(T)", p_t, "τ_T", policy.tau_t), ("P(IK)", p_ik, "τ_IK", policy.tau_ik)]
     if policy.rule in SCORE_RANGE and policy.combiner is not None:
         score = float(policy.combiner.score(np.array([p_t]), np.array([p_ik]), np.array([margin]),
-                                            np.array([entropy]))[0])
+                                            np.array([entropy]), subject)[0])
         label = "expected gain of keeping" if policy.rule == "loss_aware" else "combined score"
         pairs.append((label, score, "τ", policy.tau_learned))
     for label, value, tau_label, tau in pairs:
@@ -217,6 +218,25 @@ def decision_reason(policy: StagePolicy, p_t: float, p_ik: float, margin: float 
         a, b = _agreeing(value, tau)
         text = text.replace(short, f"{label} {a} {op} {tau_label} {b}")
     return text
+
+
+def json_text(obj) -> str:
+    """`obj` as strict JSON text (indented): NaN and infinities, which JSON has no words for, become
+    null at any depth (a trace's missing P(IK), a token's log-probability of -inf)."""
+    import json
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        if isinstance(x, np.generic):
+            return clean(x.item())
+        return x
+
+    return json.dumps(clean(obj), indent=2, allow_nan=False, default=str)
 
 
 def display_answer(text: str | None) -> str:
@@ -350,9 +370,168 @@ def record_frames(table: RecordTable, qids: Sequence[str] | None = None, splits:
     return frames
 
 
+
+# -- the accuracy target on the Route page -------------------------------------------------------
+ROUTE_TARGETS_PT = (1.0, 3.0, 5.0, 10.0)  # the accuracy targets the Route page offers (points lost against the last stage)
+
+
+@dataclass(frozen=True)
+class TargetPolicy:
+    """A policy chosen for one accuracy target with the same Learn-then-Test as `calibrate`
+    (`calibrated.calibrate_policy`, its defaults), in the words the pages show."""
+
+    target_pt: float
+    delta: float
+    policy: CascadePolicy
+    rule: str
+    description: str  # "thresholds: calibrated for <= 3 pt at delta 0.1 on 2,850 questions"
+    off_reasons: dict  # stage -> why calibration switched it off
+    calibration: dict  # the figures on calibration (`CalibratedPolicy.calibration`)
+
+    @property
+    def routes(self) -> bool:
+        """Whether a stage before the last one is in use (something can be kept early)."""
+        return sum(bool(s.enabled) for s in self.policy.stages) > 1
+
+
+def policy_for_target(calib: RecordTable, target_pt: float, delta: float = 0.1, unit: str = "flops") -> TargetPolicy:
+    """The policy `calibrate --target target_pt --delta delta` would choose on `calib` (the calibration
+    split of the preset's records): the same function and defaults, so the Route page's target
+    selector promises what the CLI would write to a policy file."""
+    from cascade_core.calibrated import calibrate_policy
+    from cascade_core.policy_file import policy_file_from_calibrated
+
+    chosen = calibrate_policy(calib, target_max_loss=target_pt / 100.0, delta=delta, unit=unit)
+    found = policy_file_from_calibrated(chosen, "route", {}, target_pt=target_pt)
+    return TargetPolicy(target_pt=float(target_pt), delta=float(delta), policy=chosen.policy, rule=chosen.rule,
+                        description=chosen.describe(), off_reasons=dict(found.off_reasons),
+                        calibration=dict(chosen.calibration))
+
+
+@dataclass(frozen=True)
+class RouteExample:
+    """A test question whose route under a policy is clear in the records: kept by the first stage in
+    use, or escalated by it (and then answered right by a later stage)."""
+
+    qid: str
+    kind: str  # "keep" | "escalate"
+    first_stage: str  # the first stage in use: it keeps or escalates the question
+    answered_by: str  # the stage whose answer the cascade gives, in the records
+    correct: bool  # whether that answer is right
+    p_t: float  # the first stage's recorded P(T) and P(IK) (NaN without a probe)
+    p_ik: float
+
+
+def route_examples(table: RecordTable, policy: CascadePolicy, lengths: Mapping[str, int] | None = None,
+                   slack: float = 0.05) -> dict[str, RouteExample]:
+    """One question the policy's first stage keeps and one it escalates, chosen on `table` (test
+    records), as far as the records have them: {"keep": ..., "escalate": ...} (a kind left out
+    when no question fits).
+
+    Live answers may differ a little from the records (another number format), so a candidate's
+    decision must survive its P(T) and P(IK) moved by `slack` against it. Among those, a kept
+    question the first stage answers right, and an escalated one the first stage gets wrong and
+    the cascade then gets right, are preferred; then the shortest (`lengths`: qid -> characters),
+    then the first by qid, so the choice is deterministic."""
+    result = replay(table, policy)
+    enabled = [i for i, s in enumerate(policy.stages) if s.enabled]
+    out: dict[str, RouteExample] = {}
+    if len(enabled) < 2:
+        return out
+    first = enabled[0]
+    stage = policy.stages[first]
+    columns = np.arange(table.n_questions)
+    p_t, p_ik = table.p_t[first], table.p_ik[first]
+    margin, entropy = table.margin[first], table.entropy[first]
+
+    def keeps(dp: float) -> np.ndarray:
+        return keep_mask(stage, np.clip(p_t + dp, 0, 1), np.where(np.isnan(p_ik), np.nan, np.clip(p_ik + dp, 0, 1)),
+                         margin, entropy, subject=table.subjects)
+
+    answered_right = table.correct[result.final_stage, columns]
+    lengths = lengths or {}
+    size = np.array([lengths.get(str(q), 0) for q in table.qids])
+    wanted = {
+        "keep": (result.final_stage == first) & keeps(-slack) & keeps(0.0),
+        "escalate": (result.final_stage != first) & ~keeps(+slack) & ~keeps(0.0),
+    }
+    preferred = {"keep": table.correct[first], "escalate": ~table.correct[first] & answered_right}
+    for kind, mask in wanted.items():
+        idx = np.flatnonzero(mask)
+        if not idx.size:
+            continue
+        order = np.lexsort((table.qids[idx], size[idx], ~preferred[kind][idx]))
+        i = int(idx[order[0]])
+        out[kind] = RouteExample(qid=str(table.qids[i]), kind=kind, first_stage=table.names[first],
+                                 answered_by=table.names[int(result.final_stage[i])], correct=bool(answered_right[i]),
+                                 p_t=float(p_t[i]), p_ik=float(p_ik[i]))
+    return out
+
+
+# -- the headline: the guaranteed figure and its held share ------------------------------------------
+GUARANTEE_SECTION = "## The guarantee"
+
+
+def guarantee_headline(report_markdown: str) -> dict | None:
+    """The report's guaranteed headline (docs/RESULTS.md, written by `report`): the headline row of
+    its guarantee table, as strings exactly as printed there: cascade, rule, saving and accuracy
+    difference on the test half, re-splits, held share, mean and 5th-percentile saving, and what
+    the saving counts. None when the report has no such row. Home, the Benchmarks page and the
+    README quote this one row (`headline_sentence`), so they cannot disagree."""
+    start = report_markdown.find(GUARANTEE_SECTION)
+    if start < 0:
+        return None
+    end = report_markdown.find("\n## ", start + len(GUARANTEE_SECTION))
+    section = report_markdown[start:end if end > 0 else None]
+    header = None
+    for line in section.splitlines():
+        if not line.startswith("|"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+            continue
+        if "(headline)" in cells[0] and len(cells) == len(header):
+            row = dict(zip(header, cells))
+            try:
+                return {"cascade": cells[0].replace("(headline)", "").strip(), "rule": row["rule (committed split)"].strip("`"),
+                        "saving": row["saving (test)"], "delta_acc": row["Δacc (test)"],
+                        "target_on_test": row["target on test"], "resplits": row["re-splits"],
+                        "held_share": row["held share"], "mean_saving": row["mean saving"],
+                        "p05_saving": row["5th pct saving"], "counts": row["saving counts"]}
+            except KeyError:
+                return None
+    return None
+
+
+def headline_sentence(headline: Mapping[str, str], target: str = "≤ 1 pt", delta: str = "0.1") -> str:
+    """The guaranteed headline in one sentence (Markdown), the same on every page."""
+    counts = headline["counts"].removesuffix(" saved")
+    return (f"**{headline['cascade']}** saves **{headline['saving']} of {counts} at {headline['delta_acc']}** on the "
+            f"test half, with a Learn-then-Test guarantee ({target} lost at δ {delta}); over {headline['resplits']} "
+            f"re-splits the promise **held on {headline['held_share']}** of them (mean saving {headline['mean_saving']}, "
+            f"5th percentile {headline['p05_saving']}).")
+
+
+def default_unit(last_is_recorded: bool, priced: bool = True) -> str:
+    """The cost unit a page opens in. FLOPs, unless the cascade ends with a recorded stage, whose FLOPs
+    are unknown (GPT-4 would cost 0): then dollars when it has prices (local stages cost none, so the
+    saving is the recorded stage's bill), else API calls."""
+    if not last_is_recorded:
+        return "flops"
+    return "dollars" if priced else "calls"
+
+
+def last_stage_calls_saved(table: RecordTable, policy: CascadePolicy) -> float:
+    """The share of questions the last stage never sees (e.g. GPT-4 calls saved), as the report counts it."""
+    from cascade_core.resplit import _outcome
+
+    return _outcome(policy, table, "calls")[1]
+
 __all__ = [
     "END_OF_TURN_MARKERS", "decision_reason", "display_answer", "SCORE_RANGE", "UNIT_LABELS", "OperatingPoint", "StageSetting", "choice_param", "settings_from_policy",
     "unknown_params", "operating_point", "per_subject_accuracy", "policy_from_settings",
     "random_routing_curve", "record_frames", "reliability", "settings_from_params", "settings_to_params", "stage_summary",
-    "thresholds_applied",
+    "thresholds_applied", "json_text", "ROUTE_TARGETS_PT", "TargetPolicy", "policy_for_target", "RouteExample", "route_examples",
+    "guarantee_headline", "headline_sentence", "default_unit", "last_stage_calls_saved",
 ]

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import math
-import time
 
 import streamlit as st
 
 from app_ui import backends, charts, data, datasets, state
-from cascade_core.cascade import CascadeError, for_free_form, run_cascade
+from app_ui.route_run import PAGE_LEFT, LiveRun
+from cascade_core.cascade import for_free_form, trace_to_dict
 from cascade_core.policy import StagePolicy
 from cascade_core.prompts import validate_question
-from cascade_core.types import OPTION_LETTERS, Question, StageStep
-from cascade_core.compose.policies import FREE_FORM_DATASET, apply_free_form, stage_summary
-from cascade_core.ui_data import decision_reason, display_answer, thresholds_applied
+from cascade_core.types import OPTION_LETTERS, Question, StageStep, Trace
+from cascade_core.compose.policies import (FREE_FORM_DATASET, AppliedPolicy, apply_free_form, calibration_stages,
+                                           stage_summary)
+from cascade_core.policy import CascadePolicy
+from cascade_core.ui_data import ROUTE_TARGETS_PT, decision_reason, display_answer, json_text, thresholds_applied
 
 
 PAGE = "route"
 LAST_KEY = "_route_last"
+CANCEL_KEY = "_route_cancel_clicked"
 MAX_OPTION_CHARS = 1000  # an option is one line of the prompt
 
 st.title("Route a question")
@@ -26,30 +29,123 @@ dataset = datasets.dataset_picker(PAGE)
 if preset is None:
     st.stop()
 found_policy, policy_problem = data.applied(preset)
-policies, source, off_reasons = state.stage_thresholds(preset, found_policy)
 configs = {s.name: s for s in preset.stages}
 if policy_problem:
     st.warning(policy_problem.capitalize() + "; routing uses the preset's thresholds.")
 
+# ---- the promise: the accuracy target, recalibrated here with the same Learn-then-Test -------------------
+# The shipped MMLU policy promises <= 1 pt, and at that target calibration switches the small stages
+# off: nothing routes. A looser target is chosen here by `calibrate`'s own function on the records'
+# calibration split (cached), and the page opens on the tightest target at which a stage before the
+# last is in use, so a newcomer sees a keep and an escalation (issue 22).
+shipped = data.shipped_target(preset)
+applied_now, target_note = found_policy, ""
+if shipped is not None:
+    shipped_pt, delta = shipped
+    targets = sorted({shipped_pt, *ROUTE_TARGETS_PT})
+
+    def policy_at(target: float):
+        """(AppliedPolicy, TargetPolicy or None, problem) for one target: the shipped file at its own."""
+        if target == shipped_pt:
+            return found_policy, None, None
+        chosen, problem = data.target_policy(preset, target, delta)
+        if chosen is None:
+            return None, None, problem
+        return AppliedPolicy("calibrated", f"{chosen.description} (recalibrated here)", policy=chosen.policy,
+                             off_reasons=chosen.off_reasons), chosen, None
+
+    target_key = f"route_target::{preset.name}"
+    if st.session_state.get(target_key) not in targets:
+        st.session_state[target_key] = next(
+            (t for t in targets if (found := policy_at(t)[0]) is not None
+             and sum(bool(p.enabled) for p in found.policy.stages) > 1), shipped_pt)
+    last_label = state.label_of(configs[calibration_stages(preset)[-1]])
+    target = st.radio(f"Accuracy promise: at most this many points lost against {last_label} alone", targets,
+                      key=target_key, horizontal=True,
+                      format_func=lambda t: f"≤ {t:g} pt" + (" (the shipped policy)" if t == shipped_pt else ""),
+                      help="Each target's policy is chosen by Learn-then-Test on the calibration split, as "
+                           "`python -m cascade_core calibrate --target X` does.")
+    found_target, chosen_target, target_problem = policy_at(target)
+    if found_target is None:
+        st.warning(f"No policy could be certified for ≤ {target:g} pt: {target_problem}. Routing uses the shipped policy.")
+    else:
+        applied_now = found_target
+        where = ("the shipped policy file" if chosen_target is None else
+                 f"recalibrated here (the shipped file promises ≤ {shipped_pt:g} pt), rule {chosen_target.rule}")
+        target_note = (f"**The promise**: with probability at least {1 - delta:.0%} over the draw of the calibration "
+                       f"questions, the cascade loses at most **{target:g} accuracy point{'s' if target != 1 else ''}** "
+                       f"against {last_label} alone on new MMLU questions ({where}).")
+# The explorer's thresholds win only where the user moved them off the shipped policy: opening the
+# explorer (it opens on that policy) must not undo the target chosen here.
+policies, source, off_reasons = state.stage_thresholds(preset, found_policy)
+if source != state.EXPLORER_SOURCE:
+    policies, source, off_reasons = state.stage_thresholds(preset, applied_now, explorer=False)
+if target_note and source == applied_now.description:
+    st.caption(target_note)
+elif target_note:
+    st.caption("The threshold explorer's thresholds apply (they carry no promise); the target above applies "
+               "once the explorer is back on a calibrated policy.")
+
 # ---- which stages -------------------------------------------------------------------------------------
 names = list(configs)
 stages_key = f"stages::{preset.name}@{PAGE}"
-if stages_key not in st.session_state or not set(st.session_state[stages_key]) <= set(names):
-    st.session_state[stages_key] = [n for n in names if policies[n].enabled]
+followed_key = f"_route_followed::{preset.name}"
+followed = [n for n in names if policies[n].enabled]
+if (stages_key not in st.session_state or not set(st.session_state[stages_key]) <= set(names)
+        or st.session_state.get(followed_key, followed) != followed):  # a new target or explorer policy: its stages
+    st.session_state[stages_key] = followed
+st.session_state[followed_key] = followed
 chosen = st.sidebar.multiselect("Stages to run", names, key=stages_key, format_func=lambda n: state.label_of(configs[n]),
                                 help="Kept in cascade order, smallest first; the last one always answers.")
 chosen = [n for n in names if n in chosen]
 st.sidebar.page_link("pages/4_Settings.py", label="Add a stage or fetch models", icon=":material/settings:")
 
 # ---- the question -------------------------------------------------------------------------------------
-picked = ["picked"] if dataset not in ("mmlu", "arith") else []  # a registered file picked in the sidebar
-mode = st.radio("Where the question comes from", ["type", "mmlu", "arith", *picked], horizontal=True,
-                key="route_mode", format_func={"type": "Type a question", "mmlu": "Pick an MMLU question (test split)",
-                                               "arith": "Pick an arithmetic question (arith, free-form)",
-                                               "picked": f"Pick a question of {dataset}"}.get)
+# Two MMLU test questions whose route under the followed policy is clear in the records (one kept by
+# the first stage in use, one escalated), chosen by cascade_core (`ui_data.route_examples`).
+policy_stages = calibration_stages(preset)
+examples = {}
+if sum(bool(policies[n].enabled) for n in policy_stages if n in policies) > 1:
+    try:
+        examples = data.route_examples(preset, CascadePolicy(tuple(policies[n] for n in policy_stages)))
+    except (OSError, ValueError, KeyError) as err:
+        st.caption(f"No examples from the records: {err}")
+MODES = {"example": "An example: kept or escalated", "type": "Type a question",
+         "mmlu": "Pick an MMLU question (test split)", "arith": "Pick an arithmetic question (arith, free-form)"}
+modes = [m for m in MODES if m != "example" or examples]
+if dataset not in ("mmlu", "arith"):  # a registered file picked in the sidebar: its questions too
+    MODES = {**MODES, "picked": f"Pick a question of {dataset}"}
+    modes.append("picked")
+if st.session_state.get("route_mode") not in modes:
+    st.session_state["route_mode"] = modes[0]
+mode = st.radio("Where the question comes from", modes, horizontal=True, key="route_mode", format_func=MODES.get)
 question: Question | None = None
 input_problem: str | None = None
-if mode == "type":
+if mode == "example":
+    def example_label(kind: str) -> str:
+        ex = examples[kind]
+        first, by = state.label_of(configs[ex.first_stage]), state.label_of(configs[ex.answered_by])
+        return f"kept by {first}" if kind == "keep" else f"escalated by {first} to {by}"
+
+    kinds = list(examples)
+    if st.session_state.get("route_example") not in kinds:
+        st.session_state["route_example"] = kinds[0]
+    kind = st.radio("Example", kinds, key="route_example", horizontal=True, format_func=example_label)
+    ex = examples[kind]
+    pool = data.mmlu_questions("test")
+    row = pool[pool["qid"] == ex.qid].iloc[0]
+    question = Question(text=row["question"], options=tuple(row["options"]), subject=row["subject"],
+                        answer=int(row["answer"]), qid=row["qid"])
+    with st.container(border=True):
+        st.markdown(f"**{question.text}**")
+        st.markdown("  \n".join(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(question.options)))
+        pik = "" if math.isnan(ex.p_ik) else f", P(IK) {ex.p_ik:.2f}"
+        st.caption(f"MMLU `{ex.qid}` (test split). In the benchmark records {state.label_of(configs[ex.first_stage])} "
+                   f"has P(T) {ex.p_t:.2f}{pik} on it, so this policy "
+                   f"{'keeps its answer' if kind == 'keep' else 'escalates it'}, even with both signals 0.05 "
+                   f"{'lower' if kind == 'keep' else 'higher'}; live, the model runs again here and its numbers can "
+                   "differ a little from the records'.")
+elif mode == "type":
     # No max_chars: the browser would drop an over-long paste silently; it is refused below instead.
     text = st.text_area("Question", key="route_text", height=100,
                         placeholder="e.g. Which planet is known as the Red Planet?")
@@ -152,7 +248,7 @@ with st.expander("Thresholds", expanded=False):
 
 # ---- one stage's card ---------------------------------------------------------------------------------
 def draw_card(step: StageStep, policy: StagePolicy, label: str, recorded: bool, options: tuple[str, ...],
-              load_s: float | None = None) -> None:
+              load_s: float | None = None, subject: str | None = None) -> None:
     if step.decision == "error":
         st.error(f"**{label} failed**: {step.error}")
         st.caption("A failing stage passes the question on to the next one.")
@@ -162,7 +258,7 @@ def draw_card(step: StageStep, policy: StagePolicy, label: str, recorded: bool, 
     if recorded:
         left.info("Recorded outcome: no probabilities (it only knows right or wrong).")
     else:
-        applies = thresholds_applied(policy, step.p_t, step.p_ik, step.margin, step.entropy)
+        applies = thresholds_applied(policy, step.p_t, step.p_ik, step.margin, step.entropy, subject)
         left.plotly_chart(charts.gauge(step.p_t, None if final else policy.tau_t, "P(T)", applies["tau_t"]),
                           key=f"gauge_pt_{step.stage}", config={"displayModeBar": False})
         if math.isnan(step.p_ik):
@@ -179,8 +275,9 @@ def draw_card(step: StageStep, policy: StagePolicy, label: str, recorded: bool, 
             st.markdown("Answer (free-form):")
             st.text(display_answer(step.answer) or "(an empty answer)")
         reason = step.reason
-        if step.decision in ("keep", "escalate") and step.reason != "empty answer" and not recorded:
-            reason = decision_reason(policy, step.p_t, step.p_ik, step.margin, step.entropy)
+        if (step.decision in ("keep", "escalate") and step.reason != "empty answer" and not recorded
+                and not getattr(step, "generation_skipped", False)):  # a P(IK) gate's reason says what it saved
+            reason = decision_reason(policy, step.p_t, step.p_ik, step.margin, step.entropy, subject)
         if step.decision == "keep":
             st.success(f"**Keep**: {reason.removeprefix('keep: ')}")
         elif step.decision == "escalate":
@@ -201,7 +298,14 @@ def status_label(step: StageStep, label: str) -> str:
 
 
 # ---- run ----------------------------------------------------------------------------------------------
-run = st.button("Route", type="primary", key="route_button", disabled=not chosen)
+def _cancel_clicked() -> None:
+    """The Cancel button's callback. It runs at the start of the rerun the click causes, after Streamlit
+    has stopped the running script, whose `finally` has already cancelled the generation."""
+    st.session_state[CANCEL_KEY] = True
+
+
+left, right = st.columns([1, 5], vertical_alignment="center")
+run = left.button("Route", type="primary", key="route_button", disabled=not chosen)
 if not chosen:
     st.info("Choose at least one stage in the sidebar.")
 # Everything a run shows goes into one of two slots, and a new run uses the slot the last one did not.
@@ -211,18 +315,30 @@ if not chosen:
 # left empty this run replaces the previous result at once instead.
 SLOT_KEY = "_route_slot"
 slots = (st.empty(), st.empty())
+# Brings the running card into view (at 1400 x 900 it was below the fold): a script run in the page
+# scrolls to the marker drawn above the cards.
+SCROLL_JS = """<script>
+const doc = document;
+const go = () => { const el = doc.getElementById("route-running"); if (el) { el.scrollIntoView({behavior: "smooth", block: "start"}); } else { setTimeout(go, 100); } };
+go();
+</script>"""
 
 
 def no_probe_note(trace, recorded: dict[str, bool], labels: dict[str, str]) -> None:
     missing = [labels[s.stage] for s in trace.steps
                if s.decision != "error" and not recorded.get(s.stage) and math.isnan(s.p_ik)]
-    if missing:
-        st.info(f"No P(IK) for {', '.join(missing)}: no probe trained for "
-                f"{'this model' if len(missing) == 1 else 'these models'} yet, so "
-                f"{'it routes' if len(missing) == 1 else 'they route'} on P(T) alone.")
+    if not missing:
+        return
+    one = len(missing) == 1
+    if trace.question.is_multiple_choice:
+        why = f"no probe trained for {'this model' if one else 'these models'} yet"
+    else:  # a multiple-choice probe reads another prompt's hidden state: it does not apply here
+        why = (f"no free-form probe for {'this model' if one else 'these models'} (a free-form P(IK) needs one trained "
+               "on free-form records: `probes train --dataset arith`)")
+    st.info(f"No P(IK) for {', '.join(missing)}: {why}, so {'it routes' if one else 'they route'} on P(T) alone.")
 
 
-def run_question() -> None:
+def run_question(cancel_box) -> None:
     problem = input_problem
     if problem is None:
         try:
@@ -261,65 +377,77 @@ def run_question() -> None:
         elif free_form.policy is not None:
             st.caption(f"Free-form question: {free_form.description} ({FREE_FORM_DATASET} records).")
     stages = [for_free_form(s) if not question.is_multiple_choice else s for s in stages]
+    labels = {n: state.label_of(configs[n]) for n in chosen}
     boxes: dict[str, object] = {}
     loads: dict[str, float] = {}
-    streaming = {"slot": None, "text": ""}  # the free-form answer of the stage running, as it is generated
-
-    def on_text(delta: str) -> None:
-        streaming["text"] += delta
-        if streaming["slot"] is not None:
-            streaming["slot"].text(f"generating: {streaming['text']}")  # st.text: user-visible model output, never markup
-
-    def on_event(event, stage, step):
-        label = state.label_of(configs[stage.name])
-        if event != "start" and streaming["slot"] is not None:
-            streaming["slot"].empty()  # the card below shows the whole answer
-            streaming["slot"], streaming["text"] = None, ""
-        if event == "start":
-            lazy = getattr(stage.backend, "loaded", True) is False
-            if lazy:
-                boxes[stage.name] = st.status(f"{label}: loading {configs[stage.name].model} (once per server)…",
-                                              expanded=True)
-                started = time.perf_counter()
-                try:
-                    stage.backend.get()
-                except Exception:  # noqa: BLE001 - raised again inside the stage: its error row, as any failure
-                    return
-                took = time.perf_counter() - started
-                if took < 0.05:  # already in memory (another session or the preload loaded it): nothing to say
-                    boxes[stage.name].update(label=f"{label}: running…", expanded=True)
-                else:
-                    loads[stage.name] = took
-                    boxes[stage.name].update(label=f"{label}: loaded {configs[stage.name].model} in {took:.1f} s; "
-                                                   "running…", expanded=True)
-            else:
-                boxes[stage.name] = st.status(f"{label}: running…", expanded=True)
-            if not question.is_multiple_choice:
-                streaming["slot"], streaming["text"] = boxes[stage.name].empty(), ""
-            return
-        box = boxes[stage.name]
-        with box:
-            draw_card(step, stage.policy, label, stage.recorded, question.options, loads.get(stage.name))
-        box.update(label=status_label(step, label), state="error" if event == "error" else "complete",
-                   expanded=True)
-
-    failure = None
+    steps: list[StageStep] = []
+    streaming = {"slot": None, "text": "", "since": None}  # the free-form answer of the stage running, as it is generated
+    live = LiveRun(stages, question).start()
+    finished = None
     try:
-        trace = run_cascade(stages, question, on_event=on_event, on_text=on_text)
-    except CascadeError as err:
-        trace, failure = err.trace, str(err)
-    except ValueError as err:
-        trace, failure = None, str(err)
-    if trace is None:
-        st.error(f"The cascade cannot run this question: {failure}")
+        for event in live.follow():
+            name = event.stage.name if event.stage is not None else None
+            if event.kind == "tick":  # a Streamlit call now and then: where a click on Cancel stops this script
+                running = next((n for n in reversed(list(boxes)) if n not in {s.stage for s in steps}), None)
+                if running is not None:
+                    boxes[running].update(label=f"{labels[running]}: {boxes_state[running]} {live.elapsed:.0f} s…")
+                continue
+            if event.kind == "start":
+                lazy = bool(event.value)
+                boxes_state[name] = (f"loading {configs[name].model} (once per server)… running for" if lazy
+                                     else "running for")
+                boxes[name] = st.status(f"{labels[name]}: {boxes_state[name]} {live.elapsed:.0f} s…", expanded=True)
+                if not question.is_multiple_choice:
+                    streaming["slot"], streaming["text"] = boxes[name].empty(), ""
+                continue
+            if event.kind == "loaded":
+                if event.value >= 0.05:  # under that it was already in memory (another session or the preload)
+                    loads[name] = event.value
+                    boxes_state[name] = f"loaded {configs[name].model} in {event.value:.1f} s; running for"
+                else:
+                    boxes_state[name] = "running for"
+                continue
+            if event.kind == "text":
+                streaming["text"] += event.value
+                if streaming["slot"] is not None:  # st.text: user-visible model output, never markup
+                    streaming["slot"].text(f"generating: {streaming['text']}")
+                continue
+            if event.kind in ("done", "error"):
+                if streaming["slot"] is not None:
+                    streaming["slot"].empty()  # the card below shows the whole answer
+                    streaming["slot"], streaming["text"] = None, ""
+                steps.append(event.value)
+                box = boxes.get(name) or st.status(labels[name], expanded=True)
+                with box:
+                    draw_card(event.value, event.stage.policy, labels[name], event.stage.recorded, question.options,
+                              loads.get(name), question.subject or None)
+                box.update(label=status_label(event.value, labels[name]),
+                           state="error" if event.kind == "error" else "complete", expanded=True)
+                continue
+            finished = event.value
+    finally:
+        if finished is None:  # Streamlit stopped this script (Cancel, or any click): stop the model too
+            live.cancel(PAGE_LEFT)
+            st.session_state[LAST_KEY] = {
+                "trace": Trace(question=question, steps=list(steps), thresholds=source), "failure": PAGE_LEFT,
+                "cancelled": True, "preset": preset.name, "loads": loads, "stages": list(labels.items()),
+                "policies": {s.name: s.policy for s in stages}, "recorded": {s.name: s.recorded for s in stages},
+                "seconds": live.elapsed, "running": next((labels[n] for n in boxes if n not in {x.stage for x in steps}), None),
+            }
+    cancel_box.empty()
+    if finished.trace is None:
+        st.error(f"The cascade cannot run this question: {finished.failure}")
         return
     st.session_state[LAST_KEY] = {
-        "trace": trace, "failure": failure, "preset": preset.name, "loads": loads,
-        "stages": [(n, state.label_of(configs[n])) for n in chosen],
+        "trace": finished.trace, "failure": finished.failure, "cancelled": finished.cancelled, "preset": preset.name,
+        "loads": loads, "stages": list(labels.items()),
         "policies": {s.name: s.policy for s in stages},
         "recorded": {s.name: s.recorded for s in stages},
     }
     draw_summary(st.session_state[LAST_KEY], drawn=True)
+
+
+boxes_state: dict[str, str] = {}
 
 
 def draw_summary(last: dict, drawn: bool) -> None:
@@ -330,9 +458,15 @@ def draw_summary(last: dict, drawn: bool) -> None:
             with st.status(status_label(step, labels[step.stage]), state="error" if step.decision == "error" else "complete",
                            expanded=True):
                 draw_card(step, last["policies"][step.stage], labels[step.stage], last["recorded"][step.stage],
-                          trace.question.options, last.get("loads", {}).get(step.stage))
+                          trace.question.options, last.get("loads", {}).get(step.stage), trace.question.subject or None)
     no_probe_note(trace, last["recorded"], labels)
-    if last["failure"]:
+    if last.get("cancelled"):
+        who = "You cancelled the run" if st.session_state.get(CANCEL_KEY) else "The run stopped: " + PAGE_LEFT
+        running = f" while {last['running']} was running" if last.get("running") else ""
+        took = f" after {last['seconds']:.1f} s" if last.get("seconds") is not None else ""
+        done = f"; the {len(trace.steps)} stage{'s' if len(trace.steps) != 1 else ''} done before it are shown" if trace.steps else ""
+        st.warning(f"{who}{took}{running}: its model stopped{done}. Press Route to run the question again.")
+    elif last["failure"]:
         st.error(f"The cascade could not answer: {last['failure']}")
     st.subheader("Routing path")
     st.graphviz_chart(charts.routing_path_dot(last["stages"], trace.steps))
@@ -362,6 +496,12 @@ def draw_summary(last: dict, drawn: bool) -> None:
     dollars = trace.total("dollars")
     cols[3].metric("Dollars", f"${dollars:.3g}" if dollars else "$0 (local)")
     cols[4].metric("Seconds", f"{trace.total('seconds'):.2f}")
+    record = {**trace_to_dict(trace), "preset": last["preset"], "cancelled": bool(last.get("cancelled")),
+              "stages": [{"stage": n, "label": label, "policy": last["policies"][n].to_dict()}
+                         for n, label in last["stages"] if n in last["policies"]]}
+    st.download_button("Download the trace (JSON)", json_text(record),
+                       file_name=f"trace-{(trace.question.qid or 'question').replace('/', '-')}.json",
+                       mime="application/json", key="route_download", on_click="ignore", icon=":material/download:")
     st.dataframe([{"stage": labels[s.stage], "decision": s.decision,
                    "tokens": charts.fmt_number(s.prompt_tokens + s.output_tokens),
                    "FLOPs": charts.fmt_number(s.flops), "dollars": f"${s.dollars:.3g}" if s.dollars else "–",
@@ -369,11 +509,19 @@ def draw_summary(last: dict, drawn: bool) -> None:
                  hide_index=True, width="stretch")
 
 
+
 if run:
     st.session_state.pop(LAST_KEY, None)
+    st.session_state.pop(CANCEL_KEY, None)
     st.session_state[SLOT_KEY] = 1 - st.session_state.get(SLOT_KEY, 0)
     with slots[st.session_state[SLOT_KEY]].container():
-        run_question()
+        st.html('<div id="route-running"></div>')
+        cancel_box = st.empty()
+        cancel_box.button("Cancel", key="route_cancel", icon=":material/stop_circle:", on_click=_cancel_clicked,
+                          help="Stop the cascade: the model stops within one generated token (a multiple-choice "
+                               "pass, a second or two, runs to its end).")
+        st.html(SCROLL_JS, unsafe_allow_javascript=True)
+        run_question(cancel_box)
 else:
     last = st.session_state.get(LAST_KEY)
     if last and last["preset"] == preset.name:

@@ -12,7 +12,7 @@ from app_ui import charts, data, datasets, state
 from cascade_core import formatting
 from cascade_core.cost import COST_UNITS
 from cascade_core.replay import replay
-from cascade_core.ui_data import (SCORE_RANGE, UNIT_LABELS, StageSetting, choice_param, operating_point,
+from cascade_core.ui_data import (SCORE_RANGE, UNIT_LABELS, StageSetting, choice_param, default_unit, operating_point,
                                   policy_from_settings, settings_from_params,
                                   settings_from_policy, settings_to_params, unknown_params)
 
@@ -71,9 +71,15 @@ def sidebar_select(label: str, options, name: str, default, **kwargs):
 
 split = sidebar_select("Split", list(data.SPLIT_CHOICES), "split", "test",
                        help="Report on the test split; thresholds are chosen on the calibration split.")
-unit = sidebar_select("Cost unit", list(COST_UNITS), "unit", "flops", format_func=UNIT_LABELS.get)
 recorded_options = data.recorded_choices(preset) if dataset == "mmlu" else {}  # recorded outcomes are MMLU's
 own_recorded = [s.name for s in preset.stages if s.backend == "recorded"]
+# A preset that ends with a recorded stage opens in API calls: GPT-4's FLOPs are unknown (it would cost 0).
+if st.session_state.get("_explore_unit_for") != preset.name and not (first_visit and "unit" in params):
+    last = next((s for s in preset.stages if s.name == own_recorded[-1]), None) if own_recorded else None
+    st.session_state["_explore_unit"] = default_unit(last is not None, bool(last and (last.price_in or last.price_out)))
+    st.session_state.pop("unit@explore", None)
+st.session_state["_explore_unit_for"] = preset.name
+unit = sidebar_select("Cost unit", list(COST_UNITS), "unit", "flops", format_func=UNIT_LABELS.get)
 if first_visit:
     value, bad = choice_param(params, "end", [NO_RECORDED, *recorded_options])
     problems += bad
@@ -184,8 +190,6 @@ for name, s in defaults.items():
             st.session_state[widget_key(preset.name, name, what)] = value
 
 rule = st.sidebar.radio("Rule", rule_options, key=rule_key, format_func=RULE_LABELS.get)
-if opens_calibrated:
-    st.sidebar.caption(f"Opened on the preset's calibrated policy ({found_policy.description.removeprefix('thresholds: ')}).")
 
 
 def apply_policy(policy, names: tuple[str, ...], preset_name: str, scores_key: str) -> None:
@@ -240,7 +244,14 @@ def _seed(key: str, value) -> None:
         st.session_state[key] = value
 
 
-def threshold_input(label: str, low: float, high: float, key: str, disabled: bool) -> None:
+def _switch_on(on_key: str) -> None:
+    """A threshold of a switched-off stage was moved: switch the stage on (a callback, so the stage's
+    checkbox shows it in this run). The sliders of a stage calibration switched off are usable from
+    the start; moving one is how a newcomer leaves the calibrated policy."""
+    st.session_state[on_key] = True
+
+
+def threshold_input(label: str, low: float, high: float, key: str, disabled: bool, on_key: str | None = None) -> None:
     """A slider in steps of 0.01 (arrow keys move it visibly) and an exact number box for one value,
     held by the slider's key.
 
@@ -257,10 +268,11 @@ def threshold_input(label: str, low: float, high: float, key: str, disabled: boo
     value = float(min(max(float(box_now) if typed else slider_now, low), high))
     _seed(key, value)
     left, right = st.columns([3, 1.25], vertical_alignment="bottom")
-    left.slider(label, low, high, step=0.01, format="%.2f", key=key, disabled=disabled)
+    switch = {"on_change": _switch_on, "args": (on_key,)} if on_key else {}
+    left.slider(label, low, high, step=0.01, format="%.2f", key=key, disabled=disabled, **switch)
     _seed(box, value)
     right.number_input("exact", low, high, step=0.001, format="%.4f", key=box, disabled=disabled,
-                       label_visibility="collapsed", help="The exact value (the slider moves in steps of 0.01)")
+                       label_visibility="collapsed", help="The exact value (the slider moves in steps of 0.01)", **switch)
     st.session_state[seen] = (value, value)
 
 
@@ -292,17 +304,19 @@ def explorer(rule: str) -> None:
                 if name in calibrated_off and enabled_now[i]:
                     st.caption("Calibration switched this stage off; switched on here, it starts at the preset's "
                                "thresholds.")
-                off = not enabled_now[i]
+                on_key = None if enabled_now[i] else widget_key(preset.name, name, "on")  # moving it switches it on
+                if on_key and i < last_enabled:
+                    st.caption("Off: move a threshold (or tick the box) to put it back in the cascade.")
                 has_pik = bool(table.has_hidden[i])
                 if rule in SCORE_RANGE:
                     low, high = SCORE_RANGE[rule]
                     threshold_input(f"τ (keep when its {rule} score ≥ τ)", low, high,
-                                    widget_key(preset.name, name, "tau_score"), off)
+                                    widget_key(preset.name, name, "tau_score"), False, on_key)
                     continue
                 threshold_input("τ_T (keep when P(T) ≥ τ_T)", 0.0, 1.0, widget_key(preset.name, name, "tau_t"),
-                                off or (rule == "pik_only" and has_pik))
+                                rule == "pik_only" and has_pik, on_key)
                 threshold_input("τ_IK (keep when P(IK) ≥ τ_IK)", 0.0, 1.0, widget_key(preset.name, name, "tau_ik"),
-                                off or not has_pik or rule == "pt_only")
+                                not has_pik or rule == "pt_only", on_key)
                 if not has_pik:
                     no_probe.append(label)
         if no_probe:
@@ -326,6 +340,17 @@ def explorer(rule: str) -> None:
             return
         combiners = (scorer or {}).get("combiners", {}) if rule in SCORE_RANGE else {}
         policy = policy_from_settings(table.names, settings, rule, combiners)
+        if opens_calibrated:
+            described = found_policy.description.removeprefix("thresholds: ")
+            if state.same_policy(policy, found_policy.policy):
+                metrics_area.caption(f"On the preset's calibrated policy ({described}): its promise holds for these "
+                                     "thresholds.")
+            else:
+                with metrics_area.container(border=True):
+                    st.markdown(f":material/info: **You left the calibrated policy** ({described}): these thresholds "
+                                "carry no guarantee, and the Route page now follows them.")
+                    st.button("Back to the calibrated policy", key="back_to_calibrated", on_click=apply_policy,
+                              args=(found_policy.policy, table.names, preset.name, scores_key))
         result = replay(table, policy)
         point = operating_point(table, result, unit)
         unit_label = UNIT_LABELS[unit]

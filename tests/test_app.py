@@ -353,7 +353,21 @@ def test_explorer_opens_on_the_calibrated_thresholds(app, synthetic_results, no_
             assert at.slider(key=key(name, "tau_t")).value == pytest.approx(min(max(stage.tau_t, 0), 1))
             assert at.slider(key=key(name, "tau_ik")).value == pytest.approx(min(max(stage.tau_ik, 0), 1))
     assert metrics(at)["Accuracy"] == f"{replay(table.subset('test'), policy).accuracy:.2%}"
-    assert found.description in texts(at.sidebar.caption)
+    assert f"On the preset's calibrated policy ({found.description})" in texts(at.caption)
+    assert "back_to_calibrated" not in [b.key for b in at.button]
+
+    # Issue 22: a threshold moved is "you left the calibrated policy", with a way back; the stale
+    # "opened on the calibrated policy" caption is gone.
+    moved = next(n for n, s in zip(STAGES, policy.stages) if s.enabled and n != STAGES[-1])
+    at.slider(key=key(moved, "tau_t")).set_value(0.99).run()
+    no_exception(at)
+    assert "You left the calibrated policy" in texts(at.markdown)
+    assert "On the preset's calibrated policy" not in texts(at.caption)
+    at.button(key="back_to_calibrated").click().run()
+    no_exception(at)
+    assert at.slider(key=key(moved, "tau_t")).value == pytest.approx(min(max(policy.stages[STAGES.index(moved)].tau_t, 0), 1))
+    assert f"On the preset's calibrated policy ({found.description})" in texts(at.caption)
+    assert metrics(at)["Accuracy"] == f"{replay(table.subset('test'), policy).accuracy:.2%}"
 
 
 def write_policy_with_a_stage_off(policies: Path, records_dtype: str | None = None) -> tuple[CascadePolicy, str]:
@@ -482,6 +496,8 @@ def test_route_follows_the_explorer_thresholds(app):
 
 # ---- Route a question -------------------------------------------------------------------------------------
 def ask(at: AppTest, text: str, options: str = "", stages=("smollm2-135m",)) -> AppTest:
+    if at.radio(key="route_mode").value != "type":
+        at.radio(key="route_mode").set_value("type").run()
     at.multiselect(key="stages::default@route").set_value(list(stages))
     at.text_area(key="route_text").set_value(text)
     at.text_area(key="route_options").set_value(options)
@@ -602,6 +618,7 @@ def test_route_recorded_stage_needs_an_mmlu_question(app):
     app.session_state[state.PRESET_KEY] = "api-recorded"
     at = open_page(app, ROUTE)
     at.multiselect(key="stages::api-recorded@route").set_value(["gpt-4-recorded"])
+    at.radio(key="route_mode").set_value("type").run()
     at.text_area(key="route_text").set_value("What is 2 + 2?")
     at.text_area(key="route_options").set_value("3\n4")
     at.button(key="route_button").click().run()
