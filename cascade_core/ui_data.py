@@ -494,7 +494,13 @@ def guarantee_headline(report_markdown: str) -> dict | None:
         if "(headline)" in cells[0] and len(cells) == len(header):
             row = dict(zip(header, cells))
             try:
-                return {"cascade": cells[0].replace("(headline)", "").strip(), "rule": row["rule (committed split)"].strip("`"),
+                import re
+
+                delta = re.search(r"at delta = ([0-9.]+)", section)
+                target = re.search(r"is at most ([0-9.]+) pt", section)
+                return {"target": f"≤ {target.group(1)} pt" if target else "the target",
+                        "delta": delta.group(1) if delta else "?",
+                        "cascade": cells[0].replace("(headline)", "").strip(), "rule": row["rule (committed split)"].strip("`"),
                         "saving": row["saving (test)"], "delta_acc": row["Δacc (test)"],
                         "target_on_test": row["target on test"], "resplits": row["re-splits"],
                         "held_share": row["held share"], "mean_saving": row["mean saving"],
@@ -504,11 +510,12 @@ def guarantee_headline(report_markdown: str) -> dict | None:
     return None
 
 
-def headline_sentence(headline: Mapping[str, str], target: str = "≤ 1 pt", delta: str = "0.1") -> str:
-    """The guaranteed headline in one sentence (Markdown), the same on every page."""
+def headline_sentence(headline: Mapping[str, str]) -> str:
+    """The guaranteed headline in one sentence (Markdown), the same on every page and in the README."""
     counts = headline["counts"].removesuffix(" saved")
     return (f"**{headline['cascade']}** saves **{headline['saving']} of {counts} at {headline['delta_acc']}** on the "
-            f"test half, with a Learn-then-Test guarantee ({target} lost at δ {delta}); over {headline['resplits']} "
+            f"test half, with a Learn-then-Test guarantee ({headline['target']} lost at δ {headline['delta']}); over "
+            f"{headline['resplits']} "
             f"re-splits the promise **held on {headline['held_share']}** of them (mean saving {headline['mean_saving']}, "
             f"5th percentile {headline['p05_saving']}).")
 

@@ -123,7 +123,13 @@ else:
     st.caption(f"From `{shown_path}`, written "
                f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(report_path.stat().st_mtime))} by "
                f"`python -m cascade_core report{'' if dataset == 'mmlu' else ' --dataset ' + dataset}`.")
-    for title in ("Summary", "1. Each model alone"):
+    # The guaranteed headline first, the same sentence as Home and the README (ui_data.guarantee_headline).
+    from cascade_core.ui_data import guarantee_headline, headline_sentence
+
+    guaranteed = guarantee_headline(text)
+    if guaranteed is not None:
+        st.success(headline_sentence(guaranteed), icon=":material/verified:")
+    for title in ("The guarantee: savings that hold on fresh questions", "Summary", "1. Each model alone"):
         if title in sections:
             st.markdown("#### " + sections[title])
     with st.expander("The whole report"):

@@ -40,7 +40,7 @@ def unload() -> None:
 def loaded_text(config) -> str:
     if backends.is_loaded(config):
         took = backends.load_seconds(config)
-        return "yes" + (f" (in {took:.1f} s)" if took else "")
+        return "yes" + (f" (loaded in {took:.1f} s)" if took and took >= 0.05 else "")
     found = backends.preload_state(config)
     if found and found["state"] in ("waiting", "loading"):
         return f"preloading ({found['state']})"
