@@ -130,7 +130,9 @@ def _write_feature_chunk(backend: Backend, paths: BenchPaths, batch: list[Questi
     """
     if not (backend.has_hidden_states and scores[0].hidden_states):
         return False
-    keep_layers = feature_layers(len(scores[0].hidden_states))
+    keys = sorted(scores[0].hidden_states)
+    # All layers (a local model): evenly spaced ones; a few named layers (a vLLM stage gives its last): those.
+    keep_layers = feature_layers(len(keys)) if keys == list(range(len(keys))) else keys
     arrays = {f"layer_{l}": np.stack([s.hidden_states[l] for s in scores]).astype(np.float16) for l in keep_layers}
     chunk = paths.features_dir / f"chunk-{time.time_ns()}.npz"
     atomic_write_npz(chunk, qid=np.array([q.qid for q in batch]), prediction=prediction.astype(np.int16),

@@ -18,6 +18,7 @@ and scrubbed from any error text (some servers echo the Authorization header bac
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -484,10 +485,18 @@ class OpenAIStage:
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
             return list(pool.map(self._score_one, prompts, n_options, hidden))
 
-    def generate(self, prompt: str, max_new_tokens: int = 64) -> Generation:
-        """A greedy answer and the log-probability of each generated token."""
+    def generate(self, prompt: str, max_new_tokens: int = 64, *, cancel=None, on_text=None) -> Generation:
+        """A greedy answer and the log-probability of each generated token.
+
+        With `on_text` or `cancel` the answer is streamed (`stream: true`): `on_text(delta)` gets each
+        piece as it arrives, and `cancel` (anything with `is_set()`) is checked at every chunk; once
+        set, the connection is closed, which makes vLLM abort the request (it stops generating and
+        counts it as `finished_reason="abort"` in its /metrics), and the answer so far comes back
+        with `finish_reason="cancelled"`."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if cancel is not None or on_text is not None:
+            return self._generate_streamed(prompt, int(max_new_tokens), cancel, on_text)
         started = time.perf_counter()
         # Always the chat endpoint: the server applies the model's chat template, so an instruct
         # model answers and ends its turn (a raw free-form prompt made SmolLM2 end it at once),
@@ -505,3 +514,65 @@ class OpenAIStage:
                           prompt_tokens=prompt_tokens, output_tokens=output_tokens or len(logprobs),
                           seconds=time.perf_counter() - started, tokens=tuple(t for t, _lp in chosen_tokens),
                           finish_reason=finish if finish in ("stop", "length") else "stop")
+
+    def _generate_streamed(self, prompt: str, max_new_tokens: int, cancel, on_text) -> Generation:
+        """`generate` over server-sent events (chat endpoint), stopping when `cancel` is set."""
+        started = time.perf_counter()
+        messages = [{"role": "user", "content": prompt}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        payload = {"model": self.model, "messages": messages, "max_tokens": max_new_tokens, "temperature": 0,
+                   "logprobs": True, "top_logprobs": 1, "stream": True,
+                   "stream_options": {"include_usage": True}}
+        url = f"{self.api_base}/chat/completions"
+        pieces: list[str] = []
+        tokens: list[tuple[str, float]] = []
+        usage: dict = {}
+        finish = "stop"
+        first = float("nan")
+        if cancel is not None and cancel.is_set():
+            return Generation(text="", token_logprobs=np.zeros(0), prompt_tokens=0, output_tokens=0,
+                              seconds=0.0, finish_reason="cancelled")
+        try:
+            with self._http().stream("POST", url, json=payload) as response:
+                if response.status_code != 200:
+                    body = self.redact(response.read().decode("utf-8", "replace")[:MAX_ERROR_BODY_CHARS].strip())
+                    raise EndpointError(f"{self.redact(url)} failed: HTTP {response.status_code}: {body}")
+                for line in response.iter_lines():
+                    if cancel is not None and cancel.is_set():
+                        finish = "cancelled"
+                        break  # leaving the block closes the connection: the server aborts the request
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        raise EndpointError(f"{self.redact(url)} sent an event that is not JSON") from None
+                    if chunk.get("error"):
+                        raise EndpointError(f"{self.redact(url)} failed mid-stream: {str(chunk['error'])[:MAX_ERROR_BODY_CHARS]}")
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices") or []:
+                        delta = ((choice.get("delta") or {}).get("content")) or ""
+                        tokens += [c for c, _top in _positions(choice) if c is not None]
+                        if delta:
+                            if not pieces and first != first:
+                                first = time.perf_counter() - started
+                            pieces.append(delta)
+                            if on_text is not None:
+                                on_text(delta)
+                        if choice.get("finish_reason"):
+                            finish = str(choice["finish_reason"])
+        except RETRYABLE_ERRORS as err:
+            raise EndpointError(f"{self.redact(url)} failed: {type(err).__name__}: {self.redact(str(err))}") from None
+        text = "".join(pieces)
+        if not tokens and text and finish != "cancelled":
+            raise EndpointError("endpoint returned no logprobs (does this server support logprobs?)")
+        return Generation(text=text, token_logprobs=np.asarray([lp for _t, lp in tokens], dtype=np.float64),
+                          prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                          output_tokens=int(usage.get("completion_tokens") or len(tokens)),
+                          seconds=time.perf_counter() - started, tokens=tuple(t for t, _lp in tokens),
+                          finish_reason=finish if finish in ("stop", "length", "cancelled") else "stop",
+                          first_token_seconds=first)

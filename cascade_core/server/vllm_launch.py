@@ -104,6 +104,7 @@ class ServerSpec:
     dtype: str = "float32"
     max_model_len: int = 2048
     kv_cache_gib: int = 1
+    eager: bool = False  # --enforce-eager: no torch.compile at warm-up (starts faster, runs a little slower)
 
     @property
     def api_base(self) -> str:
@@ -116,6 +117,8 @@ def server_command(spec: ServerSpec, python: Path) -> list[str]:
     cmd = [str(python), "-m", ENTRY, "--model", spec.model_dir, "--served-model-name", spec.served_name,
            "--host", "127.0.0.1", "--port", str(spec.port), "--dtype", spec.dtype,
            "--max-model-len", str(spec.max_model_len)]
+    if spec.eager:
+        cmd.append("--enforce-eager")
     if spec.runner == "pooling":
         # The prompt's last-token hidden state, raw: LAST pooling, no normalisation (activation).
         cmd += ["--runner", "pooling", "--convert", "embed",
@@ -341,7 +344,7 @@ def local_preset_text(source, servers: Sequence[Started], n_layers: dict[str, in
         name = f"vllm-{config.name}"
         entry = {"name": name, "label": f"{config.display_name} (vLLM)", "backend": "openai",
                  "model": gen.spec.served_name, "api_base": gen.spec.api_base, "api_mode": "completions",
-                 "timeout_s": 120.0, "max_retries": 2, "concurrency": concurrency, "batch_size": 32,
+                 "letter_token_ids": True, "timeout_s": 120.0, "max_retries": 2, "concurrency": concurrency, "batch_size": 32,
                  "enabled": config.enabled}
         if config is not source.stages[-1]:
             entry["tau_t"] = config.tau_t
@@ -373,7 +376,7 @@ def _copied_stage(config) -> list[str]:
 # --- up and down -----------------------------------------------------------------------------------
 
 def plan(source, base_port: int, hidden: bool, model_dir: Callable[[str], Path], kv_cache_gib: int,
-         only: Sequence[str] | None = None) -> list[ServerSpec]:
+         only: Sequence[str] | None = None, eager: bool = False) -> list[ServerSpec]:
     """One generation server per enabled local stage (and a pooling server each with `hidden`),
     ports counted up from `base_port`."""
     specs = []
@@ -384,7 +387,7 @@ def plan(source, base_port: int, hidden: bool, model_dir: Callable[[str], Path],
         folder = str(model_dir(config.model) if config.backend == "packaged" else config.model)
         for runner in (("generate", "pooling") if hidden else ("generate",)):
             specs.append(ServerSpec(stage=config.name, model_dir=folder, served_name=config.model, port=port,
-                                    runner=runner, kv_cache_gib=kv_cache_gib))
+                                    runner=runner, kv_cache_gib=kv_cache_gib, eager=eager))
             port += 1
     if not specs:
         raise VllmError(f"preset {source.name!r} has no enabled local (packaged or hf) stage to serve with vLLM")
@@ -392,13 +395,14 @@ def plan(source, base_port: int, hidden: bool, model_dir: Callable[[str], Path],
 
 
 def up(source, *, base_port: int = DEFAULT_BASE_PORT, hidden: bool = True, timeout_s: float = 900.0,
-       kv_cache_gib: int = 1, only: Sequence[str] | None = None, model_dir: Callable[[str], Path],
+       kv_cache_gib: int = 1, only: Sequence[str] | None = None, eager: bool = False,
+       model_dir: Callable[[str], Path],
        n_layers: Callable[[str], int], progress: Callable[[str], None] | None = None) -> tuple[list[Started], Path]:
     """Start the servers, wait for them, record them and write the `vllm-local` preset."""
     if read_record() and any(_alive(s) for s in read_record()):
         raise VllmError(f"vLLM servers started earlier are still running ({record_path()}): `vllm down` first")
     python = vllm_python()
-    specs = plan(source, base_port, hidden, model_dir, kv_cache_gib, only)
+    specs = plan(source, base_port, hidden, model_dir, kv_cache_gib, only, eager)
     taken = [s.port for s in specs if not port_free(s.port)]
     if taken:
         raise VllmError(f"port(s) {', '.join(map(str, taken))} are taken on 127.0.0.1; stop what listens there "
@@ -461,11 +465,17 @@ def add_parser(sub) -> None:
                        help="no pooling server per stage (no hidden states: P(IK) unavailable, P(T) only)")
     start.add_argument("--kv-cache-gib", type=int, default=1, help="KV cache per server, GiB (default 1)")
     start.add_argument("--timeout-s", type=float, default=900.0, help="warm-up limit (default 900)")
+    start.add_argument("--eager", action="store_true",
+                       help="--enforce-eager: skip torch.compile at warm-up (faster start, slower answers)")
     start.set_defaults(func=cmd_vllm)
     stop = vsub.add_parser("down", help="stop the servers `vllm up` started")
     stop.set_defaults(func=cmd_vllm)
     status = vsub.add_parser("status", help="list the servers `vllm up` started and whether they answer")
     status.set_defaults(func=cmd_vllm)
+    rewrite = vsub.add_parser("preset", help="rewrite vllm-local for the running servers (e.g. after `probes "
+                              "train --preset vllm-local`: a stage with a last-layer probe then routes on both signals)")
+    rewrite.add_argument("--preset", default="default", help="the preset `vllm up` was given")
+    rewrite.set_defaults(func=cmd_vllm)
 
 
 def cmd_vllm(args) -> int:
@@ -489,12 +499,22 @@ def cmd_vllm(args) -> int:
             if not servers:
                 print("no vLLM server of ours is recorded")
             return 0
+        if args.vllm_command == "preset":
+            servers = [s for s in read_record() if _alive(s)]
+            if not servers:
+                raise VllmError("no vLLM server of ours is running: `vllm up` first")
+            source = load_preset(args.preset)
+            path = generated_preset_path()
+            path.write_text(local_preset_text(source, servers, {s.spec.stage: _n_layers(source, s.spec.stage)
+                                                                for s in servers}), encoding="utf-8")
+            print(f"preset {LOCAL_PRESET} rewritten: {path}")
+            return 0
         from cascade_core.compose.live import fetch_model
 
         source = load_preset(args.preset)
         say(f"vLLM {check_vllm_importable()} from {vllm_python()}")
         started, path = up(source, base_port=args.base_port, hidden=not args.no_hidden, timeout_s=args.timeout_s,
-                           kv_cache_gib=args.kv_cache_gib, only=args.stages,
+                           kv_cache_gib=args.kv_cache_gib, only=args.stages, eager=args.eager,
                            model_dir=lambda key: fetch_model(key, progress=True),
                            n_layers=lambda stage: _n_layers(source, stage), progress=say)
     except VllmError as err:
