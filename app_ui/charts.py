@@ -118,14 +118,16 @@ def frontier_option(*, cloud: tuple[np.ndarray, np.ndarray], cloud_label: str, f
     return {
         "animation": False,
         "aria": {"enabled": True, "data": {"maxCount": 1}},
-        "grid": {"left": 64, "right": 24, "top": 24, "bottom": 96, "containLabel": False},
+        "grid": {"left": 56, "right": 24, "top": 40, "bottom": 96, "containLabel": False},
         "legend": {"bottom": 0},
         "tooltip": {"trigger": "item"},
         "xAxis": {"type": "value", "name": f"mean cost per question ({unit_words})", "nameLocation": "middle",
                   "nameGap": 30, "scale": True, "boundaryGap": ["6%", "6%"],
                   **({"min": 0} if x_range[0] >= 0 and x_range[0] <= 0.05 * x_range[1] else {}),
                   "splitLine": {"lineStyle": {"color": "#e2e8f0"}}},
-        "yAxis": {"type": "value", "name": "accuracy (%)", "nameLocation": "middle", "nameGap": 44, "scale": True,
+        # the axis title above the axis, not rotated beside it: at 400 px a single model's label drawn left
+        # of its point overlapped a rotated title
+        "yAxis": {"type": "value", "name": "accuracy (%)", "nameLocation": "end", "nameGap": 12, "scale": True,
                   "boundaryGap": ["8%", "8%"], "splitLine": {"lineStyle": {"color": "#e2e8f0"}}},
         "series": series,
     }

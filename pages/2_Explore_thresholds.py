@@ -362,15 +362,17 @@ def explorer(rule: str) -> None:
                     "(a local model has no price; GPT-4's size, hence its FLOPs, is unknown): pick another cost unit "
                     "to compare them.")
         scale = draw_chart(point, [s.enabled for s in policy.stages], unit_label)
-        st.subheader("Where the questions go")
-        rates = [{"stage": state.label_of(configs[n]) if n in configs else n,
-                  "in use": bool(policy.stages[i].enabled),
-                  "reaches": pct(float(result.reach_rate[i]), 1),
-                  "escalation rate": pct(point.escalation_rate[n], 1),
-                  "answers": pct(point.answer_rate[n], 1)} for i, n in enumerate(table.names)]
-        st.dataframe(rates, hide_index=True, width="stretch")
-        calibrate_form(unit_label, scale)
-        st.caption("Share this view: the page's address carries the thresholds, the rule, the split and the cost unit.")
+    # Below the two columns, full width: on a narrow screen (400 px) the columns stack, and the chart
+    # then sits right under the sliders instead of after this table and the calibration form.
+    st.subheader("Where the questions go")
+    rates = [{"stage": state.label_of(configs[n]) if n in configs else n,
+              "in use": bool(policy.stages[i].enabled),
+              "reaches": pct(float(result.reach_rate[i]), 1),
+              "escalation rate": pct(point.escalation_rate[n], 1),
+              "answers": pct(point.answer_rate[n], 1)} for i, n in enumerate(table.names)]
+    st.dataframe(rates, hide_index=True, width="stretch")
+    calibrate_form(unit_label, scale)
+    st.caption("Share this view: the page's address carries the thresholds, the rule, the split and the cost unit.")
 
 
 def draw_metrics(area, point, unit_label: str) -> None:
