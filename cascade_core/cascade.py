@@ -115,9 +115,9 @@ class _StageCancelled(Exception):
     """The stage's generation stopped because the request was cancelled."""
 
 
-def _generate(backend, prompt: str, max_new_tokens: int, cancel, on_text, layers=None):
-    """`backend.generate`, handing it the cancel flag, the text callback and the layers whose
-    hidden states it should return, where it takes them."""
+def _generate(backend, prompt: str, max_new_tokens: int, cancel, on_text, layers=None, gate=None):
+    """`backend.generate`, handing it the cancel flag, the text callback, the layers whose
+    hidden states it should return and the generation gate, where it takes them."""
     try:
         params = inspect.signature(backend.generate).parameters
     except (TypeError, ValueError):
@@ -130,18 +130,66 @@ def _generate(backend, prompt: str, max_new_tokens: int, cancel, on_text, layers
         kwargs["on_text"] = on_text
     if layers and ("layers" in params or takes_any):
         kwargs["layers"] = layers
+    if gate is not None and "layers" in kwargs and ("gate" in params or takes_any):
+        kwargs["gate"] = gate
     return backend.generate(prompt, max_new_tokens=max_new_tokens, **kwargs)
 
 
+GATED_RULES = ("both", "pik_only")  # rules under which P(IK) < tau_ik escalates whatever P(T) is
+
+
+def pik_gate(stage: RuntimeStage, is_last: bool) -> float | None:
+    """The stage's P(IK) gate, tau_ik, when a free-form answer below it need not be generated: a
+    stage that is not the last, reads P(IK) from a free-form probe, and whose rule escalates on
+    P(IK) < tau_ik whatever the answer's P(T) (`both`, `pik_only`); else None."""
+    if is_last or stage.free_form_probe is None or not stage.backend.has_hidden_states:
+        return None
+    if stage.policy.rule not in GATED_RULES or not math.isfinite(stage.policy.tau_ik):
+        return None
+    return float(stage.policy.tau_ik)
+
+
+def _skip_generation(stage: RuntimeStage, step: StageStep, tau_ik: float, max_new_tokens: int) -> None:
+    """Fill a step whose answer the gate skipped: escalate, say why, and what it saved on average."""
+    step.generation_skipped = True
+    step.answer, step.output_tokens, step.p_t = "", 0, float("nan")
+    estimate = getattr(stage.backend, "decoding_estimate", None)
+    measured = estimate() if callable(estimate) else None
+    if measured is None:
+        step.saved_tokens, step.saved_seconds = float("nan"), float("nan")
+        saved = f"up to {max_new_tokens} tokens not generated (no answer of this stage measured yet)"
+    else:
+        step.saved_tokens, step.saved_seconds = float(measured[0]), float(measured[1])
+        saved = (f"saved about {measured[0]:.1f} tokens and {measured[1]:.2f} s (this stage's mean answer so far; "
+                 f"at most {max_new_tokens} tokens)")
+    step.decision = "escalate"
+    step.reason = f"skipped generation: P(IK) {step.p_ik:.3f} < tau_ik {tau_ik:.3f}; {saved}"
+
+
 def _score_free_form(stage: RuntimeStage, question: Question, step: StageStep, max_new_tokens: int,
-                     cancel=None, on_text=None) -> None:
+                     cancel=None, on_text=None, is_last: bool = False) -> None:
     """Free-form answers: P(T) from the token probabilities (geometric mean) and, with a free-form
     probe, P(IK) from the prompt's last hidden state (the same pass as the first token).
 
-    An answer with no visible text gets P(T) = 0: it is never kept (`run_cascade`)."""
+    With a P(IK) gate (`pik_gate`) the backend runs in two phases: the prompt's pass gives P(IK),
+    and the answer is generated (from that pass's cache) only when P(IK) >= tau_ik; below it the
+    step escalates with "skipped generation" (`_skip_generation`). A backend that cannot gate
+    generates as before. An answer with no visible text gets P(T) = 0: it is never kept (`run_cascade`)."""
     probe = stage.free_form_probe if stage.backend.has_hidden_states else None
     layers = [int(probe.layer)] if probe is not None else None
-    generation = _generate(stage.backend, format_prompt(question), max_new_tokens, cancel, on_text, layers)
+    tau_ik = pik_gate(stage, is_last)
+    gate = None
+    if tau_ik is not None:
+        def gate(hidden: dict) -> bool:
+            features = np.asarray(hidden[int(probe.layer)], dtype=np.float32)
+            step.p_ik = float(probe.p_ik(features[None, :])[0])
+            return step.p_ik >= tau_ik
+
+    generation = _generate(stage.backend, format_prompt(question), max_new_tokens, cancel, on_text, layers, gate)
+    if getattr(generation, "finish_reason", "") == "gated":
+        step.prompt_tokens = generation.prompt_tokens
+        _skip_generation(stage, step, tau_ik, max_new_tokens)
+        return
     hidden = getattr(generation, "hidden_states", None)
     if probe is not None and hidden:
         features = np.asarray(hidden[int(probe.layer)], dtype=np.float32)
@@ -219,10 +267,13 @@ def run_cascade(
             if question.is_multiple_choice:
                 _score_multiple_choice(stage, question, step)
             else:
-                _score_free_form(stage, question, step, max_new_tokens, cancel, on_text if i == last else None)
+                _score_free_form(stage, question, step, max_new_tokens, cancel, on_text if i == last else None,
+                                 is_last=i == last)
             _cost(stage, step)
             step.seconds = time.perf_counter() - started
-            if not question.is_multiple_choice and not (step.answer or "").strip():
+            if step.generation_skipped:
+                pass  # escalates; the reason says why and what it saved (`_skip_generation`)
+            elif not question.is_multiple_choice and not (step.answer or "").strip():
                 if i == last:
                     raise EmptyAnswer("empty answer (only whitespace or the end-of-turn token)")
                 step.decision, step.reason = "escalate", "empty answer"
@@ -269,4 +320,9 @@ def trace_to_dict(trace: Trace) -> dict:
         "thresholds": trace.thresholds,
         "off": [{"stage": name, "reason": why} for name, why in trace.off.items()],
         "total": {unit: trace.total(unit) for unit in ("flops", "prompt_tokens", "output_tokens", "dollars", "seconds")},
+        "generation_skipped": {"stages": [s.stage for s in trace.steps if s.generation_skipped],
+                               "saved_tokens": nan_to_none(float(np.nansum([s.saved_tokens for s in trace.steps
+                                                                            if s.generation_skipped]))),
+                               "saved_seconds": nan_to_none(float(np.nansum([s.saved_seconds for s in trace.steps
+                                                                             if s.generation_skipped])))},
     }

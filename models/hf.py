@@ -312,6 +312,8 @@ class HFBackend:
         else:
             self._prepacked.set()
         self.letter_token_ids = letter_token_ids(self.tokenizer)
+        self._decoding = [0, 0, 0.0]  # answers, output tokens, decoding seconds (`decoding_estimate`)
+        self._decoding_lock = threading.Lock()
 
         params = inspect.signature(self.model.forward).parameters
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -493,7 +495,7 @@ class HFBackend:
         return end_of_turn_ids(self.tokenizer, self.model.generation_config)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, *, chat: bool | None = None, cancel=None,
-                 on_text=None, layers: Sequence[int] | None = None) -> Generation:
+                 on_text=None, layers: Sequence[int] | None = None, gate=None) -> Generation:
         """Greedy answer to `prompt`, stopping at the end of the turn or after `max_new_tokens`.
 
         `chat` (default: whenever the tokenizer has a chat template) wraps the prompt in the chat
@@ -507,10 +509,19 @@ class HFBackend:
         last token, from the same pass that gives the first token: P(IK) is read before the answer
         exists, so a stage can decide from it whether generating is worth it. `first_token_seconds`
         is the time until the first token (the prompt's pass): what a P(IK) gate cannot save.
+
+        `gate(hidden_states) -> bool` (needs `layers`) makes that decision here, in two phases: the
+        prompt's pass alone (its hidden states and the first token's logits, keeping its key/value
+        cache), then `gate`; when it returns False the answer is not generated (empty text, no
+        output tokens, finish_reason "gated"); when True, generation goes on from the prompt's
+        cache (the prompt is not computed again) and gives the same tokens as one-phase greedy
+        decoding: the second phase's first step is exactly the one-phase run's second step.
         """
         if not 1 <= max_new_tokens <= self.max_length - 8:
             raise ValueError(f"max_new_tokens must be between 1 and {self.max_length - 8} (the context less "
                              f"room for a prompt), got {max_new_tokens}")
+        if gate is not None and not layers:
+            raise ValueError("a generation gate reads hidden states: give the layers it needs")
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         use_chat = bool(getattr(self.tokenizer, "chat_template", None)) if chat is None else bool(chat)
@@ -533,6 +544,10 @@ class HFBackend:
 
         cancelled = _Cancelled()
         streamer = _TextStreamer(self.tokenizer, on_text) if on_text is not None else None
+        options = dict(do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1,
+                       output_logits=True, return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id,
+                       eos_token_id=stop_ids or None)
+        gated = False
         with self.lock, torch.inference_mode():
             began = time.perf_counter()
             ids = self.encode(prompt, multiple_choice=False, reserve=max_new_tokens, chat=use_chat)
@@ -540,33 +555,80 @@ class HFBackend:
                 return Generation(text="", token_logprobs=np.zeros(0), prompt_tokens=len(ids), output_tokens=0,
                                   seconds=time.perf_counter() - began, finish_reason="cancelled")
             input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1,
-                output_logits=True, return_dict_in_generate=True, output_hidden_states=bool(wanted),
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=stop_ids or None, stopping_criteria=StoppingCriteriaList([cancelled]),
-                streamer=streamer,
-            )
-            new = out.sequences[0, len(ids):].tolist()
+            if gate is None:
+                out = self.model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                    output_hidden_states=bool(wanted), stopping_criteria=StoppingCriteriaList([cancelled]),
+                    streamer=streamer, **options)
+                new, step_logits = out.sequences[0, len(ids):].tolist(), list(out.logits)
+                prompt_hidden = out.hidden_states[0] if wanted and out.hidden_states else None
+            else:
+                # Phase 1: the prompt's pass only (one token); its cache is what phase 2 continues from.
+                first = self.model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=1,
+                    output_hidden_states=True, stopping_criteria=StoppingCriteriaList([cancelled]), **options)
+                prompt_hidden = first.hidden_states[0]
+                new, step_logits = first.sequences[0, len(ids):].tolist(), list(first.logits)
+                hidden_now = {layer: prompt_hidden[layer][0, -1, :].float().cpu().numpy() for layer in wanted}
+                if not gate(hidden_now):
+                    gated, new, step_logits = True, [], []
+                elif (max_new_tokens > 1 and new and new[-1] not in stop_ids and not cancelled.fired
+                      and not (cancel is not None and cancel.is_set())):
+                    if streamer is not None:  # the first token's text, then phase 2 streams the rest
+                        streamer.prompt_seen = True
+                        streamer.ids.extend(new)
+                        streamer._flush(final=False)
+                        streamer.prompt_seen = False  # phase 2 first hands it the sequence so far: skipped
+                    sequence = first.sequences
+                    # The prompt's key/value cache: `cache` from transformers 5, `past_key_values` before.
+                    kv = "cache" if "cache" in getattr(type(first), "__dataclass_fields__", {}) else "past_key_values"
+                    more = self.model.generate(
+                        input_ids=sequence, attention_mask=torch.ones_like(sequence),
+                        **{kv: getattr(first, kv)}, max_new_tokens=max_new_tokens - 1,
+                        stopping_criteria=StoppingCriteriaList([cancelled]), streamer=streamer, **options)
+                    new = more.sequences[0, len(ids):].tolist()
+                    step_logits += list(more.logits)
+                elif streamer is not None:
+                    streamer.prompt_seen = True
+                    streamer.ids.extend(new)
+                    streamer.end()
             logprobs = [float(torch.log_softmax(step[0].float(), dim=-1)[token])
-                        for step, token in zip(out.logits, new)]
+                        for step, token in zip(step_logits, new)]
             text = self.tokenizer.decode(new, skip_special_tokens=True)
             tokens = tuple(self.tokenizer.decode([t], skip_special_tokens=False) for t in new)
             hidden = None
-            if wanted and out.hidden_states:  # step 0 is the prompt's pass: (1, prompt length, d) per layer
-                hidden = {layer: out.hidden_states[0][layer][0, -1, :].float().cpu().numpy() for layer in wanted}
+            if wanted and prompt_hidden is not None:  # step 0 is the prompt's pass: (1, prompt length, d) per layer
+                hidden = {layer: prompt_hidden[layer][0, -1, :].float().cpu().numpy() for layer in wanted}
             seconds = time.perf_counter() - began
-            first = (cancelled.first_at - began) if cancelled.first_at is not None else seconds
-        if cancelled.fired:
+            first_seconds = (cancelled.first_at - began) if cancelled.first_at is not None else seconds
+        if gated:
+            finish = "gated"
+        elif cancelled.fired:
             finish = "cancelled"
         elif new and new[-1] in stop_ids:
             finish = "stop"
         else:
             finish = "length" if len(new) >= max_new_tokens else "stop"
+        if not gated and finish != "cancelled" and new:
+            self._note_decoding(len(new), seconds - first_seconds)
         return Generation(text=text, token_logprobs=np.asarray(logprobs, dtype=np.float64),
                           prompt_tokens=len(ids), output_tokens=len(logprobs), seconds=seconds,
-                          tokens=tokens, finish_reason=finish, hidden_states=hidden, first_token_seconds=first)
+                          tokens=tokens, finish_reason=finish, hidden_states=hidden, first_token_seconds=first_seconds)
+
+    def _note_decoding(self, tokens: int, seconds: float) -> None:
+        """Count a finished answer's decoding (after its first token) for `decoding_estimate`."""
+        with self._decoding_lock:
+            self._decoding[0] += 1
+            self._decoding[1] += int(tokens)
+            self._decoding[2] += max(float(seconds), 0.0)
+
+    def decoding_estimate(self) -> tuple[float, float] | None:
+        """(mean output tokens of an answer, mean decoding seconds of an answer after its first token),
+        measured on this backend's answers so far; None before its first answer. What a skipped
+        generation would have cost, on average: the live P(IK) gate reports it as the saving."""
+        with self._decoding_lock:
+            answers, tokens, seconds = self._decoding
+        return None if answers == 0 else (tokens / answers, seconds / answers)
 
 
 def end_of_turn_ids(tokenizer, generation_config=None) -> set[int]:
