@@ -5,8 +5,9 @@
 means the same questions, split and grader everywhere. A value is:
 
 - a built-in name: `mmlu` (the shipped 14,042 questions and their committed split,
-  `data/mmlu/split.json`, untouched here); `arith` and `mmlu-open` are reserved for the shipped
-  free-form sets (issue 20) and are refused until they exist;
+  `data/mmlu/split.json`, untouched here); `arith` and `mmlu-open`, the shipped free-form sets
+  (`cascade_core.arith`, `cascade_core.mmlu_open`: files under `data/`, registered like a user's
+  file but named by their built-in name);
 - a path to a `.jsonl`, `.csv` or `.parquet` file (`question_files` reads and checks it whole);
   the dataset is named after the file (`my_questions.csv` -> `my_questions`);
 - the name of a file dataset benchmarked before (its `dataset.json` records the file's path).
@@ -35,11 +36,12 @@ from cascade_core.io import atomic_write_json
 from cascade_core.question_files import SUFFIXES, read_question_file
 from cascade_core.split import SPLIT_SEED, SPLITS, read_split_json, select_rows, split_document, write_split_json
 
-BUILTIN = ("mmlu", "arith")
-RESERVED = ("mmlu-open",)  # a shipped free-form set of issue 20, not built yet
+BUILTIN = ("mmlu", "arith", "mmlu-open")
+RESERVED: tuple[str, ...] = ()  # names kept for shipped sets not built yet (none now)
 # Shipped question files that are built-in datasets: (file, grader, tolerance). Their metadata names
 # the source "builtin:<name>", not a path, so a clone in any folder reads the committed records.
-BUILTIN_FILES = {"arith": (DATA_DIR / "arith" / "arith.jsonl", "numeric", 0.0)}
+BUILTIN_FILES = {"arith": (DATA_DIR / "arith" / "arith.jsonl", "numeric", 0.0),
+                 "mmlu-open": (DATA_DIR / "mmlu_open" / "mmlu_open.jsonl", "choices", 0.0)}
 META_FILE = "dataset.json"
 SPLIT_FILE = "split.json"
 META_FORMAT = "cascade-dataset"
@@ -108,6 +110,10 @@ def read_metadata(name: str, results_dir: Path | str | None = None) -> dict:
         return {"format": META_FORMAT, "name": "mmlu", "source": "builtin", "kind": "mc", "grader": {"name": "mc"},
                 "has_answers": True}
     path = _results(results_dir) / name / META_FILE
+    if name in BUILTIN_FILES and not path.exists():  # a shipped set not benchmarked here yet
+        found = resolve_dataset(name, results_dir, write=False)
+        return {"format": META_FORMAT, "name": name, "source": f"builtin:{name}", "kind": found.kind,
+                "grader": found.grader, "has_answers": found.has_answers, "questions": int(len(found.questions))}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

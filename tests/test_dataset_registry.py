@@ -55,7 +55,7 @@ def test_a_file_gets_a_stratified_seeded_split_and_metadata_beside_its_records(t
     by_name = resolve_dataset("my_set", results_dir=results)
     assert again.questions["split"].tolist() == found.questions["split"].tolist() == by_name.questions["split"].tolist()
     assert before == ((results / "my_set" / "split.json").read_bytes(), (results / "my_set" / "dataset.json").read_bytes())
-    assert known_datasets(results) == ["mmlu", "arith", "my_set"]  # the built-ins, then the files benchmarked
+    assert known_datasets(results) == ["mmlu", "arith", "mmlu-open", "my_set"]  # the built-ins, then the files benchmarked
 
 
 def test_a_refused_file_writes_nothing(tmp_path):
@@ -79,9 +79,8 @@ def test_names_reserved_unknown_and_colliding(tmp_path):
     assert dataset_name("mmlu") == "mmlu"
     assert dataset_name("some/dir/My Questions.jsonl") == "my-questions"
     assert dataset_name("arith", tmp_path) == "arith"  # a shipped free-form set
-    with pytest.raises(ValueError, match="planned .* not built yet"):
-        dataset_name("mmlu-open", tmp_path)
-    with pytest.raises(ValueError, match="unknown dataset 'nope'; available: mmlu, arith"):
+    assert dataset_name("mmlu-open", tmp_path) == "mmlu-open"  # the other shipped free-form set
+    with pytest.raises(ValueError, match="unknown dataset 'nope'; available: mmlu, arith, mmlu-open"):
         dataset_name("nope", tmp_path)
     with pytest.raises(ValueError, match="built-in dataset's name"):
         dataset_name(str(tmp_path / "mmlu.csv"))
