@@ -237,14 +237,23 @@ def _report_free_form(args: argparse.Namespace, dataset: str) -> int:
     from cascade_core.dataset_registry import BUILTIN
     from cascade_core.report.freeform import freeform_report, render_freeform
 
+    from cascade_core.compose.tables import MissingRecordsError
+
     where = locations(args.results_dir)
-    table = load_preset_table(args.preset, dataset, args.results_dir, include_recorded=False)
+    default = str(RESULTS_DOC.with_name(f"RESULTS-{dataset}.md")) if dataset in BUILTIN else str(where.results / dataset / "REPORT.md")
+    try:
+        table = load_preset_table(args.preset, dataset, args.results_dir, include_recorded=False)
+    except MissingRecordsError as err:  # not benchmarked (yet): a report that says so, not a traceback
+        from cascade_core.report.freeform import no_records_report
+
+        print(f"{dataset}: no records yet ({err}); the report says so", file=sys.stderr)
+        report = no_records_report(dataset, str(err))
+        return _write_report(args, default, render_freeform(report), report)
     frames = {name: load_records(where.record_path(name, dataset)) for name in table.names}
     if not args.quiet:
         print(f"... free-form report of {dataset}: {table.n_questions} questions, {args.resplits} re-splits",
               file=sys.stderr, flush=True)
     report = freeform_report(table, frames, dataset, resplits=args.resplits)
-    default = str(RESULTS_DOC.with_name(f"RESULTS-{dataset}.md")) if dataset in BUILTIN else str(where.results / dataset / "REPORT.md")
     return _write_report(args, default, render_freeform(report), report)
 
 
