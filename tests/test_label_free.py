@@ -201,3 +201,29 @@ def test_label_free_auto_rule_leaves_out_loss_aware_and_refuses_it_by_name(tmp_p
     assert main(["calibrate", "--preset", str(preset), "--label-free", "--target", "5"]) == 0
     data = json.loads((tmp_path / "policies" / "three.json").read_text())
     assert data["guarantee"]["rule"] in ("pt_only", "both", "learned") and "loss_aware" not in data["guarantee"]["cv"]
+
+
+def test_the_report_s_label_free_guarantee_of_the_local_cascade_is_rendered_in_section_7():
+    """MMLU's report computes the local cascade's label-free guarantee without features (issue 20)
+    and section 7 shows it beside the labelled one, even where the probes part is skipped."""
+    from cascade_core.records import synthetic_table
+    from cascade_core.report.common import ReportSettings
+    from cascade_core.report.label_free import LabelFreeSection, label_free_guarantee
+    from cascade_core.report.markdown import _label_free
+
+    table = synthetic_table(800, 3, seed=1)
+    g = label_free_guarantee(table, ReportSettings(resplits_others=4), lambda message: None)
+    assert g["stages"] == list(table.names) and g["resplits"] == 4 and set(g["agreement"]) == set(table.names[:-1])
+    for kind in ("label_free", "labelled"):
+        for r in g[kind].values():
+            assert 0 <= r["held_share"] <= 1 and r["saving_p05"] <= r["saving_mean"] + 1e-12
+    for r in g["label_free"].values():
+        assert r["held_share"] >= r["certified_held_share"]  # the certified disagreement bounds the accuracy lost
+
+    class _Report:
+        label_free = LabelFreeSection(skipped="no hidden-state features", guarantee=g)
+
+    text = "\n".join(_label_free(_Report()))
+    assert "Skipped: no hidden-state features." in text and "### The label-free guarantee of the local cascade" in text
+    assert "| label-free | `pt_only` |" in text and "| labelled | `pt_only` |" in text
+    assert label_free_guarantee(table.stage_subset([2]), ReportSettings(), lambda m: None) is None

@@ -40,7 +40,7 @@ from cascade_core.report.common import (REPORT_FORMAT, Part, Progress, ReportSet
                                             outcome, policy_dict, policy_from_dict, policy_thresholds,
                                             split_tables, with_groups, with_p_ik)
 from cascade_core.report.guarantee import GuaranteeSection, guarantee_section
-from cascade_core.report.label_free import LabelFreeSection, label_free_section
+from cascade_core.report.label_free import LabelFreeSection, label_free_guarantee, label_free_section
 from cascade_core.report.models import ModelRow, model_section
 from cascade_core.report.ood import OodSection, ood_section
 from cascade_core.report.probes import retrain_p_ik
@@ -200,5 +200,7 @@ def _build(
         label_free = label_free_section(table, features, settings, progress)
     else:
         label_free = LabelFreeSection(skipped="no hidden-state features" if not has_features else "one local stage")
+    if settings.label_free:
+        label_free.guarantee = label_free_guarantee(table, settings, progress)
     return Report(format=REPORT_FORMAT, meta=report_meta, models=models, cascades=cascades, api=api,
                   ablations=ablations, baselines=baselines, ood=ood, label_free=label_free, guarantee=guarantee)

@@ -1,5 +1,10 @@
 """Section 7: probes trained on "agrees with the largest local model" (free from escalated traffic)
-against the gold-label probes, and the full local cascade with each."""
+against the gold-label probes, and the full local cascade with each; and the label-free
+guarantee of the local cascade (issue 20): Learn-then-Test on the disagreement with the largest
+local model's recorded answers (`cascade_core.label_free`), which bounds the accuracy lost against
+it for any labels, redone on subject-stratified re-splits beside the labelled guarantee
+(`report.freeform.guarantee_study`, the same study as a free-form set's). It needs no hidden-state
+features, so it is computed even where the probes part is skipped."""
 
 from __future__ import annotations
 
@@ -23,7 +28,28 @@ class LabelFreeSection(Part):
     stages: list | None = None  # per routed stage: AUROCs of P(T), the gold probe, the label-free probe
     probes: dict | None = None
     cascades: dict | None = None  # gold_probe, label_free_probe, fully_label_free
-    skipped: str | None = None
+    skipped: str | None = None  # the probes part only
+    guarantee: dict | None = None  # `label_free_guarantee`
+
+
+def label_free_guarantee(table: RecordTable, settings: ReportSettings, progress: Progress) -> dict | None:
+    """The local cascade's label-free and labelled guarantees at the report's target and delta over
+    `settings.resplits_others` re-splits (held shares, savings, the oracle's), and how often each
+    smaller stage agrees with the largest one; None with fewer than two local stages."""
+    from cascade_core.report.freeform import guarantee_study
+
+    local = _local_indices(table)
+    if len(local) < 2:
+        return None
+    sub = table.stage_subset(local)
+    resplits = int(settings.resplits_others)
+    progress(f"label-free guarantee {' -> '.join(sub.names)}: {resplits} re-splits")
+    args = (sub, settings.target_max_loss, settings.delta, resplits, settings.unit, settings.seed)
+    return {"stages": list(sub.names), "target": settings.target_max_loss, "delta": settings.delta,
+            "resplits": resplits, "unit": settings.unit,
+            "agreement": {sub.names[s]: float(np.mean(sub.prediction[s] == sub.prediction[-1]))
+                          for s in range(sub.n_stages - 1)},
+            "label_free": guarantee_study(*args, label_free=True), "labelled": guarantee_study(*args)}
 
 
 def label_free_section(table: RecordTable, features, settings: ReportSettings, progress: Progress) -> LabelFreeSection:

@@ -432,7 +432,7 @@ def _label_free(report: Report) -> list[str]:
     lines = ["", "## 7. Label-free probes", ""]
     lf = report.label_free
     if lf.skipped is not None:
-        return lines + [f"Skipped: {lf.skipped}."]
+        return lines + [f"Skipped: {lf.skipped}."] + _label_free_guarantee(lf.guarantee)
     lines += [f"A probe trained only on \"this stage's answer agrees with {lf.largest}'s answer\" — a label any "
               "deployment gets for free from the questions it escalates — against the probe trained on gold "
               "correctness, on the same test questions (AUROC against gold correctness).", ""]
@@ -448,6 +448,33 @@ def _label_free(report: Report) -> list[str]:
         rows.append([name.replace("_", " "), _thresholds(c["thresholds"]), ci(t["accuracy"]), ci(t["pd"], pts),
                      ci(t["compute_reduction"], pct)])
     lines.append(table(["probe", "thresholds", "accuracy", "PD", "compute reduction"], rows))
+    return lines + _label_free_guarantee(lf.guarantee)
+
+
+def _label_free_guarantee(g: dict | None) -> list[str]:
+    """Section 7's label-free guarantee of the local cascade (`report.label_free.label_free_guarantee`)."""
+    if not g:
+        return []
+    last = g["stages"][-1]
+    agree = ", ".join(f"{name} {pct(rate)}" for name, rate in g["agreement"].items())
+    lines = ["", "### The label-free guarantee of the local cascade", "",
+             f"{' → '.join(g['stages'])}, certified with **no labels**: Learn-then-Test on the disagreement with "
+             f"{last}'s own recorded answers (its letter), at most {g['target'] * 100:g} pt at delta {g['delta']:g}; "
+             "since keeping an answer that agrees with the last stage loses nothing, this bounds the accuracy lost "
+             f"against {last} for any labels. {g['resplits']} subject-stratified re-splits, each choosing on one half "
+             f"and measuring on the other; the labelled guarantee beside it. Agreement with {last} (all questions): "
+             f"{agree}.", ""]
+    rows = []
+    for kind in ("label_free", "labelled"):
+        for rule, r in g[kind].items():
+            rows.append([kind.replace("_", "-"), f"`{rule}`", pct(r["held_share"]), pct(r["certified_held_share"]),
+                         pct(r["saving_mean"]), pct(r["saving_p05"]), pct(r["oracle_saving_mean"])])
+    lines.append(table(["guarantee", "rule", "held (accuracy)", "held (certified loss)", f"saved ({g['unit']}), mean",
+                        "saved, 5th pct", "oracle saves"], rows))
+    best = max(r["saving_mean"] for r in g["label_free"].values())
+    lines += ["", (f"The label-free guarantee saves nothing here: the smaller models disagree with {last} too often "
+                   "for any threshold to keep answers within the target." if best == 0 else
+                   f"The label-free guarantee saves at most {pct(best)} on average here (best rule).")]
     return lines
 
 
