@@ -116,3 +116,19 @@ def test_a_tiny_mmlu_open_benchmark_with_smollm2(tmp_path, smollm2_backend):
         refs = json.loads(row.references)
         assert refs == list(questions.set_index("qid").loc[row.qid, "references"])
         assert row.correct == grader.grade(row.answer_text, refs) and 1 <= row.output_tokens <= 6
+
+
+def test_a_report_with_records_opens_with_how_the_questions_were_chosen():
+    from cascade_core.report.freeform import render_freeform, selection_summary
+
+    row = {"held_share": 1.0, "certified_held_share": 1.0, "saving_mean": 0.0, "saving_p05": 0.0,
+           "oracle_saving_mean": float("nan"), "share_of_oracle": None}
+    report = {"dataset": "mmlu-open", "questions": 1000, "stages": ["a", "b"], "groups": ["anatomy"], "target": 0.01,
+              "delta": 0.1, "resplits": 2, "unit": "flops", "selection": selection_summary("mmlu-open"),
+              "models": [{"stage": s, "accuracy": 0.5, "by_group": {"anatomy": 0.5}, "auroc_p_t": 0.6,
+                          "auroc_p_t_min": 0.55, "auroc_p_ik": None, "output_tokens_mean": 5.0, "seconds_mean": 1.0,
+                          "first_token_seconds_mean": 0.2} for s in ("a", "b")],
+              "labelled": {"pt_only": row}, "label_free": {"pt_only": row}, "gate": None, "sweep": []}
+    text = render_freeform(report)
+    assert text.index("## The questions") < text.index("## Models") and "| **excluded in all** |" in text
+    assert "nan" not in text and selection_summary("arith") is None
