@@ -263,12 +263,17 @@ def start(where: Locations, dataset: str, preset, stages: Sequence[str] | None =
             "format": FORMAT, "state": "starting", "request": request, "pid": None, "started_at": now,
             "updated_at": now, "finished_at": None, "error": None, "probes": [],
             "stages": [{"name": c.name, "state": "waiting", "done": 0, "total": 0} for c in configs]})
-        with open(files.log, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "cascade_core.compose.background", "--status", str(files.status),
-                 "--lock-fd", str(fd)],
-                cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                pass_fds=(fd,), start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            with open(files.log, "wb") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "cascade_core.compose.background", "--status", str(files.status),
+                     "--lock-fd", str(fd)],
+                    cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    pass_fds=(fd,), start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        except OSError as err:
+            atomic_write_json(files.status, {**_read_doc(files.status), "state": "failed", "finished_at": time.time(),
+                                             "error": f"the job could not start: {err}"})
+            raise JobRefused(f"the job could not start: {err}") from None
         # Reap it when it ends (no zombie left in a long-lived server); nothing waits for this thread.
         threading.Thread(target=proc.wait, name=f"bench-job-{dataset}", daemon=True).start()
     finally:
