@@ -29,6 +29,7 @@ Never report the calibration numbers as results: `evaluate_on` gives the held-ou
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -275,27 +276,53 @@ def _path(table: RecordTable, subset: tuple[int, ...], scores: dict[int, np.ndar
 def paired_losses(table, subset: tuple[int, ...], scores: dict[int, np.ndarray], grid: np.ndarray) -> np.ndarray:
     """(J, N) paired loss per threshold and question (1[reference right] - 1[cascade right]) of
     `subset` with one shared threshold: what `bound="wsr"` bets on; its row sums are `_path`'s
-    n_plus - n_minus."""
-    J, N = len(grid), table.n_questions
-    right = np.repeat(table.correct[subset[-1]][None, :], J, axis=0)
-    decided = np.zeros((J, N), dtype=bool)
-    for s in subset[:-1]:
+    n_plus - n_minus. The first routed stage that keeps a question answers it: the stages are
+    applied from the last back, each overriding where it keeps."""
+    reference = table.correct[-1].astype(np.int8)
+    losses = np.broadcast_to(reference - table.correct[subset[-1]].astype(np.int8), (len(grid), table.n_questions))
+    for s in reversed(subset[:-1]):
         keep = scores[s][None, :] >= grid[:, None]
-        new = keep & ~decided
-        right[new] = np.broadcast_to(table.correct[s][None, :], (J, N))[new]
-        decided |= keep
-    return table.correct[-1][None, :].astype(np.int8) - right.astype(np.int8)
+        losses = np.where(keep, (reference - table.correct[s].astype(np.int8))[None, :], losses)
+    return np.array(losses, dtype=np.int8)
 
 
-def _betting_sequence(table, subset, scores, grid, order, target: float, level: float, chunk: int = 16) -> np.ndarray:
-    """`risk.betting_pvalues` along the grid, computed in chunks up to the first candidate the
-    sequence cannot certify at `level` (1.0 after it: never tested, the same outcome)."""
+def _betting_sequence(table, subset, scores, grid, order, target: float, level: float, exact: bool = True,
+                      rows_at_once: int = 32, chunk: int = 4) -> np.ndarray:
+    """`risk.betting_pvalues` along the grid up to the first candidate the sequence cannot certify
+    at `level` (1.0 after it: never tested, the same outcome).
+
+    Neighbouring thresholds often give the same paired losses (no question's score lies between
+    them, or the ones that do are right or wrong at both stages alike): such a candidate shares
+    the p-value of the one before it, computed once. The distinct ones are bet on a few at a
+    time (`chunk`), so little is computed past the first failure. `exact=False` (fixed-sequence
+    testing only needs p <= level) lets a certified candidate stop betting once it passes
+    (`stop_below`): its value is then only known to be <= level."""
+    ordered = TableRows(table, order)  # the questions in the betting order, once
+    ordered_scores = {s: scores[s][order] for s in subset[:-1]}
     p = np.ones(len(grid))
-    for start in range(0, len(grid), chunk):
-        rows = slice(start, start + chunk)
-        p[rows] = betting_pvalues(paired_losses(table, subset, scores, grid[rows])[:, order], target, level)
-        if (p[rows] > level).any():
+    previous, previous_p = None, 1.0
+    for start in range(0, len(grid), rows_at_once):
+        losses = paired_losses(ordered, subset, ordered_scores, grid[start:start + rows_at_once])
+        new = np.ones(len(losses), dtype=bool)
+        new[1:] = (losses[1:] != losses[:-1]).any(axis=1)
+        if previous is not None:
+            new[0] = not np.array_equal(losses[0], previous)
+        distinct = np.flatnonzero(new)
+        values = np.empty(len(distinct))
+        failed = False
+        for c in range(0, len(distinct), chunk):
+            part = distinct[c:c + chunk]
+            values[c:c + chunk] = betting_pvalues(losses[part], target, level, stop_below=None if exact else level)
+            if (values[c:c + chunk] > level).any():
+                failed, distinct, values = True, distinct[:c + chunk], values[:c + chunk]
+                break
+        # Each candidate's value: that of the distinct row it repeats (0: the previous block's last).
+        owner = np.cumsum(new)
+        known = owner <= len(values)
+        p[start:start + len(losses)][known] = np.concatenate([[previous_p], values])[owner[known]]
+        if failed:
             break
+        previous, previous_p = losses[-1], p[start + len(losses) - 1]
     return p
 
 
@@ -309,14 +336,28 @@ def _certified_prefix(n_plus, n_minus, n: int, target: float, level: float, chun
     return len(n_plus)
 
 
+def _fitted_scores(fit_table, rule: str, routed, fits: dict | None) -> list:
+    """`fit_scores`, remembered in `fits` (when given) by the exact questions fitted on: studies
+    that redo the same choice (the re-split study with another bound) fit each score once."""
+    if fits is None or rule not in SCORED_RULES or not isinstance(fit_table, TableRows):
+        return fit_scores(fit_table, rule, routed)
+    rows = fit_table._rows
+    key = (id(fit_table._source), rule, tuple(routed), hashlib.blake2b(rows.tobytes(), digest_size=16).digest(),
+           rows.dtype.str, len(rows))
+    if key not in fits:
+        fits[key] = fit_scores(fit_table, rule, routed)
+    return fits[key]
+
+
 def _guaranteed(table: RecordTable, unit: str, rule: str, target: float | None, budget: float | None,
                 delta: float, combiners, bound: str, include_skips: bool = True, seed: int = 0,
-                pvalues: bool = True):
+                pvalues: bool = True, fits: dict | None = None):
     """(policy, guarantee, n candidates): the Learn-then-Test choice on `table` (see the module docstring).
 
     `pvalues=False` skips computing the p-values and certifies the same prefix directly (fixed-
     sequence testing at level a rejects while p_j <= a, i.e. while the (1 - a) bound <= target):
-    the re-split study's hot loop; the chosen policy is the same (tests/test_risk.py)."""
+    the re-split study's hot loop; the chosen policy is the same (tests/test_risk.py). `fits`: a
+    cache of fitted keep scores (`_fitted_scores`)."""
     S = table.n_stages
     reference_only = CascadePolicy.single(S, S - 1)
     fit_table, test_table = table, table
@@ -328,7 +369,7 @@ def _guaranteed(table: RecordTable, unit: str, rule: str, target: float | None, 
     subsets = [c for c in _subsets(table, include_skips)
                if budget is not None or (len(c) >= 2 and c[-1] == S - 1)]
     routed = sorted({s for c in subsets for s in c[:-1]})
-    models = list(combiners) if combiners is not None else fit_scores(fit_table, rule, routed)
+    models = list(combiners) if combiners is not None else _fitted_scores(fit_table, rule, routed, fits)
     scores = {s: keep_scores(test_table, s, rule, models[s]) for s in routed}
     grid = threshold_grid(rule)
     n = test_table.n_questions
@@ -342,8 +383,10 @@ def _guaranteed(table: RecordTable, unit: str, rule: str, target: float | None, 
         n_plus, n_minus, mean_cost, accuracy, cost = _path(test_table, subset, scores, grid, unit)
         if budget is None:
             if bound == "wsr":
-                p = _betting_sequence(test_table, subset, scores, grid, order, target, delta / m)
+                p = _betting_sequence(test_table, subset, scores, grid, order, target, delta / m, exact=pvalues)
                 k = fixed_sequence(p, delta / m)
+                if not pvalues:  # certified values are bounds only (`_betting_sequence`)
+                    p = np.full(len(p), np.nan)
             elif pvalues or bound != "binomial":
                 p = sequence_pvalues(n_plus, n_minus, n, target, delta / m, bound=bound)
                 k = fixed_sequence(p, delta / m)

@@ -209,3 +209,106 @@ def test_paired_losses_sum_to_the_path_counts():
         losses = paired_losses(table, subset, scores, grid)
         assert (losses == 1).sum(axis=1).tolist() == n_plus.tolist()
         assert (losses == -1).sum(axis=1).tolist() == n_minus.tolist()
+
+
+def _betting_reference(losses, target, level, truncation=0.5):
+    """The betting p-values in one pass over each whole row (the definition `betting_pvalues` must
+    reproduce bit for bit, whatever its blocks)."""
+    L = np.atleast_2d(np.asarray(losses, dtype=np.float64))
+    J, n = L.shape
+    m = (1.0 + target) / 2.0
+    x = (L.astype(np.float32) + 1.0) / 2.0
+    t = np.arange(2, n + 2, dtype=np.float32)
+    mean = (0.5 + np.cumsum(x, axis=1)) / t
+    var = (0.25 + np.cumsum((x - mean) ** 2, axis=1)) / t
+    previous = np.concatenate([np.full((J, 1), 0.25, dtype=np.float32), var[:, :-1]], axis=1)
+    lam = np.minimum(np.sqrt(np.float32(2.0 * np.log(1.0 / level) / n) / previous), truncation / (1.0 - m))
+    log_capital = np.cumsum(np.log1p(lam.astype(np.float64) * (m - x.astype(np.float64))), axis=1)
+    return np.minimum(1.0, np.exp(-np.maximum(log_capital.max(axis=1), 0.0)))
+
+
+def test_betting_pvalues_by_blocks_equal_one_pass_and_stopping_early_keeps_the_decisions():
+    from cascade_core.risk import betting_pvalues
+
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        n, J = int(rng.integers(1, 3000)), int(rng.integers(1, 9))
+        shares = [0.02, 0.96, 0.02] if trial % 2 else rng.dirichlet([1, 20, 1])
+        losses = rng.choice([1, 0, -1], p=shares, size=(J, n)).astype(np.int8)
+        target, level = [(0.0, 0.1), (0.01, 0.1), (0.02, 0.0125), (0.005, 0.5)][trial % 4]
+        exact = _betting_reference(losses, target, level)
+        for block in (1, 37, 512, 10**6):
+            assert np.array_equal(betting_pvalues(losses, target, level, block=block), exact)
+        fast = betting_pvalues(losses, target, level, stop_below=level)
+        assert np.array_equal(fast <= level, exact <= level) and np.all(fast >= exact)
+        assert np.array_equal(fast[exact > level], exact[exact > level])
+
+
+def test_the_betting_sequence_certifies_as_the_plain_loop_does():
+    """Shared values for repeated candidates and small chunks give the plain loop's p-values up to
+    its first failure (exact mode) and the same certified count (fast mode)."""
+    from cascade_core.records import synthetic_table
+    from cascade_core.selection import _betting_sequence, paired_losses
+
+    for seed in range(6):
+        table = synthetic_table(400 + 300 * seed, 3, seed=seed)
+        order = np.random.default_rng(seed).permutation(table.n_questions)
+        for rule in ("pt_only", "both"):
+            grid = threshold_grid(rule)
+            scores = {s: keep_scores(table, s, rule) for s in (0, 1)}
+            for subset in ((0, 2), (1, 2), (0, 1, 2)):
+                for target, level in ((0.01, 0.1), (0.03, 0.05)):
+                    plain = np.ones(len(grid))
+                    for start in range(0, len(grid), 16):
+                        rows = slice(start, start + 16)
+                        plain[rows] = _betting_reference(paired_losses(table, subset, scores, grid[rows])[:, order],
+                                                         target, level)
+                        if (plain[rows] > level).any():
+                            break
+                    k = fixed_sequence(plain, level)
+                    exact = _betting_sequence(table, subset, scores, grid, order, target, level)
+                    fast = _betting_sequence(table, subset, scores, grid, order, target, level, exact=False)
+                    assert fixed_sequence(exact, level) == k == fixed_sequence(fast, level)
+                    assert np.array_equal(exact[:k + 1], plain[:k + 1])
+
+
+def test_paired_losses_equal_a_question_by_question_replay():
+    from cascade_core.records import synthetic_table
+    from cascade_core.selection import paired_losses
+
+    table = synthetic_table(300, 4, seed=5)
+    grid = threshold_grid("both")[::7]
+    scores = {s: keep_scores(table, s, "both") for s in range(3)}
+    for subset in ((0, 3), (0, 1, 3), (0, 1, 2, 3), (1, 2)):
+        losses = paired_losses(table, subset, scores, grid)
+        assert losses.dtype == np.int8
+        for j, tau in enumerate(grid):
+            for i in range(0, table.n_questions, 13):
+                answer = next((s for s in subset[:-1] if scores[s][i] >= tau), subset[-1])
+                assert losses[j, i] == int(table.correct[-1, i]) - int(table.correct[answer, i])
+
+
+def test_the_resplit_study_is_the_same_with_coded_subjects_and_shared_fits():
+    from cascade_core.records import synthetic_table
+    from cascade_core.resplit import coded_subjects, resplit_study
+
+    table = synthetic_table(600, 3, seed=7)
+    coded = coded_subjects(table)
+    assert len(set(coded.subjects)) == len(set(table.subjects)) and max(map(len, coded.subjects)) == 1
+    args = dict(target=0.02, delta=0.2, resplits=3, rules=("pt_only", "learned", "loss_aware"), unit="calls",
+                cost_unit="flops")
+    from cascade_core.resplit import stratified_halves
+
+    assert np.array_equal(stratified_halves(table.subjects, 3), stratified_halves(coded.subjects, 3))
+    import cascade_core.resplit as resplit
+
+    names = resplit.coded_subjects
+    try:  # the study on the names themselves
+        resplit.coded_subjects = lambda t: t
+        plain = resplit_study(table, **args).to_json()
+    finally:
+        resplit.coded_subjects = names
+    fits: dict = {}
+    assert resplit_study(coded, **args, fits=fits).to_json() == plain
+    assert fits and resplit_study(coded, **args, bound="wsr", fits=fits).to_json() == resplit_study(
+        table, **args, bound="wsr").to_json()

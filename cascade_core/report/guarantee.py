@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from cascade_core.records import RecordTable
 from cascade_core.report.common import Part, Progress, ReportSettings, _local_indices, policy_thresholds, split_tables
-from cascade_core.resplit import _outcome, choose, resplit_study
+from cascade_core.resplit import _outcome, choose, coded_subjects, resplit_study
 
 
 @dataclass
@@ -76,16 +76,17 @@ def guarantee_section(table: RecordTable, settings: ReportSettings, progress: Pr
             r_loss, r_saving = _outcome(policy, test, unit)
             per_rule[rule] = {"accuracy_loss": r_loss, "saving": r_saving,
                               "thresholds": policy_thresholds(policy, sub)}
-        study = resplit_study(sub, target=settings.target_max_loss, delta=settings.delta, resplits=resplits,
+        coded, fits = coded_subjects(sub), {}  # both studies below share the keep scores' fits
+        study = resplit_study(coded, target=settings.target_max_loss, delta=settings.delta, resplits=resplits,
                               rules=tuple(rules), unit=unit, cost_unit=cost_unit, folds=settings.guarantee_folds,
-                              seed=settings.seed, bound=bound)
+                              seed=settings.seed, bound=bound, fits=fits)
         compare = None
         if headline and settings.guarantee_compare_bound not in (None, bound):
             progress(f"guarantee {' -> '.join(sub.names)}: {resplits} re-splits, {settings.guarantee_compare_bound} bound")
             compare = {"bound": settings.guarantee_compare_bound, **resplit_study(
-                sub, target=settings.target_max_loss, delta=settings.delta, resplits=resplits, rules=tuple(rules),
+                coded, target=settings.target_max_loss, delta=settings.delta, resplits=resplits, rules=tuple(rules),
                 unit=unit, cost_unit=cost_unit, folds=settings.guarantee_folds, seed=settings.seed,
-                bound=settings.guarantee_compare_bound).to_json()}
+                bound=settings.guarantee_compare_bound, fits=fits).to_json()}
         cascades.append({
             "stages": list(sub.names), "unit": unit, "cost_unit": cost_unit, "headline": headline,
             "committed": {"rule": chosen, "cv": {r: {"accuracy_loss": v[0], "saving": v[1]} for r, v in cv.items()},
