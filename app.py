@@ -29,6 +29,8 @@ if SERVING:
     PagesManager.uses_pages_directory = False
     app = st.App(__file__)  # the same Starlette server `streamlit run` starts for a plain script
 else:
+    import threading
+
     import pandas as pd
 
     from app_ui import backends, charts, data, datasets, state
@@ -162,7 +164,26 @@ def preload() -> None:
         # the user routes through it (with the shipped default policy that is 1.5B alone: one load
         # of ~20-30 s here instead of three).
         policies, _, _ = state.stage_thresholds(preset, data.applied(preset)[0])
-        backends.start_preload([s for s in preset.stages if s.name not in policies or policies[s.name].enabled])
+        used = {s.name for s in preset.stages if s.name not in policies or policies[s.name].enabled}
+        if st.session_state.get("_preload_started") == preset.name:
+            return
+        st.session_state["_preload_started"] = preset.name
+
+        def with_the_route_opening() -> None:
+            """The Route page opens on a looser promise than the shipped one (`data.route_targets`), whose
+            first stage (SmolLM2 for the default preset) must be loaded too; finding it may calibrate
+            (a second or two, cached), so it runs here, off the page's thread."""
+            try:
+                offered = data.route_targets(preset)
+                found = data.policy_at_target(preset, offered[1])[0] if offered else None
+                if found is not None:
+                    enabled = [s.name for s in preset.stages if s.enabled]
+                    used.update(n for n, p in zip(enabled, found.policy.stages) if p.enabled)
+            except Exception:  # noqa: BLE001 - only a head start: the shipped policy's stages still load
+                pass
+            backends.start_preload([s for s in preset.stages if s.name in used])
+
+        threading.Thread(target=with_the_route_opening, name="cascade-preload-plan", daemon=True).start()
     else:
         backends.start_warm_up(preset.stages)
 

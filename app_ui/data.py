@@ -400,3 +400,37 @@ def guarantee_headline() -> dict | None:
         return parse(path.read_text(encoding="utf-8"))
     except OSError:
         return None
+
+
+def policy_at_target(preset: Preset, target: float):
+    """(AppliedPolicy or None, TargetPolicy or None, problem) of the Route page's promise `target`:
+    the shipped policy file at its own target, else the policy `target_policy` certifies (None, with
+    the problem, where none can be)."""
+    from cascade_core.compose.policies import AppliedPolicy
+
+    found, _ = applied(preset)
+    shipped = shipped_target(preset)
+    if shipped is None or target == shipped[0]:
+        return found, None, None
+    chosen, problem = target_policy(preset, target, shipped[1])
+    if chosen is None:
+        return None, None, problem
+    return (AppliedPolicy("calibrated", f"{chosen.description} (recalibrated here)", policy=chosen.policy,
+                          off_reasons=chosen.off_reasons), chosen, None)
+
+
+def route_targets(preset: Preset) -> tuple[list[float], float] | None:
+    """The Route page's promises and the one it opens on: the tightest at which a stage before the
+    last is in use, so a newcomer sees a keep and an escalation (the shipped one where none routes);
+    None without a shipped accuracy-target policy."""
+    from cascade_core.ui_data import ROUTE_TARGETS_PT
+
+    shipped = shipped_target(preset)
+    if shipped is None:
+        return None
+    targets = sorted({shipped[0], *ROUTE_TARGETS_PT})
+    for target in targets:
+        found = policy_at_target(preset, target)[0]
+        if found is not None and sum(bool(p.enabled) for p in found.policy.stages) > 1:
+            return targets, target
+    return targets, shipped[0]

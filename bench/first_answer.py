@@ -11,6 +11,14 @@ Scenarios (each on a fresh `streamlit run app.py`, real packaged models, one MML
   in that time the app imports the model code in the background (no weights).
 - `cold-shipped`: the shipped policy, no preloading, `--typing` as above: its first stage's model
   loads inside the time.
+- `warm-example`: as `warm`, but Route is pressed on the example the Route page opens on (the
+  tightest accuracy promise at which a stage before the last is in use; its first stage keeps it):
+  what a newcomer does first.
+- `stream`: as `warm`, a free-form question ("What is 48 plus 76?", run with the shipped free-form
+  policy): when the answering stage's card says it is running, and when its first text is on screen.
+
+The warm scenarios type the question on the promise the Route page opens on unless `--target`
+picks another.
 
     .venv/bin/python bench/first_answer.py [--scenarios warm,cold-kept,cold-shipped] [--wait 60]
 
@@ -47,40 +55,106 @@ def mmlu_question(qid: str) -> dict:
     return {"text": row["question"], "options": list(row["options"]), "subject": row["subject"].replace("_", " ")}
 
 
-def route_once(url: str, question: dict, wait_s: float) -> dict:
+def _stages_text(page) -> tuple[list[str], list[float]]:
+    text = "\n".join(page.get_by_test_id("stExpander").all_inner_texts())
+    stages = re.findall(r"^(.+: (?:kept its answer|escalated|answered \(last stage\)|failed))$", text, re.M)
+    return stages, [float(m) for m in re.findall(r"model loaded in ([0-9.]+) s", text)]
+
+
+def open_route(page, url: str) -> float:
+    page.goto(url)
+    page.wait_for_function(IDLE_JS)
+    opened = time.perf_counter()
+    page.get_by_test_id("stSidebarNav").get_by_text("Route a question", exact=True).click()
+    page.wait_for_timeout(300)
+    page.wait_for_function(IDLE_JS)
+    return opened
+
+
+def route_once(url: str, question: dict | None, wait_s: float, target: str | None = None) -> dict:
+    """Route one question: `question` typed in, or None for the example the Route page opens on
+    (its first stage keeps it). `target`: the accuracy promise to pick first ("1", "3", ...)."""
     with chromium_page(1400, 1600, timeout_ms=600_000) as page:
-        page.goto(url)
-        page.wait_for_function(IDLE_JS)
-        opened = time.perf_counter()
-        page.get_by_test_id("stSidebarNav").get_by_text("Route a question", exact=True).click()
-        page.wait_for_timeout(300)
-        page.wait_for_function(IDLE_JS)
-        page.get_by_role("textbox", name="Question", exact=True).fill(question["text"])
-        page.get_by_label("Answer options, one per line (leave empty for a free-form answer)").fill(
-            "\n".join(question["options"]))
-        page.get_by_label("Subject (optional, goes into the prompt header)").fill(question["subject"])
+        opened = open_route(page, url)
+        if target is not None:
+            page.get_by_text(f"≤ {target} pt", exact=False).first.click()
+            page.wait_for_timeout(300)
+            page.wait_for_function(IDLE_JS)
+        if question is not None:
+            page.get_by_text("Type a question", exact=True).click()
+            page.wait_for_timeout(300)
+            page.wait_for_function(IDLE_JS)
+            page.get_by_role("textbox", name="Question", exact=True).fill(question["text"])
+            page.get_by_label("Answer options, one per line (leave empty for a free-form answer)").fill(
+                "\n".join(question["options"]))
+            page.get_by_label("Subject (optional, goes into the prompt header)").fill(question["subject"])
         page.wait_for_timeout(max(0.0, wait_s - (time.perf_counter() - opened)) * 1000)
+        promise = page.get_by_test_id("stRadio").first.get_by_role("radio", checked=True).get_attribute("value") or ""
         started = time.perf_counter()
         page.get_by_role("button", name="Route").click()
         page.get_by_text(ANSWER_TEXT).first.wait_for()
         seconds = time.perf_counter() - started
         page.wait_for_function(IDLE_JS)
-        text = "\n".join(page.get_by_test_id("stExpander").all_inner_texts())
-        stages = re.findall(r"^(.+: (?:kept its answer|escalated|answered \(last stage\)|failed))$", text, re.M)
-        loaded = [float(m) for m in re.findall(r"model loaded in ([0-9.]+) s", text)]
+        stages, loaded = _stages_text(page)
         answer = page.get_by_text(ANSWER_TEXT).first.inner_text()
         errors = page.get_by_test_id("stAlertContentError").all_inner_texts()
         model_s = float(page.get_by_test_id("stMetric").filter(has_text="Seconds").get_by_test_id(
             "stMetricValue").inner_text())
-    return {"seconds": seconds, "stages": stages, "load_s": loaded, "answer": answer, "errors": errors, "model_s": model_s}
+    return {"seconds": seconds, "stages": stages, "load_s": loaded, "answer": answer, "errors": errors,
+            "model_s": model_s, "promise": promise}
+
+
+FREE_FORM = "What is 48 plus 76?"
+
+
+def stream_once(url: str, wait_s: float) -> dict:
+    """A free-form question (the shipped free-form policy: the 1.5B answers it): from the moment the
+    answering stage's card says it is running to the first generated text on screen."""
+    with chromium_page(1400, 1600, timeout_ms=600_000) as page:
+        opened = open_route(page, url)
+        page.get_by_text("Type a question", exact=True).click()
+        page.wait_for_timeout(300)
+        page.wait_for_function(IDLE_JS)
+        page.get_by_role("textbox", name="Question", exact=True).fill(FREE_FORM)
+        page.get_by_label("Answer options, one per line (leave empty for a free-form answer)").fill("")
+        page.wait_for_timeout(max(0.0, wait_s - (time.perf_counter() - opened)) * 1000)
+        started = time.perf_counter()
+        page.get_by_role("button", name="Route").click()
+        # polled in the page every animation frame: when a stage's card says "running" and when text comes
+        marks = page.evaluate("""() => new Promise(resolve => {
+            const t0 = performance.now(); let running = null;
+            const tick = () => {
+                const cards = Array.from(document.querySelectorAll('[data-testid="stExpander"]'));
+                const last = cards[cards.length - 1];
+                if (last && running === null && /running for/.test(last.innerText)) running = performance.now() - t0;
+                const text = Array.from(document.querySelectorAll('[data-testid="stText"]')).find(e => e.innerText.startsWith('generating:'));
+                if (text) { resolve({running_ms: running, first_ms: performance.now() - t0}); return; }
+                if (performance.now() - t0 > 300000) { resolve({running_ms: running, first_ms: null}); return; }
+                requestAnimationFrame(tick);
+            };
+            tick();
+        })""")
+        page.get_by_text("The cascade's free-form answer").first.wait_for()
+        seconds = time.perf_counter() - started
+        page.wait_for_function(IDLE_JS)
+        stages, loaded = _stages_text(page)
+    first = marks["first_ms"] / 1000 if marks["first_ms"] is not None else float("nan")
+    running = marks["running_ms"] / 1000 if marks["running_ms"] is not None else float("nan")
+    return {"seconds": seconds, "first_text_s": first, "stage_running_s": running,
+            "first_after_stage_s": first - running, "stages": stages, "load_s": loaded}
+
+
+SCENARIOS = ("warm", "warm-example", "stream", "cold-kept", "cold-shipped")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scenarios", default="warm,cold-kept,cold-shipped")
+    parser.add_argument("--scenarios", default="warm-example,warm,stream,cold-kept,cold-shipped")
     parser.add_argument("--wait", type=float, default=60.0, help="seconds the app is open before the warm question")
     parser.add_argument("--typing", type=float, default=10.0,
                         help="seconds from opening the app to Route in the cold scenarios (a user typing a question)")
+    parser.add_argument("--target", default=None,
+                        help="the Route page's accuracy promise to pick (1, 3, 5, 10); default: the one it opens on")
     args = parser.parse_args()
     if not CHROMIUM.exists():
         sys.exit("Chromium is missing at /usr/bin/chromium: run `make browser`")
@@ -90,18 +164,32 @@ def main() -> None:
         tmp = Path(tmp)
         (tmp / "no-policies").mkdir()
         for scenario in args.scenarios.split(","):
-            env = {"CASCADE_APP_PRELOAD": "1" if scenario == "warm" else "0"}
+            if scenario not in SCENARIOS:
+                sys.exit(f"unknown scenario {scenario!r}: use {', '.join(SCENARIOS)}")
+            warm = scenario in ("warm", "warm-example", "stream")
+            env = {"CASCADE_APP_PRELOAD": "1" if warm else "0"}
             if scenario == "cold-kept":
                 env["CASCADE_POLICIES_DIR"] = str(tmp / "no-policies")
-            elif scenario not in ("warm", "cold-shipped"):
-                sys.exit(f"unknown scenario {scenario!r}: use warm, cold-kept, cold-shipped")
             with StreamlitApp(env, tmp / f"streamlit-{scenario}.log") as app:
-                figures = route_once(app.url, question, args.wait if scenario == "warm" else args.typing)
-            print(f"{scenario}: answer on screen {figures['seconds']:.2f} s after Route; stages "
-                  f"{figures['stages']}; the stages' own seconds {figures['model_s']:.2f}; model load reported {figures['load_s']} s; {figures['answer']!r}"
-                  + (f"; errors shown: {figures['errors']}" if figures["errors"] else ""))
+                wait = args.wait if warm else args.typing
+                if scenario == "stream":
+                    figures = stream_once(app.url, wait)
+                else:
+                    figures = route_once(app.url, None if scenario == "warm-example" else question, wait, args.target)
+            if scenario == "stream":
+                print(f"stream: the answering stage's card running {figures['stage_running_s']:.2f} s after Route, first "
+                      f"text {figures['first_text_s']:.2f} s after Route ({figures['first_after_stage_s']:.2f} s after the "
+                      f"stage started), whole answer {figures['seconds']:.2f} s; stages {figures['stages']}")
+            else:
+                print(f"{scenario}: answer on screen {figures['seconds']:.2f} s after Route (promise {figures['promise']!r}); "
+                      f"stages {figures['stages']}; the stages' own seconds {figures['model_s']:.2f}; model load reported "
+                      f"{figures['load_s']} s; {figures['answer']!r}"
+                      + (f"; errors shown: {figures['errors']}" if figures["errors"] else ""))
             out[scenario] = figures
-    print(json.dumps({f"{k.replace('-', '_')}_s": round(v["seconds"], 2) for k, v in out.items()}))
+    summary = {f"{k.replace('-', '_')}_s": round(v["seconds"], 2) for k, v in out.items()}
+    if "stream" in out:
+        summary["stream_first_token_after_stage_start_s"] = round(out["stream"]["first_after_stage_s"], 2)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

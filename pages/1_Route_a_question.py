@@ -12,10 +12,9 @@ from cascade_core.cascade import for_free_form, trace_to_dict
 from cascade_core.policy import StagePolicy
 from cascade_core.prompts import validate_question
 from cascade_core.types import OPTION_LETTERS, Question, StageStep, Trace
-from cascade_core.compose.policies import (FREE_FORM_DATASET, AppliedPolicy, apply_free_form, calibration_stages,
-                                           stage_summary)
+from cascade_core.compose.policies import FREE_FORM_DATASET, apply_free_form, calibration_stages, stage_summary
 from cascade_core.policy import CascadePolicy
-from cascade_core.ui_data import ROUTE_TARGETS_PT, decision_reason, display_answer, json_text, thresholds_applied
+from cascade_core.ui_data import decision_reason, display_answer, json_text, thresholds_applied
 
 
 PAGE = "route"
@@ -39,33 +38,21 @@ if policy_problem:
 # calibration split (cached), and the page opens on the tightest target at which a stage before the
 # last is in use, so a newcomer sees a keep and an escalation (issue 22).
 shipped = data.shipped_target(preset)
+offered = data.route_targets(preset)
 applied_now, target_note = found_policy, ""
-if shipped is not None:
+if shipped is not None and offered is not None:
     shipped_pt, delta = shipped
-    targets = sorted({shipped_pt, *ROUTE_TARGETS_PT})
-
-    def policy_at(target: float):
-        """(AppliedPolicy, TargetPolicy or None, problem) for one target: the shipped file at its own."""
-        if target == shipped_pt:
-            return found_policy, None, None
-        chosen, problem = data.target_policy(preset, target, delta)
-        if chosen is None:
-            return None, None, problem
-        return AppliedPolicy("calibrated", f"{chosen.description} (recalibrated here)", policy=chosen.policy,
-                             off_reasons=chosen.off_reasons), chosen, None
-
+    targets, opening = offered
     target_key = f"route_target::{preset.name}"
     if st.session_state.get(target_key) not in targets:
-        st.session_state[target_key] = next(
-            (t for t in targets if (found := policy_at(t)[0]) is not None
-             and sum(bool(p.enabled) for p in found.policy.stages) > 1), shipped_pt)
+        st.session_state[target_key] = opening
     last_label = state.label_of(configs[calibration_stages(preset)[-1]])
     target = st.radio(f"Accuracy promise: at most this many points lost against {last_label} alone", targets,
                       key=target_key, horizontal=True,
                       format_func=lambda t: f"≤ {t:g} pt" + (" (the shipped policy)" if t == shipped_pt else ""),
                       help="Each target's policy is chosen by Learn-then-Test on the calibration split, as "
                            "`python -m cascade_core calibrate --target X` does.")
-    found_target, chosen_target, target_problem = policy_at(target)
+    found_target, chosen_target, target_problem = data.policy_at_target(preset, target)
     if found_target is None:
         st.warning(f"No policy could be certified for ≤ {target:g} pt: {target_problem}. Routing uses the shipped policy.")
     else:

@@ -692,7 +692,21 @@ def test_start_up_preloads_only_the_stages_the_policy_uses(app, no_policy_files,
     monkeypatch.setattr(backends, "start_preload", lambda stages: started.append([s.name for s in stages]))
     at = app.run()
     no_exception(at)
-    assert started and started[0] == ["smollm2-135m", "qwen2.5-coder-1.5b"]
+    import time
+
+    waited = time.monotonic()
+    while not started and time.monotonic() - waited < 60:  # planned off the page's thread
+        time.sleep(0.1)
+    # the Route page opens on the tightest promise that routes: its stages load too, the 0.5B only if
+    # that policy uses it (here: recalibrated on the synthetic records)
+    from app_ui import data
+    from cascade_core.presets import load_preset
+
+    preset = load_preset("default")
+    _, opening = data.route_targets(preset)
+    found = data.policy_at_target(preset, opening)[0]
+    wanted = [n for n, p in zip(STAGES, found.policy.stages) if p.enabled or n != STAGES[1]]
+    assert started and started[0] == wanted
 
 
 @pytest.mark.model

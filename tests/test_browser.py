@@ -1,8 +1,10 @@
 """End to end in a real browser: `streamlit run app.py` on a free loopback port, driven by Debian's
 Chromium through Playwright. It moves a threshold slider and switches stages off on the explorer
 (the metric and the chart's operating point must change, the URL must carry the threshold),
-routes a question on SmolLM2 (one card), and saves a screenshot of every page under
-test-artifacts/browser/.
+opens the explorer's link in a fresh session (the same accuracy and chart point), routes a
+question on SmolLM2 -> the 0.5B (a card per stage, the trace downloaded as JSON), streams a
+free-form answer, cancels a long one, and saves a screenshot of every page under
+test-artifacts/browser/. Another test checks the explorer at 400 px.
 
 A second test opens a shared explorer link as the first request to a fresh server (pages/ with
 st.navigation must still run app.py).
@@ -99,8 +101,22 @@ def test_browser_end_to_end(server):
         assert operating_point(page, other_than=moved_point) != moved_point
         assert "on.qwen2.5-coder-1.5b=0" in page.url
 
+        # A shared link, opened in a fresh session (another browser context: no cookies, no session),
+        # shows what the sender saw, to the last digit (issue 22: the stages' on/off were lost).
+        sent_url, sent_accuracy, sent_point = page.url, accuracy.inner_text(), operating_point(page)
+        fresh = page.context.browser.new_context(viewport={"width": 1400, "height": 1800}).new_page()
+        fresh.goto(sent_url)
+        fresh_accuracy = fresh.get_by_test_id("stMetricValue").first
+        expect(fresh_accuracy).to_have_text(sent_accuracy)
+        assert operating_point(fresh) == sent_point
+        expect(fresh.get_by_text("Ignored from the link")).to_have_count(0)
+        shot(fresh, "2b-shared-link-fresh-session")
+        fresh.context.close()
+
         # Route: the stages and thresholds follow the explorer; the cards appear stage by stage.
         go_to(page, "Route a question")
+        page.get_by_text("Type a question", exact=True).click()
+        wait_idle(page)
         page.get_by_role("textbox", name="Question", exact=True).fill("Which planet is known as the Red Planet?")
         page.get_by_label("Answer options, one per line (leave empty for a free-form answer)").fill(
             "Venus\nMars\nJupiter\nSaturn")
@@ -122,6 +138,45 @@ def test_browser_end_to_end(server):
         expect(page.get_by_text("Routing path")).to_be_visible()
         page.get_by_test_id("stGraphVizChart").locator("svg").first.wait_for()
         shot(page, "3-route-a-question")
+        with page.expect_download() as download:  # the trace as JSON
+            page.get_by_role("button", name="Download the trace (JSON)").click()
+        trace = json.loads(Path(download.value.path()).read_text(encoding="utf-8"))
+        assert [s["stage"] for s in trace["steps"]] == ["smollm2-135m", "qwen2.5-coder-0.5b"]
+        assert trace["question"]["options"] == ["Venus", "Mars", "Jupiter", "Saturn"] and not trace["cancelled"]
+
+        # A free-form answer streams into the running card, then the card replaces it.
+        page.get_by_label("Answer options, one per line (leave empty for a free-form answer)").fill("")
+        page.get_by_role("textbox", name="Question", exact=True).fill("Name three colours of the rainbow.")
+        page.get_by_role("button", name="Route").click()
+        streamed = page.get_by_test_id("stText").filter(has_text="generating:")
+        streamed.first.wait_for(timeout=240_000)
+        pieces = {streamed.first.inner_text()}
+        while streamed.count() and len(pieces) < 3:  # the text grows while the model generates
+            try:
+                pieces.add(streamed.first.inner_text(timeout=1_000))
+            except Exception:  # noqa: BLE001 - the card replaced it in the meantime
+                break
+            page.wait_for_timeout(100)
+        wait_idle(page)
+        assert len(pieces) >= 2, pieces  # seen at least twice, with different text
+        expect(page.get_by_text("The cascade's free-form answer")).to_be_visible()
+
+        # Cancel stops the generation: the run ends with "You cancelled", and the model is free again.
+        page.get_by_role("textbox", name="Question", exact=True).fill(
+            "Write a long story about a dragon who learns to bake bread, with many details.")
+        page.get_by_role("button", name="Route").click()
+        streamed.first.wait_for(timeout=240_000)
+        clicked = time.monotonic()
+        page.get_by_role("button", name="Cancel").click()
+        expect(page.get_by_text("You cancelled the run")).to_be_visible()
+        stopped_s = time.monotonic() - clicked
+        wait_idle(page)
+        shot(page, "3b-route-cancelled")
+        assert not page.get_by_text("The cascade's free-form answer").count()
+        page.get_by_role("textbox", name="Question", exact=True).fill("Name a primary colour.")
+        page.get_by_role("button", name="Route").click()  # the model's lock was let go: it answers again
+        expect(page.get_by_text("The cascade's free-form answer")).to_be_visible(timeout=240_000)
+        print(f"cancel shown {stopped_s:.2f} s after the click")
 
         go_to(page, "Benchmarks")
         expect(page.get_by_role("heading", name="Per model")).to_be_visible()
@@ -139,6 +194,31 @@ def test_browser_end_to_end(server):
         expect(shared.get_by_test_id("stSidebarNav").get_by_text("Home", exact=True)).to_be_visible()
         assert shared.get_by_role("radio", name="P(T) only").is_checked()
         shot(shared, "6-shared-explorer-link")
+
+
+def test_at_400_px_the_chart_fits_right_under_the_sliders(server):
+    """Issue 22, item 7: at 400 px the explorer's chart fits the width and follows the sliders (the
+    routing table and calibration form come after it), and nothing overflows sideways."""
+    from playwright.sync_api import expect
+
+    with chromium_page(400, 900, timeout_ms=120_000) as page:
+        page.goto(f"{server}/explore")
+        operating_point(page)
+        wait_idle(page)
+        chart = page.locator(".stEChartsChart").first
+        chart.scroll_into_view_if_needed()
+        box = chart.bounding_box()
+        sliders = page.get_by_test_id("stSlider")
+        last = sliders.nth(sliders.count() - 1).bounding_box()
+        table = page.get_by_role("heading", name="Where the questions go").bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 400, box
+        assert last["y"] < box["y"] < last["y"] + last["height"] + 250, (last, box)  # right under the sliders
+        assert table["y"] > box["y"]  # the table comes after the chart
+        width = page.evaluate("() => document.querySelector('[data-testid=\"stMain\"]').scrollWidth")
+        assert width <= 400, width
+        expect(page.get_by_test_id("stException")).to_have_count(0)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "7-explore-400px.png"), full_page=False)
 
 
 def test_a_deep_link_as_the_first_request_shows_the_navigation(server):
