@@ -632,6 +632,49 @@ def test_route_recorded_stage_needs_an_mmlu_question(app):
     assert "Recorded outcome" in texts(at.info)
 
 
+def test_route_opens_on_the_tightest_promise_that_routes_with_a_keep_and_an_escalation(app, synthetic_results,
+                                                                                       no_policy_files):
+    """Issue 22, item 3: with a shipped policy that runs the last stage alone, the Route page opens on
+    the tightest target (<= 3 / 5 / 10 pt) whose Learn-then-Test policy keeps something early, says
+    the promise, runs that policy, and offers a test question it keeps and one it escalates (both
+    computed by cascade_core on the records)."""
+    from app_ui import data
+    from cascade_core.policy_file import PolicyFile, write_policy_file
+    from cascade_core.ui_data import ROUTE_TARGETS_PT, policy_for_target, route_examples
+
+    root, table = synthetic_results
+    alone = CascadePolicy((StagePolicy(0.0, 0.0, enabled=False), StagePolicy(0.0, 0.0, enabled=False), StagePolicy(0.0, 0.0)))
+    write_policy_file(no_policy_files / "default.json", PolicyFile(
+        preset="default", stages=tuple(STAGES), policy=alone.to_dict(),
+        guarantee={"mode": "target", "target_pt": 1.0, "delta": 0.1, "unit": "flops"},
+        provenance={"dataset": "mmlu", "split": "calibration", "questions": 800}, off_reasons={}))
+    calib, test = table.subset("calibration"), table.subset("test")
+    chosen = next(found for t in ROUTE_TARGETS_PT[1:] if (found := policy_for_target(calib, t)).routes)
+
+    at = open_page(app, ROUTE)
+    promise = at.radio(key="route_target::default")
+    assert promise.value == chosen.target_pt and list(promise.options) == [f"≤ {t:g} pt" + (" (the shipped policy)" if t == 1 else "")
+                                                                            for t in ROUTE_TARGETS_PT]
+    assert f"at most **{chosen.target_pt:g} accuracy points**" in texts(at.caption)
+    assert f"{chosen.description} (recalibrated here)".capitalize() + "." in texts(at.caption)
+    assert at.multiselect(key="stages::default@route").value == [n for n, s in zip(STAGES, chosen.policy.stages) if s.enabled]
+    assert at.radio(key="route_mode").value == "example"
+    pool = data.mmlu_questions("test")
+    expected = route_examples(test, chosen.policy, {q: len(t) + sum(map(len, o)) for q, t, o in
+                                                    zip(pool["qid"], pool["question"], pool["options"])})
+    assert set(expected) == {"keep", "escalate"}
+    for kind in ("keep", "escalate"):
+        at.radio(key="route_example").set_value(kind).run()
+        no_exception(at)
+        assert f"MMLU `{expected[kind].qid}` (test split)" in texts(at.caption)
+    # the shipped promise: the last stage alone, so no example to show; the stages follow the policy
+    at.radio(key="route_target::default").set_value(1.0).run()
+    no_exception(at)
+    assert "example" not in at.radio(key="route_mode").options
+    assert at.multiselect(key="stages::default@route").value == [STAGES[-1]]
+    assert "the shipped policy file" in texts(at.caption)
+
+
 def test_route_a_new_run_clears_the_previous_result(app):
     app.session_state[state.PRESET_KEY] = "api-recorded"
     at = open_page(app, ROUTE)
@@ -867,3 +910,32 @@ def test_benchmarks_page_takes_an_uploaded_file_and_registers_it(empty_app):
     at.file_uploader(key="bench_upload").set_value(("bad.csv", b"question,answer\n,4\n", "text/csv")).run()
     assert any(e.value.startswith("Not taken: bad.csv, row") for e in at.error)
 
+
+
+@pytest.mark.model
+def test_a_live_run_stops_within_a_few_tokens_when_cancelled(smollm2_path):
+    """Issue 22, item 4: the Route page's worker (app_ui.route_run) streams a free-form answer and,
+    cancelled with the server's CancelToken after its first piece of text, stops generating: the
+    run ends as cancelled with far fewer tokens than it was allowed."""
+    from app_ui.route_run import LiveRun
+    from cascade_core.cascade import RuntimeStage
+    from cascade_core.types import Question
+    from models.hf import HFBackend
+
+    backend = HFBackend(smollm2_path, device="cpu", dtype="float32", quantization="none", model_id="smollm2-135m")
+    stage = RuntimeStage(name="smollm2-135m", backend=backend, policy=StagePolicy(0.0, 0.0))
+    live = LiveRun([stage], Question(text="Write a long story about a dragon who bakes bread."),
+                   max_new_tokens=200).start()
+    kinds, finished = [], None
+    for event in live.follow(poll_s=0.05):
+        kinds.append(event.kind)
+        if event.kind == "text" and kinds.count("text") == 2:
+            live.cancel()
+        if event.kind == "end":
+            finished = event.value
+    assert live.join(30)
+    assert finished.cancelled and finished.failure == "cancelled by the user"
+    step = finished.trace.steps[-1]
+    assert step.decision == "error" and step.reason == "cancelled"
+    assert 1 <= step.output_tokens < 60, step.output_tokens  # stopped long before the 200 allowed
+    assert kinds[0] == "start" and "end" == kinds[-1]
