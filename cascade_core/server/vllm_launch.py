@@ -105,6 +105,7 @@ class ServerSpec:
     max_model_len: int = 2048
     kv_cache_gib: int = 1
     eager: bool = False  # --enforce-eager: no torch.compile at warm-up (starts faster, runs a little slower)
+    cores: str = ""  # VLLM_CPU_OMP_THREADS_BIND for this server ("" = vLLM's "auto": core 0 of a 2-core machine)
 
     @property
     def api_base(self) -> str:
@@ -124,13 +125,17 @@ def server_command(spec: ServerSpec, python: Path) -> list[str]:
         cmd += ["--runner", "pooling", "--convert", "embed",
                 "--pooler-config", json.dumps({"pooling_type": "LAST", "use_activation": False})]
     else:
-        cmd += ["--max-logprobs", str(TOP_LOGPROBS)]
+        # --enable-log-requests logs, at INFO, each request's id and sampling parameters (never the
+        # prompt) and "Aborted request(s) <id>" when a client leaves: what cancellation is checked on.
+        cmd += ["--max-logprobs", str(TOP_LOGPROBS), "--enable-log-requests"]
     return cmd
 
 
 def server_env(spec: ServerSpec) -> dict[str, str]:
     env = dict(os.environ)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.kv_cache_gib)  # GiB of KV cache on a CPU (vLLM's default: 4)
+    if spec.cores and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = spec.cores
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     return env
@@ -391,7 +396,20 @@ def plan(source, base_port: int, hidden: bool, model_dir: Callable[[str], Path],
             port += 1
     if not specs:
         raise VllmError(f"preset {source.name!r} has no enabled local (packaged or hf) stage to serve with vLLM")
-    return specs
+    return split_cores(specs)
+
+
+def split_cores(specs: list[ServerSpec], cores: Sequence[int] | None = None) -> list[ServerSpec]:
+    """Give each server its own cores when there are at least as many cores as servers. vLLM's CPU
+    worker binds its threads itself ("auto": every core but one reserved, the same cores for every
+    server), so two servers on a 2-core machine would share core 0 and leave core 1 idle."""
+    from dataclasses import replace
+
+    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    if len(specs) < 2 or len(cores) < len(specs):
+        return specs
+    share = len(cores) // len(specs)
+    return [replace(s, cores=",".join(map(str, cores[i * share:(i + 1) * share]))) for i, s in enumerate(specs)]
 
 
 def up(source, *, base_port: int = DEFAULT_BASE_PORT, hidden: bool = True, timeout_s: float = 900.0,
