@@ -1,12 +1,21 @@
-"""How long the whole `report` takes on the committed records (and on a table tiled to a larger size).
+"""How long the whole `report` takes, in CPU and wall time, on the committed records or a 14,042-question stand-in.
 
-    .venv/bin/python bench/report_speed.py --results-dir /work/snap5700/results
-    .venv/bin/python bench/report_speed.py --results-dir /work/snap5700/results --rows 14042
+    .venv/bin/python bench/report_speed.py                                  # the committed records
+    .venv/bin/python bench/report_speed.py --results-dir /tmp/snap/results  # a frozen copy of them
+    .venv/bin/python bench/report_speed.py --standin                        # all of MMLU, resampled
+    .venv/bin/python bench/report_speed.py --rows 14042                     # the records tiled
 
-Times `build_report` (every section, the re-split study included) after the records are loaded,
-prints the time at which each section started, and ends with one JSON line. `--rows N` tiles the
-questions (new ids, same subjects and splits) to N questions to show how the report scales to the
-full MMLU before its records exist; the numbers of a tiled table mean nothing, only the time does.
+Times `build_report` (every section: the re-split study, OOD and label-free probes where the
+records have features) after the records are loaded, prints the time at which each section
+started, and ends with one JSON line: wall seconds, and CPU seconds (user + system) of this
+process and of the report's second process together, so a figure measured while other work
+shares the cores still says what the report costs. `--workers 1` runs it all in one process.
+
+`--standin` builds `bench/mmlu_standin.py`'s stand-in for the full MMLU (14,042 questions x 3
+local stages + GPT-4, with one feature layer per stage, resampled from the committed records)
+in a temporary folder, times the report on it and removes it: a timing input, its numbers mean
+nothing. `--rows N` tiles the questions (new ids, same subjects and splits) instead, without
+features.
 """
 
 from __future__ import annotations
@@ -15,7 +24,9 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -48,32 +59,59 @@ def tile(table: RecordTable, questions, rows: int):
     return bigger, questions
 
 
+def cpu_seconds() -> float:
+    """User + system CPU of this process and of its finished children (the report's second process)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def time_report(results_dir, features_dir=None, rows: int = 0, resplits: int | None = None, workers: int = 2,
+                preset: str = "default") -> dict:
+    inputs = load_report_inputs(preset, "mmlu", results_dir, features_dir)
+    table, questions = inputs["table"], inputs["questions"]
+    features = inputs["features"]
+    if rows:
+        table, questions = tile(table, questions, rows)
+        features = None
+    settings = ReportSettings() if resplits is None else ReportSettings(resplits=resplits)
+    cpu0, start = cpu_seconds(), time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"{time.perf_counter() - start:7.1f} s  {message}", flush=True)
+
+    build_report(table, questions=questions, features=features, meta=inputs["meta"], settings=settings,
+                 progress=progress, workers=workers)
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
+    print(f"report on {table.n_questions:,} questions x {table.n_stages} stages: {wall:.1f} s wall, {cpu:.1f} s CPU")
+    return {"report_s": round(wall, 2), "cpu_s": round(cpu, 2), "n_questions": table.n_questions,
+            "n_stages": table.n_stages, "features": sorted(features or {}), "resplits": settings.resplits,
+            "resplits_others": settings.resplits_others, "workers": workers, "tiled": bool(rows),
+            "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="default")
     parser.add_argument("--results-dir", default=None)
+    parser.add_argument("--features-dir", default=None)
+    parser.add_argument("--standin", action="store_true", help="time the report on a 14,042-question stand-in")
     parser.add_argument("--rows", type=int, default=0, help="tile the table to this many questions (0 = as recorded)")
     parser.add_argument("--resplits", type=int, default=None, help="re-splits of the headline study (default: the report's)")
+    parser.add_argument("--workers", type=int, default=2, choices=(1, 2))
     args = parser.parse_args()
-    inputs = load_report_inputs(args.preset, "mmlu", args.results_dir, None)
-    table, questions = inputs["table"], inputs["questions"]
-    if args.rows:
-        table, questions = tile(table, questions, args.rows)
-    settings = ReportSettings() if args.resplits is None else ReportSettings(resplits=args.resplits)
-    start = time.perf_counter()
-    marks = []
+    if args.standin:
+        from mmlu_standin import build_standin
 
-    def progress(message: str) -> None:
-        marks.append((time.perf_counter() - start, message))
-        print(f"{marks[-1][0]:7.1f} s  {message}", flush=True)
-
-    build_report(table, questions=questions, features=inputs["features"], meta=inputs["meta"],
-                 settings=settings, progress=progress)
-    total = time.perf_counter() - start
-    print(f"report on {table.n_questions:,} questions x {table.n_stages} stages: {total:.1f} s")
-    print(json.dumps({"report_s": round(total, 2), "n_questions": table.n_questions, "n_stages": table.n_stages,
-                      "resplits": settings.resplits, "resplits_others": settings.resplits_others,
-                      "tiled": bool(args.rows), "cpus": os.cpu_count()}))
+        with tempfile.TemporaryDirectory(prefix="mmlu-standin-") as folder:
+            summary = build_standin(folder, args.results_dir)
+            print(f"stand-in: {summary}", flush=True)
+            out = time_report(os.path.join(folder, "results"), args.features_dir, 0, args.resplits, args.workers,
+                              args.preset)
+        out["standin"] = True
+    else:
+        out = time_report(args.results_dir, args.features_dir, args.rows, args.resplits, args.workers, args.preset)
+        out["standin"] = False
+    print(json.dumps(out))
     return 0
 
 

@@ -96,7 +96,7 @@ def paired_loss_pvalues(n_plus, n_minus, n: int, target: float, bound: str = "bi
 
 
 def betting_pvalues(losses, target: float, level: float, truncation: float = 0.5,
-                    stop_below: float | None = None, block: int = 512) -> np.ndarray:
+                    stop_below: float | None = None, block: int = 1024) -> np.ndarray:
     """The `wsr` p-values of H0 "mean paired loss > target", one per row of `losses` (J, n):
     per-question paired losses in {-1, 0, 1}, in an order fixed independently of the outcomes
     (module docstring). `level` only tunes the bets (validity holds for any level).

@@ -287,7 +287,7 @@ def paired_losses(table, subset: tuple[int, ...], scores: dict[int, np.ndarray],
 
 
 def _betting_sequence(table, subset, scores, grid, order, target: float, level: float, exact: bool = True,
-                      rows_at_once: int = 32, chunk: int = 4) -> np.ndarray:
+                      rows_at_once: int = 32, chunk: int = 8) -> np.ndarray:
     """`risk.betting_pvalues` along the grid up to the first candidate the sequence cannot certify
     at `level` (1.0 after it: never tested, the same outcome).
 

@@ -341,3 +341,12 @@ def test_guarantee_headline_has_the_promised_keys_and_replays(report, table):
     assert chosen == head["committed"]["rule"]
     loss, saving = _outcome(policies[chosen], sub.subset("test"), "calls")
     assert saving == pytest.approx(head["committed"]["saving"]) and loss == pytest.approx(head["committed"]["accuracy_loss"])
+
+
+def test_one_process_and_two_give_the_same_report(table, report):
+    """Two workers split the sections (and the OOD categories) between two processes; one does
+    them all: the numbers must not depend on it."""
+    features = _features(table)
+    one = build_report(table, questions=_questions(table), features=features, categories=_categories(table),
+                       settings=SETTINGS, workers=1)
+    assert json.dumps(one, sort_keys=True) == json.dumps(report, sort_keys=True)

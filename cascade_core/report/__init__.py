@@ -42,7 +42,7 @@ from cascade_core.report.common import (REPORT_FORMAT, Part, Progress, ReportSet
 from cascade_core.report.guarantee import GuaranteeSection, guarantee_section
 from cascade_core.report.label_free import LabelFreeSection, label_free_guarantee, label_free_section
 from cascade_core.report.models import ModelRow, model_section
-from cascade_core.report.ood import OodSection, ood_section
+from cascade_core.report.ood import OodSection, join_ood, ood_categories, ood_section
 from cascade_core.report.probes import retrain_p_ik
 
 __all__ = ["Report", "ReportSettings", "build_report", "build_report_sections", "oracle_curve", "outcome",
@@ -90,9 +90,11 @@ class Report:
 def build_report(table: RecordTable, questions: pd.DataFrame | None = None,
                  features: Mapping[str, tuple[np.ndarray, dict]] | None = None,
                  categories: np.ndarray | None = None, settings: ReportSettings = ReportSettings(),
-                 meta: Mapping | None = None, progress: Progress | None = None) -> dict:
-    """`build_report_sections(...).to_json()`: the JSON-able dict of every number."""
-    return build_report_sections(table, questions, features, categories, settings, meta, progress).to_json()
+                 meta: Mapping | None = None, progress: Progress | None = None, workers: int = 2) -> dict:
+    """`build_report_sections(...).to_json()`: the JSON-able dict of every number (`workers`:
+    processes, 1 or 2; the numbers are the same)."""
+    return build_report_sections(table, questions, features, categories, settings, meta, progress,
+                                 workers=workers).to_json()
 
 
 def build_report_sections(*args, **kwargs) -> Report:
@@ -104,10 +106,11 @@ def build_report_sections(*args, **kwargs) -> Report:
         return _build(*args, **kwargs)
 
 
-def _side_sections(table: RecordTable, settings: ReportSettings, questions=None, progress: Progress | None = None):
+def _side_sections(table: RecordTable, settings: ReportSettings, questions=None, progress: Progress | None = None,
+                   features=None, categories=None, ood_held_out=()):
     """The work that needs nothing from the API section: the guarantee study, the local cascades,
-    the ablations and the text router's predictions (in a second process when the report has two
-    workers)."""
+    the ablations, the text router's predictions and the OOD study of the categories
+    `ood_held_out` (in a second process when the report has two workers)."""
     from cascade_core.frontier import blas_limit
     from cascade_core.report.baselines import router_predictions, wants_router
 
@@ -115,30 +118,55 @@ def _side_sections(table: RecordTable, settings: ReportSettings, questions=None,
     with blas_limit(1):
         return (guarantee_section(table, settings, progress), cascade_section(table, settings, progress),
                 ablation_section(table, settings, progress),
-                router_predictions(table, questions, settings) if wants_router(questions, settings) else None)
+                router_predictions(table, questions, settings) if wants_router(questions, settings) else None,
+                ood_section(table, features, categories, settings, progress, held_out=ood_held_out)
+                if ood_held_out else None)
 
 
-def _start_side_sections(table: RecordTable, settings: ReportSettings, questions, progress: Progress, workers: int):
+def _start_side_sections(table: RecordTable, settings: ReportSettings, questions, progress: Progress, workers: int,
+                         features=None, categories=None, ood_held_out=()):
     """Start `_side_sections`; returns a function that waits for its result. With `workers` >= 2
-    and fork available, a child process computes them while this one does the API scenario and
-    the baselines (the two halves take about as long; the machine has two cores). The numbers
-    are the same either way: every section is a pure, seeded function of the table."""
+    and fork available, a forked child computes them while this process does the API scenario,
+    the baselines, the other OOD categories and the label-free probes (the two halves take about
+    as long; the machine has two cores). The child inherits its inputs (only its result comes
+    back through a pipe). The numbers are the same either way: every section is a pure, seeded
+    function of the table."""
     import multiprocessing
 
     if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        result = _side_sections(table, settings, questions, progress)
+        result = _side_sections(table, settings, questions, progress, features, categories, ood_held_out)
         return lambda: result
-    from concurrent.futures import ProcessPoolExecutor
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
 
-    progress("guarantee, cascades, ablations, text router (in a second process)")
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
-    future = pool.submit(_side_sections, table, settings, questions)
+    def run() -> None:
+        try:
+            outcome = ("ok", _side_sections(table, settings, questions, progress, features, categories, ood_held_out))
+        except BaseException as err:  # noqa: BLE001 -- any failure goes back to the parent, named
+            import traceback
+
+            outcome = ("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
+        send.send(outcome)
+        send.close()
+
+    progress("guarantee, cascades, ablations, text router" + (f", OOD {'/'.join(ood_held_out)}" if ood_held_out else "")
+             + " (in a second process)")
+    child = context.Process(target=run, name="report-side-sections", daemon=True)
+    child.start()
+    send.close()
 
     def wait():
         try:
-            return future.result()
+            kind, value = receive.recv()
+        except EOFError:
+            child.join()
+            raise RuntimeError(f"the report's second process ended without a result (exit code {child.exitcode})") from None
         finally:
-            pool.shutdown()
+            receive.close()
+        child.join()
+        if kind == "error":
+            raise RuntimeError(f"the report's second process failed: {value}")
+        return value
 
     return wait
 
@@ -183,17 +211,23 @@ def _build(
                    "settings": dataclasses.asdict(settings)}
     progress("models")
     models = model_section(table)
-    side = _start_side_sections(table, settings, questions, progress, workers)
+    has_features = features is not None and any(table.names[s] in features for s in local)
+    run_ood = settings.ood and has_features and len(set(categories) - {""}) >= 2
+    held_out = ood_categories(categories) if run_ood else []
+    # The second process also takes the later half of the OOD categories (each trains its own probes).
+    side_ood = tuple(held_out[len(held_out) // 2:]) if workers >= 2 else tuple(held_out)
+    side = _start_side_sections(table, settings, questions, progress, workers, features, categories, side_ood)
     api = api_section(table, categories, settings, progress)
-    guarantee, cascades, ablations, router = side()
+    here = [c for c in held_out if c not in side_ood]
+    ood_here = ood_section(table, features, categories, settings, progress, held_out=here) if here else None
+    guarantee, cascades, ablations, router, ood_side = side()
     api_rule = None
     if api:
         full = api[-1]
         api_rule = next(v["rule"] for v in full.variants if v["name"] == full.chosen)
     baselines = baseline_section(table, settings, questions, api_rule, progress, router=router)
-    has_features = features is not None and any(table.names[s] in features for s in local)
-    if settings.ood and has_features and len(set(categories) - {""}) >= 2:
-        ood = ood_section(table, features, categories, settings, progress)
+    if run_ood:
+        ood = join_ood([part for part in (ood_here, ood_side) if part is not None], categories)
     else:
         ood = OodSection(skipped="no hidden-state features" if not has_features else "fewer than 2 categories")
     if settings.label_free and has_features and len(local) >= 2:

@@ -21,16 +21,25 @@ class OodSection(Part):
     skipped: str | None = None  # why the section did not run
 
 
+def ood_categories(categories: np.ndarray) -> list[str]:
+    """The held-out categories of the section, in its order (first appearance)."""
+    return [str(c) for c in pd.unique(np.asarray(categories)) if c]
+
+
 def ood_section(table: RecordTable, features, categories: np.ndarray, settings: ReportSettings,
-                progress: Progress) -> OodSection:
+                progress: Progress, held_out=None) -> OodSection:
     """For each category C: probes and thresholds fit on the calibration questions of the other
-    three, reported on the test questions of C, next to the in-distribution choice on the same questions."""
+    three, reported on the test questions of C, next to the in-distribution choice on the same
+    questions. `held_out`: only these categories (each is independent of the others, so the
+    report can split them between two processes and join the rows with `join_ood`)."""
     local = _local_indices(table)
     setups = [(local, settings.unit)]
     if table.recorded[-1]:
         setups.append(([local[-1], table.n_stages - 1], settings.api_unit))
-    cats = [c for c in pd.unique(categories) if c]
+    cats = [c for c in ood_categories(categories) if held_out is None or c in set(held_out)]
     is_cal, is_test = table.splits == "calibration", table.splits == "test"
+    # The in-distribution choice does not depend on the held-out category: made once per setup.
+    in_distribution = {}
     rows = []
     for held in cats:
         progress(f"ood: held-out category {held}")
@@ -56,7 +65,11 @@ def ood_section(table: RecordTable, features, categories: np.ndarray, settings: 
             ood_sub = _subtable(ood_table, stages)
             id_sub = _subtable(table, stages)
             sel_ood = select_policy(ood_sub.subset(train_mask), target_max_loss=settings.target_max_loss, unit=unit)
-            sel_id = select_policy(id_sub.subset("calibration"), target_max_loss=settings.target_max_loss, unit=unit)
+            key = (tuple(stages), unit)
+            if key not in in_distribution:
+                in_distribution[key] = select_policy(id_sub.subset("calibration"),
+                                                     target_max_loss=settings.target_max_loss, unit=unit)
+            sel_id = in_distribution[key]
             test_ood, test_id = ood_sub.subset(target_rows), id_sub.subset(target_rows)
             r_ood, r_id = evaluate_on(test_ood, sel_ood.policy), evaluate_on(test_id, sel_id.policy)
             entry["cascades"].append({
@@ -71,3 +84,9 @@ def ood_section(table: RecordTable, features, categories: np.ndarray, settings: 
         rows.append(entry)
     return OodSection(categories=rows)
 
+
+
+def join_ood(parts, categories: np.ndarray) -> OodSection:
+    """One section from `ood_section` parts over disjoint categories, rows in the section's order."""
+    rows = {row["held_out"]: row for part in parts for row in (part.categories or [])}
+    return OodSection(categories=[rows[c] for c in ood_categories(categories) if c in rows])
