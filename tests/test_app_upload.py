@@ -130,7 +130,9 @@ def test_a_background_benchmark_shows_its_progress_after_a_reload_until_done(fol
     assert len(reloaded.get("progress")) == 1 and "Job on **sums**" in texts(reloaded.caption)
     wait_for(reloaded, lambda a: "The benchmark of sums is done" in texts(a.success))
     assert "sums questions (test split)" in texts(reloaded.caption)  # the records are in the tables now
-    assert "6 / 6" in texts(reloaded.dataframe) or any("6 / 6" in str(d.value) for d in reloaded.dataframe)
+    job = next(d.value for d in reloaded.dataframe if "questions / s (this run)" in d.value.columns)
+    assert list(job["stage"]) == ["smollm2-135m"] and list(job["questions"]) == ["6 / 6"]
+    assert list(job["state"]) == ["done"] and job["result"].iloc[0].startswith("6 records, accuracy")
     assert (folders / "results" / "sums" / "smollm2-135m.parquet").exists()
     assert "Probes: " in texts(reloaded.caption)  # 6 questions are too few: it says so, the job still ends "done"
 
