@@ -115,8 +115,11 @@ def stage_candidates(table: RecordTable, stage: int, rule: str = "both", n_quant
             t = _quantile_thresholds(score, n)
             policies = [dict(tau_learned=a, rule=rule, combiner=combiner) for a in t]
             keep = np.where(np.isnan(score)[None, :], (p_t >= 0.0)[None, :], score[None, :] >= t[:, None])
-    _, first = np.unique(np.packbits(keep, axis=1), axis=0, return_index=True)
-    first = np.sort(first)
+    if rule == "both" and has_pik:  # a grid of two thresholds: equal masks anywhere
+        _, first = np.unique(np.packbits(keep, axis=1), axis=0, return_index=True)
+        first = np.sort(first)
+    else:  # one threshold, ascending: the masks are nested, so equal ones are neighbours
+        first = np.flatnonzero(np.concatenate([[True], (keep[1:] != keep[:-1]).any(axis=1)]))
     # StagePolicy objects only for the distinct masks kept (building all of them cost more than the masks).
     return StageCandidates(policies=tuple(StagePolicy(**policies[i]) for i in first), keep=keep[first])
 
@@ -247,10 +250,15 @@ def _evaluate_subset(table: RecordTable, subset: tuple[int, ...], candidates: di
             R = (R[:, None, :] & ~K[None, :, :]).reshape(-1, N)
         K = candidates[a].keep
         c = len(K)
-        notK = (~K).T.astype(np.float64)  # (N, c)
-        blocks = [(K & y[a]).T + notK * y[b][:, None], notK]
-        blocks += [costs[u, a][:, None] + notK * costs[u, b][:, None] for u in range(U)]
-        W = np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float64)  # (N, c * (2 + U))
+        # W (N, c * (2 + U)) written block by block into one C-ordered array (the blocks are
+        # computed from K transposed once, so no block is transposed or copied again).
+        Kt = np.ascontiguousarray(K.T)  # (N, c)
+        notK = (~Kt).astype(np.float64)
+        W = np.empty((N, c * (2 + U)))
+        np.add(Kt & y[a][:, None], notK * y[b][:, None], out=W[:, :c])
+        W[:, c:2 * c] = notK
+        for u in range(U):
+            np.add(costs[u, a][:, None], notK * costs[u, b][:, None], out=W[:, (2 + u) * c:(3 + u) * c])
         P_pre = len(R)
         out = np.empty((P_pre, W.shape[1]))
         reach_a = np.empty(P_pre)

@@ -583,14 +583,13 @@ def evaluate_on(table: RecordTable, policy: CascadePolicy | SubjectPolicy) -> Re
         raise ValueError(f"expected a CascadePolicy or SubjectPolicy, got {type(policy).__name__}")
     final = np.empty(table.n_questions, dtype=np.int64)
     visited = np.zeros((table.n_stages, table.n_questions), dtype=bool)
-    groups: dict[CascadePolicy, np.ndarray] = {}
-    for subject in np.unique(table.subjects):
-        mask = table.subjects == subject
-        pol = policy.for_subject(subject)
-        groups[pol] = groups[pol] | mask if pol in groups else mask
-    for pol, mask in groups.items():  # route each group's questions only
+    names, code = np.unique(table.subjects, return_inverse=True)
+    groups: dict[CascadePolicy, list[int]] = {}  # the subjects of each distinct policy
+    for i, subject in enumerate(names):
+        groups.setdefault(policy.for_subject(subject), []).append(i)
+    for pol, members in groups.items():  # route each group's questions only
         check_policy(table, pol)
-        rows = np.flatnonzero(mask)
+        rows = np.flatnonzero(np.isin(code.ravel(), members))
         f, v = route(TableRows(table, rows), pol)
         final[rows] = f
         visited[:, rows] = v
