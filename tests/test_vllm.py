@@ -100,7 +100,7 @@ def _questions(n: int) -> list[Question]:
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_up_writes_a_preset_routing_through_the_servers(vllm_local):
+def test_up_writes_a_preset_routing_through_the_servers(vllm_local, monkeypatch):
     preset = vllm_local["preset"]
     assert vllm_local["path"].parent == vllm_local["cache"] / "presets"
     names = [s.name for s in preset.stages]
@@ -115,6 +115,7 @@ def test_up_writes_a_preset_routing_through_the_servers(vllm_local):
     # A second `up` while these run is refused, naming what to do.
     from cascade_core.server import vllm_launch
 
+    monkeypatch.setenv("CASCADE_CACHE_DIR", str(vllm_local["cache"]))  # where the fixture's `up` recorded them
     with pytest.raises(vllm_launch.VllmError, match="vllm down"):
         vllm_launch.up(load_preset("default"), base_port=min(ports), model_dir=lambda k: Path("/nonexistent"),
                        n_layers=lambda s: LAYERS, only=[SMOLLM2])
@@ -311,3 +312,41 @@ def test_servers_get_their_own_cores_when_there_are_enough():
     assert [s.cores for s in split_cores(specs, [0, 1, 2, 3, 4])] == ["0,1", "2,3"]
     assert [s.cores for s in split_cores(specs, [0])] == ["", ""]  # fewer cores than servers: vLLM's own binding
     assert server_env(split_cores(specs, [0, 1])[1]).get("VLLM_CPU_OMP_THREADS_BIND") in ("1", None)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_a_client_leaving_the_cascade_servers_stream_aborts_the_vllm_generation(vllm_local):
+    """Through `serve`'s app: a cascade whose (last) stage is SmolLM2 on vLLM streams a long free-form
+    answer; the client reads a few chunks and hangs up; the cascade server cancels the request
+    and the vLLM stage closes its stream, which vLLM logs as an abort."""
+    import json as _json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _loopback import ThreadServer
+
+    from cascade_core.cascade import RuntimeStage
+    from cascade_core.server.cascade_app import create_cascade_app
+
+    stages = [RuntimeStage(name="vllm", backend=_stage(vllm_local))]  # a local stage first would generate 1000 tokens
+    log = Path(next(s.log for s in vllm_local["started"] if s.spec.runner == "generate"))
+    aborts_before = log.read_text().count("Aborted request")
+    with ThreadServer(create_cascade_app({"vl": stages})) as running:
+        body = {"model": "cascade-vl", "stream": True, "max_tokens": 1000,
+                "messages": [{"role": "user", "content": "Write a very long story about a dragon, in many chapters."}]}
+        chunks = 0
+        with httpx.stream("POST", f"{running.url}/v1/chat/completions", json=body, timeout=120) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data:") and line != "data: [DONE]":
+                    delta = (_json.loads(line[5:])["choices"] or [{}])[0].get("delta", {})
+                    chunks += bool(delta.get("content"))
+                if chunks >= 3:
+                    break  # hang up mid-generation
+        deadline = time.monotonic() + 30
+        while log.read_text().count("Aborted request") == aborts_before and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert log.read_text().count("Aborted request") == aborts_before + 1
+        cancelled = httpx.get(f"{running.url}/metrics", timeout=10).json()["cancelled"]
+        assert cancelled["total"] >= 1 and cancelled["by_reason"].get("client disconnected", 0) >= 1

@@ -384,6 +384,10 @@ def plan(source, base_port: int, hidden: bool, model_dir: Callable[[str], Path],
          only: Sequence[str] | None = None, eager: bool = False) -> list[ServerSpec]:
     """One generation server per enabled local stage (and a pooling server each with `hidden`),
     ports counted up from `base_port`."""
+    unknown = sorted(set(only or ()) - {c.name for c in source.stages})
+    if unknown:
+        raise VllmError(f"preset {source.name!r} has no stage(s) {unknown}; its stages: "
+                        f"{', '.join(c.name for c in source.stages)}")
     specs = []
     port = base_port
     for config in source.stages:
