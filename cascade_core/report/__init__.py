@@ -220,6 +220,13 @@ def _build(
     api = api_section(table, categories, settings, progress)
     here = [c for c in held_out if c not in side_ood]
     ood_here = ood_section(table, features, categories, settings, progress, held_out=here) if here else None
+    # Section 7 needs nothing from the second process either: done before waiting for it.
+    if settings.label_free and has_features and len(local) >= 2:
+        label_free = label_free_section(table, features, settings, progress)
+    else:
+        label_free = LabelFreeSection(skipped="no hidden-state features" if not has_features else "one local stage")
+    if settings.label_free:
+        label_free.guarantee = label_free_guarantee(table, settings, progress)
     guarantee, cascades, ablations, router, ood_side = side()
     api_rule = None
     if api:
@@ -230,11 +237,5 @@ def _build(
         ood = join_ood([part for part in (ood_here, ood_side) if part is not None], categories)
     else:
         ood = OodSection(skipped="no hidden-state features" if not has_features else "fewer than 2 categories")
-    if settings.label_free and has_features and len(local) >= 2:
-        label_free = label_free_section(table, features, settings, progress)
-    else:
-        label_free = LabelFreeSection(skipped="no hidden-state features" if not has_features else "one local stage")
-    if settings.label_free:
-        label_free.guarantee = label_free_guarantee(table, settings, progress)
     return Report(format=REPORT_FORMAT, meta=report_meta, models=models, cascades=cascades, api=api,
                   ablations=ablations, baselines=baselines, ood=ood, label_free=label_free, guarantee=guarantee)
