@@ -491,8 +491,7 @@ class OpenAIStage:
         With `on_text` or `cancel` the answer is streamed (`stream: true`): `on_text(delta)` gets each
         piece as it arrives, and `cancel` (anything with `is_set()`) is checked at every chunk; once
         set, the connection is closed, which makes vLLM abort the request (it stops generating and
-        counts it as `finished_reason="abort"` in its /metrics), and the answer so far comes back
-        with `finish_reason="cancelled"`."""
+        logs "Aborted request(s)"), and the answer so far comes back with `finish_reason="cancelled"`."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if cancel is not None or on_text is not None:

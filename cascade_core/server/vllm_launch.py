@@ -367,6 +367,7 @@ def local_preset_text(source, servers: Sequence[Started], n_layers: dict[str, in
             why = ("no probe for its last layer yet (`bench` then `probes train` this preset)" if pooling is not None
                    else "no hidden-state server (vLLM's generation endpoints return no hidden states)")
             notes.append(f"{name}: P(T) only, {why}")
+            entry["label"] = f"{config.display_name} (vLLM; P(T) only: {why.split(' (')[0]})"
         stage_lines += ["", "[[stages]]"] + [f"{k} = {_toml_value(v)}" for k, v in entry.items()]
     description = f"{source.name} on local vLLM servers" + (f"; {'; '.join(notes)}" if notes else "")
     lines.append(f"description = {_toml_value(description)}")
