@@ -241,7 +241,7 @@ def start(where: Locations, dataset: str, preset, stages: Sequence[str] | None =
 
     if dataset == "mmlu":
         raise JobRefused("MMLU is benchmarked with `make bench` / `python -m cascade_core bench`, not as a background job")
-    read_metadata(dataset, where.results)  # a registered dataset, or a clear error
+    meta = read_metadata(dataset, where.results)  # a registered dataset, or a clear error
     configs = [c for c in preset.stages + preset.extra_stages
                if c.backend != "recorded" and (c.name in stages if stages else c.enabled and c in preset.stages)]
     if not configs:
@@ -262,7 +262,9 @@ def start(where: Locations, dataset: str, preset, stages: Sequence[str] | None =
         atomic_write_json(files.status, {
             "format": FORMAT, "state": "starting", "request": request, "pid": None, "started_at": now,
             "updated_at": now, "finished_at": None, "error": None, "probes": [],
-            "stages": [{"name": c.name, "state": "waiting", "done": 0, "total": 0} for c in configs]})
+            # The total until the child has selected the questions: all of them, when it runs all.
+            "stages": [{"name": c.name, "state": "waiting", "done": 0,
+                        "total": int(meta.get("questions") or 0) if per_subject is None else 0} for c in configs]})
         try:
             with open(files.log, "wb") as log:
                 proc = subprocess.Popen(
