@@ -7,7 +7,8 @@ free-form "repeat" question held the model for 104 s with no way out (issue 22).
 runs in a worker thread with the server's cancellation flag (`server.queue.CancelToken`:
 `run_cascade` checks it before every stage, the local backends at every decoding step); the script
 thread only draws what the worker reports, ticking every `poll_s` so that a click stops it
-promptly, and cancels the flag when it is stopped (`follow`'s caller does so in a `finally`).
+promptly, and cancels the flag when it is stopped (`follow`'s caller does so in a `finally`; the
+Cancel button's callback also cancels it directly, from the run the click starts).
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ class LiveRun:
         self.stages, self.question, self.max_new_tokens = list(stages), question, max_new_tokens
         self.token = CancelToken()
         self.started = time.perf_counter()
+        # What the page's script thread left when Streamlit stopped it (`partial`), and when it had.
+        # With runner.fastReruns (the default) a click starts the next script run at once, in another
+        # thread, while the stopped one is still unwinding; a value that thread assigns to
+        # st.session_state then is lost, so it is put here and the next run waits for `page_done`.
+        self.partial: dict | None = None
+        self.page_done = threading.Event()
         self._events: "queue.Queue[Event]" = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="cascade-route", daemon=True)
 

@@ -7,7 +7,7 @@ import math
 import streamlit as st
 
 from app_ui import backends, charts, data, datasets, state
-from app_ui.route_run import PAGE_LEFT, LiveRun
+from app_ui.route_run import PAGE_LEFT, USER_CANCELLED, LiveRun
 from cascade_core.cascade import for_free_form, trace_to_dict
 from cascade_core.policy import StagePolicy
 from cascade_core.prompts import validate_question
@@ -285,10 +285,16 @@ def status_label(step: StageStep, label: str) -> str:
 
 
 # ---- run ----------------------------------------------------------------------------------------------
+LIVE_KEY = "_route_live"  # the LiveRun of the last Route press
+
+
 def _cancel_clicked() -> None:
-    """The Cancel button's callback. It runs at the start of the rerun the click causes, after Streamlit
-    has stopped the running script, whose `finally` has already cancelled the generation."""
+    """The Cancel button's callback: it runs at the start of the script run the click starts (while
+    the stopped run may still be unwinding in its own thread) and stops the model at once."""
     st.session_state[CANCEL_KEY] = True
+    live = st.session_state.get(LIVE_KEY)
+    if live is not None:
+        live.cancel(USER_CANCELLED)
 
 
 left, right = st.columns([1, 5], vertical_alignment="center")
@@ -369,15 +375,21 @@ def run_question(cancel_box) -> None:
     loads: dict[str, float] = {}
     steps: list[StageStep] = []
     streaming = {"slot": None, "text": "", "since": None}  # the free-form answer of the stage running, as it is generated
-    live = LiveRun(stages, question).start()
+    live = LiveRun(stages, question)
+    st.session_state[LIVE_KEY] = live
+    live.start()
     finished = None
+    clock = st.empty()
     try:
         for event in live.follow():
             name = event.stage.name if event.stage is not None else None
             if event.kind == "tick":  # a Streamlit call now and then: where a click on Cancel stops this script
+                clock.caption(f"Running for {live.elapsed:.0f} s.")
                 running = next((n for n in reversed(list(boxes)) if n not in {s.stage for s in steps}), None)
                 if running is not None:
-                    boxes[running].update(label=f"{labels[running]}: {boxes_state[running]} {live.elapsed:.0f} s…")
+                    # expanded=True every time: an update without it collapses the box (and hides the streamed text)
+                    boxes[running].update(label=f"{labels[running]}: {boxes_state[running]} {live.elapsed:.0f} s…",
+                                          expanded=True)
                 continue
             if event.kind == "start":
                 lazy = bool(event.value)
@@ -415,12 +427,14 @@ def run_question(cancel_box) -> None:
     finally:
         if finished is None:  # Streamlit stopped this script (Cancel, or any click): stop the model too
             live.cancel(PAGE_LEFT)
-            st.session_state[LAST_KEY] = {
+            live.partial = {
                 "trace": Trace(question=question, steps=list(steps), thresholds=source), "failure": PAGE_LEFT,
                 "cancelled": True, "preset": preset.name, "loads": loads, "stages": list(labels.items()),
                 "policies": {s.name: s.policy for s in stages}, "recorded": {s.name: s.recorded for s in stages},
                 "seconds": live.elapsed, "running": next((labels[n] for n in boxes if n not in {x.stage for x in steps}), None),
             }
+        live.page_done.set()  # finished or stopped: the next run need not wait for this one
+    clock.empty()
     cancel_box.empty()
     if finished.trace is None:
         st.error(f"The cascade cannot run this question: {finished.failure}")
@@ -498,6 +512,7 @@ def draw_summary(last: dict, drawn: bool) -> None:
 
 
 if run:
+    st.session_state[LIVE_KEY] = None
     st.session_state.pop(LAST_KEY, None)
     st.session_state.pop(CANCEL_KEY, None)
     st.session_state[SLOT_KEY] = 1 - st.session_state.get(SLOT_KEY, 0)
@@ -510,6 +525,12 @@ if run:
         st.html(SCROLL_JS, unsafe_allow_javascript=True)
         run_question(cancel_box)
 else:
+    stopped = st.session_state.get(LIVE_KEY)
+    if LAST_KEY not in st.session_state and stopped is not None:  # a run this click (or another) stopped
+        stopped.page_done.wait(5)  # its thread reaches a Streamlit call within a tick (0.2 s)
+        if stopped.partial is not None:
+            st.session_state[LAST_KEY] = stopped.partial
+        st.session_state[LIVE_KEY] = None
     last = st.session_state.get(LAST_KEY)
     if last and last["preset"] == preset.name:
         with slots[st.session_state.get(SLOT_KEY, 0)].container():
