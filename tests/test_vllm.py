@@ -79,6 +79,7 @@ def vllm_local(smollm2_path, tmp_path_factory):
             stopped = vllm_launch.down()
         assert len(stopped) == 2
         assert not any(vllm_launch._alive(s) for s in started)
+        assert not path.exists()  # the preset pointing at them is gone with them
 
 
 def _stage(vllm_local, **kwargs):

@@ -451,10 +451,12 @@ def up(source, *, base_port: int = DEFAULT_BASE_PORT, hidden: bool = True, timeo
 
 
 def down() -> list[str]:
-    """Stop the servers `up` recorded (only those: pid and start time must match)."""
+    """Stop the servers `up` recorded (only those: pid and start time must match) and remove the
+    `vllm-local` preset that pointed at them."""
     servers = read_record()
     stopped = stop_servers(servers)
     write_record([])
+    generated_preset_path().unlink(missing_ok=True)
     return stopped
 
 
