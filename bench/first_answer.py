@@ -89,7 +89,8 @@ def route_once(url: str, question: dict | None, wait_s: float, target: str | Non
                 "\n".join(question["options"]))
             page.get_by_label("Subject (optional, goes into the prompt header)").fill(question["subject"])
         page.wait_for_timeout(max(0.0, wait_s - (time.perf_counter() - opened)) * 1000)
-        promise = page.get_by_test_id("stRadio").first.get_by_role("radio", checked=True).get_attribute("value") or ""
+        promise = page.get_by_test_id("stRadio").first.locator("label").filter(
+            has=page.locator("input:checked")).first.inner_text()  # e.g. "≤ 3 pt"
         started = time.perf_counter()
         page.get_by_role("button", name="Route").click()
         page.get_by_text(ANSWER_TEXT).first.wait_for()
