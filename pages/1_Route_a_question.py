@@ -260,7 +260,8 @@ def draw_card(step: StageStep, policy: StagePolicy, label: str, recorded: bool, 
             st.markdown(f"Answer: **{step.answer}**")
         else:
             st.markdown("Answer (free-form):")
-            st.text(display_answer(step.answer) or "(an empty answer)")
+            skipped = getattr(step, "generation_skipped", False)  # the P(IK) gate escalated before any answer
+            st.text("(not generated: P(IK) was below τ_IK)" if skipped else display_answer(step.answer) or "(an empty answer)")
         reason = step.reason
         if (step.decision in ("keep", "escalate") and step.reason != "empty answer" and not recorded
                 and not getattr(step, "generation_skipped", False)):  # a P(IK) gate's reason says what it saved
