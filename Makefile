@@ -77,7 +77,7 @@ bench-arith: fetch
 	$(BIN)/python -m cascade_core report --preset $(PRESET) --dataset arith
 
 ## bench-mmlu-open: the shipped real free-form set (1,000 MMLU test questions with a short right option, asked
-## without their options; see cascade_core/mmlu_open.py) for every stage (resumable: rerun after an interruption),
+## without their options; see cascade_core/records/mmlu_open.py) for every stage (resumable: rerun after an interruption),
 ## its probes, its label-free free-form policy and docs/RESULTS-mmlu-open.md
 bench-mmlu-open: fetch
 	$(BIN)/python -m cascade_core bench --preset $(PRESET) --dataset mmlu-open --max-new-tokens 16 --threads $(THREADS)

@@ -33,9 +33,9 @@ else:
 
     import pandas as pd
 
-    from app_ui import backends, charts, data, datasets, state
+    from app_ui import backends, charts, data, datasets, state, view_model
     from cascade_core import formatting
-    from cascade_core.ui_data import headline_sentence
+    from app_ui.view_model import headline_sentence
 
 PAGES_DIR = "pages"
 
@@ -81,7 +81,7 @@ def home() -> None:
     policies = dict(zip([s.name for s in enabled], found.policy.stages)) if found.policy is not None else {}
     # st.table, not st.dataframe: it wraps long cells ("routing" and "status" were cut at 1400 px)
     st.table(pd.DataFrame([{
-        "stage": state.label_of(s), "backend": s.backend, "model": s.model, "size": size_of(s),
+        "stage": view_model.label_of(s), "backend": s.backend, "model": s.model, "size": size_of(s),
         "runs as": backends.runs_as(s), "routing": policy_text(s, policies.get(s.name), i == len(enabled) - 1,
                                                                found.off_reasons.get(s.name, "")),
         "status": backends.fetched_status(s)[1],

@@ -329,7 +329,7 @@ def format_caption(configs, applied=None) -> tuple[str, bool]:
     ("**Number format**: SmolLM2-135M-Instruct, Qwen2.5-Coder-1.5B-Instruct: float32 here;
     calibrated on bfloat16 records: about 5% of answers may differ."), and whether any stage runs in
     another format than its records; ("", False) when no stage has a format of ours."""
-    from app_ui.state import label_of
+    from app_ui.view_model import label_of
 
     labels = {c.name: label_of(c) for c in configs}
     groups: dict[str, list[str]] = {}

@@ -14,7 +14,7 @@ import time
 
 import streamlit as st
 
-from app_ui import backends, state
+from app_ui import backends, view_model
 from app_ui.data import where
 from cascade_core.presets import Preset
 
@@ -29,8 +29,8 @@ def report_path(dataset: str):
     """The report `python -m cascade_core report --dataset NAME` wrote for a dataset other than
     MMLU, when there is one: docs/RESULTS-<name>.md for a shipped set (on the repository's own
     records), else REPORT.md beside the records."""
-    from cascade_core.compose.locations import RESULTS_DOC
-    from cascade_core.dataset_registry import BUILTIN
+    from cascade_core.locations import RESULTS_DOC
+    from cascade_core.records.registry import BUILTIN
 
     if dataset in BUILTIN:
         path = RESULTS_DOC.with_name(f"RESULTS-{dataset}.md") if where().is_default_results else None
@@ -152,7 +152,7 @@ def job_section(preset: Preset, dataset: str, meta: dict) -> None:
     with st.form("job_form"):
         stages = st.multiselect("Stages", [c.name for c in runnable], key="job_stages",
                                 default=[c.name for c in preset.stages if c.enabled and c.backend != "recorded"],
-                                format_func=lambda n: state.label_of(next(c for c in runnable if c.name == n)))
+                                format_func=lambda n: view_model.label_of(next(c for c in runnable if c.name == n)))
         cols = st.columns(2)
         per_group = cols[0].number_input("Questions per group (0 = all)", 0, 1_000_000, 0, key="job_per_group",
                                          help="The first of each group in the split's seeded order, half "
@@ -185,7 +185,7 @@ def job_section(preset: Preset, dataset: str, meta: dict) -> None:
 def calibrate_section(preset: Preset, dataset: str, meta: dict, job_active: bool) -> None:
     """Choose the dataset's policy with a guarantee (`calibrate`) and say what it is."""
     from cascade_core.compose.policies import calibrate, calibration_stages, stage_summary
-    from cascade_core.resplit import RULES
+    from cascade_core.choose.resplit import RULES
 
     st.subheader(f"Calibrate {dataset}")
     has_answers = bool(meta.get("has_answers"))

@@ -16,10 +16,10 @@ from typing import Sequence
 import numpy as np
 import streamlit as st
 
-from cascade_core.compose.locations import RESULTS_DOC, Locations, locations
-from cascade_core.frontier import SweepResult, sweep
+from cascade_core.locations import RESULTS_DOC, Locations, locations
+from cascade_core.choose.frontier import SweepResult, sweep
 from cascade_core.presets import Preset, StageConfig, parse_preset
-from cascade_core.records import RecordTable
+from cascade_core.records.table import RecordTable
 
 DATASET = "mmlu"
 SPLIT_CHOICES = ("test", "calibration", "all")
@@ -167,8 +167,8 @@ def load_frontier(preset: Preset, split: str, recorded: StageConfig | None, rule
 @st.cache_data(max_entries=64, show_spinner=False)
 def _cached_references(preset_json: str, recorded_json: str | None, root: str, dataset: str, split: str,
                        signature: tuple, enabled: tuple[bool, ...], unit: str) -> dict:
-    from cascade_core.frontier import oracle, single_models
-    from cascade_core.ui_data import random_routing_curve
+    from cascade_core.choose.frontier import oracle, single_models
+    from app_ui.view_model import random_routing_curve
 
     table = _cached_table(preset_json, recorded_json, root, dataset, split, signature).table
     curve = random_routing_curve(table, list(enabled), unit)
@@ -189,15 +189,15 @@ def load_references(preset: Preset, split: str, recorded: StageConfig | None, en
 @st.cache_data(show_spinner="Loading MMLU…", max_entries=2)
 def mmlu_questions(split: str = "test"):
     """MMLU questions of one split (a DataFrame: qid, subject, question, options, answer)."""
-    from cascade_core.datasets import load_mmlu
+    from cascade_core.records.mmlu import load_mmlu
 
     return load_mmlu(split=split)
 
 
 @st.cache_data(show_spinner="Choosing thresholds on the calibration split…", max_entries=8)
 def _cached_headline(preset_json: str, root: str, dataset: str, signature: tuple, target: float) -> dict | None:
-    from cascade_core.frontier import accuracy_difference
-    from cascade_core.selection import evaluate_on, select_policy
+    from cascade_core.choose.frontier import accuracy_difference
+    from cascade_core.choose.selection import evaluate_on, select_policy
 
     calib = _cached_table(preset_json, None, root, dataset, "calibration", signature)
     test = _cached_table(preset_json, None, root, dataset, "test", signature)
@@ -237,8 +237,8 @@ def headline(preset: Preset, target: float = 0.01, dataset: str = DATASET) -> di
 
 def _calibrated_headline(preset: Preset, found, dataset: str, paths: list[Path]) -> dict:
     from cascade_core.compose.policies import calibration_stages
-    from cascade_core.frontier import accuracy_difference
-    from cascade_core.selection import evaluate_on
+    from cascade_core.choose.frontier import accuracy_difference
+    from cascade_core.choose.selection import evaluate_on
 
     own = [c for c in preset.stages if c.backend == "recorded" and c.enabled]
     test = _cached_table(preset.model_dump_json(), own[-1].model_dump_json() if own else None, str(results_dir()),
@@ -250,7 +250,7 @@ def _calibrated_headline(preset: Preset, found, dataset: str, paths: list[Path])
     if any(b is not None for b in getattr(found, "biases", ())):
         return {"error": "the calibrated policy debiases letters, and the app does not replay that yet: "
                          "`python -m cascade_core report` gives its figures"}
-    from cascade_core.ui_data import last_stage_calls_saved
+    from app_ui.view_model import last_stage_calls_saved
 
     result = evaluate_on(test.table, found.policy)
     table = test.table
@@ -272,7 +272,7 @@ def _calibrated_headline(preset: Preset, found, dataset: str, paths: list[Path])
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def _cached_applied(preset_json: str, policies: str, signature: tuple, dataset: str = "mmlu"):
-    from cascade_core.compose.locations import locations as make_locations
+    from cascade_core.locations import locations as make_locations
     from cascade_core.compose.policies import applied_policy
 
     preset = parse_preset(json.loads(preset_json), "session preset")
@@ -298,7 +298,7 @@ def applied(preset: Preset, dataset: str = "mmlu"):
 def dataset_questions(name: str, split: str = "test"):
     """A shipped dataset's questions of one split (qid, subject, question, options, references), as
     the registry resolves them; nothing is written."""
-    from cascade_core.dataset_registry import resolve_dataset, select_questions
+    from cascade_core.records.registry import resolve_dataset, select_questions
 
     return select_questions(resolve_dataset(name, where().results, write=False), split)
 
@@ -314,7 +314,7 @@ def prompt_limit() -> int:
 def shipped_target(preset: Preset) -> tuple[float, float] | None:
     """(target in points, delta) of the preset's MMLU policy file when it promises an accuracy
     target (`calibrate --target`), else None (no file, a budget file, or one that cannot be used)."""
-    from cascade_core.policy_file import read_policy_file
+    from cascade_core.choose.policy_file import read_policy_file
 
     found, problem = applied(preset)
     if problem or found.policy is None or found.file is None:
@@ -341,7 +341,7 @@ def _target_unit(preset: Preset) -> str:
 @st.cache_resource(show_spinner="Calibrating for this target (Learn-then-Test on the calibration split)…", max_entries=16)
 def _cached_target_policy(preset_json: str, recorded_json: str | None, root: str, dataset: str, split: str,
                           signature: tuple, target_pt: float, delta: float, unit: str):
-    from cascade_core.ui_data import policy_for_target
+    from app_ui.view_model import policy_for_target
 
     calib = _cached_table(preset_json, recorded_json, root, dataset, split, signature)
     if calib.table is None:
@@ -369,7 +369,7 @@ def target_policy(preset: Preset, target_pt: float, delta: float):
 def _cached_examples(preset_json: str, recorded_json: str | None, root: str, dataset: str, split: str,
                      signature: tuple, policy_json: str) -> dict:
     from cascade_core.policy import CascadePolicy
-    from cascade_core.ui_data import route_examples
+    from app_ui.view_model import route_examples
 
     test = _cached_table(preset_json, recorded_json, root, dataset, split, signature).table
     if test is None:
@@ -391,7 +391,7 @@ def route_examples(preset: Preset, policy) -> dict:
 def guarantee_headline() -> dict | None:
     """The report's guaranteed headline (`ui_data.guarantee_headline` of docs/RESULTS.md), or None
     when there is no report for the records the app reads."""
-    from cascade_core.ui_data import guarantee_headline as parse
+    from app_ui.view_model import guarantee_headline as parse
 
     path = report_path()
     if path is None:
@@ -423,7 +423,7 @@ def route_targets(preset: Preset) -> tuple[list[float], float] | None:
     """The Route page's promises and the one it opens on: the tightest at which a stage before the
     last is in use, so a newcomer sees a keep and an escalation (the shipped one where none routes);
     None without a shipped accuracy-target policy."""
-    from cascade_core.ui_data import ROUTE_TARGETS_PT
+    from app_ui.view_model import ROUTE_TARGETS_PT
 
     shipped = shipped_target(preset)
     if shipped is None:

@@ -20,14 +20,14 @@ DEFAULT = "mmlu"
 
 def known() -> list[str]:
     """The datasets a user can pick: the built-in ones and the files registered here."""
-    from cascade_core.dataset_registry import known_datasets
+    from cascade_core.records.registry import known_datasets
 
     return known_datasets(where().results)
 
 
 def describe(name: str) -> str:
     """'sums: free-form, graded numeric, with answers' (what the registry's metadata says)."""
-    from cascade_core.dataset_registry import read_metadata
+    from cascade_core.records.registry import read_metadata
 
     try:
         meta = read_metadata(name, where().results)
@@ -45,7 +45,7 @@ def registered_as(path) -> dict | None:
     import hashlib
     from pathlib import Path
 
-    from cascade_core.dataset_registry import dataset_name, read_metadata
+    from cascade_core.records.registry import dataset_name, read_metadata
 
     path = Path(path)
     try:
@@ -87,7 +87,7 @@ def dataset_picker(page: str, container=None) -> str:
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _questions(name: str, root: str, split: str, signature: tuple):
-    from cascade_core.dataset_registry import resolve_dataset, select_questions
+    from cascade_core.records.registry import resolve_dataset, select_questions
 
     return select_questions(resolve_dataset(name, root, write=False), split)
 

@@ -13,7 +13,7 @@ import streamlit as st
 
 from cascade_core.policy import StagePolicy
 from cascade_core.presets import Preset, PresetError, StageConfig, list_presets, load_preset, parse_preset
-from cascade_core.ui_data import StageSetting
+from app_ui.view_model import StageSetting
 
 PRESET_KEY = "_preset_name"
 ADDED_KEY = "_added_stages"  # {preset name: [StageConfig dicts]}
@@ -101,7 +101,7 @@ def stage_thresholds(preset: Preset, applied=None, explorer: bool = True) -> tup
     The explorer left on the calibrated policy still says "calibrated".
     """
     from cascade_core.compose.live import stage_policy
-    from cascade_core.ui_data import policy_from_settings
+    from app_ui.view_model import policy_from_settings
 
     own = {s.name: stage_policy(s) for s in preset.stages}
     source, off = "thresholds: from the preset file", {}
@@ -165,7 +165,3 @@ def preload_enabled(preset: Preset) -> bool:
     if PRELOAD_KEY not in st.session_state:
         st.session_state[PRELOAD_KEY] = preload_default(preset.stages)
     return bool(st.session_state[PRELOAD_KEY])
-
-
-def label_of(config: StageConfig) -> str:
-    return config.display_name + (" (recorded)" if config.backend == "recorded" and "recorded" not in config.display_name.lower() else "")

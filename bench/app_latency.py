@@ -42,10 +42,10 @@ def real_records_complete() -> bool:
 
 
 def write_synthetic(root: Path) -> None:
-    from cascade_core.datasets import load_mmlu
+    from cascade_core.records.mmlu import load_mmlu
     from cascade_core.io import atomic_write_parquet
-    from cascade_core.records import synthetic_table
-    from cascade_core.ui_data import record_frames
+    from cascade_core.records.table import synthetic_table
+    from app_ui.view_model import record_frames
 
     mmlu = load_mmlu()
     table = synthetic_table(len(mmlu), len(STAGES), seed=0)

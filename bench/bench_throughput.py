@@ -1,6 +1,6 @@
 """Questions per second of the benchmark runner against the bare forward pass on the same batches.
 
-`cascade_core.bench.run_stage` adds prompt formatting, signals, a feature chunk write and an
+`cascade_core.records.runner.run_stage` adds prompt formatting, signals, a feature chunk write and an
 atomic rewrite of the records file to every batch; this measures what that costs next to
 `backend.score_options` alone (target: runner overhead <= 5%), two ways:
 
@@ -34,8 +34,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cascade_core.bench import BenchPaths, run_stage  # noqa: E402
-from cascade_core.datasets import load_mmlu, to_questions  # noqa: E402
+from cascade_core.records.runner import BenchPaths, run_stage  # noqa: E402
+from cascade_core.records.mmlu import load_mmlu, to_questions  # noqa: E402
 from cascade_core.io import atomic_write_parquet  # noqa: E402
 from cascade_core.prompts import format_prompt  # noqa: E402
 

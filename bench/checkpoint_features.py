@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cascade_core.bench import load_records  # noqa: E402
+from cascade_core.records.runner import load_records  # noqa: E402
 from cascade_core.compose.features import checkpoint_features  # noqa: E402
-from cascade_core.compose.locations import locations  # noqa: E402
+from cascade_core.locations import locations  # noqa: E402
 from cascade_core.presets import load_preset  # noqa: E402
 from cascade_core.probe import PIKProbe  # noqa: E402
 

@@ -59,7 +59,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from cascade_core.datasets import load_mmlu
+    from cascade_core.records.mmlu import load_mmlu
     from cascade_core.prompts import format_prompt
     from cascade_core.types import Question
 

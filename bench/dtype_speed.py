@@ -28,7 +28,7 @@ def main() -> int:
 
     import torch
 
-    from cascade_core.datasets import load_mmlu, to_questions
+    from cascade_core.records.mmlu import load_mmlu, to_questions
     from cascade_core.prompts import format_prompt
     from models.hf import HFBackend, cpu_has_native_bf16
 

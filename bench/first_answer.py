@@ -48,7 +48,7 @@ ANSWER_TEXT = "The cascade answers"
 
 
 def mmlu_question(qid: str) -> dict:
-    from cascade_core.datasets import load_mmlu
+    from cascade_core.records.mmlu import load_mmlu
 
     frame = load_mmlu(split="test")
     row = frame[frame["qid"] == qid].iloc[0]

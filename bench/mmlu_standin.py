@@ -33,9 +33,9 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cascade_core.compose.locations import locations  # noqa: E402
-from cascade_core.datasets import load_mmlu  # noqa: E402
-from cascade_core.features_store import export_layer, load_layer  # noqa: E402
+from cascade_core.locations import locations  # noqa: E402
+from cascade_core.records.mmlu import load_mmlu  # noqa: E402
+from cascade_core.records.features import export_layer, load_layer  # noqa: E402
 from cascade_core.presets import load_preset  # noqa: E402
 
 # The probes' layers and widths of the default models (data/probes/*.npz metadata).

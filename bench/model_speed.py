@@ -30,7 +30,7 @@ def mmlu_prompts(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
     from cascade_core.types import Question
 
     try:
-        from cascade_core.datasets import load_mmlu, to_questions
+        from cascade_core.records.mmlu import load_mmlu, to_questions
 
         questions = to_questions(load_mmlu())
     except Exception as exc:  # the data is another part of the project; speed needs only text

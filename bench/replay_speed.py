@@ -20,10 +20,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cascade_core.frontier import sweep  # noqa: E402
+from cascade_core.choose.frontier import sweep  # noqa: E402
 from cascade_core.policy import CascadePolicy  # noqa: E402
-from cascade_core.records import synthetic_table  # noqa: E402
-from cascade_core.replay import replay  # noqa: E402
+from cascade_core.records.table import synthetic_table  # noqa: E402
+from cascade_core.choose.replay import replay  # noqa: E402
 
 
 def main() -> int:

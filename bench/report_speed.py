@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cascade_core.compose.tables import load_report_inputs  # noqa: E402
-from cascade_core.records import RecordTable  # noqa: E402
+from cascade_core.records.table import RecordTable  # noqa: E402
 from cascade_core.report import ReportSettings, build_report  # noqa: E402
 
 

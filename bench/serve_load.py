@@ -57,7 +57,7 @@ def free_port() -> int:
 
 def sample_questions(n: int, seed: int) -> list[dict]:
     """`n` seeded MMLU test questions that pass the server's input checks, as request bodies."""
-    from cascade_core.datasets import load_mmlu
+    from cascade_core.records.mmlu import load_mmlu
     from cascade_core.prompts import validate_question
     from cascade_core.types import OPTION_LETTERS, Question
 

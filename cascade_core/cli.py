@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cascade_core.compose.locations import RESULTS_DOC, locations
+from cascade_core.locations import RESULTS_DOC, locations
 from cascade_core.formatting import num
 from cascade_core.presets import PresetError, list_presets, load_preset
 from cascade_core.types import Question, Trace
@@ -109,7 +109,7 @@ def _dataset_name(spec: str, results_dir) -> str:
     """The folder name of a `--dataset` value (`dataset_registry.dataset_name`): `mmlu` as it was."""
     if spec == "mmlu":
         return spec
-    from cascade_core.dataset_registry import dataset_name
+    from cascade_core.records.registry import dataset_name
 
     return dataset_name(spec, results_dir)
 
@@ -156,7 +156,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"({result['backfilled']} computed now, {result['agree']} of them agree with the "
                   f"recorded prediction) -> {where.features_dir(config.name, dataset)}")
         else:
-            from cascade_core.record_schema import labelled_rows
+            from cascade_core.records.schema import labelled_rows
 
             labelled = labelled_rows(result)
             accuracy = (f"accuracy {result['correct'][labelled].mean():.3f}" if labelled.any()
@@ -202,7 +202,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from cascade_core.compose.tables import load_report_inputs
 
     dataset = _dataset_name(args.dataset, locations(args.results_dir).results)
-    from cascade_core.dataset_registry import read_metadata
+    from cascade_core.records.registry import read_metadata
 
     if read_metadata(dataset, locations(args.results_dir).results).get("kind") == "free":
         return _report_free_form(args, dataset)
@@ -232,9 +232,9 @@ def _write_report(args: argparse.Namespace, default_out: str, text: str, report:
 def _report_free_form(args: argparse.Namespace, dataset: str) -> int:
     """`report` of a free-form dataset (`report.freeform`): a shipped set's goes to
     docs/RESULTS-<name>.md, a user's file's beside its records."""
-    from cascade_core.bench import load_records
+    from cascade_core.records.runner import load_records
     from cascade_core.compose.tables import load_preset_table
-    from cascade_core.dataset_registry import BUILTIN
+    from cascade_core.records.registry import BUILTIN
     from cascade_core.report.freeform import freeform_report, render_freeform
 
     from cascade_core.compose.tables import MissingRecordsError
@@ -258,7 +258,7 @@ def _report_free_form(args: argparse.Namespace, dataset: str) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from cascade_core.compose.locations import locations
+    from cascade_core.locations import locations
     from cascade_core.compose.policies import calibrate, stage_summary
 
     if args.budget is not None and args.target is not None:

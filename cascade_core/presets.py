@@ -17,7 +17,7 @@ from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from cascade_core.compose.locations import REPO_ROOT
+from cascade_core.locations import REPO_ROOT
 
 PRESET_DIR = Path(__file__).parent / "presets"
 

@@ -34,7 +34,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cascade_core import __version__
 from cascade_core.blas import blas_threads
-from cascade_core.calibration import auroc
+from cascade_core.signal_quality import auroc
 from cascade_core.io import CorruptFileError, atomic_write_npz
 
 FORMAT = "cascade-pik-probe"

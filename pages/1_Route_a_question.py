@@ -6,7 +6,7 @@ import math
 
 import streamlit as st
 
-from app_ui import backends, charts, data, datasets, state
+from app_ui import backends, charts, data, datasets, state, view_model
 from app_ui.route_run import PAGE_LEFT, USER_CANCELLED, LiveRun
 from cascade_core.cascade import for_free_form, trace_to_dict
 from cascade_core.policy import StagePolicy
@@ -14,7 +14,7 @@ from cascade_core.prompts import validate_question
 from cascade_core.types import OPTION_LETTERS, Question, StageStep, Trace
 from cascade_core.compose.policies import FREE_FORM_DATASET, apply_free_form, calibration_stages, stage_summary
 from cascade_core.policy import CascadePolicy
-from cascade_core.ui_data import decision_reason, display_answer, json_text, thresholds_applied
+from app_ui.view_model import decision_reason, display_answer, json_text, thresholds_applied
 
 
 PAGE = "route"
@@ -46,7 +46,7 @@ if shipped is not None and offered is not None:
     target_key = f"route_target::{preset.name}"
     if st.session_state.get(target_key) not in targets:
         st.session_state[target_key] = opening
-    last_label = state.label_of(configs[calibration_stages(preset)[-1]])
+    last_label = view_model.label_of(configs[calibration_stages(preset)[-1]])
     target = st.radio(f"Accuracy promise: at most this many points lost against {last_label} alone", targets,
                       key=target_key, horizontal=True,
                       format_func=lambda t: f"≤ {t:g} pt" + (" (the shipped policy)" if t == shipped_pt else ""),
@@ -82,7 +82,7 @@ if (stages_key not in st.session_state or not set(st.session_state[stages_key]) 
         or st.session_state.get(followed_key, followed) != followed):  # a new target or explorer policy: its stages
     st.session_state[stages_key] = followed
 st.session_state[followed_key] = followed
-chosen = st.sidebar.multiselect("Stages to run", names, key=stages_key, format_func=lambda n: state.label_of(configs[n]),
+chosen = st.sidebar.multiselect("Stages to run", names, key=stages_key, format_func=lambda n: view_model.label_of(configs[n]),
                                 help="Kept in cascade order, smallest first; the last one always answers.")
 chosen = [n for n in names if n in chosen]
 st.sidebar.page_link("pages/4_Settings.py", label="Add a stage or fetch models", icon=":material/settings:")
@@ -111,7 +111,7 @@ input_problem: str | None = None
 if mode == "example":
     def example_label(kind: str) -> str:
         ex = examples[kind]
-        first, by = state.label_of(configs[ex.first_stage]), state.label_of(configs[ex.answered_by])
+        first, by = view_model.label_of(configs[ex.first_stage]), view_model.label_of(configs[ex.answered_by])
         return f"kept by {first}" if kind == "keep" else f"escalated by {first} to {by}"
 
     kinds = list(examples)
@@ -127,7 +127,7 @@ if mode == "example":
         st.markdown(f"**{question.text}**")
         st.markdown("  \n".join(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(question.options)))
         pik = "" if math.isnan(ex.p_ik) else f", P(IK) {ex.p_ik:.2f}"
-        st.caption(f"MMLU `{ex.qid}` (test split). In the benchmark records {state.label_of(configs[ex.first_stage])} "
+        st.caption(f"MMLU `{ex.qid}` (test split). In the benchmark records {view_model.label_of(configs[ex.first_stage])} "
                    f"has P(T) {ex.p_t:.2f}{pik} on it, so this policy "
                    f"{'keeps its answer' if kind == 'keep' else 'escalates it'}, even with both signals 0.05 "
                    f"{'lower' if kind == 'keep' else 'higher'}; live, the model runs again here and its numbers can "
@@ -223,12 +223,12 @@ for name, why in off_reasons.items():
     if name not in configs:
         continue
     if name in chosen:
-        st.caption(f"**{state.label_of(configs[name])}: switched on here** although {why[0].lower()}{why[1:]}; "
+        st.caption(f"**{view_model.label_of(configs[name])}: switched on here** although {why[0].lower()}{why[1:]}; "
                    f"it runs with the preset's thresholds: {routing_text(name).removeprefix('switched on here: ')}.")
     else:
-        st.caption(f"**{state.label_of(configs[name])}: off**. {why[0].upper()}{why[1:]}.")
+        st.caption(f"**{view_model.label_of(configs[name])}: off**. {why[0].upper()}{why[1:]}.")
 with st.expander("Thresholds", expanded=False):
-    st.dataframe([{"stage": state.label_of(configs[n]), "routing": routing_text(n)} for n in names],
+    st.dataframe([{"stage": view_model.label_of(configs[n]), "routing": routing_text(n)} for n in names],
                  hide_index=True, width="stretch")
     st.page_link("pages/2_Explore_thresholds.py", label="Change them in the threshold explorer", icon=":material/tune:")
 
@@ -341,13 +341,13 @@ def run_question(cancel_box) -> None:
             problem = f"This question cannot be asked: {err}."
     recorded_chosen = [n for n in chosen if configs[n].backend == "recorded"]
     if problem is None and recorded_chosen and not question.qid:
-        problem = (f"{state.label_of(configs[recorded_chosen[0]])} replays recorded MMLU outcomes only: pick an MMLU "
+        problem = (f"{view_model.label_of(configs[recorded_chosen[0]])} replays recorded MMLU outcomes only: pick an MMLU "
                    "question, or leave that stage out.")
     if problem is None:
         for name in chosen:
             ready, why = backends.fetched_status(configs[name])
             if not ready:
-                problem = (f"{state.label_of(configs[name])} cannot run: {why}. Fetch it on the Settings page "
+                problem = (f"{view_model.label_of(configs[name])} cannot run: {why}. Fetch it on the Settings page "
                            "(or `make fetch`), or leave the stage out.")
                 break
     if problem:
@@ -358,7 +358,7 @@ def run_question(cancel_box) -> None:
         try:
             stages.append(backends.lazy_stage(configs[name], stage_policy(name)))
         except Exception as err:  # noqa: BLE001 - any build failure becomes a message
-            st.error(f"{state.label_of(configs[name])} is not usable: {err}")
+            st.error(f"{view_model.label_of(configs[name])} is not usable: {err}")
             return
     if not question.is_multiple_choice:  # free-form: the calibrated free-form policy, when there is one
         free_form, free_problem = data.applied(preset, FREE_FORM_DATASET)
@@ -371,7 +371,7 @@ def run_question(cancel_box) -> None:
         elif free_form.policy is not None:
             st.caption(f"Free-form question: {free_form.description} ({FREE_FORM_DATASET} records).")
     stages = [for_free_form(s) if not question.is_multiple_choice else s for s in stages]
-    labels = {n: state.label_of(configs[n]) for n in chosen}
+    labels = {n: view_model.label_of(configs[n]) for n in chosen}
     boxes: dict[str, object] = {}
     loads: dict[str, float] = {}
     steps: list[StageStep] = []

@@ -8,11 +8,11 @@ from dataclasses import replace
 
 import streamlit as st
 
-from app_ui import charts, data, datasets, state
+from app_ui import charts, data, datasets, state, view_model
 from cascade_core import formatting
 from cascade_core.cost import COST_UNITS
-from cascade_core.replay import replay
-from cascade_core.ui_data import (SCORE_RANGE, UNIT_LABELS, StageSetting, choice_param, default_unit, operating_point,
+from cascade_core.choose.replay import replay
+from app_ui.view_model import (SCORE_RANGE, UNIT_LABELS, StageSetting, choice_param, default_unit, operating_point,
                                   policy_from_settings, settings_from_params,
                                   settings_from_policy, settings_to_params, unknown_params)
 
@@ -92,7 +92,7 @@ if st.session_state.get(f"{end_key}@{PAGE}") not in end_options:
     st.session_state[f"{end_key}@{PAGE}"] = stored_end if stored_end in end_options else NO_RECORDED
 end = st.sidebar.selectbox(
     "End the cascade with a recorded stage", end_options, key=f"{end_key}@{PAGE}",
-    format_func=lambda n: n if n == NO_RECORDED else state.label_of(recorded_options[n]),
+    format_func=lambda n: n if n == NO_RECORDED else view_model.label_of(recorded_options[n]),
     help="Recorded stages replay real per-question outcomes of GPT-4 / Mixtral on MMLU (RouteLLM). "
          "They have no probabilities, so they can only be last.")
 st.session_state[f"_explore_{end_key}"] = end
@@ -213,7 +213,7 @@ def recalibrate(preset, recorded, names: tuple[str, ...], unit: str, split: str,
                 factor: float = 1.0) -> None:
     """Callback of the calibrate button: Learn-then-Test on the calibration split, sliders moved to the
     result. `factor`: what the budget box's unit is worth (1e9 when the chart shows billions of FLOPs)."""
-    from cascade_core.calibrated import calibrate_policy
+    from cascade_core.choose.calibrated_policy import calibrate_policy
 
     mode = st.session_state.get("cal_mode", "accuracy loss")
     calib = data.load_table(preset, "calibration", recorded, dataset=dataset)
@@ -291,7 +291,7 @@ def explorer(rule: str) -> None:
         enabled_now = [bool(st.session_state[widget_key(preset.name, n, "on")]) for n in table.names]
         last_enabled = max((i for i, on in enumerate(enabled_now) if on), default=-1)
         for i, name in enumerate(table.names):
-            label = state.label_of(configs[name]) if name in configs else name
+            label = view_model.label_of(configs[name]) if name in configs else name
             with st.container(border=True):
                 st.checkbox(f"**{label}**", key=widget_key(preset.name, name, "on"),
                             help="Switch the stage off to replay the cascade without it.")
@@ -365,7 +365,7 @@ def explorer(rule: str) -> None:
     # Below the two columns, full width: on a narrow screen (400 px) the columns stack, and the chart
     # then sits right under the sliders instead of after this table and the calibration form.
     st.subheader("Where the questions go")
-    rates = [{"stage": state.label_of(configs[n]) if n in configs else n,
+    rates = [{"stage": view_model.label_of(configs[n]) if n in configs else n,
               "in use": bool(policy.stages[i].enabled),
               "reaches": pct(float(result.reach_rate[i]), 1),
               "escalation rate": pct(point.escalation_rate[n], 1),
@@ -397,7 +397,7 @@ def draw_chart(point, enabled: list[bool], unit_label: str) -> tuple[float, str]
     returns the factor and words its cost axis is drawn in (`charts.option_scale`)."""
     swept = data.load_frontier(preset, split, recorded, rule, unit, dataset=dataset)
     refs = data.load_references(preset, split, recorded, enabled, unit, dataset=dataset)
-    singles = [{"label": state.label_of(configs[stage]) if stage in configs else stage, "cost": cost,
+    singles = [{"label": view_model.label_of(configs[stage]) if stage in configs else stage, "cost": cost,
                 "accuracy": accuracy, "recorded": bool(table.recorded[i])}
                for i, (stage, cost, accuracy) in enumerate(refs["singles"])]
     point_key = f"_explore_point::{preset.name}::{'|'.join(table.names)}::{split}::{unit}"

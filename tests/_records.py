@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cascade_core.datasets import load_mmlu
+from cascade_core.records.mmlu import load_mmlu
 from cascade_core.io import atomic_write_parquet
-from cascade_core.records import RecordTable, synthetic_table
-from cascade_core.ui_data import record_frames
+from cascade_core.records.table import RecordTable, synthetic_table
+from app_ui.view_model import record_frames
 
 DEFAULT_STAGES = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 

@@ -19,10 +19,10 @@ from _records import DEFAULT_STAGES as STAGES
 from _records import write_synthetic_records
 from app_ui import state
 from cascade_core.policy import CascadePolicy, StagePolicy
-from cascade_core.records import RecordTable
-from cascade_core.replay import replay
-from cascade_core.selection import evaluate_on, select_policy
-from cascade_core.ui_data import StageSetting
+from cascade_core.records.table import RecordTable
+from cascade_core.choose.replay import replay
+from cascade_core.choose.selection import evaluate_on, select_policy
+from app_ui.view_model import StageSetting
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 ROUTE, EXPLORE, BENCH, SETTINGS = ("pages/1_Route_a_question.py", "pages/2_Explore_thresholds.py",
@@ -282,7 +282,7 @@ def test_explorer_all_stages_off_is_a_message(app):
 
 
 def test_explorer_target_control_moves_the_sliders_to_the_calibrated_policy(app, synthetic_results):
-    from cascade_core.calibrated import calibrate_policy
+    from cascade_core.choose.calibrated_policy import calibrate_policy
 
     _, table = synthetic_results
     at = open_page(app, EXPLORE)
@@ -310,7 +310,7 @@ def test_explorer_target_control_moves_the_sliders_to_the_calibrated_policy(app,
 def test_explorer_budget_is_typed_in_the_chart_s_unit(app, synthetic_results):
     """Issue 22: the chart shows (say) billions of FLOPs; the budget box takes the same unit."""
     from app_ui.charts import SI_WORDS
-    from cascade_core.calibrated import calibrate_policy
+    from cascade_core.choose.calibrated_policy import calibrate_policy
 
     _, table = synthetic_results
     at = open_page(app, EXPLORE)
@@ -334,7 +334,7 @@ def test_explorer_budget_is_typed_in_the_chart_s_unit(app, synthetic_results):
 
 def write_policy_file(results_root: Path, policies: Path, target_pt: float = 3.0):
     """A real policy file (`calibrate` on the synthetic records) in a temporary policies folder."""
-    from cascade_core.compose.locations import locations
+    from cascade_core.locations import locations
     from cascade_core.compose.policies import calibrate
 
     path, found = calibrate("default", where=locations(results_dir=results_root, policies_dir=policies),
@@ -373,7 +373,7 @@ def test_explorer_opens_on_the_calibrated_thresholds(app, synthetic_results, no_
 def write_policy_with_a_stage_off(policies: Path, records_dtype: str | None = None) -> tuple[CascadePolicy, str]:
     """A policy file whose 0.5B stage calibration switched off (written as `calibrate` writes one);
     `records_dtype`: the number format its records were made in (provenance.records_dtype)."""
-    from cascade_core.policy_file import PolicyFile, write_policy_file
+    from cascade_core.choose.policy_file import PolicyFile, write_policy_file
 
     policy = CascadePolicy((StagePolicy(0.62, 0.41), StagePolicy(0.0, 0.0, enabled=False), StagePolicy(0.0, 0.0)))
     why = "calibration switched it off: no threshold of this stage was certified to keep the loss <= 1 pt at delta 0.1"
@@ -639,8 +639,8 @@ def test_route_opens_on_the_tightest_promise_that_routes_with_a_keep_and_an_esca
     the promise, runs that policy, and offers a test question it keeps and one it escalates (both
     computed by cascade_core on the records)."""
     from app_ui import data
-    from cascade_core.policy_file import PolicyFile, write_policy_file
-    from cascade_core.ui_data import ROUTE_TARGETS_PT, policy_for_target, route_examples
+    from cascade_core.choose.policy_file import PolicyFile, write_policy_file
+    from app_ui.view_model import ROUTE_TARGETS_PT, policy_for_target, route_examples
 
     root, table = synthetic_results
     alone = CascadePolicy((StagePolicy(0.0, 0.0, enabled=False), StagePolicy(0.0, 0.0, enabled=False), StagePolicy(0.0, 0.0)))
@@ -800,7 +800,7 @@ def test_benchmarks_numbers_come_from_cascade_core(app, synthetic_results):
     at = open_page(app, BENCH)
     shown = at.dataframe[0].value
     assert list(shown["accuracy"]) == [f"{test.correct[s].mean():.1%}" for s in range(3)]
-    from cascade_core.calibration import auroc
+    from cascade_core.signal_quality import auroc
 
     assert list(shown["AUROC P(T)"]) == [f"{auroc(test.p_t[s], test.correct[s]):.3f}" for s in range(3)]
     assert len(at.get("plotly_chart")) == 3  # P(T) and P(IK) reliability, subject heatmap

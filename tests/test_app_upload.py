@@ -117,7 +117,7 @@ def test_a_background_benchmark_shows_its_progress_after_a_reload_until_done(fol
     assert len(at.get("progress")) == 1 and "Job on **sums**" in texts(at.caption)
     # A second job on the same dataset is refused while this one runs (the form is gone meanwhile).
     from cascade_core.compose import background
-    from cascade_core.compose.locations import locations
+    from cascade_core.locations import locations
     from cascade_core.presets import load_preset
 
     if background.read_status(locations(), "sums").active:

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from cascade_core.compose import background as bg
-from cascade_core.compose.locations import locations
-from cascade_core.dataset_registry import resolve_dataset
+from cascade_core.locations import locations
+from cascade_core.records.registry import resolve_dataset
 from cascade_core.presets import load_preset
 
 

@@ -320,7 +320,7 @@ from cascade_core.compose.tables import load_preset_table  # noqa: E402
 from cascade_core.io import CorruptFileError  # noqa: E402
 from cascade_core.presets import PresetError, load_preset  # noqa: E402
 from cascade_core.probe import PIKProbe  # noqa: E402
-from cascade_core.record_schema import RecordSchemaError  # noqa: E402
+from cascade_core.records.schema import RecordSchemaError  # noqa: E402
 
 STAGE = """
 [[stages]]
@@ -504,7 +504,7 @@ import threading  # noqa: E402
 
 from cascade_core.cascade import run_cascade  # noqa: E402
 from cascade_core.policy import StagePolicy  # noqa: E402
-from cascade_core.policy_file import PolicyFileError, read_policy_file  # noqa: E402
+from cascade_core.choose.policy_file import PolicyFileError, read_policy_file  # noqa: E402
 from cascade_core.server.common import json_depth  # noqa: E402
 from cascade_core.types import Question  # noqa: E402
 from _loopback import REPO_ROOT, ThreadServer as _ThreadServer  # noqa: E402
@@ -698,7 +698,7 @@ def test_route_refuses_a_damaged_policy_file_before_loading_a_model(tmp_path, mo
 
 
 def test_loss_aware_thresholds_may_be_negative():
-    from cascade_core.policy_file import _threshold_range
+    from cascade_core.choose.policy_file import _threshold_range
 
     assert _threshold_range("tau_learned", "loss_aware") == (-1.0, 1.0)
     assert _threshold_range("tau_learned", "learned") == _threshold_range("tau_t", "loss_aware") == (0.0, 1.0)

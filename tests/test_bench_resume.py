@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cascade_core.bench import BenchPaths, backfill_features, load_features, load_records, run_stage
-from cascade_core.datasets import load_mmlu
+from cascade_core.records.runner import BenchPaths, backfill_features, load_features, load_records, run_stage
+from cascade_core.records.mmlu import load_mmlu
 
 pytestmark = pytest.mark.model
 
@@ -35,8 +35,8 @@ CHILD = textwrap.dedent("""
     import sys, time
     import torch
     torch.set_num_threads(1)
-    from cascade_core.bench import BenchPaths, run_stage
-    from cascade_core.datasets import load_mmlu
+    from cascade_core.records.runner import BenchPaths, run_stage
+    from cascade_core.records.mmlu import load_mmlu
     from models.hf import HFBackend
 
     model_path, records, features, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])

@@ -81,8 +81,8 @@ def test_replay_with_a_bias_equals_the_live_cascade_with_it(smollm2_backend):
 def test_with_letter_bias_replays_the_changed_answers():
     from cascade_core.bias import with_letter_bias
     from cascade_core.policy import CascadePolicy
-    from cascade_core.records import synthetic_table
-    from cascade_core.replay import replay
+    from cascade_core.records.table import synthetic_table
+    from cascade_core.choose.replay import replay
 
     table = synthetic_table(200, 2, seed=0)
     rng = np.random.default_rng(0)

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from cascade_core.cli import main
-from cascade_core.compose.locations import DATA_DIR, locations
+from cascade_core.locations import DATA_DIR, locations
 from cascade_core.compose.policies import applied_policy
-from cascade_core.policy_file import PolicyFileError, read_policy_file
+from cascade_core.choose.policy_file import PolicyFileError, read_policy_file
 from cascade_core.presets import load_preset
 
 STAGES = ("small", "large")

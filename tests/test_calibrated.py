@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from cascade_core.bias import LetterBias
-from cascade_core.calibrated import calibrate_policy
-from cascade_core.policy_file import (PolicyFileError, policy_file_from_calibrated, read_policy_file,
+from cascade_core.choose.calibrated_policy import calibrate_policy
+from cascade_core.choose.policy_file import (PolicyFileError, policy_file_from_calibrated, read_policy_file,
                                       write_policy_file)
-from cascade_core.records import synthetic_table
-from cascade_core.replay import replay
+from cascade_core.records.table import synthetic_table
+from cascade_core.choose.replay import replay
 
 PROVENANCE = {"dataset": "synthetic", "split": "calibration", "questions": 0}
 

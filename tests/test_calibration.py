@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from cascade_core.calibration import auroc, expected_calibration_error, reliability_curve
+from cascade_core.signal_quality import auroc, expected_calibration_error, reliability_curve
 
 
 def test_auroc_perfect_inverse_and_random():

@@ -15,8 +15,8 @@ import pytest
 
 from cascade_core.compose.features import stage_features
 from cascade_core.compose.jobs import train_probes
-from cascade_core.compose.locations import DATA_DIR, Locations
-from cascade_core.features_store import FeatureMismatchError, read_manifest
+from cascade_core.locations import DATA_DIR, Locations
+from cascade_core.records.features import FeatureMismatchError, read_manifest
 from cascade_core.io import atomic_write_npz
 from cascade_core.presets import load_preset
 from cascade_core.probe import PIKProbe
@@ -97,7 +97,7 @@ def test_a_checkpoint_exports_what_has_features_and_is_refused_where_all_are_nee
     assert checkpoint_qids(where, STAGE) == set(qids[:700])
     shutil.rmtree(where.features)
     with pytest.raises(FeatureMismatchError, match="checkpoint of a benchmark still running.*700 of 1200"):
-        from cascade_core.features_store import load_layer
+        from cascade_core.records.features import load_layer
         load_layer(where.hidden_dir() / STAGE, qids)
     assert stage_features(where, STAGE, records["qid"])[2] == ""  # not enough for a probe: none, no error
     assert checkpoint_features(where, STAGE, records, layer=3) is None  # a layer the checkpoint lacks

@@ -11,12 +11,12 @@ import pytest
 
 from cascade_core.cascade import CascadeError, RuntimeStage, run_cascade
 from cascade_core.compose.jobs import with_p_ik
-from cascade_core.compose.locations import DATA_DIR, locations
+from cascade_core.locations import DATA_DIR, locations
 from cascade_core.policy import LearnedCombiner, StagePolicy, keep_mask
 from cascade_core.presets import StageConfig
-from cascade_core.record_schema import RUNNER_COLUMNS, RecordSchemaError
+from cascade_core.records.schema import RUNNER_COLUMNS, RecordSchemaError
 from cascade_core.types import Question
-from cascade_core.ui_data import thresholds_applied
+from app_ui.view_model import thresholds_applied
 
 ENV = ("CASCADE_RESULTS_DIR", "CASCADE_FEATURES_DIR", "CASCADE_PROBES_DIR", "CASCADE_POLICIES_DIR", "CASCADE_HIDDEN_DIR")
 
@@ -130,7 +130,7 @@ def test_probes_train_cli_writes_the_probe_and_p_ik_where_the_variables_say(tmp_
 
 @pytest.mark.model
 def test_bench_stage_writes_records_and_features_in_the_locations(tmp_path, smollm2_backend):
-    from cascade_core.bench import load_features, load_records
+    from cascade_core.records.runner import load_features, load_records
     from cascade_core.compose.jobs import bench_questions, bench_stage
 
     where = locations(tmp_path / "r", tmp_path / "f")

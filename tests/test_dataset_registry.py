@@ -8,11 +8,11 @@ import pytest
 
 from cascade_core.cli import main
 from cascade_core.compose.jobs import bench_questions
-from cascade_core.dataset_registry import (dataset_name, known_datasets, read_metadata, resolve_dataset,
+from cascade_core.records.registry import (dataset_name, known_datasets, read_metadata, resolve_dataset,
                                            select_questions)
-from cascade_core.datasets import load_mmlu
-from cascade_core.question_files import QuestionFileError
-from cascade_core.split import read_split_json
+from cascade_core.records.mmlu import load_mmlu
+from cascade_core.records.question_files import QuestionFileError
+from cascade_core.records.split import read_split_json
 
 
 def _mc_file(tmp_path, n=40, name="my_set.csv", groups=("alpha", "beta")):
@@ -155,8 +155,8 @@ def test_bench_a_file_through_the_cli_with_smollm2(tmp_path, smollm2_path, capsy
 
 
 def test_probes_train_skips_a_dataset_without_answers_and_says_why(tmp_path, capsys):
-    from cascade_core.records import synthetic_table
-    from cascade_core.ui_data import record_frames
+    from cascade_core.records.table import synthetic_table
+    from app_ui.view_model import record_frames
 
     n = 60
     pd.DataFrame({"question": [f"Q{i}" for i in range(n)], "options": [["a", "b"]] * n}).to_json(
@@ -176,7 +176,7 @@ def test_probes_train_skips_a_dataset_without_answers_and_says_why(tmp_path, cap
 
 
 def test_an_upload_is_checked_whole_then_kept_and_a_bad_one_leaves_nothing(tmp_path):
-    from cascade_core.dataset_registry import store_upload
+    from cascade_core.records.registry import store_upload
 
     results = tmp_path / "results"
     good = b'{"question": "2+2?", "options": ["3", "4"], "answer": "B"}\n{"question": "3+3?", "options": ["6", "7"], "answer": 0}\n'

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from cascade_core.datasets import (
+from cascade_core.records.mmlu import (
     CATEGORIES, COLUMNS, MMLU_CATEGORIES, MMLU_PATH, MMLU_SPLIT_PATH, load_mmlu,
     load_split, mmlu_category, to_questions,
 )
-from cascade_core.split import SPLIT_SEED, assign_split, read_split_json, split_document
+from cascade_core.records.split import SPLIT_SEED, assign_split, read_split_json, split_document
 from cascade_core.types import Question
 
 

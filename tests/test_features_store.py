@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cascade_core.features_store import FeatureMismatchError, export_layer, load_layer, read_manifest
+from cascade_core.records.features import FeatureMismatchError, export_layer, load_layer, read_manifest
 from cascade_core.io import CorruptFileError
 
 

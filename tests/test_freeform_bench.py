@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cascade_core.arith import PER_TASK, SHIPPED, TASKS, arith_rows, write_arith_file
-from cascade_core.freeform_bench import answer_class
+from cascade_core.records.arith import PER_TASK, SHIPPED, TASKS, arith_rows, write_arith_file
+from cascade_core.records.freeform_runner import answer_class
 from cascade_core.graders import get_grader
 
 
@@ -38,7 +38,7 @@ def test_answer_classes_follow_the_grader_and_unkeyed_answers_agree_only_with_th
 
 
 def test_arith_resolves_as_a_builtin_free_form_dataset(tmp_path):
-    from cascade_core.dataset_registry import resolve_dataset
+    from cascade_core.records.registry import resolve_dataset
 
     found = resolve_dataset("arith", tmp_path)
     assert (found.name, found.kind, found.grader, found.has_answers) == ("arith", "free", {"name": "numeric", "tolerance": 0.0}, True)
@@ -51,7 +51,7 @@ def test_arith_resolves_as_a_builtin_free_form_dataset(tmp_path):
 @pytest.mark.model
 def test_a_free_form_benchmark_with_smollm2_through_the_cli(tmp_path, smollm2_backend, capsys):
     """Answers, grades, both P(T)s, the prompt's features and resuming, on four questions."""
-    from cascade_core.bench import load_features
+    from cascade_core.records.runner import load_features
     from cascade_core.cli import main
 
     questions = tmp_path / "mini.jsonl"
@@ -103,7 +103,7 @@ def _synthetic_free_form(tmp_path, n=2000, seed=0, dataset="sums", stages=("smal
     """Two stages' free-form records on a registered answer file (or on the shipped `arith`
     questions): the large one right on 90%, the small one right on 70%, and only where the large
     one is, its P(T) and P(IK) informative. Returns the preset path."""
-    from cascade_core.dataset_registry import resolve_dataset
+    from cascade_core.records.registry import resolve_dataset
 
     rng = np.random.default_rng(seed)
     if dataset == "arith":

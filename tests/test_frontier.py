@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cascade_core.cost import COST_UNITS
-from cascade_core.frontier import (
+from cascade_core.choose.frontier import (
     accuracy_difference,
     aiq,
     apgr,
@@ -27,8 +27,8 @@ from cascade_core.frontier import (
     upper_hull,
 )
 from cascade_core.policy import CascadePolicy
-from cascade_core.records import synthetic_table
-from cascade_core.replay import replay
+from cascade_core.records.table import synthetic_table
+from cascade_core.choose.replay import replay
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +228,7 @@ def test_aiq_by_hand():
 
 @pytest.mark.parametrize("rule", ["both", "pt_only", "pik_only", "learned", "loss_aware"])
 def test_vectorised_candidate_masks_equal_keep_mask(rule):
-    from cascade_core.frontier import stage_candidates
+    from cascade_core.choose.frontier import stage_candidates
     from cascade_core.policy import fit_combiner, fit_loss_aware, keep_mask
 
     table = synthetic_table(300, 3, seed=11)

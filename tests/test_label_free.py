@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 
 from cascade_core.graders import get_grader
-from cascade_core.label_free import (accuracy_loss_bound_holds, check_label_free, disagreement_loss,
+from cascade_core.choose.label_free import (accuracy_loss_bound_holds, check_label_free, disagreement_loss,
                                      label_free_table)
 from cascade_core.policy import CascadePolicy, StagePolicy
-from cascade_core.records import RecordTable
-from cascade_core.replay import replay, route
-from cascade_core.selection import _path, keep_scores, select_policy, threshold_grid
+from cascade_core.records.table import RecordTable
+from cascade_core.choose.replay import replay, route
+from cascade_core.choose.selection import _path, keep_scores, select_policy, threshold_grid
 
 
 def _draw(n: int, rng: np.random.Generator, answers: np.ndarray | None = None, recorded_last=False) -> RecordTable:
@@ -152,9 +152,9 @@ def test_calibrate_label_free_on_mmlu_records_says_so_with_both_figures(tmp_path
 
 def test_calibrate_is_label_free_automatically_for_a_file_without_answers(tmp_path, monkeypatch, capsys):
     from cascade_core.cli import main
-    from cascade_core.dataset_registry import resolve_dataset
-    from cascade_core.records import synthetic_table
-    from cascade_core.ui_data import record_frames
+    from cascade_core.records.registry import resolve_dataset
+    from cascade_core.records.table import synthetic_table
+    from app_ui.view_model import record_frames
 
     n, names = 400, ("small", "big")
     pd.DataFrame({"question": [f"Q{i}" for i in range(n)], "options": [["a", "b", "c", "d"]] * n,
@@ -206,7 +206,7 @@ def test_label_free_auto_rule_leaves_out_loss_aware_and_refuses_it_by_name(tmp_p
 def test_the_report_s_label_free_guarantee_of_the_local_cascade_is_rendered_in_section_7():
     """MMLU's report computes the local cascade's label-free guarantee without features (issue 20)
     and section 7 shows it beside the labelled one, even where the probes part is skipped."""
-    from cascade_core.records import synthetic_table
+    from cascade_core.records.table import synthetic_table
     from cascade_core.report.common import ReportSettings
     from cascade_core.report.label_free import LabelFreeSection, label_free_guarantee
     from cascade_core.report.markdown import _label_free

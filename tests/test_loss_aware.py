@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from cascade_core.frontier import sweep
+from cascade_core.choose.frontier import sweep
 from cascade_core.policy import (CascadePolicy, LossAwareScore, StagePolicy, explain, fit_combiner, fit_loss_aware,
                                  keep_mask, logistic_fit)
-from cascade_core.records import synthetic_table
-from cascade_core.replay import replay
+from cascade_core.records.table import synthetic_table
+from cascade_core.choose.replay import replay
 
 
 def test_newton_fit_matches_scikit_learn():

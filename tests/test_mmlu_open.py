@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from cascade_core.graders import get_grader
-from cascade_core.mmlu_open import (MAX_QUESTIONS, MMLU_PATH, PROMPT, REASONS, SHIPPED, SUMMARY, accepted_answers,
+from cascade_core.records.mmlu_open import (MAX_QUESTIONS, MMLU_PATH, PROMPT, REASONS, SHIPPED, SUMMARY, accepted_answers,
                                     exclusion, select, write_mmlu_open)
 
 FOUR = ["Paris", "Berlin", "Rome", "Madrid"]
@@ -73,7 +73,7 @@ def test_the_shipped_file_is_the_stated_selection(tmp_path):
 
 
 def test_mmlu_open_resolves_as_a_builtin_free_form_dataset_with_a_stratified_split(tmp_path):
-    from cascade_core.dataset_registry import known_datasets, read_metadata, resolve_dataset
+    from cascade_core.records.registry import known_datasets, read_metadata, resolve_dataset
 
     assert "mmlu-open" in known_datasets(tmp_path)
     assert read_metadata("mmlu-open", tmp_path)["kind"] == "free"  # before any benchmark: from the shipped file
@@ -102,9 +102,9 @@ def test_report_without_records_says_so_and_does_not_fail(tmp_path, capsys):
 @pytest.mark.model
 def test_a_tiny_mmlu_open_benchmark_with_smollm2(tmp_path, smollm2_backend):
     """Four questions through the registry and the free-form runner: graded against the option text."""
-    from cascade_core.bench import BenchPaths
+    from cascade_core.records.runner import BenchPaths
     from cascade_core.compose.jobs import bench_questions
-    from cascade_core.freeform_bench import run_freeform_stage
+    from cascade_core.records.freeform_runner import run_freeform_stage
 
     questions = bench_questions("mmlu-open", per_subject=1, results_dir=tmp_path / "results").head(4)
     paths = BenchPaths.for_stage(tmp_path / "results", tmp_path / "features", "mmlu-open", "smollm2-135m")

@@ -41,7 +41,7 @@ def write_policy(folder, preset: str, records_dtype: dict | None) -> None:
 
 @pytest.fixture
 def where(tmp_path, monkeypatch):
-    from cascade_core.compose.locations import locations
+    from cascade_core.locations import locations
 
     monkeypatch.setenv("CASCADE_RESULTS_DIR", str(tmp_path / "results"))
     monkeypatch.setenv("CASCADE_POLICIES_DIR", str(tmp_path / "policies"))
@@ -107,7 +107,7 @@ def test_the_reference_is_the_policy_file_s_then_the_records(monkeypatch, where)
 
 def test_the_shipped_policy_files_record_the_records_format():
     from cascade_core.compose.formats import policy_records_dtypes
-    from cascade_core.compose.locations import DATA_DIR
+    from cascade_core.locations import DATA_DIR
 
     for preset in ("default", "api-recorded"):
         dtypes, dataset = policy_records_dtypes(DATA_DIR / "policies" / f"{preset}.json")
@@ -117,7 +117,7 @@ def test_the_shipped_policy_files_record_the_records_format():
 
 def test_calibrate_writes_the_records_format_into_the_provenance(tmp_path):
     from _records import write_synthetic_records
-    from cascade_core.compose.locations import locations
+    from cascade_core.locations import locations
     from cascade_core.compose.policies import calibrate
 
     write_synthetic_records(tmp_path / "results")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cascade_core.policy import CascadePolicy
-from cascade_core.policy_file import PolicyFile, PolicyFileError, make_provenance, read_policy_file, write_policy_file
+from cascade_core.choose.policy_file import PolicyFile, PolicyFileError, make_provenance, read_policy_file, write_policy_file
 
 
 def _file(tmp_path) -> PolicyFile:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.exceptions import NotFittedError
 
-from cascade_core.calibration import auroc, expected_calibration_error
+from cascade_core.signal_quality import auroc, expected_calibration_error
 from cascade_core.io import CorruptFileError
 from cascade_core.probe import PIKProbe, ProbeMismatchError, choose_layer, choose_probe, out_of_fold_p_ik
 

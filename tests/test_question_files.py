@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from cascade_core.question_files import QuestionFileError, mc_answer_index, read_question_file
+from cascade_core.records.question_files import QuestionFileError, mc_answer_index, read_question_file
 
 
 def _write(tmp_path, name, frame):

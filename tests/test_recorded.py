@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cascade_core.datasets import RECORDED_PATH, load_mmlu, load_recorded_outcomes, to_questions
+from cascade_core.records.mmlu import RECORDED_PATH, load_mmlu, load_recorded_outcomes, to_questions
 from cascade_core.prompts import format_prompt
 from cascade_core.signals import mc_signals
 from cascade_core.types import Backend, Question

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from cascade_core.cost import COST_UNITS, compute_reduction, dollars, flops
 from cascade_core.policy import CascadePolicy, StagePolicy, keep_mask
-from cascade_core.records import RecordTable, synthetic_table
-from cascade_core.replay import replay
+from cascade_core.records.table import RecordTable, synthetic_table
+from cascade_core.choose.replay import replay
 
 NAN = float("nan")
 

@@ -15,16 +15,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cascade_core import pregen_router as pg
-from cascade_core.calibration import auroc, expected_calibration_error
-from cascade_core.frontier import oracle, sweep
-from cascade_core.records import RecordTable, synthetic_table
-from cascade_core.replay import replay
+from cascade_core.choose import pregen_router as pg
+from cascade_core.signal_quality import auroc, expected_calibration_error
+from cascade_core.choose.frontier import oracle, sweep
+from cascade_core.records.table import RecordTable, synthetic_table
+from cascade_core.choose.replay import replay
 from cascade_core.report import (ReportSettings, build_report, oracle_curve, policy_from_dict, retrain_p_ik,
                                  with_groups)
 from cascade_core.report.markdown import render
-from cascade_core.selection import evaluate_on
-from cascade_core.stats import mcnemar_exact
+from cascade_core.choose.selection import evaluate_on
+from cascade_core.choose.paired_stats import mcnemar_exact
 
 CATEGORIES = np.array(["STEM", "humanities", "social sciences", "other"])
 SETTINGS = ReportSettings(n_resamples=100, cv_folds=2, rules=("both", "learned"),
@@ -294,7 +294,7 @@ def test_router_threshold_is_always_feasible(table):
 
 # -- the preset loader with the recorded GPT-4 -------------------------------------------------------------
 def test_load_preset_table_joins_local_records_and_the_recording(tmp_path):
-    from cascade_core.datasets import load_mmlu, load_recorded_outcomes
+    from cascade_core.records.mmlu import load_mmlu, load_recorded_outcomes
     from cascade_core.compose.tables import MissingRecordsError, load_preset_table
 
     questions = load_mmlu(per_subject=2, subjects=["anatomy", "virology", "astronomy"])
@@ -333,7 +333,7 @@ def test_guarantee_headline_has_the_promised_keys_and_replays(report, table):
     head = next(c for c in study["cascades"] if c["headline"])
     assert head["study"]["chosen"]["held_share"] == g["held_share"]
     # The committed-split figure is the chosen rule's policy replayed on the test split.
-    from cascade_core.resplit import _outcome, choose
+    from cascade_core.choose.resplit import _outcome, choose
 
     sub = table.stage_subset([2, 3])
     chosen, policies, _ = choose(sub.subset("calibration"), tuple(SETTINGS.guarantee_rules), 0.01, 0.1, "dollars",

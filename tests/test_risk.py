@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from cascade_core.policy import CascadePolicy, StagePolicy
-from cascade_core.records import RecordTable
-from cascade_core.replay import replay
-from cascade_core.risk import (Guarantee, cost_pvalues, fixed_sequence, paired_loss_pvalues,
+from cascade_core.records.table import RecordTable
+from cascade_core.choose.replay import replay
+from cascade_core.choose.ltt_bounds import (Guarantee, cost_pvalues, fixed_sequence, paired_loss_pvalues,
                                paired_loss_upper_bound)
-from cascade_core.selection import _path, keep_scores, select_policy, threshold_grid
+from cascade_core.choose.selection import _path, keep_scores, select_policy, threshold_grid
 
 REFERENCE = 0.8
 
@@ -121,7 +121,7 @@ def test_pvalues_are_valid_and_the_binomial_bound_is_tighter_than_hoeffding_bent
 
 
 def test_the_direct_certification_chooses_what_the_p_values_choose():
-    from cascade_core.selection import _guaranteed
+    from cascade_core.choose.selection import _guaranteed
 
     rng = np.random.default_rng(5)
     for _ in range(20):
@@ -185,7 +185,7 @@ def test_the_betting_bound_holds_in_at_least_1_minus_delta_of_500_draws():
 
 
 def test_betting_pvalues_are_valid_under_a_null_at_the_target():
-    from cascade_core.risk import betting_pvalues
+    from cascade_core.choose.ltt_bounds import betting_pvalues
 
     rng = np.random.default_rng(1)
     n, target = 400, 0.02
@@ -198,8 +198,8 @@ def test_betting_pvalues_are_valid_under_a_null_at_the_target():
 
 
 def test_paired_losses_sum_to_the_path_counts():
-    from cascade_core.records import synthetic_table
-    from cascade_core.selection import paired_losses
+    from cascade_core.records.table import synthetic_table
+    from cascade_core.choose.selection import paired_losses
 
     table = synthetic_table(500, 3, seed=2)
     grid = threshold_grid("pt_only")
@@ -228,7 +228,7 @@ def _betting_reference(losses, target, level, truncation=0.5):
 
 
 def test_betting_pvalues_by_blocks_equal_one_pass_and_stopping_early_keeps_the_decisions():
-    from cascade_core.risk import betting_pvalues
+    from cascade_core.choose.ltt_bounds import betting_pvalues
 
     rng = np.random.default_rng(3)
     for trial in range(40):
@@ -247,8 +247,8 @@ def test_betting_pvalues_by_blocks_equal_one_pass_and_stopping_early_keeps_the_d
 def test_the_betting_sequence_certifies_as_the_plain_loop_does():
     """Shared values for repeated candidates and small chunks give the plain loop's p-values up to
     its first failure (exact mode) and the same certified count (fast mode)."""
-    from cascade_core.records import synthetic_table
-    from cascade_core.selection import _betting_sequence, paired_losses
+    from cascade_core.records.table import synthetic_table
+    from cascade_core.choose.selection import _betting_sequence, paired_losses
 
     for seed in range(6):
         table = synthetic_table(400 + 300 * seed, 3, seed=seed)
@@ -273,8 +273,8 @@ def test_the_betting_sequence_certifies_as_the_plain_loop_does():
 
 
 def test_paired_losses_equal_a_question_by_question_replay():
-    from cascade_core.records import synthetic_table
-    from cascade_core.selection import paired_losses
+    from cascade_core.records.table import synthetic_table
+    from cascade_core.choose.selection import paired_losses
 
     table = synthetic_table(300, 4, seed=5)
     grid = threshold_grid("both")[::7]
@@ -289,18 +289,18 @@ def test_paired_losses_equal_a_question_by_question_replay():
 
 
 def test_the_resplit_study_is_the_same_with_coded_subjects_and_shared_fits():
-    from cascade_core.records import synthetic_table
-    from cascade_core.resplit import coded_subjects, resplit_study
+    from cascade_core.records.table import synthetic_table
+    from cascade_core.choose.resplit import coded_subjects, resplit_study
 
     table = synthetic_table(600, 3, seed=7)
     coded = coded_subjects(table)
     assert len(set(coded.subjects)) == len(set(table.subjects)) and max(map(len, coded.subjects)) == 1
     args = dict(target=0.02, delta=0.2, resplits=3, rules=("pt_only", "learned", "loss_aware"), unit="calls",
                 cost_unit="flops")
-    from cascade_core.resplit import stratified_halves
+    from cascade_core.choose.resplit import stratified_halves
 
     assert np.array_equal(stratified_halves(table.subjects, 3), stratified_halves(coded.subjects, 3))
-    import cascade_core.resplit as resplit
+    import cascade_core.choose.resplit as resplit
 
     names = resplit.coded_subjects
     try:  # the study on the names themselves

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from cascade_core.frontier import single_models, sweep
-from cascade_core.records import synthetic_table
-from cascade_core.replay import replay
-from cascade_core.selection import SubjectPolicy, evaluate_on, select_policy
+from cascade_core.choose.frontier import single_models, sweep
+from cascade_core.records.table import synthetic_table
+from cascade_core.choose.replay import replay
+from cascade_core.choose.selection import SubjectPolicy, evaluate_on, select_policy
 
 
 @pytest.fixture(scope="module")

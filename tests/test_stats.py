@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from cascade_core.stats import (
+from cascade_core.choose.paired_stats import (
     Estimate,
     accuracy_ci,
     accuracy_difference_ci,

@@ -11,9 +11,9 @@ import pytest
 
 from cascade_core.policy import (CascadePolicy, LearnedCombiner, StagePolicy, fit_combiner, fit_loss_aware,
                                  keep_mask, subject_prior)
-from cascade_core.records import synthetic_table
-from cascade_core.replay import replay, stage_keep
-from cascade_core.selection import _guaranteed
+from cascade_core.records.table import synthetic_table
+from cascade_core.choose.replay import replay, stage_keep
+from cascade_core.choose.selection import _guaranteed
 
 
 def _fitted(n=2000, seed=0):
@@ -123,8 +123,8 @@ def test_live_cascade_decides_like_the_replay_on_committed_records(committed):
     import pandas as pd
 
     from cascade_core.cascade import RuntimeStage, run_cascade
-    from cascade_core.compose.locations import locations
-    from cascade_core.datasets import load_mmlu, to_questions
+    from cascade_core.locations import locations
+    from cascade_core.records.mmlu import load_mmlu, to_questions
     from cascade_core.prompts import format_prompt
 
     table = committed

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cascade_core.ui_data import StageSetting, settings_from_params, settings_to_params
+from app_ui.view_model import StageSetting, settings_from_params, settings_to_params
 
 RULES = ("both", "pt_only", "pik_only", "learned", "loss_aware")
 STAGES = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
@@ -51,9 +51,9 @@ def test_route_examples_are_kept_and_escalated_under_the_policy_even_with_the_si
     import numpy as np
 
     from cascade_core.policy import CascadePolicy, StagePolicy, keep_mask
-    from cascade_core.records import synthetic_table
-    from cascade_core.replay import replay
-    from cascade_core.ui_data import route_examples
+    from cascade_core.records.table import synthetic_table
+    from cascade_core.choose.replay import replay
+    from app_ui.view_model import route_examples
 
     table = synthetic_table(600, 3, seed=5)
     policy = CascadePolicy((StagePolicy(0.6, 0.5), StagePolicy(0.0, 0.0, enabled=False), StagePolicy(0.0, 0.0)))
@@ -73,9 +73,9 @@ def test_route_examples_are_kept_and_escalated_under_the_policy_even_with_the_si
 
 
 def test_a_target_policy_is_what_calibrate_would_write():
-    from cascade_core.calibrated import calibrate_policy
-    from cascade_core.records import synthetic_table
-    from cascade_core.ui_data import policy_for_target
+    from cascade_core.choose.calibrated_policy import calibrate_policy
+    from cascade_core.records.table import synthetic_table
+    from app_ui.view_model import policy_for_target
 
     calib = synthetic_table(800, 3, seed=2)
     found = policy_for_target(calib, 3.0)
@@ -90,7 +90,7 @@ def test_readme_home_and_benchmarks_quote_one_guaranteed_headline():
     (Home and the Benchmarks page draw the same function's output)."""
     from pathlib import Path
 
-    from cascade_core.ui_data import guarantee_headline, headline_sentence
+    from app_ui.view_model import guarantee_headline, headline_sentence
 
     repo = Path(__file__).resolve().parent.parent
     found = guarantee_headline((repo / "docs" / "RESULTS.md").read_text(encoding="utf-8"))
@@ -99,7 +99,7 @@ def test_readme_home_and_benchmarks_quote_one_guaranteed_headline():
 
 
 def test_guarantee_headline_reads_the_headline_row_and_nothing_else():
-    from cascade_core.ui_data import guarantee_headline
+    from app_ui.view_model import guarantee_headline
 
     text = ("# R\n\n## The guarantee: x\n\nThresholds chosen by **Learn-then-Test** at delta = 0.2: ... is at most 3 pt.\n\n"
             "| cascade | rule (committed split) | saving (test) | Δacc (test) | target on test | re-splits | held share | "
@@ -114,7 +114,7 @@ def test_guarantee_headline_reads_the_headline_row_and_nothing_else():
 
 
 def test_a_recorded_last_stage_opens_in_dollars_or_calls():
-    from cascade_core.ui_data import default_unit
+    from app_ui.view_model import default_unit
 
     assert default_unit(False) == "flops"
     assert default_unit(True, priced=True) == "dollars" and default_unit(True, priced=False) == "calls"
@@ -123,7 +123,7 @@ def test_a_recorded_last_stage_opens_in_dollars_or_calls():
 def test_the_trace_download_is_strict_json():
     import json
 
-    from cascade_core.ui_data import json_text
+    from app_ui.view_model import json_text
 
     text = json_text({"p_ik": float("nan"), "lp": [["a", float("-inf")]], "ok": 1.5})
     assert json.loads(text) == {"p_ik": None, "lp": [["a", None]], "ok": 1.5}

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from cascade_core.compose.locations import REPO_ROOT, Locations
+from cascade_core.locations import REPO_ROOT, Locations
 from cascade_core.io import atomic_write_json
 
 FORMAT = "cascade-bench-job"
@@ -237,7 +237,7 @@ def start(where: Locations, dataset: str, preset, stages: Sequence[str] | None =
     in a child process; returns its first status. Refused (`JobRefused`) while a job runs on this
     dataset, for MMLU (its runs are `make bench`'s), and for a preset without a local stage.
     `probes`: then train the P(IK) probes on the records (when the dataset has answers)."""
-    from cascade_core.dataset_registry import read_metadata
+    from cascade_core.records.registry import read_metadata
 
     if dataset == "mmlu":
         raise JobRefused("MMLU is benchmarked with `make bench` / `python -m cascade_core bench`, not as a background job")
@@ -392,7 +392,7 @@ def _run(status: _Status, request: dict) -> int:
     from cascade_core.compose.jobs import bench_questions, bench_stage, train_probes
     from cascade_core.number_format import ALLOW_EMULATED_ENV, emulated_bf16_refusal
     from cascade_core.presets import parse_preset
-    from cascade_core.record_schema import labelled_rows
+    from cascade_core.records.schema import labelled_rows
 
     preset = parse_preset(request["preset"], "the background job's preset")
     where = Locations(results=Path(request["results"]), features=Path(request["features"]),

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cascade_core.bench import load_features
-from cascade_core.compose.locations import Locations
-from cascade_core.features_store import export_layer, load_layer, read_manifest
+from cascade_core.records.runner import load_features
+from cascade_core.locations import Locations
+from cascade_core.records.features import export_layer, load_layer, read_manifest
 
 
 def stage_features(where: Locations, stage: str, record_qids, dataset: str = "mmlu",

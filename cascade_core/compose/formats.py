@@ -9,14 +9,14 @@ and `serve` all come here for it.
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from cascade_core.compose.locations import Locations, locations
+from cascade_core.locations import Locations, locations
 from cascade_core.number_format import differs, format_note
+from cascade_core.records.schema import records_dtype
 
 LOCAL_BACKENDS = ("packaged", "hf")
 
@@ -38,28 +38,6 @@ class StageFormat:
     @property
     def note(self) -> str:
         return format_note(self.live, self.reference, self.emulated, self.basis)
-
-
-def records_dtype(path: Path | str) -> str | None:
-    """The `dtype` column of a records file ("bfloat16"; "bfloat16+float32" if mixed); None without one."""
-    path = Path(path)
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return _records_dtype(str(path), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=64)
-def _records_dtype(path: str, mtime_ns: int, size: int) -> str | None:
-    import pandas as pd
-
-    try:
-        column = pd.read_parquet(path, columns=["dtype"])["dtype"].astype(str)
-    except Exception:  # noqa: BLE001 - no column, unreadable: the format is unknown, never an error here
-        return None
-    found = sorted(set(column) - {"", "None", "nan"})
-    return "+".join(found) or None
 
 
 def policy_records_dtypes(policy_file: Path | str) -> tuple[dict[str, str], str]:

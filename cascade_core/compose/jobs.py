@@ -13,13 +13,13 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from cascade_core.bench import BenchPaths, backfill_features, load_features, load_records, run_stage
+from cascade_core.records.runner import BenchPaths, backfill_features, load_features, load_records, run_stage
 from cascade_core.compose.features import checkpoint_qids, export_probe_layer, stage_features
 from cascade_core.compose.live import build_backend, describe_backend
-from cascade_core.compose.locations import Locations
+from cascade_core.locations import Locations
 from cascade_core.io import atomic_write_parquet
 from cascade_core.presets import Preset, StageConfig
-from cascade_core.record_schema import labelled_rows, validate_records
+from cascade_core.records.schema import labelled_rows, validate_records
 
 Progress = Callable[[int, int], None]
 
@@ -30,11 +30,11 @@ def bench_questions(dataset: str = "mmlu", split: str | None = None, per_subject
     stopped part-way leaves a balanced per-subject sample, half calibration and half test.
     `dataset`: `mmlu` or anything `dataset_registry.resolve_dataset` takes (a file's split and
     metadata are then stored under `results_dir`, the records' folder)."""
-    from cascade_core.datasets import load_mmlu
-    from cascade_core.split import seeded_ranks
+    from cascade_core.records.mmlu import load_mmlu
+    from cascade_core.records.split import seeded_ranks
 
     if dataset != "mmlu":  # a file dataset (or a name reserved for one): the registry resolves it
-        from cascade_core.dataset_registry import resolve_dataset, select_questions
+        from cascade_core.records.registry import resolve_dataset, select_questions
 
         found = resolve_dataset(dataset, results_dir)
         questions = select_questions(found, split, per_subject, subjects)
@@ -62,8 +62,8 @@ def bench_stage(config: StageConfig, questions: pd.DataFrame, where: Locations, 
     paths = stage_paths(where, config, dataset)
     size = batch_size or config.batch_size
     if free:
-        from cascade_core.dataset_registry import read_metadata
-        from cascade_core.freeform_bench import DEFAULT_MAX_NEW_TOKENS, run_freeform_stage
+        from cascade_core.records.registry import read_metadata
+        from cascade_core.records.freeform_runner import DEFAULT_MAX_NEW_TOKENS, run_freeform_stage
         from cascade_core.graders import grader_from_dict
 
         grader = grader_from_dict(read_metadata(dataset, where.results)["grader"])
@@ -104,7 +104,7 @@ def with_p_ik(records: pd.DataFrame, p_ik: np.ndarray, source: str) -> pd.DataFr
 def train_probes(preset: Preset, where: Locations, dataset: str = "mmlu", stages: Sequence[str] | None = None,
                  seed: int = 0) -> Iterator[ProbeOutcome]:
     """Train each local stage's probe on its calibration records, save it, write P(IK) back."""
-    from cascade_core.probe_training import align_features, train_probe
+    from cascade_core.records.probe_training import align_features, train_probe
 
     for config in preset.stages + preset.extra_stages:
         if stages and config.name not in stages:

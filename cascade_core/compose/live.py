@@ -50,7 +50,7 @@ def build_backend(config: StageConfig) -> Backend:
 
 def recorded_backend(model: str, price_in: float = 0.0, price_out: float = 0.0):
     """A RecordedBackend on the shipped recording (RouteLLM's MMLU outcomes) and MMLU's prompts."""
-    from cascade_core.datasets import RECORDED_PATH, load_mmlu, load_recorded_outcomes, to_questions
+    from cascade_core.records.mmlu import RECORDED_PATH, load_mmlu, load_recorded_outcomes, to_questions
     from cascade_core.prompts import format_prompt
     from models.recorded import RecordedBackend
 
@@ -87,7 +87,7 @@ def load_probe(config: StageConfig, backend: Backend):
         return None
     path = config.probe_path()
     if path is None:
-        from cascade_core.compose.locations import locations
+        from cascade_core.locations import locations
 
         path = locations().probe_path(config)
         if not path.exists():
@@ -135,7 +135,7 @@ def build_cascade(preset: Preset, only: Sequence[str] | None = None, progress: b
 def free_form_probe(config: StageConfig, backend: Backend):
     """The stage's P(IK) probe for free-form questions (trained by `probes train --dataset arith`,
     `<probes>/arith/<stage>.npz`), or None when there is none or the stage has no hidden states."""
-    from cascade_core.compose.locations import locations
+    from cascade_core.locations import locations
     from cascade_core.compose.policies import FREE_FORM_DATASET
 
     if not backend.has_hidden_states or config.backend not in ("packaged", "hf"):

@@ -15,10 +15,10 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from cascade_core.compose.locations import Locations, locations
+from cascade_core.locations import Locations, locations
 from cascade_core.compose.tables import load_preset_table
 from cascade_core.policy import CascadePolicy
-from cascade_core.policy_file import (PolicyFile, make_provenance, policy_file_from_calibrated, read_policy_file,
+from cascade_core.choose.policy_file import (PolicyFile, make_provenance, policy_file_from_calibrated, read_policy_file,
                                      write_policy_file)
 from cascade_core.presets import Preset, load_preset
 
@@ -171,10 +171,10 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
     lost (`label_free`: the same promise for any labels); None: only when the dataset has no
     answers. The file then says so (`guarantee.loss`), with both figures when labels exist.
     """
-    from cascade_core.bench import code_version
-    from cascade_core.calibrated import calibrate_policy
-    from cascade_core.compose.formats import records_dtype
-    from cascade_core.resplit import RULES
+    from cascade_core.records.runner import code_version
+    from cascade_core.choose.calibrated_policy import calibrate_policy
+    from cascade_core.records.schema import records_dtype
+    from cascade_core.choose.resplit import RULES
 
     preset = load_preset(preset) if not isinstance(preset, Preset) else preset
     where = where or locations()
@@ -199,7 +199,7 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
     labelled = table.subset("calibration") if has_answers else None
     rules = RULES if rule == "auto" else (rule,)
     if label_free:
-        from cascade_core.label_free import label_free_table
+        from cascade_core.choose.label_free import label_free_table
 
         # loss_aware scores "stage right minus reference right"; label-free the reference always
         # agrees with itself, so that score is `learned` with a constant subtracted (and unfittable).
@@ -223,7 +223,7 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
     found = policy_file_from_calibrated(chosen, preset.name, provenance, target_pt=target_pt, budget=budget,
                                         rule_choice=rule)
     if label_free:
-        from cascade_core.label_free import LOSS_NAME
+        from cascade_core.choose.label_free import LOSS_NAME
 
         found = replace(found, guarantee={**found.guarantee, "loss": "label_free", "loss_name": LOSS_NAME})
     path = write_policy_file(policy_path(preset, where, dataset), found)
@@ -234,7 +234,7 @@ def _has_answers(dataset: str, where: Locations) -> bool:
     """Whether the dataset's questions have answers (MMLU does; a file says in its metadata)."""
     if dataset == "mmlu":
         return True
-    from cascade_core.dataset_registry import read_metadata
+    from cascade_core.records.registry import read_metadata
 
     return bool(read_metadata(dataset, where.results).get("has_answers", True))
 
@@ -243,7 +243,7 @@ def _label_free_figures(chosen, labelled):
     """A label-free choice's calibration figures: its agreement with the last stage (what was
     certified) and, when the questions have answers, its accuracy against theirs (`labelled`,
     the same calibration questions with their correctness); None where there are no answers."""
-    from cascade_core.replay import replay
+    from cascade_core.choose.replay import replay
 
     figures = dict(chosen.calibration)
     figures["agreement"] = figures.pop("accuracy")

@@ -20,13 +20,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from cascade_core.bench import load_records
-from cascade_core.compose.locations import locations
+from cascade_core.records.runner import load_records
+from cascade_core.locations import locations
 from cascade_core.cost import dollars as dollar_cost
 from cascade_core.cost import flops as flop_cost
-from cascade_core.datasets import RECORDED_PATH, load_recorded_outcomes, load_split, mmlu_category
+from cascade_core.records.mmlu import RECORDED_PATH, load_recorded_outcomes, load_split, mmlu_category
 from cascade_core.presets import Preset, StageConfig, load_preset
-from cascade_core.records import RecordTable
+from cascade_core.records.table import RecordTable
 from models.recorded import OUTPUT_TOKENS as RECORDED_OUTPUT_TOKENS
 from models.recorded import RECORDED_MODELS, canonical_name
 
@@ -188,7 +188,7 @@ def load_report_inputs(preset: Preset | str = "default", dataset: str = "mmlu",
     """What `report.build_report` reads, from disk: the table (local stages, then GPT-4 recorded
     for MMLU when the preset has no recorded stage of its own), the question texts, the features
     and a `meta` dict (preset, dataset, questions per subject, what was left out and why)."""
-    from cascade_core.datasets import load_mmlu
+    from cascade_core.records.mmlu import load_mmlu
 
     preset = load_preset(preset) if not isinstance(preset, Preset) else preset
     own_recorded = any(c.backend == "recorded" and c.enabled for c in preset.stages)

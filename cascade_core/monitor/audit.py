@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cascade_core.graders import Grader
-from cascade_core.label_free import disagreement_loss
+from cascade_core.choose.label_free import disagreement_loss
 from cascade_core.monitor.trace_store import text_hash
 
 log = logging.getLogger(__name__)

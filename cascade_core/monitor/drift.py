@@ -62,7 +62,7 @@ def bin_of(edges, value: float) -> int | None:
 def expectation(table, policy, bins: int = BINS) -> dict:
     """What calibration expects of the live streams (module docstring), as plain JSON: per early
     stage its name, questions reaching it, keep rate and signal bins."""
-    from cascade_core.replay import replay
+    from cascade_core.choose.replay import replay
 
     final = replay(table, policy).final_stage
     enabled = [i for i, s in enumerate(policy.stages) if s.enabled]

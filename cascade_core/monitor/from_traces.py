@@ -26,7 +26,7 @@ def audited_table(store: TraceStore, kind: str = "free", policy_hash: str | None
     """The audited rows of `kind` (of one policy, or of the newest policy of that kind) as a
     RecordTable over the policy's enabled stages, and the label-free loss (S, N)."""
     from cascade_core.monitor.service import PolicyInfo
-    from cascade_core.records import RecordTable
+    from cascade_core.records.table import RecordTable
 
     infos = [p for p in store.policies() if p["kind"] == kind and (policy_hash is None or p["hash"] == policy_hash)]
     if not infos:
@@ -72,14 +72,14 @@ def calibrate_from_traces(db: Path | str, preset, *, kind: str = "free", policy_
                           out: Path | str | None = None):
     """Write the new policy file (default: where `calibrate` writes the preset's policy for this
     kind of question); (path, PolicyFile)."""
-    from cascade_core.bench import code_version
-    from cascade_core.calibrated import calibrate_policy
-    from cascade_core.compose.locations import locations
+    from cascade_core.records.runner import code_version
+    from cascade_core.choose.calibrated_policy import calibrate_policy
+    from cascade_core.locations import locations
     from cascade_core.compose.policies import (FREE_FORM_DATASET, _label_free_figures, calibration_stages,
                                                policy_path)
-    from cascade_core.label_free import LOSS_NAME, label_free_table
+    from cascade_core.choose.label_free import LOSS_NAME, label_free_table
     from cascade_core.policy import CascadePolicy, StagePolicy
-    from cascade_core.policy_file import file_sha256, policy_file_from_calibrated, write_policy_file
+    from cascade_core.choose.policy_file import file_sha256, policy_file_from_calibrated, write_policy_file
     from cascade_core.presets import Preset, load_preset
 
     preset = load_preset(preset) if not isinstance(preset, Preset) else preset

@@ -43,16 +43,16 @@ class Scenario:
 def arith_scenario(results_dir: Path | str = "data/results", arith_file: Path | str = "data/arith/arith.jsonl",
                    target: float = 0.15, delta: float = 0.1) -> Scenario:
     """The policy, its expectation and the replaying stages (module docstring)."""
-    from cascade_core.bench import load_records
-    from cascade_core.calibrated import calibrate_policy
+    from cascade_core.records.runner import load_records
+    from cascade_core.choose.calibrated_policy import calibrate_policy
     from cascade_core.cascade import RuntimeStage
-    from cascade_core.dataset_registry import read_metadata
+    from cascade_core.records.registry import read_metadata
     from cascade_core.graders import grader_from_dict
-    from cascade_core.label_free import disagreement_loss, label_free_table
+    from cascade_core.choose.label_free import disagreement_loss, label_free_table
     from cascade_core.monitor.drift import expectation
     from cascade_core.monitor.replay_stage import RecordedAnswers, arith_questions
     from cascade_core.monitor.service import PolicyInfo
-    from cascade_core.records import RecordTable
+    from cascade_core.records.table import RecordTable
 
     folder = Path(results_dir) / "arith"
     frames = [load_records(folder / f"{name}.parquet") for name in STAGES]

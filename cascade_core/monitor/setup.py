@@ -22,9 +22,9 @@ from cascade_core.monitor.trace_store import TraceStore
 def policy_infos(preset, stages, thresholds: str = "auto") -> dict[str, PolicyInfo]:
     """kind -> PolicyInfo for the runtime `stages` built from `preset` (module docstring)."""
     from cascade_core.cascade import for_free_form
-    from cascade_core.compose.locations import locations
+    from cascade_core.locations import locations
     from cascade_core.compose.policies import FREE_FORM_DATASET, applied_policy
-    from cascade_core.policy_file import file_sha256, read_policy_file
+    from cascade_core.choose.policy_file import file_sha256, read_policy_file
 
     where = locations()
     out = {}
@@ -66,7 +66,7 @@ def policy_infos(preset, stages, thresholds: str = "auto") -> dict[str, PolicyIn
 
 
 def _grader_of(dataset: str, where) -> tuple[str, float]:
-    from cascade_core.dataset_registry import read_metadata
+    from cascade_core.records.registry import read_metadata
 
     g = read_metadata(dataset, where.results).get("grader") or {"name": "exact"}
     return str(g["name"]), float(g.get("tolerance", 1e-6))

@@ -31,7 +31,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from cascade_core.records import RecordTable
+from cascade_core.records.table import RecordTable
 from cascade_core.report.ablations import AblationBlock, ablation_section
 from cascade_core.report.api import ApiCascade, api_section, pick_variant
 from cascade_core.report.baselines import BaselineBlock, baseline_section, oracle_curve
@@ -100,7 +100,7 @@ def build_report(table: RecordTable, questions: pd.DataFrame | None = None,
 def build_report_sections(*args, **kwargs) -> Report:
     """Every number of docs/RESULTS.md from the records (`_build`'s docstring), BLAS capped at one
     thread once for the whole report (its matrix products are small; see `frontier.blas_limit`)."""
-    from cascade_core.frontier import blas_limit
+    from cascade_core.choose.frontier import blas_limit
 
     with blas_limit(1):
         return _build(*args, **kwargs)
@@ -111,7 +111,7 @@ def _side_sections(table: RecordTable, settings: ReportSettings, questions=None,
     """The work that needs nothing from the API section: the guarantee study, the local cascades,
     the ablations, the text router's predictions and the OOD study of the categories
     `ood_held_out` (in a second process when the report has two workers)."""
-    from cascade_core.frontier import blas_limit
+    from cascade_core.choose.frontier import blas_limit
     from cascade_core.report.baselines import router_predictions, wants_router
 
     progress = progress or (lambda message: None)
@@ -197,7 +197,7 @@ def _build(
         raise ValueError("a recorded stage can only be the last stage of the table")
     calib, test = split_tables(table)
     if categories is None:
-        from cascade_core.datasets import mmlu_category
+        from cascade_core.records.mmlu import mmlu_category
 
         categories = np.array([mmlu_category(s) for s in table.subjects], dtype=object).astype(str)
     categories = np.asarray(categories).astype(str)

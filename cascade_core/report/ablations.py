@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cascade_core.records import RecordTable
+from cascade_core.records.table import RecordTable
 from cascade_core.report.common import Part, Progress, ReportSettings, _api_metrics, _local_indices, choose_and_report
 
 

@@ -10,11 +10,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from cascade_core.records import RecordTable
+from cascade_core.records.table import RecordTable
 from cascade_core.report.common import (Part, Progress, ReportSettings, _api_metrics, _local_indices, _num,
                                             _subtable, evaluate_on, outcome, policy_dict, policy_thresholds,
                                             split_tables, with_groups)
-from cascade_core.selection import select_policies
+from cascade_core.choose.selection import select_policies
 
 
 @dataclass

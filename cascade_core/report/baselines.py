@@ -9,10 +9,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from cascade_core.calibration import auroc
-from cascade_core.frontier import aiq, apgr, oracle, random_routing, sweep
-from cascade_core.records import RecordTable
-from cascade_core.replay import ReplayResult, replay
+from cascade_core.signal_quality import auroc
+from cascade_core.choose.frontier import aiq, apgr, oracle, random_routing, sweep
+from cascade_core.records.table import RecordTable
+from cascade_core.choose.replay import ReplayResult, replay
 from cascade_core.report.common import (Part, Progress, ReportSettings, _local_indices, _num, _subtable,
                                             select_policy, split_tables)
 
@@ -91,7 +91,7 @@ def router_predictions(table: RecordTable, questions: pd.DataFrame, settings: Re
     """The text router fit once for every stage of `table`: (out-of-fold P(right) on calibration
     (S, N_cal), P(right) on test (S, N_test)). Its per-stage regressions are independent, so a
     sub-cascade's router is these rows (the report used to fit it again per cascade)."""
-    from cascade_core import pregen_router as pg
+    from cascade_core.choose import pregen_router as pg
 
     calib, test = split_tables(table)
     texts_cal = pg.question_texts(calib.qids, questions)
@@ -144,7 +144,7 @@ def baseline_entry(table: RecordTable, stages: Sequence[int], rule: str, unit: s
 
     # The pre-generation router.
     if questions is not None and settings.pregen:
-        from cascade_core import pregen_router as pg
+        from cascade_core.choose import pregen_router as pg
 
         oof_all, proba_all = router if router is not None else router_predictions(table, questions, settings)
         oof, proba = oof_all[list(stages)], proba_all[list(stages)]

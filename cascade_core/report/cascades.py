@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cascade_core.cost import compute_reduction
-from cascade_core.frontier import oracle
-from cascade_core.records import RecordTable
+from cascade_core.choose.frontier import oracle
+from cascade_core.records.table import RecordTable
 from cascade_core.report.baselines import oracle_curve
 from cascade_core.report.common import (Part, Progress, ReportSettings, _local_indices, _num,
                                             choose_and_report)

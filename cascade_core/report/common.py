@@ -15,10 +15,10 @@ import numpy as np
 from cascade_core.cost import COST_UNITS
 from cascade_core.formatting import clean_json, json_estimate as _est, json_number as _num
 from cascade_core.policy import CascadePolicy
-from cascade_core.records import RecordTable
-from cascade_core.replay import ReplayResult
-from cascade_core.selection import SubjectPolicy, evaluate_on, select_policy
-from cascade_core.stats import accuracy_ci, accuracy_difference_ci, compute_reduction_ci, mcnemar_exact
+from cascade_core.records.table import RecordTable
+from cascade_core.choose.replay import ReplayResult
+from cascade_core.choose.selection import SubjectPolicy, evaluate_on, select_policy
+from cascade_core.choose.paired_stats import accuracy_ci, accuracy_difference_ci, compute_reduction_ci, mcnemar_exact
 
 Progress = Callable[[str], None]
 REPORT_FORMAT = "cascade-report-v1"

@@ -27,13 +27,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cascade_core.calibration import auroc
-from cascade_core.label_free import label_free_table
-from cascade_core.records import RecordTable
-from cascade_core.replay import route
+from cascade_core.signal_quality import auroc
+from cascade_core.choose.label_free import label_free_table
+from cascade_core.records.table import RecordTable
+from cascade_core.choose.replay import route
 from cascade_core.report.cascades import oracle_saving
-from cascade_core.resplit import choose, stratified_halves
-from cascade_core.selection import TableRows, select_policy
+from cascade_core.choose.resplit import choose, stratified_halves
+from cascade_core.choose.selection import TableRows, select_policy
 
 RULES = ("pt_only", "both")
 
@@ -141,7 +141,7 @@ def selection_summary(dataset: str) -> dict | None:
     """How a shipped set's questions were chosen, when it says (`mmlu-open`), else None."""
     if dataset != "mmlu-open":
         return None
-    from cascade_core.mmlu_open import read_summary
+    from cascade_core.records.mmlu_open import read_summary
 
     return read_summary()
 
@@ -152,7 +152,7 @@ BENCH_COMMANDS = {"arith": "make bench-arith", "mmlu-open": "make bench-mmlu-ope
 def no_records_report(dataset: str, why: str) -> dict:
     """The report of a dataset whose stages are not (all) benchmarked yet: why (paths inside the
     checkout written relative to it, so a committed report names no machine's folders), and what to run."""
-    from cascade_core.compose.locations import DATA_DIR
+    from cascade_core.locations import DATA_DIR
 
     why = why.replace(f"{DATA_DIR.parent}/", "")
     return {"dataset": dataset, "no_records": why, "selection": selection_summary(dataset),
@@ -173,7 +173,7 @@ def _selection_lines(selection: dict | None) -> list[str]:
              f"ones; asked without their options, with the prompt `{selection['prompt'].replace(chr(10), ' / ')}`, "
              "graded `choices` (normalised text equal to the right option's, or to its bare number when it is a "
              f"number with a unit: {selection['with_number_alias']} questions). Excluded by the stated rule "
-             "(`cascade_core/mmlu_open.py`; each question counted under the first reason that applies):", "",
+             "(`cascade_core/records/mmlu_open.py`; each question counted under the first reason that applies):", "",
              "| reason | questions |", "|---|---|"]
     lines += [f"| {names.get(k, k)} | {v:,} |" for k, v in selection["excluded"].items()]
     lines += [f"| **excluded in all** | {selection['excluded_total']:,} of {selection['questions_in_mmlu']:,} |", ""]

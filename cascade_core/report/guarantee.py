@@ -1,5 +1,5 @@
 """Section 0, the guarantee: the Learn-then-Test choice on the committed split, and the re-split
-study that measures how often its promise held (`cascade_core.resplit`).
+study that measures how often its promise held (`cascade_core.choose.resplit`).
 
 For the API scenario the headline cascade is the largest local stage -> GPT-4 (`resplits`
 re-splits); the full local cascade -> GPT-4 and the local cascade alone get `resplits_others`.
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cascade_core.records import RecordTable
+from cascade_core.records.table import RecordTable
 from cascade_core.report.common import Part, Progress, ReportSettings, _local_indices, policy_thresholds, split_tables
-from cascade_core.resplit import _outcome, choose, coded_subjects, resplit_study
+from cascade_core.choose.resplit import _outcome, choose, coded_subjects, resplit_study
 
 
 @dataclass

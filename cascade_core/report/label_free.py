@@ -1,7 +1,7 @@
 """Section 7: probes trained on "agrees with the largest local model" (free from escalated traffic)
 against the gold-label probes, and the full local cascade with each; and the label-free
 guarantee of the local cascade (issue 20): Learn-then-Test on the disagreement with the largest
-local model's recorded answers (`cascade_core.label_free`), which bounds the accuracy lost against
+local model's recorded answers (`cascade_core.choose.label_free`), which bounds the accuracy lost against
 it for any labels, redone on subject-stratified re-splits beside the labelled guarantee
 (`report.freeform.guarantee_study`, the same study as a free-form set's). It needs no hidden-state
 features, so it is computed even where the probes part is skipped."""
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cascade_core.calibration import auroc
-from cascade_core.records import RecordTable
+from cascade_core.signal_quality import auroc
+from cascade_core.records.table import RecordTable
 from cascade_core.report.common import (Part, Progress, ReportSettings, _local_indices, _num, _subtable,
                                             choose_and_report, evaluate_on, outcome, policy_thresholds,
                                             select_policy, split_tables, with_p_ik)

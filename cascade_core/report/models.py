@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cascade_core.calibration import auroc, expected_calibration_error
+from cascade_core.signal_quality import auroc, expected_calibration_error
 from cascade_core.cost import COST_UNITS
-from cascade_core.records import RecordTable
+from cascade_core.records.table import RecordTable
 from cascade_core.report.common import Part, _est, split_tables
-from cascade_core.stats import accuracy_ci
+from cascade_core.choose.paired_stats import accuracy_ci
 
 
 @dataclass

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from cascade_core.calibration import auroc
-from cascade_core.records import RecordTable
+from cascade_core.signal_quality import auroc
+from cascade_core.records.table import RecordTable
 from cascade_core.report.common import (Part, Progress, ReportSettings, _local_indices, _num, _subtable,
                                             evaluate_on, policy_thresholds, select_policy, with_p_ik)
 from cascade_core.report.probes import retrain_p_ik

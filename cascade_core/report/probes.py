@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from cascade_core.records import RecordTable
+from cascade_core.records.table import RecordTable
 from cascade_core.report.common import ReportSettings, _num
 
 
@@ -24,7 +24,7 @@ def retrain_p_ik(table: RecordTable, features: Mapping[str, tuple[np.ndarray, di
     correctness as stage s's training target. Stages without features keep NaN.
     Returns (p_ik (S, N), {stage: {layer, held_out_auroc}}).
     """
-    from cascade_core.probe_training import align_features, train_probe
+    from cascade_core.records.probe_training import align_features, train_probe
 
     p_ik = np.full(table.p_ik.shape, np.nan)
     info = {}

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cascade_core.compose.locations import REPO_ROOT
+from cascade_core.locations import REPO_ROOT
 
 VLLM_PYTHON_ENV = "CASCADE_VLLM_PYTHON"
 DEFAULT_VENV = REPO_ROOT / ".venv-vllm"
@@ -330,7 +330,7 @@ def local_preset_text(source, servers: Sequence[Started], n_layers: dict[str, in
     """A preset whose local stages are `openai` stages on the started servers, in the source
     preset's order; its other stages are copied as they are. A stage with a pooling server reads
     P(IK) from it when a probe for its last layer exists (`<probes>/<name>.npz`), else P(T) alone."""
-    from cascade_core.compose.locations import locations
+    from cascade_core.locations import locations
 
     by_stage: dict[str, dict[str, Started]] = {}
     for started in servers:

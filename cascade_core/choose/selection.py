@@ -8,7 +8,7 @@ meets the same target. Two criteria:
   (always feasible: the largest model alone qualifies);
 - ``cost_budget``: the most accurate policy whose mean cost per question <= the budget.
 
-With `delta` (guarantee mode) the choice is Learn-then-Test (`cascade_core.risk`): the target
+With `delta` (guarantee mode) the choice is Learn-then-Test (`cascade_core.choose.ltt_bounds`): the target
 (or budget) then holds on new questions from the same distribution with probability >= 1 - delta
 over the draw of the calibration questions, not just on calibration. Each rule gives every stage
 one keep score (P(T); P(IK); min(P(T), P(IK)) for `both`; the fitted score for `learned` and
@@ -36,12 +36,12 @@ from typing import Sequence
 import numpy as np
 
 from cascade_core.cost import check_unit
-from cascade_core.frontier import SweepResult, sweep
+from cascade_core.choose.frontier import SweepResult, sweep
 from cascade_core.policy import (SCORED_RULES, CascadePolicy, LearnedCombiner, LossAwareScore, StagePolicy,
                                  fit_combiner, fit_loss_aware)
-from cascade_core.records import RecordTable
-from cascade_core.replay import ReplayResult, check_policy, replay, route, summarise
-from cascade_core.risk import (Guarantee, betting_pvalues, cost_pvalues, fixed_sequence, paired_loss_upper_bound,
+from cascade_core.records.table import RecordTable
+from cascade_core.choose.replay import ReplayResult, check_policy, replay, route, summarise
+from cascade_core.choose.ltt_bounds import (Guarantee, betting_pvalues, cost_pvalues, fixed_sequence, paired_loss_upper_bound,
                                sequence_pvalues)
 
 _SLACK = 1e-12
@@ -435,7 +435,7 @@ def _better(new: tuple, old: tuple) -> bool:
 
 
 def _subsets(table: RecordTable, include_skips: bool) -> list[tuple[int, ...]]:
-    from cascade_core.frontier import cascade_subsets
+    from cascade_core.choose.frontier import cascade_subsets
 
     return cascade_subsets(table, include_skips)
 
@@ -465,7 +465,7 @@ def select_policy(
 
     `delta` (e.g. 0.1) switches to guarantee mode (module docstring): the target or budget then
     holds on new questions with probability >= 1 - delta; `bound` is the p-value of the paired
-    loss ("binomial" or "hb", see `cascade_core.risk`); `seed` splits the calibration questions
+    loss ("binomial" or "hb", see `cascade_core.choose.ltt_bounds`); `seed` splits the calibration questions
     for a fitted score (`learned`, `loss_aware`). Per-subject groups get delta / G each.
     """
     check_unit(unit)

@@ -30,8 +30,8 @@ from cascade_core.blas import blas_threads as _blas_threads
 from cascade_core.cost import COST_UNITS, check_unit, compute_reduction
 from cascade_core.policy import (RULES, SCORED_RULES, CascadePolicy, LearnedCombiner, StagePolicy, fit_combiner,
                                  fit_loss_aware)
-from cascade_core.records import RecordTable
-from cascade_core.replay import ReplayResult, replay
+from cascade_core.records.table import RecordTable
+from cascade_core.choose.replay import ReplayResult, replay
 
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it trapz
 DEFAULT_QUANTILES = {"both": 8, "pt_only": 50, "pik_only": 50, "learned": 50, "loss_aware": 50}

@@ -5,7 +5,7 @@ subtraction of two k-digit numbers (2D+, 2D-, 3D+, 3D-, 4D+, 4D-, 5D+, 5D-), mul
 2-digit numbers (2Dx) and one-digit composite operations (1DC: three numbers of one digit, two
 operations, parentheses), operands drawn uniformly from [0, 10^k) as in the paper. These
 questions are SYNTHETIC: drawn with a fixed seed by `arith_rows`, so the shipped file
-`data/arith/arith.jsonl` is reproducible byte for byte (`python -m cascade_core.arith`).
+`data/arith/arith.jsonl` is reproducible byte for byte (`python -m cascade_core.records.arith`).
 
 Why this set: the packaged small models are near chance on MMLU, so nothing routes there; on
 arithmetic they are competent at some levels and not at others, and their free-form confidence
@@ -25,7 +25,7 @@ TASKS: tuple[str, ...] = ("2D+", "2D-", "3D+", "3D-", "4D+", "4D-", "5D+", "5D-"
 SEED = 20201  # fixed: the file is data, not a draw per run
 PER_TASK = 100
 PROMPT = "What is {expression}? Answer with the number only."
-SHIPPED = Path(__file__).resolve().parent.parent / "data" / "arith" / "arith.jsonl"
+SHIPPED = Path(__file__).resolve().parents[2] / "data" / "arith" / "arith.jsonl"
 
 
 def _expression(task: str, rng: random.Random) -> tuple[str, int]:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cascade_core.blas import blas_threads
-from cascade_core.calibration import auroc
+from cascade_core.signal_quality import auroc
 from cascade_core.probe import PROBE_CS, PIKProbe, choose_probe, out_of_fold_p_ik
 
 

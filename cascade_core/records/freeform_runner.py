@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from cascade_core.bench import BenchPaths, code_version, feature_layers, resume
+from cascade_core.records.runner import BenchPaths, code_version, feature_layers, resume
 from cascade_core.cost import flops as flop_cost
 from cascade_core.graders import Grader, normalise_text
 from cascade_core.io import atomic_write_npz, atomic_write_parquet

@@ -6,7 +6,7 @@ means the same questions, split and grader everywhere. A value is:
 
 - a built-in name: `mmlu` (the shipped 14,042 questions and their committed split,
   `data/mmlu/split.json`, untouched here); `arith` and `mmlu-open`, the shipped free-form sets
-  (`cascade_core.arith`, `cascade_core.mmlu_open`: files under `data/`, registered like a user's
+  (`cascade_core.records.arith`, `cascade_core.records.mmlu_open`: files under `data/`, registered like a user's
   file but named by their built-in name);
 - a path to a `.jsonl`, `.csv` or `.parquet` file (`question_files` reads and checks it whole);
   the dataset is named after the file (`my_questions.csv` -> `my_questions`);
@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cascade_core.compose.locations import DATA_DIR
+from cascade_core.locations import DATA_DIR
 from cascade_core.graders import default_grader, get_grader
 from cascade_core.io import atomic_write_json
-from cascade_core.question_files import SUFFIXES, read_question_file
-from cascade_core.split import SPLIT_SEED, SPLITS, read_split_json, select_rows, split_document, write_split_json
+from cascade_core.records.question_files import SUFFIXES, read_question_file
+from cascade_core.records.split import SPLIT_SEED, SPLITS, read_split_json, select_rows, split_document, write_split_json
 
 BUILTIN = ("mmlu", "arith", "mmlu-open")
 RESERVED: tuple[str, ...] = ()  # names kept for shipped sets not built yet (none now)
@@ -62,7 +62,7 @@ class Dataset:
 
 
 def _results(results_dir) -> Path:
-    from cascade_core.compose.locations import locations
+    from cascade_core.locations import locations
 
     return locations(results_dir).results
 
@@ -126,7 +126,7 @@ def read_metadata(name: str, results_dir: Path | str | None = None) -> dict:
 
 
 def _mmlu() -> Dataset:
-    from cascade_core.datasets import MMLU_SPLIT_PATH, _mmlu_table, MMLU_PATH
+    from cascade_core.records.mmlu import MMLU_SPLIT_PATH, _mmlu_table, MMLU_PATH
 
     table = _mmlu_table(str(MMLU_PATH), str(MMLU_SPLIT_PATH)).copy()
     table["options"] = [list(o) for o in table["options"]]
@@ -231,7 +231,7 @@ def store_upload(filename: str, content: bytes, results_dir: Path | str | None =
     A file that fails any check (`question_files`) is refused with the uploaded file's name, row
     and column, and nothing is kept. The stored copy is what `resolve_dataset` then registers, so
     the dataset's source stays readable after the browser's copy is gone."""
-    from cascade_core.question_files import QuestionFileError
+    from cascade_core.records.question_files import QuestionFileError
 
     suffix = Path(filename).suffix.lower()
     if suffix not in SUFFIXES:

@@ -40,7 +40,7 @@ for an option that is a number followed by a unit ("67%", "1,000,000 J"), the ba
 no other option has that number.
 
 The file `data/mmlu_open/mmlu_open.jsonl` is derived data, reproducible byte for byte from
-`data/mmlu/mmlu_test.parquet` (`python -m cascade_core.mmlu_open`).
+`data/mmlu/mmlu_test.parquet` (`python -m cascade_core.records.mmlu_open`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ import pandas as pd
 
 from cascade_core.graders import first_number, normalise_text
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "data" / "mmlu_open" / "mmlu_open.jsonl"
 SUMMARY = SHIPPED.with_name("selection.json")
 MMLU_PATH = ROOT / "data" / "mmlu" / "mmlu_test.parquet"

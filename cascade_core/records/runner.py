@@ -23,11 +23,11 @@ from cascade_core import __version__
 from cascade_core.cost import flops as flop_cost
 from cascade_core.io import atomic_write_npz, atomic_write_parquet, read_parquet_checked
 from cascade_core.prompts import PROMPT_FORMAT_VERSION, format_prompt
-from cascade_core.record_schema import REQUIRED, RUNNER_COLUMNS, validate_records
+from cascade_core.records.schema import REQUIRED, RUNNER_COLUMNS, validate_records
 from cascade_core.signals import mc_signals, option_probabilities
 from cascade_core.types import Backend, Question
 
-RECORD_COLUMNS = list(RUNNER_COLUMNS)  # the columns the runner writes (cascade_core.record_schema)
+RECORD_COLUMNS = list(RUNNER_COLUMNS)  # the columns the runner writes (cascade_core.records.schema)
 
 Progress = Callable[[int, int], None]
 

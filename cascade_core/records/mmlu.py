@@ -15,9 +15,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from cascade_core.compose.locations import DATA_DIR
+from cascade_core.locations import DATA_DIR
 from cascade_core.io import read_parquet_checked
-from cascade_core.split import read_split_json, select_rows
+from cascade_core.records.split import read_split_json, select_rows
 from cascade_core.types import Question
 
 MMLU_DIR = DATA_DIR / "mmlu"

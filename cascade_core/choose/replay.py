@@ -14,7 +14,7 @@ import numpy as np
 
 from cascade_core.cost import COST_UNITS, compute_reduction
 from cascade_core.policy import CascadePolicy, keep_mask
-from cascade_core.records import RecordTable
+from cascade_core.records.table import RecordTable
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ import numpy as np
 from cascade_core.bias import LetterBias
 from cascade_core.cost import check_unit
 from cascade_core.policy import CascadePolicy
-from cascade_core.records import RecordTable
-from cascade_core.replay import replay
-from cascade_core.resplit import RULES, _outcome, choose
-from cascade_core.risk import Guarantee
-from cascade_core.selection import _guaranteed
+from cascade_core.records.table import RecordTable
+from cascade_core.choose.replay import replay
+from cascade_core.choose.resplit import RULES, _outcome, choose
+from cascade_core.choose.ltt_bounds import Guarantee
+from cascade_core.choose.selection import _guaranteed
 
 @dataclass(frozen=True)
 class CalibratedPolicy:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Sequence
 from cascade_core.io import atomic_write_json
 
 if TYPE_CHECKING:
-    from cascade_core.calibrated import CalibratedPolicy
+    from cascade_core.choose.calibrated_policy import CalibratedPolicy
     from cascade_core.policy import CascadePolicy
 
 FORMAT = "cascade-policy-file"
@@ -101,8 +101,8 @@ class PolicyFile:
     def calibrated(self) -> "CalibratedPolicy":
         """The calibrated policy the file was written from (`policy_file_from_calibrated`); figures
         that were not finite come back as None. A file without a certification is refused."""
-        from cascade_core.calibrated import CalibratedPolicy
-        from cascade_core.risk import Guarantee
+        from cascade_core.choose.calibrated_policy import CalibratedPolicy
+        from cascade_core.choose.ltt_bounds import Guarantee
 
         g = self.guarantee
         try:

@@ -21,8 +21,8 @@ import pandas as pd
 
 from cascade_core.cost import check_unit
 from cascade_core.prompts import subject_phrase
-from cascade_core.records import RecordTable
-from cascade_core.replay import ReplayResult, summarise
+from cascade_core.records.table import RecordTable
+from cascade_core.choose.replay import ReplayResult, summarise
 
 
 def question_texts(qids: Sequence[str], questions: pd.DataFrame) -> list[str]:

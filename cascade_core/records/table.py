@@ -17,7 +17,7 @@ import pandas as pd
 
 from cascade_core.cost import COST_UNITS, check_unit
 from cascade_core.cost import dollars as dollar_cost
-from cascade_core.record_schema import TABLE_FLOATS, TABLE_REQUIRED, TABLE_REQUIRED_RECORDED
+from cascade_core.records.schema import TABLE_FLOATS, TABLE_REQUIRED, TABLE_REQUIRED_RECORDED
 
 _FLOAT_FIELDS = TABLE_FLOATS
 

@@ -270,7 +270,7 @@ def _references(path, value, row, column, word) -> list[str]:
 
 def read_question_file(path: Path | str) -> QuestionFile:
     """Read and check `path` (module docstring); QuestionFileError names the file, row and column."""
-    from cascade_core.datasets import mmlu_category
+    from cascade_core.records.mmlu import mmlu_category
 
     path = Path(path)
     raw, numbers, word = read_rows(path)

@@ -16,6 +16,9 @@ where no probe has scored the question yet (questions benchmarked after the prob
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,3 +144,25 @@ def labelled_rows(frame: pd.DataFrame) -> np.ndarray:
     if "answer" in frame.columns:
         return (frame["answer"] >= 0).to_numpy()
     return np.ones(len(frame), dtype=bool)
+
+
+def records_dtype(path: Path | str) -> str | None:
+    """The `dtype` column of a records file ("bfloat16"; "bfloat16+float32" if mixed); None without one."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return _records_dtype(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _records_dtype(path: str, mtime_ns: int, size: int) -> str | None:
+    import pandas as pd
+
+    try:
+        column = pd.read_parquet(path, columns=["dtype"])["dtype"].astype(str)
+    except Exception:  # noqa: BLE001 - no column, unreadable: the format is unknown, never an error here
+        return None
+    found = sorted(set(column) - {"", "None", "nan"})
+    return "+".join(found) or None

@@ -14,13 +14,14 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from cascade_core.calibration import auroc, expected_calibration_error, reliability_curve
-from cascade_core.frontier import accuracy_difference, random_routing
+from cascade_core.signal_quality import auroc, expected_calibration_error, reliability_curve
+from cascade_core.choose.frontier import accuracy_difference, random_routing
+from cascade_core.presets import StageConfig
 from cascade_core.policy import CascadePolicy, StagePolicy, keep_mask
-from cascade_core.record_schema import TABLE_FLOATS
-from cascade_core.records import RecordTable
-from cascade_core.replay import ReplayResult, replay
-from cascade_core.stats import accuracy_ci, mcnemar_exact
+from cascade_core.records.schema import TABLE_FLOATS
+from cascade_core.records.table import RecordTable
+from cascade_core.choose.replay import ReplayResult, replay
+from cascade_core.choose.paired_stats import accuracy_ci, mcnemar_exact
 
 UNIT_LABELS = {"flops": "FLOPs", "tokens": "tokens", "dollars": "dollars", "seconds": "seconds", "calls": "API calls"}
 
@@ -398,8 +399,8 @@ def policy_for_target(calib: RecordTable, target_pt: float, delta: float = 0.1, 
     """The policy `calibrate --target target_pt --delta delta` would choose on `calib` (the calibration
     split of the preset's records): the same function and defaults, so the Route page's target
     selector promises what the CLI would write to a policy file."""
-    from cascade_core.calibrated import calibrate_policy
-    from cascade_core.policy_file import policy_file_from_calibrated
+    from cascade_core.choose.calibrated_policy import calibrate_policy
+    from cascade_core.choose.policy_file import policy_file_from_calibrated
 
     chosen = calibrate_policy(calib, target_max_loss=target_pt / 100.0, delta=delta, unit=unit)
     found = policy_file_from_calibrated(chosen, "route", {}, target_pt=target_pt)
@@ -531,7 +532,7 @@ def default_unit(last_is_recorded: bool, priced: bool = True) -> str:
 
 def last_stage_calls_saved(table: RecordTable, policy: CascadePolicy) -> float:
     """The share of questions the last stage never sees (e.g. GPT-4 calls saved), as the report counts it."""
-    from cascade_core.resplit import _outcome
+    from cascade_core.choose.resplit import _outcome
 
     return _outcome(policy, table, "calls")[1]
 
@@ -542,3 +543,7 @@ __all__ = [
     "thresholds_applied", "json_text", "ROUTE_TARGETS_PT", "TargetPolicy", "policy_for_target", "RouteExample", "route_examples",
     "guarantee_headline", "headline_sentence", "default_unit", "last_stage_calls_saved",
 ]
+
+
+def label_of(config: StageConfig) -> str:
+    return config.display_name + (" (recorded)" if config.backend == "recorded" and "recorded" not in config.display_name.lower() else "")

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cascade_core.records import RecordTable
+from cascade_core.records.table import RecordTable
 
 LOSS_NAME = "disagreement with the last stage (label-free)"
 

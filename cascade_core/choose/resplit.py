@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cascade_core.records import RecordTable
-from cascade_core.replay import route
-from cascade_core.selection import TableRows, _guaranteed
+from cascade_core.records.table import RecordTable
+from cascade_core.choose.replay import route
+from cascade_core.choose.selection import TableRows, _guaranteed
 
 RULES = ("pt_only", "both", "learned", "loss_aware")
 
