@@ -532,9 +532,9 @@ def default_unit(last_is_recorded: bool, priced: bool = True) -> str:
 
 def last_stage_calls_saved(table: RecordTable, policy: CascadePolicy) -> float:
     """The share of questions the last stage never sees (e.g. GPT-4 calls saved), as the report counts it."""
-    from cascade_core.choose.resplit import _outcome
+    from cascade_core.choose.resplit import loss_and_saving
 
-    return _outcome(policy, table, "calls")[1]
+    return loss_and_saving(policy, table, "calls")[1]
 
 __all__ = [
     "END_OF_TURN_MARKERS", "decision_reason", "display_answer", "SCORE_RANGE", "UNIT_LABELS", "OperatingPoint", "StageSetting", "choice_param", "settings_from_policy",

@@ -698,10 +698,10 @@ def test_route_refuses_a_damaged_policy_file_before_loading_a_model(tmp_path, mo
 
 
 def test_loss_aware_thresholds_may_be_negative():
-    from cascade_core.choose.policy_file import _threshold_range
+    from cascade_core.choose.policy_file import threshold_range
 
-    assert _threshold_range("tau_learned", "loss_aware") == (-1.0, 1.0)
-    assert _threshold_range("tau_learned", "learned") == _threshold_range("tau_t", "loss_aware") == (0.0, 1.0)
+    assert threshold_range("tau_learned", "loss_aware") == (-1.0, 1.0)
+    assert threshold_range("tau_learned", "learned") == threshold_range("tau_t", "loss_aware") == (0.0, 1.0)
 
 
 # -- probes: fail closed --------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from cascade_core.choose.label_free import (accuracy_loss_bound_holds, check_lab
 from cascade_core.policy import CascadePolicy, StagePolicy
 from cascade_core.records.table import RecordTable
 from cascade_core.choose.replay import replay, route
-from cascade_core.choose.selection import _path, keep_scores, select_policy, threshold_grid
+from cascade_core.choose.ltt import keep_scores, threshold_grid, threshold_path
+from cascade_core.choose.selection import select_policy
 
 
 def _draw(n: int, rng: np.random.Generator, answers: np.ndarray | None = None, recorded_last=False) -> RecordTable:
@@ -61,7 +62,7 @@ def test_the_label_free_guarantee_holds_in_at_least_1_minus_delta_of_500_draws()
         kept.append(1 - tau)
         # Without the guarantee: the cheapest threshold whose calibration disagreement is within the target.
         grid = threshold_grid("pt_only")
-        n_plus, n_minus, mean_cost, _, _ = _path(calib, (0, 1), {0: keep_scores(calib, 0, "pt_only")}, grid, "flops")
+        n_plus, n_minus, mean_cost, _, _ = threshold_path(calib, (0, 1), {0: keep_scores(calib, 0, "pt_only")}, grid, "flops")
         assert not n_minus.any()  # the reference always "agrees with itself": no -1 losses
         ok = np.flatnonzero(n_plus / calib.n_questions <= target)
         held_plain += true_disagreement(grid[ok[np.argmin(mean_cost[ok])]]) <= target

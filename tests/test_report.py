@@ -333,13 +333,13 @@ def test_guarantee_headline_has_the_promised_keys_and_replays(report, table):
     head = next(c for c in study["cascades"] if c["headline"])
     assert head["study"]["chosen"]["held_share"] == g["held_share"]
     # The committed-split figure is the chosen rule's policy replayed on the test split.
-    from cascade_core.choose.resplit import _outcome, choose
+    from cascade_core.choose.resplit import choose, loss_and_saving
 
     sub = table.stage_subset([2, 3])
     chosen, policies, _ = choose(sub.subset("calibration"), tuple(SETTINGS.guarantee_rules), 0.01, 0.1, "dollars",
                                  SETTINGS.guarantee_folds, SETTINGS.seed, "calls", SETTINGS.guarantee_bound)
     assert chosen == head["committed"]["rule"]
-    loss, saving = _outcome(policies[chosen], sub.subset("test"), "calls")
+    loss, saving = loss_and_saving(policies[chosen], sub.subset("test"), "calls")
     assert saving == pytest.approx(head["committed"]["saving"]) and loss == pytest.approx(head["committed"]["accuracy_loss"])
 
 

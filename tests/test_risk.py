@@ -14,9 +14,10 @@ import pytest
 from cascade_core.policy import CascadePolicy, StagePolicy
 from cascade_core.records.table import RecordTable
 from cascade_core.choose.replay import replay
-from cascade_core.choose.ltt_bounds import (Guarantee, cost_pvalues, fixed_sequence, paired_loss_pvalues,
+from cascade_core.choose.ltt import (Guarantee, cost_pvalues, fixed_sequence, paired_loss_pvalues,
                                paired_loss_upper_bound)
-from cascade_core.choose.selection import _path, keep_scores, select_policy, threshold_grid
+from cascade_core.choose.ltt import keep_scores, threshold_grid, threshold_path
+from cascade_core.choose.selection import select_policy
 
 REFERENCE = 0.8
 
@@ -58,7 +59,7 @@ def test_the_guarantee_holds_in_at_least_1_minus_delta_of_500_draws():
         saved.append(1 - tau)
         # The plain criterion on the same grid: the cheapest threshold within the target on calibration.
         grid = threshold_grid("pt_only")
-        n_plus, n_minus, mean_cost, _, _ = _path(calib, (0, 1), {0: keep_scores(calib, 0, "pt_only")}, grid, "flops")
+        n_plus, n_minus, mean_cost, _, _ = threshold_path(calib, (0, 1), {0: keep_scores(calib, 0, "pt_only")}, grid, "flops")
         ok = np.flatnonzero((n_plus - n_minus) / calib.n_questions <= target)
         held_plain += true_loss(grid[ok[np.argmin(mean_cost[ok])]]) <= target
     assert held / 500 >= 1 - delta
@@ -75,7 +76,7 @@ def test_a_guaranteed_policy_replays_to_the_counts_it_was_certified_on():
     tau = _tau(sel.policy)
     grid = threshold_grid("pt_only")
     j = int(np.flatnonzero(np.isclose(grid, tau))[0])
-    n_plus, n_minus, mean_cost, accuracy, _ = _path(calib, (0, 1), {0: keep_scores(calib, 0, "pt_only")}, grid,
+    n_plus, n_minus, mean_cost, accuracy, _ = threshold_path(calib, (0, 1), {0: keep_scores(calib, 0, "pt_only")}, grid,
                                                     "flops")
     assert accuracy[j] == pytest.approx(result.accuracy)
     assert (n_plus[j] - n_minus[j]) / calib.n_questions == pytest.approx(loss)
@@ -98,7 +99,7 @@ def test_the_multi_stage_path_equals_replay():
                       dollars=np.zeros((3, 500)), has_hidden=np.zeros(3, bool), recorded=np.zeros(3, bool))
     grid = threshold_grid("pt_only")
     scores = {s: keep_scores(tab, s, "pt_only") for s in (0, 1)}
-    _, _, mean_cost, accuracy, _ = _path(tab, (0, 1, 2), scores, grid, "flops")
+    _, _, mean_cost, accuracy, _ = threshold_path(tab, (0, 1, 2), scores, grid, "flops")
     for j in (0, 50, 120, len(grid) - 1):
         policy = CascadePolicy((StagePolicy(tau_t=grid[j], rule="pt_only"), StagePolicy(tau_t=grid[j], rule="pt_only"),
                                 StagePolicy()))
@@ -121,13 +122,13 @@ def test_pvalues_are_valid_and_the_binomial_bound_is_tighter_than_hoeffding_bent
 
 
 def test_the_direct_certification_chooses_what_the_p_values_choose():
-    from cascade_core.choose.selection import _guaranteed
+    from cascade_core.choose.ltt import guaranteed_policy
 
     rng = np.random.default_rng(5)
     for _ in range(20):
         calib = _draw(int(rng.integers(200, 1500)), rng)
-        with_p = _guaranteed(calib, "flops", "pt_only", 0.01, None, 0.1, None, "binomial")
-        direct = _guaranteed(calib, "flops", "pt_only", 0.01, None, 0.1, None, "binomial", pvalues=False)
+        with_p = guaranteed_policy(calib, "flops", "pt_only", 0.01, None, 0.1, None, "binomial")
+        direct = guaranteed_policy(calib, "flops", "pt_only", 0.01, None, 0.1, None, "binomial", pvalues=False)
         assert with_p[0] == direct[0] and with_p[1].certified == direct[1].certified
 
 
@@ -185,7 +186,7 @@ def test_the_betting_bound_holds_in_at_least_1_minus_delta_of_500_draws():
 
 
 def test_betting_pvalues_are_valid_under_a_null_at_the_target():
-    from cascade_core.choose.ltt_bounds import betting_pvalues
+    from cascade_core.choose.ltt import betting_pvalues
 
     rng = np.random.default_rng(1)
     n, target = 400, 0.02
@@ -199,13 +200,13 @@ def test_betting_pvalues_are_valid_under_a_null_at_the_target():
 
 def test_paired_losses_sum_to_the_path_counts():
     from cascade_core.records.table import synthetic_table
-    from cascade_core.choose.selection import paired_losses
+    from cascade_core.choose.ltt import paired_losses
 
     table = synthetic_table(500, 3, seed=2)
     grid = threshold_grid("pt_only")
     scores = {s: keep_scores(table, s, "pt_only") for s in (0, 1)}
     for subset in ((0, 2), (1, 2), (0, 1, 2)):
-        n_plus, n_minus, *_ = _path(table, subset, scores, grid, "flops")
+        n_plus, n_minus, *_ = threshold_path(table, subset, scores, grid, "flops")
         losses = paired_losses(table, subset, scores, grid)
         assert (losses == 1).sum(axis=1).tolist() == n_plus.tolist()
         assert (losses == -1).sum(axis=1).tolist() == n_minus.tolist()
@@ -228,7 +229,7 @@ def _betting_reference(losses, target, level, truncation=0.5):
 
 
 def test_betting_pvalues_by_blocks_equal_one_pass_and_stopping_early_keeps_the_decisions():
-    from cascade_core.choose.ltt_bounds import betting_pvalues
+    from cascade_core.choose.ltt import betting_pvalues
 
     rng = np.random.default_rng(3)
     for trial in range(40):
@@ -248,7 +249,7 @@ def test_the_betting_sequence_certifies_as_the_plain_loop_does():
     """Shared values for repeated candidates and small chunks give the plain loop's p-values up to
     its first failure (exact mode) and the same certified count (fast mode)."""
     from cascade_core.records.table import synthetic_table
-    from cascade_core.choose.selection import _betting_sequence, paired_losses
+    from cascade_core.choose.ltt import betting_sequence, paired_losses
 
     for seed in range(6):
         table = synthetic_table(400 + 300 * seed, 3, seed=seed)
@@ -266,15 +267,15 @@ def test_the_betting_sequence_certifies_as_the_plain_loop_does():
                         if (plain[rows] > level).any():
                             break
                     k = fixed_sequence(plain, level)
-                    exact = _betting_sequence(table, subset, scores, grid, order, target, level)
-                    fast = _betting_sequence(table, subset, scores, grid, order, target, level, exact=False)
+                    exact = betting_sequence(table, subset, scores, grid, order, target, level)
+                    fast = betting_sequence(table, subset, scores, grid, order, target, level, exact=False)
                     assert fixed_sequence(exact, level) == k == fixed_sequence(fast, level)
                     assert np.array_equal(exact[:k + 1], plain[:k + 1])
 
 
 def test_paired_losses_equal_a_question_by_question_replay():
     from cascade_core.records.table import synthetic_table
-    from cascade_core.choose.selection import paired_losses
+    from cascade_core.choose.ltt import paired_losses
 
     table = synthetic_table(300, 4, seed=5)
     grid = threshold_grid("both")[::7]

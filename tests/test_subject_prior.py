@@ -13,7 +13,7 @@ from cascade_core.policy import (CascadePolicy, LearnedCombiner, StagePolicy, fi
                                  keep_mask, subject_prior)
 from cascade_core.records.table import synthetic_table
 from cascade_core.choose.replay import replay, stage_keep
-from cascade_core.choose.selection import _guaranteed
+from cascade_core.choose.ltt import guaranteed_policy
 
 
 def _fitted(n=2000, seed=0):
@@ -130,7 +130,7 @@ def test_live_cascade_decides_like_the_replay_on_committed_records(committed):
     table = committed
     assert table.names[0] == "qwen2.5-coder-1.5b"
     calib, test = table.subset("calibration"), table.subset("test")
-    policy, _, _ = _guaranteed(calib, "dollars", "loss_aware", 0.01, None, 0.1, None, "binomial")
+    policy, _, _ = guaranteed_policy(calib, "dollars", "loss_aware", 0.01, None, 0.1, None, "binomial")
     policy = CascadePolicy.from_dict(json.loads(json.dumps(policy.to_dict())))  # as a policy file holds it
     stage = policy[0]
     assert stage.enabled and stage.combiner is not None and stage.combiner.uses_subject
@@ -166,7 +166,7 @@ def test_no_enabled_stage_keeps_nothing_on_the_committed_records():
     except (MissingRecordsError, ValueError) as err:
         pytest.skip(f"no committed records: {err}")
     for rule in ("both", "pt_only"):
-        policy, _, _ = _guaranteed(table, "dollars", rule, 0.01, None, 0.1, None, "binomial")
+        policy, _, _ = guaranteed_policy(table, "dollars", rule, 0.01, None, 0.1, None, "binomial")
         result = replay(table, policy)
         for s in policy.enabled_indices[:-1]:
             assert result.answer_rate[s] > 0, f"{rule}: {table.names[s]} is enabled and keeps nothing"

@@ -19,9 +19,8 @@ from cascade_core.cost import check_unit
 from cascade_core.policy import CascadePolicy
 from cascade_core.records.table import RecordTable
 from cascade_core.choose.replay import replay
-from cascade_core.choose.resplit import RULES, _outcome, choose
-from cascade_core.choose.ltt_bounds import Guarantee
-from cascade_core.choose.selection import _guaranteed
+from cascade_core.choose.resplit import RULES, choose, loss_and_saving
+from cascade_core.choose.ltt import Guarantee, guaranteed_policy
 
 @dataclass(frozen=True)
 class CalibratedPolicy:
@@ -67,16 +66,16 @@ def calibrate_policy(calib: RecordTable, target_max_loss: float | None = 0.01, d
         target = 0.01 if target_max_loss is None else float(target_max_loss)
         rule, policies, scores = choose(calib, rules, target, delta, unit, folds, seed, saving_unit, bound)
         cv = {r: {"accuracy_loss": v[0], "saving": v[1]} for r, v in scores.items()}
-        policy, guarantee, _ = _guaranteed(calib, unit, rule, target, None, delta, None, bound, seed=seed)
+        policy, guarantee, _ = guaranteed_policy(calib, unit, rule, target, None, delta, None, bound, seed=seed)
     else:
         best = None
         for r in rules:
-            pol, g, _ = _guaranteed(calib, unit, r, None, float(cost_budget), delta, None, "binomial", seed=seed)
+            pol, g, _ = guaranteed_policy(calib, unit, r, None, float(cost_budget), delta, None, "binomial", seed=seed)
             acc = replay(calib, pol).accuracy
             if best is None or acc > best[0]:
                 best = (acc, r, pol, g)
         _, rule, policy, guarantee = best
-    loss, saving = _outcome(policy, calib, saving_unit)
+    loss, saving = loss_and_saving(policy, calib, saving_unit)
     result = replay(calib, policy)
     calibration = {"n_questions": int(calib.n_questions), "accuracy": result.accuracy,
                    "reference_accuracy": float(calib.correct[-1].mean()), "accuracy_loss": loss,

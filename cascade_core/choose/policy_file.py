@@ -102,7 +102,7 @@ class PolicyFile:
         """The calibrated policy the file was written from (`policy_file_from_calibrated`); figures
         that were not finite come back as None. A file without a certification is refused."""
         from cascade_core.choose.calibrated_policy import CalibratedPolicy
-        from cascade_core.choose.ltt_bounds import Guarantee
+        from cascade_core.choose.ltt import Guarantee
 
         g = self.guarantee
         try:
@@ -171,7 +171,7 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _threshold_range(key: str, rule: str) -> tuple[float, float]:
+def threshold_range(key: str, rule: str) -> tuple[float, float]:
     """A keep threshold's range: P(T) and P(IK) are probabilities; the learned score is one too,
     the loss-aware score a difference of two (`policy.LossAwareScore`)."""
     return (-1.0, 1.0) if key == "tau_learned" and rule == "loss_aware" else (0.0, 1.0)
@@ -198,7 +198,7 @@ def _check_cascade_policy(path: Path, where: str, policy, n_stages: int) -> None
         for key in ("tau_t", "tau_ik", "tau_learned"):
             if key not in stage:
                 continue
-            value, (low, high) = stage[key], _threshold_range(key, rule)
+            value, (low, high) = stage[key], threshold_range(key, rule)
             if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
                     or not low <= value <= high):
                 raise PolicyFileError(f"{path}: key {at}.{key} must be a number in [{low:g}, {high:g}], got {value!r}")

@@ -17,7 +17,8 @@ import numpy as np
 
 from cascade_core.records.table import RecordTable
 from cascade_core.choose.replay import route
-from cascade_core.choose.selection import TableRows, _guaranteed
+from cascade_core.choose.ltt import guaranteed_policy
+from cascade_core.choose.table_rows import TableRows
 
 RULES = ("pt_only", "both", "learned", "loss_aware")
 
@@ -41,7 +42,7 @@ def stratified_halves(subjects: np.ndarray, resplits: int, seed: int = 0) -> np.
     return out
 
 
-def _outcome(policy, test: RecordTable, unit: str) -> tuple[float, float]:
+def loss_and_saving(policy, test: RecordTable, unit: str) -> tuple[float, float]:
     """(accuracy loss against the last stage, saving) of `policy` on `test`."""
     final, visited = route(test, policy)
     right = test.correct[final, np.arange(test.n_questions)]
@@ -60,7 +61,7 @@ def choose(calib, rules, target: float, delta: float, cost_unit: str, folds: int
     """The whole choice on one calibration set: each rule's guaranteed policy, and the rule picked
     by `folds`-fold cross-validation (largest held-out saving in `unit` among rules whose held-out
     loss is within the target; the lowest held-out loss when none is).
-    `fits`: a cache of fitted keep scores shared by calls on the same questions (`selection._guaranteed`).
+    `fits`: a cache of fitted keep scores shared by calls on the same questions (`ltt.guaranteed_policy`).
     Returns (chosen rule, {rule: policy}, {rule: (CV loss, CV saving)})."""
     n = calib.n_questions
     fold = np.random.default_rng(seed).permutation(n) % folds
@@ -69,15 +70,15 @@ def choose(calib, rules, target: float, delta: float, cost_unit: str, folds: int
         loss = saving = 0.0
         for k in range(folds):
             train, held = calib.subset(fold != k), calib.subset(fold == k)
-            policy, _, _ = _guaranteed(train, cost_unit, rule, target, None, delta, None, bound, seed=seed + k,
+            policy, _, _ = guaranteed_policy(train, cost_unit, rule, target, None, delta, None, bound, seed=seed + k,
                                        pvalues=False, fits=fits)
-            l, v = _outcome(policy, held, unit)
+            l, v = loss_and_saving(policy, held, unit)
             loss += l * held.n_questions / n
             saving += v * held.n_questions / n
         cv[rule] = (loss, saving)
     ok = [r for r in rules if cv[r][0] <= target + 1e-12]
     chosen = max(ok, key=lambda r: (cv[r][1], -rules.index(r))) if ok else min(rules, key=lambda r: cv[r][0])
-    policies = {rule: _guaranteed(calib, cost_unit, rule, target, None, delta, None, bound, seed=seed,
+    policies = {rule: guaranteed_policy(calib, cost_unit, rule, target, None, delta, None, bound, seed=seed,
                                   pvalues=False, fits=fits)[0] for rule in rules}
     return chosen, policies, cv
 
@@ -140,7 +141,7 @@ def resplit_study(table: RecordTable, target: float = 0.01, delta: float = 0.1, 
         chosen, policies, _ = choose(calib, rules, target, delta, cost_unit, folds, seed + i, unit, bound, fits)
         counts[chosen] += 1
         for rule, policy in policies.items():
-            loss[rule][i], saving[rule][i] = _outcome(policy, test, unit)
+            loss[rule][i], saving[rule][i] = loss_and_saving(policy, test, unit)
         c_loss[i], c_saving[i] = loss[chosen][i], saving[chosen][i]
     return ResplitStudy(stages=list(table.names), unit=unit, target=target, delta=delta, resplits=resplits,
                         folds=folds, chosen={**_summary(c_loss, c_saving, target), "rule_counts": counts},

@@ -33,7 +33,8 @@ from cascade_core.records.table import RecordTable
 from cascade_core.choose.replay import route
 from cascade_core.report.cascades import oracle_saving
 from cascade_core.choose.resplit import choose, stratified_halves
-from cascade_core.choose.selection import TableRows, select_policy
+from cascade_core.choose.selection import select_policy
+from cascade_core.choose.table_rows import TableRows
 
 RULES = ("pt_only", "both")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from cascade_core.records.table import RecordTable
 from cascade_core.report.common import Part, Progress, ReportSettings, _local_indices, policy_thresholds, split_tables
-from cascade_core.choose.resplit import _outcome, choose, coded_subjects, resplit_study
+from cascade_core.choose.resplit import choose, coded_subjects, loss_and_saving, resplit_study
 
 
 @dataclass
@@ -70,10 +70,10 @@ def guarantee_section(table: RecordTable, settings: ReportSettings, progress: Pr
         bound = settings.guarantee_bound
         chosen, policies, cv = choose(calib, tuple(rules), settings.target_max_loss, settings.delta, cost_unit,
                                       settings.guarantee_folds, settings.seed, unit, bound)
-        loss, saving = _outcome(policies[chosen], test, unit)
+        loss, saving = loss_and_saving(policies[chosen], test, unit)
         per_rule = {}
         for rule, policy in policies.items():
-            r_loss, r_saving = _outcome(policy, test, unit)
+            r_loss, r_saving = loss_and_saving(policy, test, unit)
             per_rule[rule] = {"accuracy_loss": r_loss, "saving": r_saving,
                               "thresholds": policy_thresholds(policy, sub)}
         coded, fits = coded_subjects(sub), {}  # both studies below share the keep scores' fits
