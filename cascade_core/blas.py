@@ -1,7 +1,8 @@
 """Cap BLAS threads around numeric work.
 
 On a 2-core machine shared with a model run, two BLAS threads fight over the cores: a threshold
-sweep ran 5x slower and probe fitting over 100x slower than with one thread.
+sweep and probe fitting ran several times slower than with one thread (docs/BENCHMARKS.md,
+"Replay and threshold sweep").
 """
 
 from __future__ import annotations

@@ -363,7 +363,7 @@ def choose_probe(
 
     One grid over layers and regularisation strengths, same folds for every pair. On a tie the
     lower layer and then the stronger regularisation (smaller C) wins. BLAS runs on one thread:
-    these fits are small, and on a shared 2-core machine two threads made them 100x slower.
+    these fits are small, and on a shared 2-core machine two threads made them far slower (`blas`).
     """
     if not Cs or any(not (c > 0) for c in Cs):
         raise ValueError(f"Cs must be a non-empty sequence of positive numbers, got {Cs!r}")
