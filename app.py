@@ -191,10 +191,13 @@ def preload() -> None:
 if not SERVING:
     PAGES = [
         st.Page(home, title="Home", icon=":material/home:", default=True),
-        st.Page(f"{PAGES_DIR}/1_Route_a_question.py", title="Route a question", icon=":material/alt_route:", url_path="route"),
-        st.Page(f"{PAGES_DIR}/2_Explore_thresholds.py", title="Explore thresholds", icon=":material/tune:", url_path="explore"),
+        st.Page(f"{PAGES_DIR}/1_Route_a_question.py", title="Route a question", icon=":material/alt_route:",
+                url_path="route"),
+        st.Page(f"{PAGES_DIR}/2_Explore_thresholds.py", title="Explore thresholds", icon=":material/tune:",
+                url_path="explore"),
         st.Page(f"{PAGES_DIR}/3_Benchmarks.py", title="Benchmarks", icon=":material/bar_chart:", url_path="benchmarks"),
-        st.Page(f"{PAGES_DIR}/4_Settings.py", title="Settings and models", icon=":material/settings:", url_path="settings"),
+        st.Page(f"{PAGES_DIR}/4_Settings.py", title="Settings and models", icon=":material/settings:",
+                url_path="settings"),
     ]
     PAGE_TEXT = {
         PAGES[1]: "Run the cascade live; see each stage's P(T), P(IK) and decision.",

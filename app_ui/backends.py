@@ -1,4 +1,5 @@
-"""Loaded backends for the app (the models' weights, one copy per process): `st.cache_resource` (shared by every session.
+"""Loaded backends for the app (the models' weights, one copy per process): `st.cache_resource`
+(shared by every session.
 
 Two browser sessions routing at once share one backend object; the backend serialises its own
 inference (HFBackend holds a lock around tokenising and the forward pass), so no lock is needed

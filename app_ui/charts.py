@@ -75,7 +75,8 @@ def frontier_option(*, cloud: tuple[np.ndarray, np.ndarray], cloud_label: str, f
 
     ECharts, not Plotly, because Streamlit gives a keyed ECharts chart a stable identity and updates
     it in place, while a Plotly chart's identity hashes its figure, so every threshold change
-    remounted it (about 0.5 s of the 0.7-0.9 s a change took in headless Chromium, 2026-12-01).
+    remounted it (most of the time a change took in a browser: docs/BENCHMARKS.md, "Explorer latency in
+    a real browser").
     `aria` is on: the chart describes its series (the operating point's values included) to screen
     readers, which is also how the browser tests read the point."""
     cloud_x, cloud_y = (np.asarray(v, dtype=float) for v in cloud)
@@ -92,7 +93,8 @@ def frontier_option(*, cloud: tuple[np.ndarray, np.ndarray], cloud_label: str, f
 
     series = [
         scatter(cloud_label, _points(cloud_x, cloud_y, factor, rounded=True), 4, "#cbd5e1", 1, silent=True, large=True),
-        {"type": "line", "name": "random routing", "data": _points(*random_curve, factor, rounded=True), "showSymbol": False,
+        {"type": "line", "name": "random routing", "data": _points(*random_curve, factor, rounded=True),
+         "showSymbol": False,
          "lineStyle": {"color": GREY, "type": "dotted", "width": 2}, "itemStyle": {"color": GREY}, "z": 2},
         {"type": "line", "name": "Pareto frontier", "data": _points(*frontier, factor, rounded=True), "step": "end",
          "symbolSize": 5, "lineStyle": {"color": BLUE, "width": 2}, "itemStyle": {"color": BLUE}, "z": 3},
@@ -139,7 +141,8 @@ def gauge(value: float, threshold: float | None, title: str, applies: bool = Tru
     bar = GREEN if good else ORANGE
     steps = [] if threshold is None else [dict(range=[0, threshold], color="#f1f5f9")]
     fig = go.Figure(go.Indicator(
-        mode="gauge+number", value=None if math.isnan(value) else value, number=dict(valueformat=".2f", font=dict(color=INK)),
+        mode="gauge+number", value=None if math.isnan(value) else value,
+        number=dict(valueformat=".2f", font=dict(color=INK)),
         title=dict(text=title, font=dict(size=14)),
         gauge=dict(axis=dict(range=[0, 1], tickvals=[0, 0.25, 0.5, 0.75, 1]), bar=dict(color=bar), steps=steps,
                    threshold=None if threshold is None else dict(
@@ -160,7 +163,8 @@ def reliability_figure(curves: dict[str, dict], signal_label: str) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=curve["mean_confidence"][filled], y=curve["accuracy"][filled], mode="lines+markers",
             name=f"{name} (ECE {item['ece']:.3f}, AUROC {item['auroc']:.3f})",
-            customdata=curve["count"][filled], hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}<br>%{customdata} questions"))
+            customdata=curve["count"][filled],
+            hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}<br>%{customdata} questions"))
     fig.update_layout(**_LAYOUT, height=420, xaxis=dict(range=[0, 1], title=f"mean {signal_label} in bin"),
                       yaxis=dict(range=[0, 1], title="accuracy in bin"), legend=dict(orientation="h", y=-0.2))
     return fig
@@ -186,7 +190,8 @@ def routing_path_dot(stages: Sequence[tuple[str, str]], steps: Sequence[StageSte
     by_name = {s.stage: s for s in steps}
     lines = ["digraph cascade {", "rankdir=LR;", 'bgcolor="transparent";',
              'node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=12];',
-             'edge [fontname="Helvetica", fontsize=10];', 'question [label="question", shape=ellipse, fillcolor="#e2e8f0"];']
+             'edge [fontname="Helvetica", fontsize=10];',
+             'question [label="question", shape=ellipse, fillcolor="#e2e8f0"];']
     for i, (name, label) in enumerate(stages):
         step = by_name.get(name)
         if step is None:
@@ -207,7 +212,8 @@ def routing_path_dot(stages: Sequence[tuple[str, str]], steps: Sequence[StageSte
     for i in range(len(stages) - 1):
         step = by_name.get(stages[i][0])
         taken = step is not None and step.decision in ("escalate", "error")
-        style = f'color="{ORANGE}", penwidth=2, label="{"escalate" if step is not None and step.decision == "escalate" else "on error"}"' if taken else 'color="#cbd5e1", style=dashed'
+        edge_label = "escalate" if step is not None and step.decision == "escalate" else "on error"
+        style = f'color="{ORANGE}", penwidth=2, label="{edge_label}"' if taken else 'color="#cbd5e1", style=dashed'
         lines.append(f"n{i} -> n{i + 1} [{style}];")
     lines.append("}")
     return "\n".join(lines)

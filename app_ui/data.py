@@ -75,7 +75,8 @@ def _local_stages(preset: Preset) -> list[StageConfig]:
     return [s for s in preset.stages if s.backend != "recorded" and s.enabled]
 
 
-def _build_table(preset: Preset, recorded: StageConfig | None, root: Path, dataset: str) -> tuple[RecordTable | None, tuple[str, ...]]:
+def _build_table(preset: Preset, recorded: StageConfig | None, root: Path, dataset: str) -> tuple[RecordTable | None,
+                                                                                                  tuple[str, ...]]:
     """Records of every enabled local stage that has them, in preset order, ended by `recorded`
     (compose.tables.load_preset_table, the loader the report uses). Returns (table or None, names of
     the local stages without records)."""
@@ -265,7 +266,8 @@ def _calibrated_headline(preset: Preset, found, dataset: str, paths: list[Path])
         "unit": unit, "unit_reduction": unit_reduction, "last_stage": table.names[-1],
         "stages": " → ".join(n for n, s in zip(table.names, found.policy.stages) if s.enabled),
         "missing": list(test.missing), "source": "calibrated", "description": found.description,
-        "off": {n: found.off_reasons.get(n, "switched off") for n, s in zip(names, found.policy.stages) if not s.enabled},
+        "off": {n: found.off_reasons.get(n, "switched off")
+                for n, s in zip(names, found.policy.stages) if not s.enabled},
         "problem": None,
     }
 
@@ -338,7 +340,8 @@ def _target_unit(preset: Preset) -> str:
     return "dollars" if any(c.price_in or c.price_out for c in preset.stages if c.enabled) else "flops"
 
 
-@st.cache_resource(show_spinner="Calibrating for this target (Learn-then-Test on the calibration split)…", max_entries=16)
+@st.cache_resource(show_spinner="Calibrating for this target (Learn-then-Test on the calibration split)…",
+                   max_entries=16)
 def _cached_target_policy(preset_json: str, recorded_json: str | None, root: str, dataset: str, split: str,
                           signature: tuple, target_pt: float, delta: float, unit: str):
     from app_ui.view_model import policy_for_target

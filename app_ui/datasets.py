@@ -52,7 +52,8 @@ def registered_as(path) -> dict | None:
         meta = read_metadata(dataset_name(str(path), where().results), where().results)
     except ValueError:
         return None
-    same = meta.get("source") == str(path.resolve()) and meta.get("sha256") == hashlib.sha256(path.read_bytes()).hexdigest()
+    same = (meta.get("source") == str(path.resolve())
+            and meta.get("sha256") == hashlib.sha256(path.read_bytes()).hexdigest())
     return meta if same else None
 
 

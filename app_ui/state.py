@@ -93,7 +93,8 @@ def store_explorer_thresholds(name: str, settings: Mapping[str, StageSetting], r
 EXPLORER_SOURCE = "thresholds: from the threshold explorer"
 
 
-def stage_thresholds(preset: Preset, applied=None, explorer: bool = True) -> tuple[dict[str, StagePolicy], str, dict[str, str]]:
+def stage_thresholds(preset: Preset, applied=None, explorer: bool = True) -> tuple[dict[str, StagePolicy], str,
+                                                                                   dict[str, str]]:
     """Each stage's policy for live routing, where it came from, and why a stage is off.
 
     The explorer's thresholds where it set them (with its rule and fitted scores; `explorer=False`
@@ -110,7 +111,8 @@ def stage_thresholds(preset: Preset, applied=None, explorer: bool = True) -> tup
         calibrated = dict(zip([s.name for s in preset.stages if s.enabled], applied.policy.stages))
         own.update(calibrated)
         source = applied.description
-        off = {n: applied.off_reasons.get(n, "switched off by calibration") for n, p in calibrated.items() if not p.enabled}
+        off = {n: applied.off_reasons.get(n, "switched off by calibration")
+               for n, p in calibrated.items() if not p.enabled}
     elif applied is not None:
         source = applied.description
     stored = st.session_state.get(POLICY_KEY, {}).get(preset.name) if explorer else None

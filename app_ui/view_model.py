@@ -350,7 +350,8 @@ def reliability(table: RecordTable, signal: str, bins: int = 10) -> dict[str, di
     return out
 
 
-def record_frames(table: RecordTable, qids: Sequence[str] | None = None, splits: Sequence[str] | None = None) -> list[pd.DataFrame]:
+def record_frames(table: RecordTable, qids: Sequence[str] | None = None,
+                  splits: Sequence[str] | None = None) -> list[pd.DataFrame]:
     """One frame per stage in the benchmark runner's column layout, from a table (the inverse of
     `RecordTable.from_frames`); `qids`/`splits` relabel the questions, e.g. to put synthetic
     records on real MMLU ids. Lets the app and its benchmark run on synthetic records."""
@@ -373,7 +374,8 @@ def record_frames(table: RecordTable, qids: Sequence[str] | None = None, splits:
 
 
 # -- the accuracy target on the Route page -------------------------------------------------------
-ROUTE_TARGETS_PT = (1.0, 3.0, 5.0, 10.0)  # the accuracy targets the Route page offers (points lost against the last stage)
+# the accuracy targets the Route page offers (points lost against the last stage)
+ROUTE_TARGETS_PT = (1.0, 3.0, 5.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -501,7 +503,8 @@ def guarantee_headline(report_markdown: str) -> dict | None:
                 target = re.search(r"is at most ([0-9.]+) pt", section)
                 return {"target": f"≤ {target.group(1)} pt" if target else "the target",
                         "delta": delta.group(1) if delta else "?",
-                        "cascade": cells[0].replace("(headline)", "").strip(), "rule": row["rule (committed split)"].strip("`"),
+                        "cascade": cells[0].replace("(headline)", "").strip(),
+                        "rule": row["rule (committed split)"].strip("`"),
                         "saving": row["saving (test)"], "delta_acc": row["Δacc (test)"],
                         "target_on_test": row["target on test"], "resplits": row["re-splits"],
                         "held_share": row["held share"], "mean_saving": row["mean saving"],
@@ -517,7 +520,8 @@ def headline_sentence(headline: Mapping[str, str]) -> str:
     return (f"**{headline['cascade']}** saves **{headline['saving']} of {counts} at {headline['delta_acc']}** on the "
             f"test half, with a Learn-then-Test guarantee ({headline['target']} lost at δ {headline['delta']}); over "
             f"{headline['resplits']} "
-            f"re-splits the promise **held on {headline['held_share']}** of them (mean saving {headline['mean_saving']}, "
+            f"re-splits the promise **held on {headline['held_share']}** of them (mean saving "
+            f"{headline['mean_saving']}, "
             f"5th percentile {headline['p05_saving']}).")
 
 
@@ -537,13 +541,16 @@ def last_stage_calls_saved(table: RecordTable, policy: CascadePolicy) -> float:
     return loss_and_saving(policy, table, "calls")[1]
 
 __all__ = [
-    "END_OF_TURN_MARKERS", "decision_reason", "display_answer", "SCORE_RANGE", "UNIT_LABELS", "OperatingPoint", "StageSetting", "choice_param", "settings_from_policy",
+    "END_OF_TURN_MARKERS", "decision_reason", "display_answer", "SCORE_RANGE", "UNIT_LABELS", "OperatingPoint",
+    "StageSetting", "choice_param", "settings_from_policy",
     "unknown_params", "operating_point", "per_subject_accuracy", "policy_from_settings",
-    "random_routing_curve", "record_frames", "reliability", "settings_from_params", "settings_to_params", "stage_summary",
-    "thresholds_applied", "json_text", "ROUTE_TARGETS_PT", "TargetPolicy", "policy_for_target", "RouteExample", "route_examples",
+    "random_routing_curve", "record_frames", "reliability", "settings_from_params", "settings_to_params",
+    "stage_summary", "thresholds_applied", "json_text", "ROUTE_TARGETS_PT", "TargetPolicy", "policy_for_target",
+    "RouteExample", "route_examples",
     "guarantee_headline", "headline_sentence", "default_unit", "last_stage_calls_saved",
 ]
 
 
 def label_of(config: StageConfig) -> str:
-    return config.display_name + (" (recorded)" if config.backend == "recorded" and "recorded" not in config.display_name.lower() else "")
+    return config.display_name + (" (recorded)" if config.backend == "recorded"
+                                  and "recorded" not in config.display_name.lower() else "")

@@ -30,7 +30,8 @@ class UsageError(ValueError):
 def trace_table(trace: Trace, has_probe: dict[str, bool], formats: dict[str, str] | None = None) -> str:
     """Human-readable trace: one line per stage visited, then the answer and total cost.
     `formats`: stage -> its number format in words (`compose.formats.served_format_notes`)."""
-    header = f"{'stage':<22} {'answer':<8} {'P(T)':>6} {'P(IK)':>12} {'decision':<9} {'tokens':>7} {'FLOPs':>10} {'sec':>7}"
+    header = (f"{'stage':<22} {'answer':<8} {'P(T)':>6} {'P(IK)':>12} {'decision':<9} {'tokens':>7} {'FLOPs':>10} "
+              f"{'sec':>7}")
     lines = [trace.thresholds] if trace.thresholds else []
     lines += [f"{name:<22} number format: {note}" for name, note in (formats or {}).items()]
     lines += [f"{name:<22} off: {why}" for name, why in trace.off.items()]
@@ -168,7 +169,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def check_bench_format(preset, args: argparse.Namespace) -> None:
     """Refuse to benchmark in emulated bfloat16 (a stage resolving to bfloat16 on a CPU without it),
-    5-7x slower than float32, unless forced (--allow-emulated-bf16 or $CASCADE_ALLOW_EMULATED_BF16=1)."""
+    several times slower than float32 (docs/BENCHMARKS.md, "Float32 against bfloat16 on a CPU without
+    native bfloat16"), unless forced (--allow-emulated-bf16 or $CASCADE_ALLOW_EMULATED_BF16=1)."""
     import os
 
     from cascade_core.compose.formats import emulated_stages
@@ -209,10 +211,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     inputs = load_report_inputs(args.preset, dataset, args.results_dir, args.features_dir)
     for stage, why in inputs["meta"]["features_missing"].items():
         print(f"{stage}: no OOD / label-free probes ({why})", file=sys.stderr)
-    say = (lambda message: None) if args.quiet else (lambda message: print(f"... {message}", file=sys.stderr, flush=True))
+    say = (lambda message: None) if args.quiet else (lambda message: print(f"... {message}", file=sys.stderr,
+                                                                           flush=True))
     report = build_report(inputs["table"], questions=inputs["questions"], features=inputs["features"],
                           meta=inputs["meta"], progress=say)
-    default = str(RESULTS_DOC) if dataset == "mmlu" else str(locations(args.results_dir).results / dataset / "REPORT.md")
+    default = (str(RESULTS_DOC) if dataset == "mmlu"
+               else str(locations(args.results_dir).results / dataset / "REPORT.md"))
     return _write_report(args, default, render(report), report)
 
 
@@ -240,7 +244,8 @@ def _report_free_form(args: argparse.Namespace, dataset: str) -> int:
     from cascade_core.compose.tables import MissingRecordsError
 
     where = locations(args.results_dir)
-    default = str(RESULTS_DOC.with_name(f"RESULTS-{dataset}.md")) if dataset in BUILTIN else str(where.results / dataset / "REPORT.md")
+    default = (str(RESULTS_DOC.with_name(f"RESULTS-{dataset}.md")) if dataset in BUILTIN
+               else str(where.results / dataset / "REPORT.md"))
     try:
         table = load_preset_table(args.preset, dataset, args.results_dir, include_recorded=False)
     except MissingRecordsError as err:  # not benchmarked (yet): a report that says so, not a traceback
@@ -287,7 +292,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
               f"{figures['agreement']:.4f}, {labelled}, {figures['unit']} saved {figures['cost_reduction']:.1%}")
         return 0
     print(f"  rule {found.guarantee['rule']}; on calibration: accuracy {figures['accuracy']:.4f} "
-          f"(last stage alone {figures['reference_accuracy']:.4f}), {figures['unit']} saved {figures['cost_reduction']:.1%}")
+          f"(last stage alone {figures['reference_accuracy']:.4f}), {figures['unit']} saved "
+          f"{figures['cost_reduction']:.1%}")
     return 0
 
 
@@ -426,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--results-dir", default=None, help=FOLDER_HELP.format("CASCADE_RESULTS_DIR", "data/results"))
     bench.add_argument("--features-dir", default=None, help=FOLDER_HELP.format("CASCADE_FEATURES_DIR", "data/features"))
     bench.add_argument("--threads", type=int, default=None, metavar="N",
-                       help="CPU threads for torch (default: torch's choice; 1 is fastest when other work shares the cores)")
+                       help="CPU threads for torch (default: torch's choice; 1 is fastest when other work shares the "
+                            "cores)")
     bench.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                        help="free-form datasets: the longest answer generated (default 16)")
     bench.add_argument("--backfill-features", action="store_true",
@@ -459,8 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="default: docs/RESULTS.md for mmlu, else "
                         "<results>/<dataset>/REPORT.md; '' to skip the file")
     report.add_argument("--results-dir", default=None, help=FOLDER_HELP.format("CASCADE_RESULTS_DIR", "data/results"))
-    report.add_argument("--features-dir", default=None, help=FOLDER_HELP.format("CASCADE_FEATURES_DIR", "data/features"))
-    report.add_argument("--resplits", type=int, default=200, help="free-form datasets: re-splits of the guarantee study")
+    report.add_argument("--features-dir", default=None, help=FOLDER_HELP.format("CASCADE_FEATURES_DIR",
+                                                                                "data/features"))
+    report.add_argument("--resplits", type=int, default=200,
+                        help="free-form datasets: re-splits of the guarantee study")
     report.add_argument("--quiet", action="store_true")
     report.set_defaults(func=cmd_report)
 
@@ -485,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--header-timeout-s", type=float, default=10.0,
                        help="a connection must send its request headers within this (default 10)")
     serve.add_argument("--thresholds", choices=["auto", "calibrated", "preset"], default="auto",
-                       help="auto (default): the preset's calibrated policy file when there is one, else its thresholds")
+                       help="auto (default): the preset's calibrated policy file when there is one, "
+                            "else its thresholds")
     serve.add_argument("--device", default="auto", help="--single-stage only (presets name their own devices)")
     serve.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch")
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
@@ -499,13 +509,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--traces: share of questions audited by the skipped stages (default 0.02)")
     serve.add_argument("--audit-seed", type=int, default=0, help="--traces: seed of the audit coin")
     serve.add_argument("--drift-alpha", type=float, default=None,
-                       help="--traces: drift alarm level (default 1e-4: >= 10,000 questions between false alarms on average)")
+                       help="--traces: drift alarm level (default 1e-4: >= 10,000 questions between false alarms on "
+                            "average)")
     serve.add_argument("--fallback-on-broken", action="store_true",
                        help="--traces: when re-certification says broken, answer with the last stage alone until "
                             "re-calibrated (said in every trace)")
     serve.set_defaults(func=cmd_serve)
 
-    cal = sub.add_parser("calibrate", help="choose thresholds with a guarantee on the calibration split -> a policy file")
+    cal = sub.add_parser("calibrate",
+                         help="choose thresholds with a guarantee on the calibration split -> a policy file")
     cal.add_argument("--preset", default="default")
     cal.add_argument("--dataset", default="mmlu", help=DATASET_HELP)
     cal.add_argument("--target", type=float, default=None, metavar="PT",

@@ -50,5 +50,6 @@ def compute_reduction(cascade_cost, reference_cost):
     cascade_cost = np.asarray(cascade_cost, dtype=np.float64)
     reference_cost = np.asarray(reference_cost, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(reference_cost > 0, 1.0 - cascade_cost / np.where(reference_cost > 0, reference_cost, 1.0), np.nan)
+        out = np.where(reference_cost > 0, 1.0 - cascade_cost / np.where(reference_cost > 0, reference_cost, 1.0),
+                       np.nan)
     return float(out) if out.ndim == 0 else out

@@ -71,7 +71,7 @@ def read_parquet_checked(path: Path | str, required: Sequence[str] = ()) -> pd.D
         frame = pd.read_parquet(path)
     except FileNotFoundError:
         raise
-    except Exception as err:  # pyarrow raises several types for damaged files
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for damaged files
         raise CorruptFileError(f"cannot read {path}: not a valid parquet file ({err})") from None
     missing = [c for c in required if c not in frame.columns]
     if missing:

@@ -75,7 +75,8 @@ def locations(results_dir: Path | str | None = None, features_dir: Path | str | 
     if features_dir:
         features = Path(features_dir)
     else:
-        features = _env_path(FEATURES_ENV) or (env_results.parent / "features" if env_results else DATA_DIR / "features")
+        features = _env_path(FEATURES_ENV) or (env_results.parent / "features" if env_results
+                                               else DATA_DIR / "features")
     probes = Path(probes_dir) if probes_dir else _env_path(PROBES_ENV) or DATA_DIR / "probes"
     policies = Path(policies_dir) if policies_dir else _env_path(POLICIES_ENV) or DATA_DIR / "policies"
     # The committed layer belongs to the committed records: other records keep theirs beside them.

@@ -42,7 +42,8 @@ def format_note(live: str | None, calibrated: str | None = None, emulated: bool 
         return ""
     text = live
     if differs(live, calibrated):
-        records = f"calibrated on {calibrated} records" if basis == "calibrated on" else f"the records were made in {calibrated}"
+        records = (f"calibrated on {calibrated} records" if basis == "calibrated on"
+                   else f"the records were made in {calibrated}")
         text = f"{live} here; {records}: about {ANSWERS_DIFFER:.0%} of answers may differ"
     if emulated:
         text += " (emulated on this CPU: several times slower than float32)"

@@ -54,13 +54,15 @@ if shipped is not None and offered is not None:
                            "`python -m cascade_core calibrate --target X` does.")
     found_target, chosen_target, target_problem = data.policy_at_target(preset, target)
     if found_target is None:
-        st.warning(f"No policy could be certified for ≤ {target:g} pt: {target_problem}. Routing uses the shipped policy.")
+        st.warning(f"No policy could be certified for ≤ {target:g} pt: {target_problem}. Routing uses the shipped "
+                   f"policy.")
     else:
         applied_now = found_target
         where = ("the shipped policy file" if chosen_target is None else
                  f"recalibrated here (the shipped file promises ≤ {shipped_pt:g} pt), rule {chosen_target.rule}")
         target_note = (f"**The promise**: with probability at least {1 - delta:.0%} over the draw of the calibration "
-                       f"questions, the cascade loses at most **{target:g} accuracy point{'s' if target != 1 else ''}** "
+                       f"questions, the cascade loses at most **{target:g} accuracy "
+                       f"point{'s' if target != 1 else ''}** "
                        f"against {last_label} alone on new MMLU questions ({where}).")
 # The explorer's thresholds win only where the user moved them off the shipped policy: opening the
 # explorer (it opens on that policy) must not undo the target chosen here.
@@ -82,7 +84,8 @@ if (stages_key not in st.session_state or not set(st.session_state[stages_key]) 
         or st.session_state.get(followed_key, followed) != followed):  # a new target or explorer policy: its stages
     st.session_state[stages_key] = followed
 st.session_state[followed_key] = followed
-chosen = st.sidebar.multiselect("Stages to run", names, key=stages_key, format_func=lambda n: view_model.label_of(configs[n]),
+chosen = st.sidebar.multiselect("Stages to run", names, key=stages_key,
+                                format_func=lambda n: view_model.label_of(configs[n]),
                                 help="Kept in cascade order, smallest first; the last one always answers.")
 chosen = [n for n in names if n in chosen]
 st.sidebar.page_link("pages/4_Settings.py", label="Add a stage or fetch models", icon=":material/settings:")
@@ -127,7 +130,8 @@ if mode == "example":
         st.markdown(f"**{question.text}**")
         st.markdown("  \n".join(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(question.options)))
         pik = "" if math.isnan(ex.p_ik) else f", P(IK) {ex.p_ik:.2f}"
-        st.caption(f"MMLU `{ex.qid}` (test split). In the benchmark records {view_model.label_of(configs[ex.first_stage])} "
+        st.caption(f"MMLU `{ex.qid}` (test split). In the benchmark records "
+                   f"{view_model.label_of(configs[ex.first_stage])} "
                    f"has P(T) {ex.p_t:.2f}{pik} on it, so this policy "
                    f"{'keeps its answer' if kind == 'keep' else 'escalates it'}, even with both signals 0.05 "
                    f"{'lower' if kind == 'keep' else 'higher'}; live, the model runs again here and its numbers can "
@@ -136,7 +140,8 @@ elif mode == "type":
     # No max_chars: the browser would drop an over-long paste silently; it is refused below instead.
     text = st.text_area("Question", key="route_text", height=100,
                         placeholder="e.g. Which planet is known as the Red Planet?")
-    options_text = st.text_area("Answer options, one per line (leave empty for a free-form answer)", key="route_options",
+    options_text = st.text_area("Answer options, one per line (leave empty for a free-form answer)",
+                                key="route_options",
                                 height=120, placeholder="Venus\nMars\nJupiter\nSaturn")
     subject = st.text_input("Subject (optional, goes into the prompt header)", key="route_subject", max_chars=100)
     options = tuple(line.strip() for line in options_text.splitlines() if line.strip())
@@ -182,7 +187,8 @@ else:
     left, right = st.columns([3, 1])
     subject = left.selectbox("Subject", subjects, key="route_mmlu_subject", format_func=lambda s: s.replace("_", " "))
     in_subject = pool[pool["subject"] == subject].reset_index(drop=True)
-    number = right.number_input(f"Question (1–{len(in_subject)})", 1, len(in_subject), 1, key=f"route_mmlu_n::{subject}")
+    number = right.number_input(f"Question (1–{len(in_subject)})", 1, len(in_subject), 1,
+                                key=f"route_mmlu_n::{subject}")
     row = in_subject.iloc[int(number) - 1]
     question = Question(text=row["question"], options=tuple(row["options"]), subject=row["subject"],
                         answer=int(row["answer"]), qid=row["qid"])
@@ -261,7 +267,8 @@ def draw_card(step: StageStep, policy: StagePolicy, label: str, recorded: bool, 
         else:
             st.markdown("Answer (free-form):")
             skipped = getattr(step, "generation_skipped", False)  # the P(IK) gate escalated before any answer
-            st.text("(not generated: P(IK) was below τ_IK)" if skipped else display_answer(step.answer) or "(an empty answer)")
+            st.text("(not generated: P(IK) was below "
+                    "τ_IK)" if skipped else display_answer(step.answer) or "(an empty answer)")
         reason = step.reason
         if (step.decision in ("keep", "escalate") and step.reason != "empty answer" and not recorded
                 and not getattr(step, "generation_skipped", False)):  # a P(IK) gate's reason says what it saved
@@ -313,7 +320,10 @@ slots = (st.empty(), st.empty())
 # scrolls to the marker drawn above the cards.
 SCROLL_JS = """<script>
 const doc = document;
-const go = () => { const el = doc.getElementById("route-running"); if (el) { el.scrollIntoView({behavior: "smooth", block: "start"}); } else { setTimeout(go, 100); } };
+const go = () => {
+  const el = doc.getElementById("route-running");
+  if (el) { el.scrollIntoView({behavior: "smooth", block: "start"}); } else { setTimeout(go, 100); }
+};
 go();
 </script>"""
 
@@ -341,8 +351,8 @@ def run_question(cancel_box) -> None:
             problem = f"This question cannot be asked: {err}."
     recorded_chosen = [n for n in chosen if configs[n].backend == "recorded"]
     if problem is None and recorded_chosen and not question.qid:
-        problem = (f"{view_model.label_of(configs[recorded_chosen[0]])} replays recorded MMLU outcomes only: pick an MMLU "
-                   "question, or leave that stage out.")
+        problem = (f"{view_model.label_of(configs[recorded_chosen[0]])} replays recorded MMLU outcomes only: pick an "
+                   "MMLU question, or leave that stage out.")
     if problem is None:
         for name in chosen:
             ready, why = backends.fetched_status(configs[name])
@@ -375,7 +385,8 @@ def run_question(cancel_box) -> None:
     boxes: dict[str, object] = {}
     loads: dict[str, float] = {}
     steps: list[StageStep] = []
-    streaming = {"slot": None, "text": "", "since": None}  # the free-form answer of the stage running, as it is generated
+    # the free-form answer of the stage running, as it is generated
+    streaming = {"slot": None, "text": "", "since": None}
     live = LiveRun(stages, question)
     st.session_state[LIVE_KEY] = live
     live.start()
@@ -432,7 +443,8 @@ def run_question(cancel_box) -> None:
                 "trace": Trace(question=question, steps=list(steps), thresholds=source), "failure": PAGE_LEFT,
                 "cancelled": True, "preset": preset.name, "loads": loads, "stages": list(labels.items()),
                 "policies": {s.name: s.policy for s in stages}, "recorded": {s.name: s.recorded for s in stages},
-                "seconds": live.elapsed, "running": next((labels[n] for n in boxes if n not in {x.stage for x in steps}), None),
+                "seconds": live.elapsed,
+                "running": next((labels[n] for n in boxes if n not in {x.stage for x in steps}), None),
             }
         live.page_done.set()  # finished or stopped: the next run need not wait for this one
     clock.empty()
@@ -457,7 +469,8 @@ def draw_summary(last: dict, drawn: bool) -> None:
     labels = dict(last["stages"])
     if not drawn:  # a later rerun: draw the stored trace again
         for step in trace.steps:
-            with st.status(status_label(step, labels[step.stage]), state="error" if step.decision == "error" else "complete",
+            with st.status(status_label(step, labels[step.stage]),
+                           state="error" if step.decision == "error" else "complete",
                            expanded=True):
                 draw_card(step, last["policies"][step.stage], labels[step.stage], last["recorded"][step.stage],
                           trace.question.options, last.get("loads", {}).get(step.stage), trace.question.subject or None)
@@ -466,7 +479,8 @@ def draw_summary(last: dict, drawn: bool) -> None:
         who = "You cancelled the run" if st.session_state.get(CANCEL_KEY) else "The run stopped: " + PAGE_LEFT
         running = f" while {last['running']} was running" if last.get("running") else ""
         took = f" after {last['seconds']:.1f} s" if last.get("seconds") is not None else ""
-        done = f"; the {len(trace.steps)} stage{'s' if len(trace.steps) != 1 else ''} done before it are shown" if trace.steps else ""
+        done = (f"; the {len(trace.steps)} stage{'s' if len(trace.steps) != 1 else ''} done before it are shown"
+                if trace.steps else "")
         st.warning(f"{who}{took}{running}: its model stopped{done}. Press Route to run the question again.")
     elif last["failure"]:
         st.error(f"The cascade could not answer: {last['failure']}")
@@ -485,7 +499,8 @@ def draw_summary(last: dict, drawn: bool) -> None:
         if q.answer is not None:
             right = f"{OPTION_LETTERS[q.answer]}. {q.options[q.answer]}"
             if final.answer_index is not None:
-                (st.success if final.answer_index == q.answer else st.error)(f"{message} The right answer is **{right}**.")
+                (st.success if final.answer_index == q.answer else st.error)(f"{message} The right answer is "
+                                                                             f"**{right}**.")
             else:
                 st.info(f"{message} The right answer is **{right}**.")
         else:

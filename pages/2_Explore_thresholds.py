@@ -146,7 +146,8 @@ if opens_calibrated:
     # A stage calibration switched off keeps the preset's thresholds for when it is switched on by
     # hand (its stored ones, 0 / 0, would keep every answer).
     calibrated_off = {n for n, s in defaults.items() if not s.enabled}
-    defaults = {n: replace(s, tau_t=preset_setting(n, i).tau_t, tau_ik=preset_setting(n, i).tau_ik) if n in calibrated_off
+    defaults = {n: replace(s, tau_t=preset_setting(n, i).tau_t,
+                           tau_ik=preset_setting(n, i).tau_ik) if n in calibrated_off
                 else s for i, (n, s) in enumerate(defaults.items())}
     if combiners and scores_key not in st.session_state:
         st.session_state[scores_key] = {"rule": rule_default, "combiners": combiners}
@@ -218,14 +219,16 @@ def recalibrate(preset, recorded, names: tuple[str, ...], unit: str, split: str,
     mode = st.session_state.get("cal_mode", "accuracy loss")
     calib = data.load_table(preset, "calibration", recorded, dataset=dataset)
     if calib.table is None or tuple(calib.table.names) != tuple(names):
-        st.session_state["_calibrated"] = {"error": "Calibrating needs records of the same stages in the calibration split."}
+        st.session_state["_calibrated"] = {"error": "Calibrating needs records of the same stages in the calibration "
+                                                    "split."}
         return
     try:
         if mode == "accuracy loss":
             chosen = calibrate_policy(calib.table, target_max_loss=float(st.session_state["cal_target"]) / 100.0,
                                       delta=float(st.session_state["cal_delta"]), unit=unit)
         else:
-            chosen = calibrate_policy(calib.table, target_max_loss=None, cost_budget=float(st.session_state[budget_key(unit, factor)]) * factor,
+            chosen = calibrate_policy(calib.table, target_max_loss=None,
+                                      cost_budget=float(st.session_state[budget_key(unit, factor)]) * factor,
                                       delta=float(st.session_state["cal_delta"]), unit=unit)
     except ValueError as err:
         st.session_state["_calibrated"] = {"error": f"No policy could be certified: {err}"}
@@ -272,7 +275,8 @@ def threshold_input(label: str, low: float, high: float, key: str, disabled: boo
     left.slider(label, low, high, step=0.01, format="%.2f", key=key, disabled=disabled, **switch)
     _seed(box, value)
     right.number_input("exact", low, high, step=0.001, format="%.4f", key=box, disabled=disabled,
-                       label_visibility="collapsed", help="The exact value (the slider moves in steps of 0.01)", **switch)
+                       label_visibility="collapsed", help="The exact value (the slider moves in steps of 0.01)",
+                       **switch)
     st.session_state[seen] = (value, value)
 
 
@@ -296,7 +300,8 @@ def explorer(rule: str) -> None:
                 st.checkbox(f"**{label}**", key=widget_key(preset.name, name, "on"),
                             help="Switch the stage off to replay the cascade without it.")
                 if table.recorded[i]:
-                    st.caption("Recorded outcomes: no probabilities, so it can only be last: it answers all it receives.")
+                    st.caption("Recorded outcomes: no probabilities, so it can only be last: it answers all it "
+                               "receives.")
                     continue
                 if i == last_enabled:
                     st.caption("Last stage in use: it always answers, so it has no thresholds.")
@@ -409,12 +414,13 @@ def draw_chart(point, enabled: list[bool], unit_label: str) -> tuple[float, str]
     option = charts.frontier_option(
         previous=moved["previous"], cloud=swept["cloud"], frontier=swept["frontier"],
         cloud_label="swept policies" + (" (a sample)" if swept["sampled"] else ""), singles=singles,
-        oracle=refs["oracle"], random_curve=refs["random_curve"], random_point=(point.random_cost, point.random_accuracy),
+        oracle=refs["oracle"], random_curve=refs["random_curve"],
+        random_point=(point.random_cost, point.random_accuracy),
         current=now, unit_label=unit_label, current_label="these thresholds")
     st.echarts_chart(option, key="frontier_chart", height=520)
-    st.caption(f"{swept['policies']:,} swept polic{'y' if swept['policies'] == 1 else 'ies'} (every sub-cascade, quantile "
-               "thresholds); the oracle answers each question with the cheapest model that gets it right, the limit no "
-               "router can beat.")
+    st.caption(f"{swept['policies']:,} swept polic{'y' if swept['policies'] == 1 else 'ies'} (every sub-cascade, "
+               "quantile thresholds); the oracle answers each question with the cheapest model that gets it right, "
+               "the limit no router can beat.")
     return charts.option_scale(option)
 
 

@@ -50,7 +50,8 @@ recorded = None
 if recorded_options:
     end = st.sidebar.selectbox("Compare with a recorded model", [NO_RECORDED, *recorded_options],
                                key=f"end::{preset.name}@{PAGE}",
-                               format_func=lambda n: n if n == NO_RECORDED else view_model.label_of(recorded_options[n]))
+                               format_func=lambda n: n if n == NO_RECORDED
+                               else view_model.label_of(recorded_options[n]))
     recorded = None if end == NO_RECORDED else recorded_options[end]
 
 
@@ -239,5 +240,6 @@ if go:
             st.error(f"The benchmark stopped: {type(err).__name__}: {err}")
         else:
             st.success(f"{label(stage_name)}: {len(records):,} records (accuracy {records['correct'].mean():.1%}) in "
-                       f"{time.perf_counter() - started:.1f} s → `{path}`. The tables above include them on the next rerun.")
+                       f"{time.perf_counter() - started:.1f} s → `{path}`. The tables above include them on the next "
+                       f"rerun.")
             st.button("Refresh the tables", key="bench_refresh")

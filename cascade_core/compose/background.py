@@ -240,7 +240,8 @@ def start(where: Locations, dataset: str, preset, stages: Sequence[str] | None =
     from cascade_core.records.registry import read_metadata
 
     if dataset == "mmlu":
-        raise JobRefused("MMLU is benchmarked with `make bench` / `python -m cascade_core bench`, not as a background job")
+        raise JobRefused("MMLU is benchmarked with `make bench` / `python -m cascade_core bench`, "
+                         "not as a background job")
     meta = read_metadata(dataset, where.results)  # a registered dataset, or a clear error
     configs = [c for c in preset.stages + preset.extra_stages
                if c.backend != "recorded" and (c.name in stages if stages else c.enabled and c in preset.stages)]

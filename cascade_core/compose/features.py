@@ -66,7 +66,8 @@ def checkpoint_features(where: Locations, stage: str, records: pd.DataFrame, lay
                         layers[layer], layer=layer, model_id=str(records["model_id"].iloc[0]), partial=True)
 
 
-def stage_features_any(where: Locations, stage: str, dataset: str = "mmlu") -> tuple[np.ndarray, dict[int, np.ndarray], str]:
+def stage_features_any(where: Locations, stage: str, dataset: str = "mmlu") -> tuple[np.ndarray, dict[int, np.ndarray],
+                                                                                     str]:
     """Whatever features exist for a stage, covering all its records or not: the local chunks, merged
     with a committed export's rows when there is one. The merge keeps only the export's layer, the
     one both sources have: a run resumed on another machine holds the other layers only for what it

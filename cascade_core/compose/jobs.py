@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from cascade_core.records.runner import BenchPaths, backfill_features, load_features, load_records, run_stage
+from cascade_core.records.runner import BenchPaths, backfill_features, load_records, run_stage
 from cascade_core.compose.features import checkpoint_qids, export_probe_layer, stage_features
 from cascade_core.compose.live import build_backend, describe_backend
 from cascade_core.locations import Locations
@@ -128,11 +128,13 @@ def train_probes(preset: Preset, where: Locations, dataset: str = "mmlu", stages
         probe_path = where.probe_path(config, dataset)
         result.probe.metadata["test_auroc"] = result.test_auroc
         result.probe.metadata["layer_cv_auroc"] = {str(k): v for k, v in result.layer_auroc.items()}
-        result.probe.metadata["grid_cv_auroc"] = {f"{l}/{c:g}": v for (l, c), v in (result.grid_auroc or {}).items()}
+        result.probe.metadata["grid_cv_auroc"] = {f"{k}/{c:g}": v for (k, c), v in (result.grid_auroc or {}).items()}
         result.probe.save(probe_path)
         atomic_write_parquet(with_p_ik(records, result.p_ik, str(paths.records)), paths.records)
         exported = ""
         if source in ("local", "local+committed"):
-            exported = f"; layer {result.probe.layer} -> {export_probe_layer(where, config.name, records, qids, features, result.probe.layer, dataset)}"
+            written = export_probe_layer(where, config.name, records, qids, features, result.probe.layer, dataset)
+            exported = f"; layer {result.probe.layer} -> {written}"
         yield ProbeOutcome(config.name, True, f"layer {result.probe.layer}, C {result.probe.C:g}, "
-                                              f"held-out AUROC {result.test_auroc:.3f} ({source} features) -> {probe_path}{exported}")
+                                              f"held-out AUROC {result.test_auroc:.3f} ({source} features) -> "
+                                              f"{probe_path}{exported}")

@@ -245,7 +245,8 @@ class LazyBackend:
 
     def __init__(self, config: StageConfig, load=None):
         if config.backend not in ("packaged", "hf"):
-            raise ValueError(f"stage {config.name!r}: only local (packaged, hf) stages load lazily, not {config.backend!r}")
+            raise ValueError(f"stage {config.name!r}: only local (packaged, hf) stages load lazily, not "
+                             f"{config.backend!r}")
         self._config = config
         self._load = load or (lambda: build_backend(config))
         self._backend = None

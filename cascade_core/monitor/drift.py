@@ -185,7 +185,8 @@ class DriftMonitor:
                     continue
                 edges = [-math.inf, *spec["edges"], math.inf]
                 for j in range(len(spec["shares"])):
-                    self._update(stage, f"{label} in [{_edge(edges[j])}, {_edge(edges[j + 1])})", 1.0 if j == b else 0.0)
+                    self._update(stage, f"{label} in [{_edge(edges[j])}, {_edge(edges[j + 1])})",
+                                 1.0 if j == b else 0.0)
         count = self.n_detectors
         self.log_statistic = (_logsumexp([d.log_total() for d in self.detectors.values()]) - math.log(count)
                               if count else -math.inf)

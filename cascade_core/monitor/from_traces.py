@@ -30,7 +30,8 @@ def audited_table(store: TraceStore, kind: str = "free", policy_hash: str | None
 
     infos = [p for p in store.policies() if p["kind"] == kind and (policy_hash is None or p["hash"] == policy_hash)]
     if not infos:
-        raise ValueError(f"{store.path}: no {'policy ' + policy_hash if policy_hash else kind + ' policy'} in the traces")
+        which = "policy " + policy_hash if policy_hash else kind + " policy"
+        raise ValueError(f"{store.path}: no {which} in the traces")
     info = PolicyInfo.from_dict(infos[0]["info"])
     names = list(info.stages)
     cols = {k: [] for k in ("qid", "key", "prediction", "p_t", "p_ik", "margin", "entropy", "prompt_tokens",
@@ -53,7 +54,8 @@ def audited_table(store: TraceStore, kind: str = "free", policy_hash: str | None
     n = len(cols["qid"])
     if n < MIN_QUESTIONS:
         raise ValueError(f"{store.path}: {n} audited question(s) of policy {info.hash[:12]} have every stage's answer; "
-                         f"re-calibration needs at least {MIN_QUESTIONS} (raise --audit-share or wait for more traffic)")
+                         f"re-calibration needs at least {MIN_QUESTIONS} (raise --audit-share or wait for more "
+                         f"traffic)")
     keys = np.array(cols["key"], dtype=object).T  # (S, N)
     loss = np.array([[a != b for a, b in zip(row, keys[-1])] for row in keys], dtype=bool)
     arr = lambda name: np.array([[np.nan if v is None else v for v in r] for r in cols[name]], dtype=np.float64).T  # noqa: E731

@@ -20,8 +20,9 @@ are nonnegative martingales when the mean is m, so by Ville's inequality P(sup_t
 probability >= 1 - delta the true mean is in it AT EVERY t AT ONCE, so the bound may be
 looked at after every question (the Monitor page refreshes every few seconds) without losing
 validity. (The running intersection over t would be narrower, but stuck: after a drift it
-could exclude the new mean for good; the set at t alone follows it.) (`risk.betting_pvalues` is the same capital with bets tuned to a sample size fixed in
-advance, valid for that n only: re-run on a growing sample it would not be.)
+could exclude the new mean for good; the set at t alone follows it.) (`risk.betting_pvalues` is the
+same capital with bets tuned to a sample size fixed in advance, valid for that n only: re-run on a
+growing sample it would not be.)
 
 Status, against the policy's target:
 - **broken**: the lower bound is above the target (the promise fails, with confidence 1 - delta);

@@ -232,7 +232,8 @@ class Monitor:
         if found is None:
             return None
         return (f"FALLBACK since {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(found['since']))} UTC: the last stage "
-                f"answers every question because the policy {info.hash[:12]} was re-certified broken ({found['reason']}); "
+                f"answers every question because the policy {info.hash[:12]} was re-certified broken "
+                f"({found['reason']}); "
                 "until it is re-calibrated")
 
     def stages_for(self, model: str, stages, question):
@@ -249,7 +250,8 @@ class Monitor:
         last = enabled[-1] if enabled else len(stages) - 1
         out = []
         for i, s in enumerate(stages):
-            source = f"{note} | {s.free_form_policy_source if free and s.free_form_policy is not None else s.policy_source}"
+            own = s.free_form_policy_source if free and s.free_form_policy is not None else s.policy_source
+            source = f"{note} | {own}"
             if i == last:
                 out.append(dataclasses.replace(s, policy_source=source, free_form_policy_source=source))
                 continue
@@ -268,7 +270,7 @@ class Monitor:
         raises: a database that fails is logged, and the client still gets its answer (-1)."""
         try:
             return self._record(model, stages, question, trace, latency_s, note, status, max_new_tokens)
-        except Exception:  # noqa: BLE001
+        except Exception:  # logged (with the traceback); the client still gets its answer
             log.exception("monitor: could not record a trace of %s", model)
             return -1
 

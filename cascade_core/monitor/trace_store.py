@@ -278,7 +278,8 @@ class TraceStore:
     def policies(self) -> list[dict]:
         """Every policy seen, newest first, with its info decoded."""
         out = []
-        for r in self._conn().execute("SELECT hash, kind, description, info, created FROM policies ORDER BY created DESC"):
+        for r in self._conn().execute("SELECT hash, kind, description, info, created FROM policies ORDER BY created "
+                                      "DESC"):
             out.append({"hash": r["hash"], "kind": r["kind"], "description": r["description"],
                         "info": json.loads(r["info"]), "created": r["created"]})
         return out

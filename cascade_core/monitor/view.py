@@ -28,7 +28,8 @@ def _watch_with_timeline(store: TraceStore, info: PolicyInfo, alpha: float, ever
             timeline.append({"question": i, "created": row["created"], "kept_share": sum(window) / len(window),
                              "loss_mean": cert.loss_mean, "lower": cert.lower, "upper": cert.upper,
                              "status": cert.status, "n_audited": cert.n_audited,
-                             "drift_log_statistic": None if watch.drift is None or watch.drift.log_statistic == -math.inf
+                             "drift_log_statistic": None if watch.drift is None
+                             or watch.drift.log_statistic == -math.inf
                              else watch.drift.log_statistic})
     return watch, timeline
 
@@ -55,7 +56,8 @@ def summarise(db: Path | str, every: int = 10) -> dict:
 
 
 def _pt(value) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{100 * value:.2f} pt"
+    return "n/a" if value is None or (isinstance(value,
+                                                 float) and not math.isfinite(value)) else f"{100 * value:.2f} pt"
 
 
 def render_text(summary: dict) -> str:
@@ -66,7 +68,8 @@ def render_text(summary: dict) -> str:
         lines += ["", f"policy {p['policy'][:12]} ({p['kind']}): {p['description']}",
                   f"  stages: {' -> '.join(p['stages'])}; {p['questions']:,} questions, {p['errors']} errors"]
         if p["fallback"]:
-            lines.append(f"  FALLBACK (last stage alone) since {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(p['fallback']['since']))} UTC")
+            lines.append(f"  FALLBACK (last stage alone) since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(p['fallback']['since']))} UTC")
         lines.append(f"  re-certification: {cert['message']}")
         expected = p["expected_keep"]
         drift = p["drift"]
@@ -77,7 +80,8 @@ def render_text(summary: dict) -> str:
                          f"(statistic {drift['statistic']:.3g}, alarm at {drift['threshold']:.3g})")
             for s in drift["streams"][:3]:
                 if s["n"]:
-                    lines.append(f"    {s['stage']} {s['what']}: observed {s['observed']:.1%} (lately {s['recent']:.1%}), "
+                    lines.append(f"    {s['stage']} {s['what']}: observed {s['observed']:.1%} (lately "
+                                 f"{s['recent']:.1%}), "
                                  f"calibration {s['expected']:.1%}, band {s['band'][0]:.1%}-{s['band'][1]:.1%}")
         for stage, rate in expected.items():
             lines.append(f"  expected keep rate of {stage}: {rate:.1%}")
@@ -85,8 +89,8 @@ def render_text(summary: dict) -> str:
         lines.append(f"  kept by an early stage: {'n/a' if share is None else f'{share:.1%}'}")
         saved = p["cost_saved_estimate"]
         flops_saved = "n/a" if saved["flops"] is None else f"{saved['flops']:.1%}"
-        lines.append(f"  cost: {p['cost']['flops']:.3g} FLOPs, ${p['cost']['dollars']:.4f}; saved against the last stage "
-                     f"alone: {flops_saved} of FLOPs (estimated on {saved['sample']} audited questions)")
+        lines.append(f"  cost: {p['cost']['flops']:.3g} FLOPs, ${p['cost']['dollars']:.4f}; saved against the last "
+                     f"stage alone: {flops_saved} of FLOPs (estimated on {saved['sample']} audited questions)")
         a = p["audit"]
         lines.append(f"  audit: {a['sampled']} sampled ({a['done']} run, {a['free']} free, {a['pending']} running, "
                      f"{a['skipped']} skipped, {a['failed']} failed); audit cost {a['flops']:.3g} FLOPs, "

@@ -94,7 +94,8 @@ def read_manifest(out_dir: Path | str) -> dict | None:
     return manifest
 
 
-def load_layer(out_dir: Path | str, record_qids: Sequence[str] | None = None) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+def load_layer(out_dir: Path | str, record_qids: Sequence[str] | None = None) -> tuple[np.ndarray,
+                                                                                       dict[int, np.ndarray]]:
     """(qids, {layer: (n, d) float32}) from an export; ({}, empty) when there is none.
 
     With `record_qids`, the rows must be exactly those qids in that order: any difference is a

@@ -127,7 +127,7 @@ def run_freeform_stage(
                              qid=np.array([r["qid"] for r in new]),
                              prediction=np.array([r["prediction"] for r in new], dtype=np.int64),
                              p_t=np.array([r["p_t"] for r in new], dtype=np.float32),
-                             **{f"layer_{l}": np.stack([h[l] for h in hidden]).astype(np.float16) for l in layers})
+                             **{f"layer_{k}": np.stack([h[k] for h in hidden]).astype(np.float16) for k in layers})
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         frame = pd.DataFrame(new).assign(created_at=now)
         records = frame if records.empty else pd.concat([records, frame], ignore_index=True)

@@ -109,7 +109,8 @@ def load_mmlu(
     `per_subject=10` is the test half of the same 10. `subjects`: MMLU subject names.
     """
     table = select_rows(_mmlu_table(str(path), str(split_path)), split, per_subject, subjects,
-                        lambda unknown: ValueError(f"unknown MMLU subject(s) {unknown}; known: {', '.join(MMLU_SUBJECTS)}"))
+                        lambda unknown: ValueError(f"unknown MMLU subject(s) {unknown}; known: "
+                                                   f"{', '.join(MMLU_SUBJECTS)}"))
     out = table[COLUMNS].reset_index(drop=True).copy()
     out["options"] = [list(o) for o in out["options"]]  # callers may edit; the cache stays whole
     return out

@@ -68,11 +68,11 @@ def train_probe(
         raise ValueError(f"only {int(train_mask.sum())} training records: too few to train a probe")
     gold = records["correct"].to_numpy(dtype=bool)
     y = gold if labels is None else np.asarray(labels, dtype=bool)
-    layer, C, grid = choose_probe({l: f[train_mask] for l, f in features.items()}, y[train_mask],
+    layer, C, grid = choose_probe({k: f[train_mask] for k, f in features.items()}, y[train_mask],
                                   folds=folds, seed=seed, Cs=Cs)
     layer_auroc: dict[int, float] = {}
-    for (l, _), value in grid.items():
-        layer_auroc[l] = max(layer_auroc.get(l, -np.inf), value)
+    for (k, _), value in grid.items():
+        layer_auroc[k] = max(layer_auroc.get(k, -np.inf), value)
     X = features[layer]
     p_ik = np.full(len(records), np.nan)
     with blas_threads(1):

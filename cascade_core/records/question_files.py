@@ -120,7 +120,7 @@ def read_rows(path: Path | str) -> tuple[pd.DataFrame, list[int], str]:
     if suffix == ".parquet":
         try:
             frame = pd.read_parquet(io.BytesIO(data))
-        except Exception as err:  # pyarrow raises several types for a damaged file
+        except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
             raise QuestionFileError(path, f"not a readable parquet file ({type(err).__name__}: {err})") from None
         return frame, list(range(1, len(frame) + 1)), "row"
     text = _decode(path, data)
@@ -326,6 +326,8 @@ def read_question_file(path: Path | str) -> QuestionFile:
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     table["answer"] = table["answer"].astype(np.int64)
     used = {"question": str(question_column), "options": str(options_column) if options_column is not None else
-            ([str(c) for c in letters] if letters else None), "answer": None if answer_column is None else str(answer_column),
-            "group": None if group_column is None else str(group_column), "id": None if id_column is None else str(id_column)}
+            ([str(c) for c in letters] if letters else None),
+            "answer": None if answer_column is None else str(answer_column),
+            "group": None if group_column is None else str(group_column),
+            "id": None if id_column is None else str(id_column)}
     return QuestionFile(path=path, table=table, kind=kind, has_answers=all(answered), columns=used)

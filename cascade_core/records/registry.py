@@ -34,7 +34,8 @@ from cascade_core.locations import DATA_DIR
 from cascade_core.graders import default_grader, get_grader
 from cascade_core.io import atomic_write_json
 from cascade_core.records.question_files import SUFFIXES, read_question_file
-from cascade_core.records.split import SPLIT_SEED, SPLITS, read_split_json, select_rows, split_document, write_split_json
+from cascade_core.records.split import (SPLIT_SEED, SPLITS, read_split_json, select_rows, split_document,
+                                        write_split_json)
 
 BUILTIN = ("mmlu", "arith", "mmlu-open")
 RESERVED: tuple[str, ...] = ()  # names kept for shipped sets not built yet (none now)
@@ -121,7 +122,8 @@ def read_metadata(name: str, results_dir: Path | str | None = None) -> dict:
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read the dataset metadata {path}: {err}") from None
     if not isinstance(data, dict) or data.get("format") != META_FORMAT:
-        raise ValueError(f"{path} is not a dataset metadata file (format {data.get('format') if isinstance(data, dict) else None!r})")
+        raise ValueError(f"{path} is not a dataset metadata file (format "
+                         f"{data.get('format') if isinstance(data, dict) else None!r})")
     return data
 
 
@@ -259,7 +261,8 @@ def select_questions(dataset: Dataset, split: str | None = None, per_subject: in
     first `per_subject` of each group's seeded order, some groups; in the file's order."""
     groups = sorted(set(dataset.questions["subject"]))
     table = select_rows(dataset.questions, split, per_subject, subjects,
-                        lambda unknown: ValueError(f"dataset {dataset.name!r} has no group(s) {unknown}; groups: {groups}"))
+                        lambda unknown: ValueError(f"dataset {dataset.name!r} has no group(s) {unknown}; groups: "
+                                                   f"{groups}"))
     out = table.reset_index(drop=True).copy()
     out["options"] = [list(o) for o in out["options"]]
     return out

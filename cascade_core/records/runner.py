@@ -14,7 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -133,7 +133,7 @@ def _write_feature_chunk(backend: Backend, paths: BenchPaths, batch: list[Questi
     keys = sorted(scores[0].hidden_states)
     # All layers (a local model): evenly spaced ones; a few named layers (a vLLM stage gives its last): those.
     keep_layers = feature_layers(len(keys)) if keys == list(range(len(keys))) else keys
-    arrays = {f"layer_{l}": np.stack([s.hidden_states[l] for s in scores]).astype(np.float16) for l in keep_layers}
+    arrays = {f"layer_{k}": np.stack([s.hidden_states[k] for s in scores]).astype(np.float16) for k in keep_layers}
     chunk = paths.features_dir / f"chunk-{time.time_ns()}.npz"
     atomic_write_npz(chunk, qid=np.array([q.qid for q in batch]), prediction=prediction.astype(np.int16),
                      p_t=p_t.astype(np.float32), **arrays)

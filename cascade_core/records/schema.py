@@ -90,7 +90,8 @@ def validate_records(frame: pd.DataFrame, source: str, required: tuple[str, ...]
         values = frame[name]
         if column.kind == "bool":
             if values.isna().any():
-                raise RecordSchemaError(f"{source}: column {name!r} has missing values ({_first_bad(frame, values.isna().to_numpy())})")
+                raise RecordSchemaError(f"{source}: column {name!r} has missing values "
+                                        f"({_first_bad(frame, values.isna().to_numpy())})")
             if not (pd.api.types.is_bool_dtype(values) or set(pd.unique(values)) <= {0, 1, True, False}):
                 raise RecordSchemaError(f"{source}: column {name!r} must be true/false, got dtype {values.dtype}")
             continue

@@ -95,7 +95,8 @@ class RecordTable:
             set_(name, array)
         for s in range(S - 1):
             if self.recorded[s]:
-                raise ValueError(f"stage {self.names[s]!r} is recorded (no probabilities): it can only be the last stage")
+                raise ValueError(f"stage {self.names[s]!r} is recorded (no probabilities): "
+                                 "it can only be the last stage")
         for name in ("prompt_tokens", "output_tokens", "flops", "seconds", "dollars"):
             values = getattr(self, name)
             if np.isnan(values).any() or (values < 0).any():
@@ -226,7 +227,8 @@ class RecordTable:
                  for i, f in enumerate(frames)] if names is None else [str(n) for n in names]
         if len(names) != S:
             raise ValueError(f"{len(names)} names for {S} frames")
-        for option, values in (("model_ids", model_ids), ("recorded", recorded), ("has_hidden", has_hidden), ("prices", prices)):
+        for option, values in (("model_ids", model_ids), ("recorded", recorded), ("has_hidden", has_hidden),
+                               ("prices", prices)):
             if values is not None and len(values) != S:
                 raise ValueError(f"{option} has {len(values)} values for {S} frames")
         if recorded is None:
@@ -238,7 +240,8 @@ class RecordTable:
                 raise ValueError(f"records of stage {names[i]!r} lack column(s) {missing}")
             duplicated = frame["qid"].astype(str).duplicated()
             if duplicated.any():
-                raise ValueError(f"records of stage {names[i]!r} repeat question id {frame['qid'].astype(str)[duplicated].iloc[0]!r}")
+                raise ValueError(f"records of stage {names[i]!r} repeat question id "
+                                 f"{frame['qid'].astype(str)[duplicated].iloc[0]!r}")
         common = pd.Index(frames[0]["qid"].astype(str))
         for frame in frames[1:]:
             common = common[common.isin(frame["qid"].astype(str))]
@@ -266,11 +269,13 @@ class RecordTable:
                 arrays["dollars"].append(column(frame, "dollars", 0.0))
             else:
                 price_in, price_out = prices[i] if prices is not None else (0.0, 0.0)
-                arrays["dollars"].append(dollar_cost(arrays["prompt_tokens"][-1], arrays["output_tokens"][-1], price_in, price_out))
+                arrays["dollars"].append(dollar_cost(arrays["prompt_tokens"][-1], arrays["output_tokens"][-1],
+                                                     price_in, price_out))
         if has_hidden is None:
             has_hidden = [bool(np.isfinite(a).any()) for a in arrays["p_ik"]]
         if model_ids is None:
-            model_ids = [str(f["model_id"].iloc[0]) if "model_id" in f.columns else names[i] for i, f in enumerate(aligned)]
+            model_ids = [str(f["model_id"].iloc[0]) if "model_id" in f.columns else names[i]
+                         for i, f in enumerate(aligned)]
 
         def per_question(name: str) -> np.ndarray:
             values = None
@@ -307,7 +312,8 @@ def synthetic_table(n_questions: int = 1000, n_stages: int = 3, seed: int = 0,
         raise ValueError(f"{len(accuracies)} accuracies for {n_stages} stages")
     S, N = n_stages, n_questions
     difficulty = rng.normal(size=N)
-    correct = np.stack([difficulty + rng.normal(scale=0.8, size=N) < np.quantile(difficulty, a) + 0.0 for a in accuracies])
+    correct = np.stack([difficulty + rng.normal(scale=0.8, size=N) < np.quantile(difficulty,
+                                                                                 a) + 0.0 for a in accuracies])
     logit_t = 1.2 * np.where(correct, 1.0, -0.2) + rng.normal(scale=1.0, size=(S, N))
     p_t = 0.25 + 0.75 / (1.0 + np.exp(-logit_t))
     logit_ik = 1.5 * np.where(correct, 1.0, -1.0) + rng.normal(scale=1.2, size=(S, N))

@@ -84,7 +84,8 @@ class Report:
                    ablations=[AblationBlock.from_json(d) for d in data["ablations"]],
                    baselines=[BaselineBlock.from_json(d) for d in data["baselines"]],
                    ood=OodSection.from_json(data["ood"]), label_free=LabelFreeSection.from_json(data["label_free"]),
-                   guarantee=GuaranteeSection.from_json(data.get("guarantee_study") or {"skipped": "not in this report"}))
+                   guarantee=GuaranteeSection.from_json(data.get("guarantee_study") or {"skipped": "not in this "
+                                                                                                   "report"}))
 
 
 def build_report(table: RecordTable, questions: pd.DataFrame | None = None,
@@ -160,7 +161,8 @@ def _start_side_sections(table: RecordTable, settings: ReportSettings, questions
             kind, value = receive.recv()
         except EOFError:
             child.join()
-            raise RuntimeError(f"the report's second process ended without a result (exit code {child.exitcode})") from None
+            raise RuntimeError(f"the report's second process ended without a result (exit code "
+                               f"{child.exitcode})") from None
         finally:
             receive.close()
         child.join()

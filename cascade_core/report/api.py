@@ -23,7 +23,8 @@ class ApiCascade(Part):
     unit: str
     target_max_loss: float
     gpt4_accuracy: float
-    variants: list  # every variant tried: name, rule, grouping, calibration_target, cv, policy, thresholds, calibration, test
+    # every variant tried: name, rule, grouping, calibration_target, cv, policy, thresholds, calibration, test
+    variants: list
     skipped_groupings: dict
     chosen: str  # the CV-chosen variant's name
     chosen_test: dict
@@ -130,7 +131,8 @@ def api_cascade(table: RecordTable, stages: Sequence[int], categories: np.ndarra
                             **{k: v for k, v in _api_metrics(calib, selection.calibration).items()}},
             "test": {**_api_metrics(test, result),
                      **{k: v for k, v in outcome(test, result, unit, settings.n_resamples, settings.seed).items()
-                        if k in ("accuracy", "pd", "mcnemar", "reference_accuracy", "answer_rate", "compute_reduction")}},
+                        if k in ("accuracy", "pd", "mcnemar", "reference_accuracy", "answer_rate",
+                                 "compute_reduction")}},
         })
     chosen = pick_variant(variants, settings.target_max_loss)
     progress(f"api {' -> '.join(sub.names)}: {len(variants)} variants, chosen {variants[chosen]['name']}")
@@ -154,7 +156,8 @@ def pick_variant(variants: Sequence[dict], target: float) -> int:
     return min(range(len(variants)), key=lambda i: (variants[i]["cv"]["accuracy_loss"], i))
 
 
-def api_section(table: RecordTable, categories: np.ndarray, settings: ReportSettings, progress: Progress) -> list[ApiCascade]:
+def api_section(table: RecordTable, categories: np.ndarray, settings: ReportSettings,
+                progress: Progress) -> list[ApiCascade]:
     if not table.recorded[-1]:
         return []
     local = _local_indices(table)

@@ -217,7 +217,8 @@ def render_freeform(report: dict) -> str:
              f"{report['questions']:,} questions, stages {' -> '.join(report['stages'])}. Figures on the test split "
              "unless said otherwise; guarantees over re-splits.", "",
              "## Models", "",
-             "| model | accuracy | AUROC P(T) (geometric mean) | AUROC min token prob. | AUROC P(IK) | tokens | s / question | s to first token |",
+             "| model | accuracy | AUROC P(T) (geometric mean) | AUROC min token prob. | AUROC P(IK) | tokens "
+             "| s / question | s to first token |",
              "|---|---|---|---|---|---|---|---|"]
     if report.get("selection"):
         lines[lines.index("## Models"):lines.index("## Models")] = _selection_lines(report["selection"])
@@ -240,16 +241,18 @@ def render_freeform(report: dict) -> str:
               "disagreement, which bounds the accuracy lost for any labels. Saving: "
               f"{report['unit']} saved against the last stage alone; oracle: the most any router saves at the "
               "same target on the same half.", "",
-              "| guarantee | rule | held (accuracy) | held (certified loss) | saved, mean | saved, 5th pct | oracle saves | share of oracle |",
+              "| guarantee | rule | held (accuracy) | held (certified loss) | saved, mean | saved, 5th pct "
+              "| oracle saves | share of oracle |",
               "|---|---|---|---|---|---|---|---|"]
     for kind in ("labelled", "label_free"):
         for rule, r in report[kind].items():
-            lines.append(f"| {kind.replace('_', '-')} | {rule} | {pct(r['held_share'])} | {pct(r['certified_held_share'])} | "
-                         f"{pct(r['saving_mean'])} | {pct(r['saving_p05'])} | {pct(r['oracle_saving_mean'])} | "
-                         f"{pct(r['share_of_oracle'])} |")
+            lines.append(f"| {kind.replace('_', '-')} | {rule} | {pct(r['held_share'])} | "
+                         f"{pct(r['certified_held_share'])} | {pct(r['saving_mean'])} | {pct(r['saving_p05'])} | "
+                         f"{pct(r['oracle_saving_mean'])} | {pct(r['share_of_oracle'])} |")
     if report.get("sweep"):
         lines += ["", "At looser targets (rule pt_only, the same re-splits):", "",
-                  "| target | guarantee | held (accuracy) | held (certified loss) | saved, mean | saved, 5th pct | oracle saves |",
+                  "| target | guarantee | held (accuracy) | held (certified loss) | saved, mean | saved, 5th pct "
+                  "| oracle saves |",
                   "|---|---|---|---|---|---|---|"]
         for row in report["sweep"]:
             for kind in ("labelled", "label_free"):
@@ -268,7 +271,8 @@ def render_freeform(report: dict) -> str:
     elif not rows:
         lines.append("At none of these targets does the chosen policy route through an earlier stage: nothing to gate.")
     else:
-        lines += ["| target | stage | tau_ik | questions reaching it | escalated by P(IK) | generation seconds skipped | tokens skipped |",
+        lines += ["| target | stage | tau_ik | questions reaching it | escalated by P(IK) | generation seconds skipped "
+                  "| tokens skipped |",
                   "|---|---|---|---|---|---|---|"]
         for t, name, g in rows:
             lines.append(f"| {100 * t:g} pt | {name} | {g['tau_ik']:.3f} | {g['reached']} | {g['gated']} | "

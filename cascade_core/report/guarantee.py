@@ -82,7 +82,8 @@ def guarantee_section(table: RecordTable, settings: ReportSettings, progress: Pr
                               seed=settings.seed, bound=bound, fits=fits)
         compare = None
         if headline and settings.guarantee_compare_bound not in (None, bound):
-            progress(f"guarantee {' -> '.join(sub.names)}: {resplits} re-splits, {settings.guarantee_compare_bound} bound")
+            progress(f"guarantee {' -> '.join(sub.names)}: {resplits} re-splits, "
+                     f"{settings.guarantee_compare_bound} bound")
             compare = {"bound": settings.guarantee_compare_bound, **resplit_study(
                 coded, target=settings.target_max_loss, delta=settings.delta, resplits=resplits, rules=tuple(rules),
                 unit=unit, cost_unit=cost_unit, folds=settings.guarantee_folds, seed=settings.seed,

@@ -92,10 +92,12 @@ def _guarantee(report: Report) -> list[str]:
     if g.skipped is not None:
         return ["", "## The guarantee", "", f"Skipped: {g.skipped}."]
     lines = ["", "## The guarantee: savings that hold on fresh questions", "",
-             f"Thresholds chosen by **Learn-then-Test** at delta = {g.delta:g}: with probability ≥ {1 - g.delta:.0%} over "
-             f"the draw of the calibration questions, the accuracy lost against the cascade's last stage on new "
-             f"questions from the same distribution is at most {g.target_pt:g} pt. Candidates on a threshold grid fixed "
-             "before the data, tested from \"keep nothing\" to \"keep everything\" by fixed-sequence testing, each with "
+             f"Thresholds chosen by **Learn-then-Test** at delta = {g.delta:g}: with probability ≥ {1 - g.delta:.0%} "
+             f"over the draw of the calibration questions, the accuracy lost against the cascade's last stage on new "
+             f"questions from the same distribution is at most {g.target_pt:g} pt. Candidates on a threshold grid "
+             f"fixed "
+             "before the data, tested from \"keep nothing\" to \"keep everything\" by fixed-sequence testing, each "
+             "with "
              + _bound_words(g.bound) + "; the rule is chosen by "
              f"{g.folds}-fold cross-validation inside calibration among {', '.join(f'`{r}`' for r in g.rules)}. "
              "**Held share**: over many subject-stratified re-splits of all questions into calibration and test "
@@ -127,7 +129,8 @@ def _guarantee(report: Report) -> list[str]:
         if other:
             lines += ["", f"The same {other['resplits']} re-splits with {_bound_words(other['bound'])} "
                       f"instead: " + "; ".join(
-                          f"`{r}` {pct(v['saving_mean'])} (5th pct {pct(v['saving_p05'])}, held {pct(v['held_share'], 1)})"
+                          f"`{r}` {pct(v['saving_mean'])} (5th pct {pct(v['saving_p05'])}, held "
+                          f"{pct(v['held_share'], 1)})"
                           for r, v in other["rules"].items())
                       + f"; the CV choice {pct(other['chosen']['saving_mean'])} (5th pct "
                       f"{pct(other['chosen']['saving_p05'])}, held {pct(other['chosen']['held_share'], 1)})."]
@@ -167,12 +170,13 @@ def _summary(report: Report) -> list[str]:
         full = report.cascades[-1]
         t = full.test
         lines.append(
-            f"- **Full local cascade ({' → '.join(full.stages)}) at ≤ {report.meta['settings']['target_max_loss'] * 100:g} pt "
+            f"- **Full local cascade ({' → '.join(full.stages)}) at ≤ "
+            f"{report.meta['settings']['target_max_loss'] * 100:g} pt "
             f"(chosen on calibration):** uses {_used(full.thresholds)}; test accuracy {num(t['accuracy']['value'])} vs "
             f"{num(t['reference_accuracy'])} for {t['reference']} alone (PD {pts(t['pd']['value'])}, McNemar p "
             f"{pvalue(t['mcnemar']['p_value'])}), compute reduction {pct(t['compute_reduction']['value'])} "
-            f"[{pct(t['compute_reduction']['low'])}, {pct(t['compute_reduction']['high'])}] in FLOPs; the oracle could save "
-            f"{pct(full.oracle['compute_reduction_at_target'])} at the same target.")
+            f"[{pct(t['compute_reduction']['low'])}, {pct(t['compute_reduction']['high'])}] in FLOPs; the oracle could "
+            f"save {pct(full.oracle['compute_reduction_at_target'])} at the same target.")
     for entry in report.api:
         if entry is report.api[-1] or len(report.api) == 1:
             c = entry.chosen_test
@@ -187,8 +191,8 @@ def _summary(report: Report) -> list[str]:
         lines.append(best_api)
     for b in report.baselines:
         m = b.methods
-        parts = [f"{name.replace('_', ' ')} {num(m[name]['aiq'])}" for name in ("cascade", "pregen_router", "random", "oracle")
-                 if name in m]
+        parts = [f"{name.replace('_', ' ')} {num(m[name]['aiq'])}"
+                 for name in ("cascade", "pregen_router", "random", "oracle") if name in m]
         lines.append(f"- **AIQ on {' → '.join(b.stages)}** (area under the cost–accuracy hull, cost in "
                      f"{_unit_word(b.unit)}): {', '.join(parts)}.")
     ood = report.ood
@@ -243,7 +247,8 @@ def _models(report: Report) -> list[str]:
     lines += ["", "Seconds are measured wall time per question on the machine that ran the benchmark (a shared "
               "2-core CPU), so compare them between rows only roughly; FLOPs are 2 × non-embedding parameters "
               "× tokens. GPT-4's size is unpublished: its FLOPs are unknown, it is compared in dollars "
-              "(list price $10/$30 per million input/output tokens; this project's zero-shot prompt, one output token)."]
+              "(list price $10/$30 per million input/output tokens; this project's zero-shot prompt, one output "
+              "token)."]
     return lines
 
 
@@ -321,9 +326,9 @@ def _api(report: Report) -> list[str]:
                   f"who is right) would skip GPT-4 on {pct(entry.oracle_calls_saved)} of questions without losing "
                   "accuracy.", "",
                   f"**Chosen on calibration: `{entry.chosen}`** → on test {pct(c['calls_saved'])} of GPT-4 calls, "
-                  f"{pct(c['tokens_saved'])} of its tokens and {pct(c['dollars_saved'])} of its dollars saved; accuracy "
-                  f"{ci(c['accuracy'])} ({pts(-c['accuracy_loss'])} vs GPT-4 alone, 95% CI {ci(c['pd'], pts)}, McNemar "
-                  f"p {pvalue(c['mcnemar']['p_value'])}). 1-point target on test: "
+                  f"{pct(c['tokens_saved'])} of its tokens and {pct(c['dollars_saved'])} of its dollars saved; "
+                  f"accuracy {ci(c['accuracy'])} ({pts(-c['accuracy_loss'])} vs GPT-4 alone, 95% CI "
+                  f"{ci(c['pd'], pts)}, McNemar p {pvalue(c['mcnemar']['p_value'])}). 1-point target on test: "
                   f"{'held' if entry.target_met_on_test else '**not held**'}.", ""]
         rows = []
         for group in _variant_groups(entry.variants):
@@ -350,7 +355,8 @@ def _variant_groups(variants: Sequence[dict]) -> list[list[dict]]:
 
 def _ablations(report: Report) -> list[str]:
     lines = ["", "## 4. Ablations: which signal routes", "",
-             "Same selection (≤ 1 pt on calibration, cheapest), one rule at a time. `pik_only` and `both` need a probe; "
+             "Same selection (≤ 1 pt on calibration, cheapest), one rule at a time. `pik_only` and `both` need a "
+             "probe; "
              "without one they route on P(T)."]
     for block in report.ablations:
         lines += ["", f"**{' → '.join(block.stages)}** (cost in {_unit_word(block.unit)})", ""]
@@ -366,7 +372,8 @@ def _ablations(report: Report) -> list[str]:
 
 def _baselines(report: Report) -> list[str]:
     lines = ["", "## 5. Baselines on the same test questions: random, oracle, pre-generation router", "",
-             "- **cascade**: the policies on the calibration sweep's Pareto frontier, each replayed on test (its curve), "
+             "- **cascade**: the policies on the calibration sweep's Pareto frontier, each replayed on test (its "
+             "curve), "
              "and the ≤ 1 pt policy (its operating point).",
              "- **random**: each stage escalates a random share of what reaches it (expected outcome); the operating "
              "point uses the cascade's own escalation rates, the curve every sub-cascade over a grid of rates.",
@@ -408,7 +415,8 @@ def _ood(report: Report) -> list[str]:
         probe = "; ".join(f"{k} {num(v['ood_auroc'], '.2f')} vs {num(v['in_distribution_auroc'], '.2f')}"
                           for k, v in e["probes"].items())
         rows.append([e["held_out"], str(e["n_test"]), probe])
-    lines.append(table(["held-out category", "test questions", "P(IK) AUROC: OOD probe vs in-distribution probe"], rows))
+    header = ["held-out category", "test questions", "P(IK) AUROC: OOD probe vs in-distribution probe"]
+    lines.append(table(header, rows))
     for i, stages in enumerate(_ood_cascades(ood)):
         lines += ["", f"**{' → '.join(stages)}**", ""]
         rows = []
@@ -486,7 +494,8 @@ def _reproduce(report: Report) -> list[str]:
             f"python -m cascade_core bench --preset {meta.get('preset', 'default')}{per_subject}"
             "   # records + hidden-state features (resumable)",
             f"python -m cascade_core probes train --preset {meta.get('preset', 'default')}",
-            f"python -m cascade_core report --preset {meta.get('preset', 'default')}   # this file; --json for the numbers",
+            f"python -m cascade_core report --preset {meta.get('preset', 'default')}   "
+            "# this file; --json for the numbers",
             "```"]
 
 
@@ -495,6 +504,7 @@ def render(report: Report | dict) -> str:
     if isinstance(report, dict):
         report = Report.from_json(report)
     lines: list[str] = []
-    for part in (_intro, _guarantee, _summary, _models, _cascades, _api, _ablations, _baselines, _ood, _label_free, _reproduce):
+    for part in (_intro, _guarantee, _summary, _models, _cascades, _api, _ablations, _baselines, _ood, _label_free,
+                 _reproduce):
         lines += part(report)
     return "\n".join(lines) + "\n"

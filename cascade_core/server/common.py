@@ -86,11 +86,12 @@ def json_depth(raw: bytes) -> int:
     do not count).
 
     Linear in the body's length whatever its bytes: a handful of whole-array numpy passes and no
-    regex. (The regex this replaces backtracked on an unterminated string full of `\\"`: 96 KB
-    took 30 s on the event loop, issue 23.) A quote is a string delimiter when the run of
-    backslashes just before it has even length; a byte is inside a string when an odd number of
-    delimiters precede it. Backslashes outside strings are invalid JSON, which the parser refuses
-    at that byte, so the count is exact for every prefix the parser reaches.
+    regex. (The regex this replaces backtracked on an unterminated string full of `\\"` and held
+    the event loop for seconds, issue 23; docs/BENCHMARKS.md, "Hostile request bodies".) A quote is
+    a string delimiter when the run of backslashes just before it has even length; a byte is inside
+    a string when an odd number of delimiters precede it. Backslashes outside strings are invalid
+    JSON, which the parser refuses at that byte, so the count is exact for every prefix the parser
+    reaches.
     """
     if not raw:
         return 0
@@ -196,7 +197,8 @@ def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict:
         if hit:
             where, char = hit
             raise ApiError(400, f"{where} holds a lone surrogate (U+{ord(char):04X}): not Unicode text; "
-                                "send the character itself or a complete surrogate pair", param=where.split(".")[0].split("[")[0])
+                                "send the character itself or a complete surrogate pair",
+                                param=where.split(".")[0].split("[")[0])
     return data
 
 

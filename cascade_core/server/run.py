@@ -101,7 +101,8 @@ class DrainingServer(uvicorn.Server):
 
 def server_config(app, host: str, port: int, log_level: str = "warning", grace_s: float = 10.0,
                   header_timeout_s: float = 10.0, idle_timeout_s: float = 5.0) -> uvicorn.Config:
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=header_timeout_protocol(header_timeout_s),
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          http=header_timeout_protocol(header_timeout_s),
                           timeout_keep_alive=idle_timeout_s, timeout_graceful_shutdown=grace_s + 5.0)
 
 

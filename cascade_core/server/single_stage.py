@@ -141,7 +141,7 @@ def create_single_stage_app(
                 completion = engine.complete(prompt_ids, max_tokens=max_tokens, top_k=top_k, stop=stop, **kwargs)
             except ApiError:
                 raise
-            except Exception as err:  # noqa: BLE001 - answered as a 500, never a traceback
+            except Exception as err:  # answered as a 500, never a traceback
                 raise ApiError(500, f"inference failed: {type(err).__name__}: {err}", kind="server_error") from err
         if completion.finish_reason == "cancelled":
             metrics.cancel(cancel.reason or "client disconnected", len(completion.tokens))

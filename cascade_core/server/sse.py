@@ -118,7 +118,7 @@ async def stream_events(
             result = future.result()
         except ApiError:
             raise
-        except BaseException as err:  # noqa: BLE001 - mapped to an error event
+        except BaseException as err:  # mapped to an error event
             if on_error is None:
                 raise ApiError(500, f"internal error ({type(err).__name__}); see the server log",
                                kind="server_error") from err

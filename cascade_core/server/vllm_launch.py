@@ -245,7 +245,8 @@ def wait_healthy(servers: Sequence[Started], timeout_s: float, progress: Callabl
                             f"{waiting[0].log}:\n{log_tail(Path(waiting[0].log))}")
         if progress and time.monotonic() - last_note > 30:
             last_note = time.monotonic()
-            progress(f"warming up ({time.monotonic() - began:.0f} s): {', '.join(s.spec.stage + ':' + s.spec.runner for s in waiting)}")
+            progress(f"warming up ({time.monotonic() - began:.0f} s): "
+                     f"{', '.join(s.spec.stage + ':' + s.spec.runner for s in waiting)}")
         time.sleep(poll_s)
 
 
@@ -349,7 +350,8 @@ def local_preset_text(source, servers: Sequence[Started], n_layers: dict[str, in
         name = f"vllm-{config.name}"
         entry = {"name": name, "label": f"{config.display_name} (vLLM)", "backend": "openai",
                  "model": gen.spec.served_name, "api_base": gen.spec.api_base, "api_mode": "completions",
-                 "letter_token_ids": True, "timeout_s": 120.0, "max_retries": 2, "concurrency": concurrency, "batch_size": 32,
+                 "letter_token_ids": True, "timeout_s": 120.0, "max_retries": 2, "concurrency": concurrency,
+                 "batch_size": 32,
                  "enabled": config.enabled}
         if config is not source.stages[-1]:
             entry["tau_t"] = config.tau_t
@@ -484,8 +486,10 @@ def add_parser(sub) -> None:
     vsub = vllm.add_subparsers(dest="vllm_command", required=True)
     start = vsub.add_parser("up", help="one vLLM server per local stage; writes the vllm-local preset")
     start.add_argument("--preset", default="default", help="the preset whose local stages to serve")
-    start.add_argument("--stages", nargs="+", metavar="NAME", help="only these stages (default: all enabled local ones)")
-    start.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT, help=f"first port (default {DEFAULT_BASE_PORT})")
+    start.add_argument("--stages", nargs="+", metavar="NAME",
+                       help="only these stages (default: all enabled local ones)")
+    start.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT,
+                       help=f"first port (default {DEFAULT_BASE_PORT})")
     start.add_argument("--no-hidden", action="store_true",
                        help="no pooling server per stage (no hidden states: P(IK) unavailable, P(T) only)")
     start.add_argument("--kv-cache-gib", type=int, default=1, help="KV cache per server, GiB (default 1)")
@@ -498,7 +502,8 @@ def add_parser(sub) -> None:
     status = vsub.add_parser("status", help="list the servers `vllm up` started and whether they answer")
     status.set_defaults(func=cmd_vllm)
     rewrite = vsub.add_parser("preset", help="rewrite vllm-local for the running servers (e.g. after `probes "
-                              "train --preset vllm-local`: a stage with a last-layer probe then routes on both signals)")
+                              "train --preset vllm-local`: a stage with a last-layer probe then routes on both "
+                              "signals)")
     rewrite.add_argument("--preset", default="default", help="the preset `vllm up` was given")
     rewrite.set_defaults(func=cmd_vllm)
 
