@@ -66,7 +66,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="slider changes to time")
     parser.add_argument("--target-ms", type=float, default=300.0)
-    parser.add_argument("--end", default="", help="end the cascade with a recorded stage, e.g. gpt-4-recorded (4 stages)")
+    parser.add_argument("--end", default="",
+                        help="end the cascade with a recorded stage, e.g. gpt-4-recorded (4 stages)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,15 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cascade_core.records.runner import BenchPaths, run_stage  # noqa: E402
-from cascade_core.records.mmlu import load_mmlu, to_questions  # noqa: E402
-from cascade_core.io import atomic_write_parquet  # noqa: E402
-from cascade_core.prompts import format_prompt  # noqa: E402
+from cascade_core.records.runner import BenchPaths, run_stage
+from cascade_core.records.mmlu import load_mmlu, to_questions
+from cascade_core.io import atomic_write_parquet
+from cascade_core.prompts import format_prompt
 
 
 def bare_pass(backend, batches) -> float:
@@ -108,7 +107,8 @@ def main() -> int:
     per_subject = max(2, -(-args.questions // 57))
     questions = load_mmlu(per_subject=per_subject).iloc[: args.questions].reset_index(drop=True)
     qs = to_questions(questions)
-    batches = [([format_prompt(q) for q in qs[i:i + args.batch_size]], [len(q.options) for q in qs[i:i + args.batch_size]])
+    batches = [([format_prompt(q) for q in qs[i:i + args.batch_size]],
+                [len(q.options) for q in qs[i:i + args.batch_size]])
                for i in range(0, len(qs), args.batch_size)]
 
     bare_pass(backend, batches[:1])  # warm-up (first call allocates)
@@ -126,7 +126,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = BenchPaths.for_stage(Path(tmp) / "r", Path(tmp) / "f", "mmlu", args.model)
-        records = run_stage(backend, args.model, questions.iloc[: args.batch_size * 2], paths, batch_size=args.batch_size)
+        records = run_stage(backend, args.model, questions.iloc[: args.batch_size * 2], paths,
+                            batch_size=args.batch_size)
     rewrite = {rows: rewrite_seconds(records, rows) for rows in (2_280, 14_042)}
 
     print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}, "
@@ -134,7 +135,8 @@ def main() -> int:
     print(f"model {args.model}, {n} MMLU questions, batch {args.batch_size}, {len(batches)} batches, "
           f"median of {args.repeats} interleaved repeats")
     print(f"bare score_options: {n / bare_s:.2f} q/s ({bare_s:.2f} s; all runs {', '.join(f'{t:.2f}' for t in bare)})")
-    print(f"run_stage:          {n / runner_s:.2f} q/s ({runner_s:.2f} s; all runs {', '.join(f'{t:.2f}' for t in runner)})")
+    print(f"run_stage:          {n / runner_s:.2f} q/s ({runner_s:.2f} s; all runs "
+          f"{', '.join(f'{t:.2f}' for t in runner)})")
     print(f"runner overhead inside the run: {overhead * 100:+.2f}% (run_stage wall - time in score_options, "
           f"per repeat: {', '.join(f'{(w - f) / f * 100:+.2f}%' for w, f in zip(runner, inside))}; target <= 5%)")
     print(f"runner overhead, paired passes: {overhead_paired * 100:+.1f}% (median of per-repeat ratios; noisy when "
@@ -145,7 +147,8 @@ def main() -> int:
     print(json.dumps({
         "model": args.model, "questions": n, "batch_size": args.batch_size, "repeats": args.repeats,
         "bare_qps": round(n / bare_s, 3), "runner_qps": round(n / runner_s, 3),
-        "overhead": round(overhead, 4), "overhead_paired": round(overhead_paired, 4), "rewrite_ms_2280": round(rewrite[2_280] * 1000, 2),
+        "overhead": round(overhead, 4), "overhead_paired": round(overhead_paired, 4),
+        "rewrite_ms_2280": round(rewrite[2_280] * 1000, 2),
         "rewrite_ms_14042": round(rewrite[14_042] * 1000, 2),
         "forward_ms_per_batch": round(per_batch_bare * 1000, 1), "torch_threads": torch.get_num_threads(),
     }))

@@ -14,9 +14,9 @@ surrogate escapes, ...) at each size, it posts the body `--repeats` times while 
 polls /health (a second pass: the first runs without the poller, so that the loop's CPU time is
 the body's alone), and reports per body: the status, the server's answer time, the CPU time of
 the loop's thread (less the same stretch idle) and the longest loop stall, both per MB, and the
-slowest /health. `--inline` parses on the loop as the servers did before, for comparison. The loop's CPU time is what the body itself costs the loop; the
-stalls add what the machine does to it (GIL hand-overs to the parsing threads, other processes
-on a shared machine). The old regex scan is timed
+slowest /health. `--inline` parses on the loop as the servers did before, for comparison. The loop's
+CPU time is what the body itself costs the loop; the stalls add what the machine does to it (GIL
+hand-overs to the parsing threads, other processes on a shared machine). The old regex scan is timed
 offline on the issue's body at 24 KB for comparison. One JSON line last: the worst per-MB figures.
 
 No timing assertion lives in the tests; this is where the figure is measured (docs/BENCHMARKS.md).
@@ -36,14 +36,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx  # noqa: E402
-import uvicorn  # noqa: E402
+import httpx
+import uvicorn
 
-from cascade_core.cascade import RuntimeStage  # noqa: E402
-from cascade_core.server.cascade_app import create_cascade_app  # noqa: E402
+from cascade_core.cascade import RuntimeStage
+from cascade_core.server.cascade_app import create_cascade_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from _loopback import free_port  # noqa: E402
+from _loopback import free_port
 
 
 class NeverCalled:
@@ -178,7 +178,7 @@ def main() -> int:
         end = time.perf_counter()
         time.sleep(0.06)  # let the monitor see the tail
         used = monitor.loop_cpu() - cpu
-        idle_start, idle_cpu = time.perf_counter(), monitor.loop_cpu()
+        idle_cpu = monitor.loop_cpu()
         time.sleep(end - start + 0.06)  # the same stretch with no request: the monitor's own ticks
         idle = monitor.loop_cpu() - idle_cpu
         longest, _ = monitor.window(start, end)

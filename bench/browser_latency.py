@@ -5,8 +5,9 @@ Starts `streamlit run app.py` on a free loopback port, opens the explorer in hea
 and presses Enter; it times from the key press until both the Accuracy metric and the chart's
 operating point show the new policy (read from the page: the metric's text, and the chart's
 "these thresholds" point from the description ECharts writes into its aria-label on every redraw).
-The values alternate between low and high thresholds, so every change moves the point. Then a burst: `--burst` ArrowRight presses on the slider with no pause, timed
-from the last press until the page is idle with the slider on the last value (coalescing).
+The values alternate between low and high thresholds, so every change moves the point. Then a burst:
+`--burst` ArrowRight presses on the slider with no pause, timed from the last press until the page
+is idle with the slider on the last value (coalescing).
 
 Two scenarios (both by default):
 - `committed`: the records in --results-dir (e.g. /work/snap5700/results, the frozen 5,700 x 3);
@@ -128,10 +129,11 @@ def main() -> None:
                 sys.exit(f"unknown scenario {scenario!r}: use committed, 14042x4")
             with start_app(results, tmp / "policies", tmp / f"streamlit-{scenario}.log") as app:
                 figures = measure(app.url, query, args.changes, args.burst)
-            print(f"{scenario} (burst target {0.3 + 0.01 * args.burst:.2f}): {figures['changes']} changes timed ({figures['unchanged']} left the metric unchanged): "
+            print(f"{scenario} (burst target {0.3 + 0.01 * args.burst:.2f}): {figures['changes']} changes timed "
+                  f"({figures['unchanged']} left the metric unchanged): "
                   f"median {figures['median_ms']:.0f} ms, p90 {figures['p90_ms']:.0f} ms "
-                  f"(min {figures['min_ms']:.0f}, max {figures['max_ms']:.0f}); {figures['burst']} queued arrow presses "
-                  f"settled in {figures['burst_settle_ms']:.0f} ms on {figures['burst_final_value']}")
+                  f"(min {figures['min_ms']:.0f}, max {figures['max_ms']:.0f}); {figures['burst']} queued arrow "
+                  f"presses settled in {figures['burst_settle_ms']:.0f} ms on {figures['burst_final_value']}")
             out[scenario] = figures
     print(json.dumps({f"{k}_{m}": (round(v[m], 1) if v[m] == v[m] else None) if isinstance(v[m], float) else v[m]
                       for k, v in out.items() for m in ("median_ms", "p90_ms", "burst_settle_ms")}))

@@ -21,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cascade_core.records.runner import load_records  # noqa: E402
-from cascade_core.compose.features import checkpoint_features  # noqa: E402
-from cascade_core.locations import locations  # noqa: E402
-from cascade_core.presets import load_preset  # noqa: E402
-from cascade_core.probe import PIKProbe  # noqa: E402
+from cascade_core.records.runner import load_records
+from cascade_core.compose.features import checkpoint_features
+from cascade_core.locations import locations
+from cascade_core.presets import load_preset
+from cascade_core.probe import PIKProbe
 
 
 def main() -> int:

@@ -3,8 +3,8 @@
 
 For each packaged model: the same MMLU test questions scored one at a time (as the app and the
 servers do), with and without prepacking, each model loaded once per mode; seconds per question
-(median, after the background packing finished), the largest difference of the option-letter logits, whether the chosen letter is the
-same, and a 16-token greedy generation's seconds per token.
+(median, after the background packing finished), the largest difference of the option-letter logits,
+whether the chosen letter is the same, and a 16-token greedy generation's seconds per token.
 
     .venv/bin/python bench/cpu_prepack.py [--models smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b]
                                           [--questions 8] [--threads 2]

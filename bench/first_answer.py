@@ -128,7 +128,8 @@ def stream_once(url: str, wait_s: float) -> dict:
                 const cards = Array.from(document.querySelectorAll('[data-testid="stExpander"]'));
                 const last = cards[cards.length - 1];
                 if (last && running === null && /running for/.test(last.innerText)) running = performance.now() - t0;
-                const text = Array.from(document.querySelectorAll('[data-testid="stText"]')).find(e => e.innerText.startsWith('generating:'));
+                const text = Array.from(document.querySelectorAll('[data-testid="stText"]'))
+                    .find(e => e.innerText.startsWith('generating:'));
                 if (text) { resolve({running_ms: running, first_ms: performance.now() - t0}); return; }
                 if (performance.now() - t0 > 300000) { resolve({running_ms: running, first_ms: null}); return; }
                 requestAnimationFrame(tick);
@@ -178,13 +179,15 @@ def main() -> None:
                 else:
                     figures = route_once(app.url, None if scenario == "warm-example" else question, wait, args.target)
             if scenario == "stream":
-                print(f"stream: the answering stage's card running {figures['stage_running_s']:.2f} s after Route, first "
-                      f"text {figures['first_text_s']:.2f} s after Route ({figures['first_after_stage_s']:.2f} s after the "
+                print(f"stream: the answering stage's card running {figures['stage_running_s']:.2f} s after Route, "
+                      f"first text {figures['first_text_s']:.2f} s after Route ({figures['first_after_stage_s']:.2f} s "
+                      f"after the "
                       f"stage started), whole answer {figures['seconds']:.2f} s; stages {figures['stages']}")
             else:
-                print(f"{scenario}: answer on screen {figures['seconds']:.2f} s after Route (promise {figures['promise']!r}); "
-                      f"stages {figures['stages']}; the stages' own seconds {figures['model_s']:.2f}; model load reported "
-                      f"{figures['load_s']} s; {figures['answer']!r}"
+                print(f"{scenario}: answer on screen {figures['seconds']:.2f} s after Route (promise "
+                      f"{figures['promise']!r}); "
+                      f"stages {figures['stages']}; the stages' own seconds {figures['model_s']:.2f}; model load "
+                      f"reported {figures['load_s']} s; {figures['answer']!r}"
                       + (f"; errors shown: {figures['errors']}" if figures["errors"] else ""))
             out[scenario] = figures
     summary = {f"{k.replace('-', '_')}_s": round(v["seconds"], 2) for k, v in out.items()}

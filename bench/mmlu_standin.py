@@ -33,10 +33,10 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cascade_core.locations import locations  # noqa: E402
-from cascade_core.records.mmlu import load_mmlu  # noqa: E402
-from cascade_core.records.features import export_layer, load_layer  # noqa: E402
-from cascade_core.presets import load_preset  # noqa: E402
+from cascade_core.locations import locations
+from cascade_core.records.mmlu import load_mmlu
+from cascade_core.records.features import export_layer, load_layer
+from cascade_core.presets import load_preset
 
 # The probes' layers and widths of the default models (data/probes/*.npz metadata).
 LAYERS = {"smollm2-135m": (13, 576), "qwen2.5-coder-0.5b": (17, 896), "qwen2.5-coder-1.5b": (24, 1536)}

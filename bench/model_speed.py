@@ -33,7 +33,7 @@ def mmlu_prompts(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
         from cascade_core.records.mmlu import load_mmlu, to_questions
 
         questions = to_questions(load_mmlu())
-    except Exception as exc:  # the data is another part of the project; speed needs only text
+    except Exception as exc:  # noqa: BLE001 - the data is another part of the project; speed needs only text
         print(f"(MMLU not available: {exc}; using synthetic prompts)", file=sys.stderr)
         filler = "The committee reviewed the proposal and its budget over several meetings. "
         questions = [Question(filler * 6 + f"Which option is right ({i})?", ("one", "two", "three", "four"), "misc")

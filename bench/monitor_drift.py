@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cascade_core.monitor.scenario import arith_scenario, run_stream, stream  # noqa: E402
+from cascade_core.monitor.scenario import arith_scenario, run_stream, stream
 
 
 def main() -> None:

@@ -79,8 +79,9 @@ def main(argv=None) -> int:
         result[f"{m}_output_tokens_mean"] = round(statistics.mean(tokens[m]), 2)
         print(f"{m:12s} {result[f'{m}_seconds_mean']:.3f} s a question, {result[f'{m}_output_tokens_mean']:.1f} "
               "output tokens", file=sys.stderr)
-    result["closed_gate_saves_share"] = round(1 - result["gate_closed_seconds_mean"] / result["one_phase_seconds_mean"], 4)
-    result["two_phase_overhead_share"] = round(result["gate_open_seconds_mean"] / result["one_phase_seconds_mean"] - 1, 4)
+    one_phase = result["one_phase_seconds_mean"]
+    result["closed_gate_saves_share"] = round(1 - result["gate_closed_seconds_mean"] / one_phase, 4)
+    result["two_phase_overhead_share"] = round(result["gate_open_seconds_mean"] / one_phase - 1, 4)
     print(json.dumps(result))
     return 0
 

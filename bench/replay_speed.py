@@ -20,10 +20,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cascade_core.choose.frontier import sweep  # noqa: E402
-from cascade_core.policy import CascadePolicy  # noqa: E402
-from cascade_core.records.table import synthetic_table  # noqa: E402
-from cascade_core.choose.replay import replay  # noqa: E402
+from cascade_core.choose.frontier import sweep
+from cascade_core.policy import CascadePolicy
+from cascade_core.records.table import synthetic_table
+from cascade_core.choose.replay import replay
 
 
 def main() -> int:
@@ -37,7 +37,8 @@ def main() -> int:
 
     table = synthetic_table(args.questions, args.stages, seed=args.seed)
     rng = np.random.default_rng(args.seed)
-    policies = [CascadePolicy.from_lists(list(rng.uniform(0.3, 0.9, args.stages)), list(rng.uniform(0.2, 0.8, args.stages)),
+    policies = [CascadePolicy.from_lists(list(rng.uniform(0.3, 0.9, args.stages)),
+                                         list(rng.uniform(0.2, 0.8, args.stages)),
                                          rule=args.rule) for _ in range(args.repeats)]
     replay(table, policies[0])  # warm the cost cache, as the app does once per table
     times = []
@@ -55,7 +56,8 @@ def main() -> int:
         sweep_times.append(time.perf_counter() - started)
     sweep_s = float(np.median(sweep_times))
 
-    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}, numpy {np.__version__}")
+    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}, numpy "
+          f"{np.__version__}")
     print(f"table: {args.questions} questions x {args.stages} stages (synthetic, seed {args.seed}), rule {args.rule}")
     print(f"replay, one policy: median {replay_ms:.3f} ms over {args.repeats} policies")
     print(f"sweep: {len(result)} policies in {sweep_s:.3f} s (median of 5), "

@@ -33,9 +33,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cascade_core.compose.tables import load_report_inputs  # noqa: E402
-from cascade_core.records.table import RecordTable  # noqa: E402
-from cascade_core.report import ReportSettings, build_report  # noqa: E402
+from cascade_core.compose.tables import load_report_inputs
+from cascade_core.records.table import RecordTable
+from cascade_core.report import ReportSettings, build_report
 
 
 def tile(table: RecordTable, questions, rows: int):
@@ -96,7 +96,8 @@ def main() -> int:
     parser.add_argument("--features-dir", default=None)
     parser.add_argument("--standin", action="store_true", help="time the report on a 14,042-question stand-in")
     parser.add_argument("--rows", type=int, default=0, help="tile the table to this many questions (0 = as recorded)")
-    parser.add_argument("--resplits", type=int, default=None, help="re-splits of the headline study (default: the report's)")
+    parser.add_argument("--resplits", type=int, default=None,
+                        help="re-splits of the headline study (default: the report's)")
     parser.add_argument("--workers", type=int, default=2, choices=(1, 2))
     args = parser.parse_args()
     if args.standin:

@@ -21,9 +21,9 @@ abandoned requests (the cancelled work must stop within a step and free the queu
 `--follow-up STAGE` first measures issue 13's case on its own: the median latency of one
 multiple-choice question (3 runs), then a client streams a `--abandon-tokens` free-form answer
 from STAGE alone (e.g. qwen2.5-coder-1.5b), hangs up `--abandon-after-s` after its first text
-(mid-generation), and the same question is asked at once: its latency minus the median is the cost of the abandoned work.
-Questions the server must refuse (MMLU has some with repeated options or control characters)
-are left out of the sample, so every status other than 200 is about load.
+(mid-generation), and the same question is asked at once: its latency minus the median is the cost
+of the abandoned work. Questions the server must refuse (MMLU has some with repeated options or
+control characters) are left out of the sample, so every status other than 200 is about load.
 """
 
 from __future__ import annotations
@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     shown = {k: "-" if v is None else f"{v:.2f}" for k, v in pct.items()}
     print(f"latency (answered, client side) p50 {shown['p50']} s, p95 {shown['p95']} s, p99 {shown['p99']} s")
     print(f"answered by stage {summary['stages_answered']}, escalation rates {summary['escalation_rates']}")
-    print(f"accuracy of the answers {summary['accuracy_of_answered']}; server RSS {rss_before:.0f} -> {rss_after:.0f} MiB")
+    print(f"accuracy of the answers {summary['accuracy_of_answered']}; "
+          f"server RSS {rss_before:.0f} -> {rss_after:.0f} MiB")
     if baseline is not None:
         a = summary["abandon"]
         print(f"with {args.abandoners} abandoners: p95 {pct['p95']:.2f} s vs {baseline['latency_s']['p95']:.2f} s "

@@ -191,7 +191,8 @@ def build_recorded(mmlu: pd.DataFrame, routellm: Path, folder: Path) -> None:
         plain: dict[str, int] = collections.Counter()
         for position, (qid, question, options) in enumerate(zip(rows["qid"], rows["question"], rows["options"])):
             waiting[_join_key(question, options)].append((qid, position))
-            plain[" ".join((question + "".join(f"\n{l}. {o}" for l, o in zip("ABCD", options)) + "\nAnswer:").split())] += 1
+            listed = "".join(f"\n{letter}. {option}" for letter, option in zip("ABCD", options))
+            plain[" ".join((question + listed + "\nAnswer:").split())] += 1
         duplicate_texts += sum(n - 1 for n in plain.values() if n > 1)
         for position, record in enumerate(recording.to_dict("records")):
             key = _recorded_key(record["prompt"])
