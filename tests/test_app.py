@@ -365,7 +365,8 @@ def test_explorer_opens_on_the_calibrated_thresholds(app, synthetic_results, no_
     assert "On the preset's calibrated policy" not in texts(at.caption)
     at.button(key="back_to_calibrated").click().run()
     no_exception(at)
-    assert at.slider(key=key(moved, "tau_t")).value == pytest.approx(min(max(policy.stages[STAGES.index(moved)].tau_t, 0), 1))
+    assert at.slider(key=key(moved, "tau_t")).value == pytest.approx(min(max(policy.stages[STAGES.index(moved)].tau_t,
+                                                                             0), 1))
     assert f"On the preset's calibrated policy ({found.description})" in texts(at.caption)
     assert metrics(at)["Accuracy"] == f"{replay(table.subset('test'), policy).accuracy:.2%}"
 
@@ -465,7 +466,8 @@ def test_route_runs_a_stage_calibration_switched_off_at_the_preset_s_thresholds_
     ask(at, "What is 2 + 2?", "3\n4", stages=STAGES)
     assert "captured" in texts(at.error)
     assert given[STAGES[0]] == StagePolicy(0.62, 0.41)  # the calibrated stage as calibrated
-    assert given[STAGES[1]].enabled and (given[STAGES[1]].tau_t, given[STAGES[1]].tau_ik) == (preset.tau_t, preset.tau_ik)
+    assert given[STAGES[1]].enabled and (given[STAGES[1]].tau_t, given[STAGES[1]].tau_ik) == (preset.tau_t,
+                                                                                              preset.tau_ik)
 
 
 def test_explorer_can_end_with_the_recorded_gpt4_stage(app, synthetic_results):
@@ -538,7 +540,8 @@ def test_route_two_stages_one_card_per_stage_visited(app, smollm2_path):
     assert "No P(IK)" in texts(at.info)
     assert "not reached" not in at.get("graphviz_chart")[0].proto.spec
 
-    at.session_state[state.POLICY_KEY] = {"default": {"rule": "pt_only", "stages": {"smollm2-135m": StageSetting(0.0, 0.0)}}}
+    at.session_state[state.POLICY_KEY] = {"default": {"rule": "pt_only",
+                                                      "stages": {"smollm2-135m": StageSetting(0.0, 0.0)}}}
     at.button(key="route_button").click().run()
     no_exception(at)
     assert [s.label for s in at.status] == ["SmolLM2-135M-Instruct: kept its answer"]
@@ -643,7 +646,8 @@ def test_route_opens_on_the_tightest_promise_that_routes_with_a_keep_and_an_esca
     from app_ui.view_model import ROUTE_TARGETS_PT, policy_for_target, route_examples
 
     root, table = synthetic_results
-    alone = CascadePolicy((StagePolicy(0.0, 0.0, enabled=False), StagePolicy(0.0, 0.0, enabled=False), StagePolicy(0.0, 0.0)))
+    alone = CascadePolicy((StagePolicy(0.0, 0.0, enabled=False), StagePolicy(0.0, 0.0, enabled=False),
+                           StagePolicy(0.0, 0.0)))
     write_policy_file(no_policy_files / "default.json", PolicyFile(
         preset="default", stages=tuple(STAGES), policy=alone.to_dict(),
         guarantee={"mode": "target", "target_pt": 1.0, "delta": 0.1, "unit": "flops"},
@@ -653,11 +657,13 @@ def test_route_opens_on_the_tightest_promise_that_routes_with_a_keep_and_an_esca
 
     at = open_page(app, ROUTE)
     promise = at.radio(key="route_target::default")
-    assert promise.value == chosen.target_pt and list(promise.options) == [f"≤ {t:g} pt" + (" (the shipped policy)" if t == 1 else "")
+    assert promise.value == chosen.target_pt and list(promise.options) == [f"≤ {t:g} pt" + (" (the shipped "
+                                                                                            "policy)" if t == 1 else "")
                                                                             for t in ROUTE_TARGETS_PT]
     assert f"at most **{chosen.target_pt:g} accuracy points**" in texts(at.caption)
     assert f"{chosen.description} (recalibrated here)".capitalize() + "." in texts(at.caption)
-    assert at.multiselect(key="stages::default@route").value == [n for n, s in zip(STAGES, chosen.policy.stages) if s.enabled]
+    enabled = [n for n, s in zip(STAGES, chosen.policy.stages) if s.enabled]
+    assert at.multiselect(key="stages::default@route").value == enabled
     assert at.radio(key="route_mode").value == "example"
     pool = data.mmlu_questions("test")
     expected = route_examples(test, chosen.policy, {q: len(t) + sum(map(len, o)) for q, t, o in
@@ -695,7 +701,8 @@ def test_route_a_new_run_clears_the_previous_result(app):
 def _slot_of_the_result(at: AppTest) -> int:
     """The top-level position of the block that holds the Route page's result (its status cards)."""
     def holds_status(node) -> bool:
-        return getattr(node, "type", "") == "status" or any(holds_status(c) for c in getattr(node, "children", {}).values())
+        return getattr(node, "type", "") == "status" or any(holds_status(c) for c in getattr(node, "children",
+                                                                                             {}).values())
 
     found = [i for i, node in at.main.children.items() if holds_status(node)]
     assert len(found) == 1, found
@@ -786,7 +793,8 @@ def test_route_failing_last_stage_is_a_message_with_the_trace(app, smollm2_path)
     app.session_state[state.ADDED_KEY] = {"default": [{
         "name": "broken-api", "backend": "openai", "model": "nothing", "api_base": "http://127.0.0.1:9/v1",
         "max_retries": 0, "timeout_s": 2}]}
-    app.session_state[state.POLICY_KEY] = {"default": {"rule": "pt_only", "stages": {"smollm2-135m": StageSetting(1.0, 0.0)}}}
+    app.session_state[state.POLICY_KEY] = {"default": {"rule": "pt_only",
+                                                       "stages": {"smollm2-135m": StageSetting(1.0, 0.0)}}}
     at = open_page(app, ROUTE)
     ask(at, "What is 2 + 2?", "3\n4", stages=("smollm2-135m", "broken-api"))
     assert [s.state for s in at.status] == ["complete", "error"]

@@ -99,7 +99,8 @@ BOTH = [
     ("unterminated string of escaped quotes", b'{"a":"' + b'\\"' * 90_000, 400, "not valid JSON"),
     ("lone surrogate in content", b'{"messages": [{"role": "user", "content": "x \\ud800 y"}]}', 400,
      "messages[0].content holds a lone surrogate (U+D800)"),
-    ("lone low surrogate in a part", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+    ("lone low surrogate in a part",
+     b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
      400, "messages[0].content[0].text holds a lone surrogate (U+DC00)"),
     ("UTF-16 body", json.dumps(user("hi")).encode("utf-16"), 400, "not UTF-8"),
     ("UTF-8 with a BOM", b"\xef\xbb\xbf" + json.dumps(user("hi")).encode(), 400, "byte order mark"),
@@ -238,7 +239,8 @@ def test_logprobs_on_the_cascade_are_the_answering_stages(servers):
     (entry,) = mc["choices"][0]["logprobs"]["content"]
     step = mc["cascade"]["steps"][-1]
     assert entry["token"] == step["answer"] and math.exp(entry["logprob"]) == pytest.approx(step["p_t"], rel=1e-6)
-    assert [t["token"] for t in entry["top_logprobs"]] == sorted("ABCD", key=lambda c: -step["option_probs"]["ABCD".index(c)])
+    assert [t["token"] for t in entry["top_logprobs"]] == sorted("ABCD",
+                                                                 key=lambda c: -step["option_probs"]["ABCD".index(c)])
     free = servers["cascade"].client.post("/v1/chat/completions",
                                           json=user("Name the capital of France.", logprobs=True, max_tokens=4)).json()
     tokens = free["choices"][0]["logprobs"]["content"]
@@ -264,7 +266,8 @@ CLI = [
     ("serve: port 0", ["serve", "--port", "0"], 2, "--port must be from 1 to 65535"),
     ("serve: timeout inf", ["serve", "--timeout-s", "inf"], 2, "--timeout-s must be a finite number"),
     ("serve: timeout nan", ["serve", "--timeout-s", "nan"], 2, "--timeout-s must be a finite number"),
-    ("serve: max-new-tokens 0", ["serve", "--max-new-tokens", "0"], 2, "--max-new-tokens must be a whole number from 1"),
+    ("serve: max-new-tokens 0", ["serve", "--max-new-tokens", "0"], 2,
+     "--max-new-tokens must be a whole number from 1"),
     ("serve: max-new-tokens 1e8", ["serve", "--max-new-tokens", "100000000"], 2, "from 1 to 1024"),
     ("serve: remote without a token", ["serve", "--host", "0.0.0.0", "--allow-remote"], 2,
      "with --allow-remote needs --token-env"),
@@ -461,7 +464,8 @@ def test_a_prediction_or_answer_beyond_the_options_is_refused(results, column, v
     frame.to_parquet(path)
     with pytest.raises(RecordSchemaError) as err:
         load_preset_table("default", results_dir=results, include_recorded=False)
-    assert str(path) in str(err.value) and f"column {column!r} names option {value} of a question with 4 options" in str(err.value)
+    assert str(path) in str(err.value)
+    assert f"column {column!r} names option {value} of a question with 4 options" in str(err.value)
 
 
 def test_p_ik_lost_where_a_probe_scored_it_is_refused(results):
@@ -559,7 +563,8 @@ def test_hostile_bodies_do_not_stall_health(servers, which):
     hostile body gets its 400. (No timing is asserted: the client's timeout is the hang guard.)"""
     server = servers[which]
     hostile = [b'{"a":"' + b'\\"' * 140_000, b'{"a":"' + b'\\\\\\"' * 70_000,
-               b'{"a":[' + b'1.5,' * 70_000 + b'1]}', b'{"messages":[' + b'{"role":"user","content":"x"},' * 9_000 + b"1]}"]
+               b'{"a":[' + b'1.5,' * 70_000 + b'1]}',
+               b'{"messages":[' + b'{"role":"user","content":"x"},' * 9_000 + b"1]}"]
     statuses: list[int] = []
 
     def post(body):
@@ -715,7 +720,8 @@ def saved_probe(tmp_path, name="p.npz", model_id="smollm2-135m", **arrays) -> st
 
 
 @pytest.mark.parametrize("key, value, words", [
-    ("scale", np.array([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]), "key 'scale' must be > 0 (a standard deviation), got 0.0 at index 1"),
+    ("scale", np.array([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]),
+     "key 'scale' must be > 0 (a standard deviation), got 0.0 at index 1"),
     ("scale", np.array([1.0, 1.0, -2.0, 1.0, 1.0, 1.0]), "key 'scale' must be > 0"),
     ("scale", np.array([1.0, 1.0, 1.0, np.inf, 1.0, 1.0]), "key 'scale' is not finite at index 3"),
     ("coef", np.array([np.nan, 1.0, 1.0, 1.0, 1.0, 1.0]), "key 'coef' is not finite at index 0"),

@@ -62,7 +62,7 @@ def _paths(root: Path) -> BenchPaths:
 def _rows(path: Path) -> int:
     try:
         return len(pd.read_parquet(path))
-    except Exception:  # not there yet (or, which the test would catch later, unreadable)
+    except Exception:  # noqa: BLE001 - not there yet (or, which the test would catch later, unreadable)
         return 0
 
 

@@ -75,7 +75,8 @@ def test_replay_with_a_bias_equals_the_live_cascade_with_it(smollm2_backend):
         assert first.p_t == pytest.approx(p_t[i], abs=1e-4)
         assert np.allclose(first.option_probs, recorded[i], atol=1e-4)  # the trace keeps raw probabilities
         assert (first.decision == "keep") == bool(replay_keep[i])
-    assert (prediction != raw_answers).any() or len(set(raw_answers)) > 1  # the bias did something or had nothing to undo
+    # the bias did something or had nothing to undo
+    assert (prediction != raw_answers).any() or len(set(raw_answers)) > 1
 
 
 def test_with_letter_bias_replays_the_changed_answers():

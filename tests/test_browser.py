@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 
 pytestmark = [pytest.mark.browser, pytest.mark.model, pytest.mark.slow,
-              pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is missing: run `make browser` (Debian's chromium)")]
+              pytest.mark.skipif(not CHROMIUM.exists(),
+                                 reason="Chromium is missing: run `make browser` (Debian's chromium)")]
 
 
 @pytest.fixture

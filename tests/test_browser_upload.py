@@ -19,7 +19,8 @@ SUMS = "".join(json.dumps({"question": f"What is {a} + {b}? Answer with the numb
                for a, b in ((2, 3), (4, 1), (3, 3), (12, 30), (25, 14), (41, 17)))
 
 pytestmark = [pytest.mark.browser, pytest.mark.model, pytest.mark.slow,
-              pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is missing: run `make browser` (Debian's chromium)")]
+              pytest.mark.skipif(not CHROMIUM.exists(),
+                                 reason="Chromium is missing: run `make browser` (Debian's chromium)")]
 
 
 def upload(page, name: str, content: str) -> None:

@@ -49,7 +49,8 @@ def test_calibrate_writes_a_policy_file_with_its_guarantee_and_provenance(preset
     assert found.provenance["questions"] == calibration and set(found.provenance["records_sha256"]) == set(STAGES)
     assert found.policy["stages"][-1]["enabled"]
     again = found.calibrated()  # what `route` runs is the policy that was calibrated
-    assert again.policy == applied_policy(load_preset(preset)).policy and again.rule == found.guarantee["rule"] == "pt_only"
+    assert again.policy == applied_policy(load_preset(preset)).policy
+    assert again.rule == found.guarantee["rule"] == "pt_only"
     assert again.guarantee.delta == 0.2 and again.guarantee.target == pytest.approx(0.02)
 
 
@@ -65,9 +66,11 @@ def test_route_uses_the_calibrated_policy_and_says_so(preset, capsys):
     if small["enabled"]:
         assert trace["steps"][0]["stage"] == "small" and f"{small['tau_t']:.2f}" in trace["steps"][0]["reason"]
     else:  # calibration switched the first stage off: the trace says so, with the reason
-        assert [o["stage"] for o in trace["off"]] == ["small"] and "calibration switched it off" in trace["off"][0]["reason"]
+        assert [o["stage"]
+                for o in trace["off"]] == ["small"] and "calibration switched it off" in trace["off"][0]["reason"]
         assert [s["stage"] for s in trace["steps"]] == ["large"]
-    assert main(["route", "2+2?", "--options", "3", "4", "--preset", str(preset), "--json", "--thresholds", "preset"]) == 0
+    assert main(["route", "2+2?", "--options", "3", "4", "--preset", str(preset), "--json", "--thresholds",
+                 "preset"]) == 0
     trace = json.loads(capsys.readouterr().out)
     assert trace["thresholds"].startswith("thresholds: from the preset file") and trace["off"] == []
     assert trace["steps"][0]["stage"] == "small"
@@ -78,7 +81,8 @@ def test_a_policy_file_for_other_stages_is_refused(preset, tmp_path):
     other = tmp_path / "two-renamed.toml"
     other.write_text(preset.read_text().replace('name = "large"', 'name = "big"'))
     renamed = load_preset(other)
-    with pytest.raises(PolicyFileError, match=r"made for stages \['small', 'large'\], but the preset runs \['small', 'big'\]"):
+    with pytest.raises(PolicyFileError,
+                       match=r"made for stages \['small', 'large'\], but the preset runs \['small', 'big'\]"):
         applied_policy(renamed)
 
 

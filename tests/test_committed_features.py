@@ -34,13 +34,14 @@ def setup(tmp_path):
     records.to_parquet(records_file)
     rng = np.random.default_rng(0)
     signal = records["correct"].to_numpy(dtype=float)
-    layers = {l: (rng.normal(size=(len(records), 24)) + np.outer(signal, rng.normal(size=24)) * 0.3 * l)
-              for l in (1, 2, 3)}
+    layers = {k: (rng.normal(size=(len(records), 24)) + np.outer(signal, rng.normal(size=24)) * 0.3 * k)
+              for k in (1, 2, 3)}
     order = rng.permutation(len(records))  # chunks hold the questions in another order than the records
     for start in range(0, len(order), 400):
         rows = order[start:start + 400]
-        atomic_write_npz(where.features_dir(STAGE) / f"chunk-{start:05d}.npz", qid=records["qid"].to_numpy().astype(str)[rows],
-                         **{f"layer_{l}": a[rows].astype(np.float16) for l, a in layers.items()})
+        atomic_write_npz(where.features_dir(STAGE) / f"chunk-{start:05d}.npz",
+                         qid=records["qid"].to_numpy().astype(str)[rows],
+                         **{f"layer_{k}": a[rows].astype(np.float16) for k, a in layers.items()})
     preset_file = tmp_path / "p.toml"
     preset_file.write_text(f'name = "p"\n[[stages]]\nname = "{STAGE}"\nbackend = "packaged"\nmodel = "{STAGE}"\n'
                            f'probe = "{tmp_path / "probes" / (STAGE + ".npz")}"\nprobe_optional = true\n')

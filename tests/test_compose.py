@@ -18,7 +18,8 @@ from cascade_core.records.schema import RUNNER_COLUMNS, RecordSchemaError
 from cascade_core.types import Question
 from app_ui.view_model import thresholds_applied
 
-ENV = ("CASCADE_RESULTS_DIR", "CASCADE_FEATURES_DIR", "CASCADE_PROBES_DIR", "CASCADE_POLICIES_DIR", "CASCADE_HIDDEN_DIR")
+ENV = ("CASCADE_RESULTS_DIR", "CASCADE_FEATURES_DIR", "CASCADE_PROBES_DIR", "CASCADE_POLICIES_DIR",
+       "CASCADE_HIDDEN_DIR")
 
 
 @pytest.fixture

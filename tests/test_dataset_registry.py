@@ -54,8 +54,10 @@ def test_a_file_gets_a_stratified_seeded_split_and_metadata_beside_its_records(t
     again = resolve_dataset(str(path), results_dir=results)
     by_name = resolve_dataset("my_set", results_dir=results)
     assert again.questions["split"].tolist() == found.questions["split"].tolist() == by_name.questions["split"].tolist()
-    assert before == ((results / "my_set" / "split.json").read_bytes(), (results / "my_set" / "dataset.json").read_bytes())
-    assert known_datasets(results) == ["mmlu", "arith", "mmlu-open", "my_set"]  # the built-ins, then the files benchmarked
+    assert before == ((results / "my_set" / "split.json").read_bytes(),
+                      (results / "my_set" / "dataset.json").read_bytes())
+    # the built-ins, then the files benchmarked
+    assert known_datasets(results) == ["mmlu", "arith", "mmlu-open", "my_set"]
 
 
 def test_a_refused_file_writes_nothing(tmp_path):
@@ -179,7 +181,8 @@ def test_an_upload_is_checked_whole_then_kept_and_a_bad_one_leaves_nothing(tmp_p
     from cascade_core.records.registry import store_upload
 
     results = tmp_path / "results"
-    good = b'{"question": "2+2?", "options": ["3", "4"], "answer": "B"}\n{"question": "3+3?", "options": ["6", "7"], "answer": 0}\n'
+    good = (b'{"question": "2+2?", "options": ["3", "4"], "answer": "B"}\n'
+            b'{"question": "3+3?", "options": ["6", "7"], "answer": 0}\n')
     stored, checked = store_upload("My Set.jsonl", good, results)
     assert stored == tmp_path / "uploads" / "my-set.jsonl" and stored.read_bytes() == good
     assert checked.kind == "mc" and checked.table["answer"].tolist() == [1, 0]

@@ -71,7 +71,8 @@ def test_a_server_and_a_local_backend_both_on_auto_agree_in_either_format(monkey
 
     monkeypatch.setenv(PIN, pin)
     questions = [
-        Question(text="What is the capital of France?", options=("Berlin", "Madrid", "Paris", "Rome"), subject="geography"),
+        Question(text="What is the capital of France?", options=("Berlin", "Madrid", "Paris", "Rome"),
+                 subject="geography"),
         Question(text="What is 7 times 8?", options=("54", "56", "58", "64"), subject="elementary mathematics"),
     ]
     prompts = [format_prompt(q) for q in questions]

@@ -41,7 +41,8 @@ def test_arith_resolves_as_a_builtin_free_form_dataset(tmp_path):
     from cascade_core.records.registry import resolve_dataset
 
     found = resolve_dataset("arith", tmp_path)
-    assert (found.name, found.kind, found.grader, found.has_answers) == ("arith", "free", {"name": "numeric", "tolerance": 0.0}, True)
+    assert (found.name, found.kind, found.grader, found.has_answers) == ("arith", "free",
+                                                                         {"name": "numeric", "tolerance": 0.0}, True)
     meta = json.loads((tmp_path / "arith" / "dataset.json").read_text())
     assert meta["source"] == "builtin:arith"  # no path of this checkout: a clone elsewhere reads it too
     halves = found.questions.groupby("subject")["split"].value_counts().unstack()
@@ -75,7 +76,8 @@ def test_a_free_form_benchmark_with_smollm2_through_the_cli(tmp_path, smollm2_ba
         assert 0 < row.first_token_seconds <= row.seconds and row.finish_reason in ("stop", "length")
     qids, layers = load_features(tmp_path / "features" / "mini" / "smollm2-135m")
     assert sorted(qids) == ["a", "b", "c", "d"] and len(layers) == 8
-    assert all(np.isfinite(x).all() and x.shape == (4, smollm2_backend.model.config.hidden_size) for x in layers.values())
+    assert all(np.isfinite(x).all() and x.shape == (4,
+                                                    smollm2_backend.model.config.hidden_size) for x in layers.values())
     before = (tmp_path / "results" / "mini" / "smollm2-135m.parquet").read_bytes()
     assert main(args) == 0  # resumed: nothing left to answer, nothing rewritten
     assert (tmp_path / "results" / "mini" / "smollm2-135m.parquet").read_bytes() == before
@@ -127,11 +129,14 @@ def _synthetic_free_form(tmp_path, n=2000, seed=0, dataset="sums", stages=("smal
             "model_id": stage, "answer": -1, "prediction": [answer_class(grader, a) for a in answers], "correct": right,
             "p_t": p_t, "p_t_min": p_t * 0.8, "p_ik": np.clip(np.where(right, 0.7, 0.4) + rng.normal(0, 0.15, n), 0, 1),
             "answer_text": answers, "references": [json.dumps([str(i + 1)]) for i in range(n)],  # graded above
-            "prompt_tokens": 20, "output_tokens": 4, "flops": 2 * params * 24, "seconds": 1.0, "first_token_seconds": 0.4,
+            "prompt_tokens": 20, "output_tokens": 4, "flops": 2 * params * 24, "seconds": 1.0,
+            "first_token_seconds": 0.4,
         }).to_parquet(results / f"{stage}.parquet")
     preset = tmp_path / "two.toml"
-    preset.write_text('name = "two"\n' + "".join(f'[[stages]]\nname = "{s}"\nbackend = "packaged"\nmodel = "smollm2-135m"\n'
-                                                 f'dtype = "float32"\nrule = "both"\nprobe_optional = true\n' for s in stages))
+    preset.write_text('name = "two"\n' + "".join(f'[[stages]]\nname = "{s}"\nbackend = "packaged"\nmodel = '
+                                                 f'"smollm2-135m"\n'
+                                                 f'dtype = "float32"\nrule = "both"\nprobe_optional = '
+                                                 f'true\n' for s in stages))
     return preset
 
 

@@ -361,10 +361,12 @@ def test_a_corrupted_results_parquet_is_a_cli_message(tmp_path, capsys, damage):
 
     records = tmp_path / "results" / "mmlu" / "smollm2-135m.parquet"
     records.parent.mkdir(parents=True)
-    pd.DataFrame({"qid": ["q1", "q2"], "correct": [True, False], "prediction": [0, 1], "p_t": [0.9, 0.4]}).to_parquet(records)
+    pd.DataFrame({"qid": ["q1", "q2"], "correct": [True, False], "prediction": [0, 1],
+                  "p_t": [0.9, 0.4]}).to_parquet(records)
     data = records.read_bytes()
     records.write_bytes(b"this is not parquet" * 10 if damage == "garbage" else data[: len(data) // 2])
-    code, text = run_cli(capsys, "probes", "train", "--stages", "smollm2-135m", "--results-dir", str(tmp_path / "results"),
+    code, text = run_cli(capsys, "probes", "train", "--stages", "smollm2-135m", "--results-dir",
+                         str(tmp_path / "results"),
                          "--features-dir", str(tmp_path / "features"), "--probes-dir", str(tmp_path / "probes"))
     assert code == 2 and "not a valid parquet file" in text and str(records) in text and "Traceback" not in text
 

@@ -204,7 +204,8 @@ def test_nf4_on_the_cpu_counts_the_original_weights(smollm2_path, smollm2_backen
 
     b = HFBackend(smollm2_path, device="cpu", quantization="nf4", model_id="smollm2-135m")
     assert b.quantization == "nf4" and b.dtype == torch.float32
-    assert (b.total_params, b.non_embedding_params) == (smollm2_backend.total_params, smollm2_backend.non_embedding_params)
+    assert (b.total_params, b.non_embedding_params) == (smollm2_backend.total_params,
+                                                        smollm2_backend.non_embedding_params)
     (scores,) = b.score_options(PROMPTS[:1], [4], layers=[LAYERS])
     (reference,) = smollm2_backend.score_options(PROMPTS[:1], [4], layers=[LAYERS])
     assert np.isfinite(scores.letter_logits).all() and scores.hidden_states[LAYERS].shape == (HIDDEN,)

@@ -62,7 +62,8 @@ def test_the_label_free_guarantee_holds_in_at_least_1_minus_delta_of_500_draws()
         kept.append(1 - tau)
         # Without the guarantee: the cheapest threshold whose calibration disagreement is within the target.
         grid = threshold_grid("pt_only")
-        n_plus, n_minus, mean_cost, _, _ = threshold_path(calib, (0, 1), {0: keep_scores(calib, 0, "pt_only")}, grid, "flops")
+        scores = {0: keep_scores(calib, 0, "pt_only")}
+        n_plus, n_minus, mean_cost, _, _ = threshold_path(calib, (0, 1), scores, grid, "flops")
         assert not n_minus.any()  # the reference always "agrees with itself": no -1 losses
         ok = np.flatnonzero(n_plus / calib.n_questions <= target)
         held_plain += true_disagreement(grid[ok[np.argmin(mean_cost[ok])]]) <= target
@@ -77,7 +78,8 @@ def test_accuracy_lost_never_exceeds_the_disagreement_whatever_the_labels(labels
     base = _draw(2000, rng)
     small, big = base.prediction
     answers = {"random": rng.integers(0, 4, 2000),
-               "adversarial": np.where(small != big, big, (big + 1) % 4),  # the last stage right exactly where they differ
+               # the last stage right exactly where they differ
+               "adversarial": np.where(small != big, big, (big + 1) % 4),
                "last-always-right": big, "last-always-wrong": (big + 1) % 4}[labels]
     table = _draw(2000, np.random.default_rng(5), answers=answers)
     certified = label_free_table(table)
@@ -168,7 +170,8 @@ def test_calibrate_is_label_free_automatically_for_a_file_without_answers(tmp_pa
     frames = record_frames(table, qids=found.questions["qid"].to_numpy(), splits=found.questions["split"].to_numpy())
     for name, frame in zip(names, frames):
         # No answers: every record says answer -1 and correct false, as the runner writes them.
-        frame.assign(stage=name, model_id=name, answer=-1, correct=False).to_parquet(results / "mine" / f"{name}.parquet")
+        frame.assign(stage=name, model_id=name, answer=-1, correct=False).to_parquet(
+            results / "mine" / f"{name}.parquet")
     monkeypatch.setenv("CASCADE_RESULTS_DIR", str(results))
     monkeypatch.setenv("CASCADE_POLICIES_DIR", str(tmp_path / "policies"))
     preset = _preset(tmp_path, names)

@@ -4,11 +4,12 @@
 package (types, signals, prompts, policy, the cascade, probes, presets and the leaf helpers),
 then `records/` (questions, splits, the runners, records and features), `choose/` (a policy chosen
 offline and its guarantee), `report/` (what was measured), `compose/` (wiring backends and files
-for the entry points), `monitor/` (a served cascade watching itself), `server/`, and the CLI. A module may import its own
-floor and the floors below it, never one above. `models/` may import only the shared types.
-Statically (every import at any depth, lazy ones too, read with `ast`), and in fresh interpreters
-for the method floors: imported alone, they must leave models, torch, streamlit and the app out of
-`sys.modules` (one import anywhere in the test process would hide another module's).
+for the entry points), `monitor/` (a served cascade watching itself), `server/`, and the CLI. A
+module may import its own floor and the floors below it, never one above. `models/` may import only
+the shared types. Statically (every import at any depth, lazy ones too, read with `ast`), and in
+fresh interpreters for the method floors: imported alone, they must leave models, torch, streamlit
+and the app out of `sys.modules` (one import anywhere in the test process would hide another
+module's).
 """
 
 from __future__ import annotations

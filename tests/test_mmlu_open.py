@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from cascade_core.graders import get_grader
-from cascade_core.records.mmlu_open import (MAX_QUESTIONS, MMLU_PATH, PROMPT, REASONS, SHIPPED, SUMMARY, accepted_answers,
-                                    exclusion, select, write_mmlu_open)
+from cascade_core.records.mmlu_open import (MAX_QUESTIONS, MMLU_PATH, PROMPT, REASONS, SHIPPED, SUMMARY,
+                                            accepted_answers, exclusion, select, write_mmlu_open)
 
 FOUR = ["Paris", "Berlin", "Rome", "Madrid"]
 
@@ -47,7 +47,8 @@ def test_accepted_answers_add_the_bare_number_of_a_unit_only_when_it_is_unambigu
     assert accepted_answers(FOUR, 1) == ["Berlin"]
     grader = get_grader("choices")
     assert grader.grade("450", accepted_answers(["450 m", "45 m", "4.5 m", "4500 m"], 0))
-    assert grader.grade("The Daily Planet.", ["The Daily Planet"]) and not grader.grade("Daily Bugle", ["The Daily Planet"])
+    assert grader.grade("The Daily Planet.", ["The Daily Planet"]) and not grader.grade("Daily Bugle",
+                                                                                        ["The Daily Planet"])
 
 
 def test_the_shipped_file_is_the_stated_selection(tmp_path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import httpx
 import pandas as pd
 import pytest
 

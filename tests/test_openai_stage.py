@@ -112,7 +112,8 @@ def fault_app():
         if kind == "noletters":
             return _chat_answer([("The", -0.2), (" answer", -1.0)])
         if kind == "echo":  # a 400 whose body echoes the Authorization header back
-            return JSONResponse({"error": {"message": f"bad request, header was {request.headers.get('authorization')}"}},
+            return JSONResponse({"error": {"message": f"bad request, header was "
+                                                      f"{request.headers.get('authorization')}"}},
                                 status_code=400)
         return JSONResponse({"error": "unknown"}, status_code=404)
 
@@ -232,20 +233,20 @@ def test_completions_letter_scores_match_the_local_model(live, smollm2_backend, 
         remote = stage.score_options(prompts, [4] * len(prompts))
     local = smollm2_backend.score_options(prompts, [4] * len(prompts))
     all_four = 0
-    for r, l in zip(remote, local):
+    for r, here in zip(remote, local):
         finite = np.isfinite(r.letter_logits)
         assert finite.sum() >= 2, r.letter_logits
         # Softmax over the letters the server returned = the local softmax renormalised over them;
         # with all letters in the top 20 the two P(T) are the same number.
         # (Measured: within 2e-6; fp32 on both sides, padded batch here vs one unpadded sequence there.)
-        np.testing.assert_allclose(_renormalised(r.letter_logits, finite), _renormalised(l.letter_logits, finite),
+        np.testing.assert_allclose(_renormalised(r.letter_logits, finite), _renormalised(here.letter_logits, finite),
                                    atol=1e-4)
         if finite.all():
             all_four += 1
             assert option_probabilities(r.letter_logits).max() == pytest.approx(
-                option_probabilities(l.letter_logits).max(), abs=1e-4)
+                option_probabilities(here.letter_logits).max(), abs=1e-4)
         assert r.hidden_states is None and r.output_tokens == 1
-        assert r.prompt_tokens == l.prompt_tokens
+        assert r.prompt_tokens == here.prompt_tokens
     assert all_four >= 1
 
 

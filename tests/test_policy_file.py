@@ -7,7 +7,8 @@ import json
 import pytest
 
 from cascade_core.policy import CascadePolicy
-from cascade_core.choose.policy_file import PolicyFile, PolicyFileError, make_provenance, read_policy_file, write_policy_file
+from cascade_core.choose.policy_file import (PolicyFile, PolicyFileError, make_provenance, read_policy_file,
+                                             write_policy_file)
 
 
 def _file(tmp_path) -> PolicyFile:
@@ -32,7 +33,8 @@ def test_round_trip_and_description(tmp_path):
 
 def test_a_file_for_other_stages_is_refused(tmp_path):
     path = write_policy_file(tmp_path / "p.json", _file(tmp_path))
-    with pytest.raises(PolicyFileError, match=r"p\.json: made for stages \['a', 'b'\], but the preset runs \['a', 'c'\]"):
+    with pytest.raises(PolicyFileError,
+                       match=r"p\.json: made for stages \['a', 'b'\], but the preset runs \['a', 'c'\]"):
         read_policy_file(path, expect_stages=["a", "c"])
 
 
@@ -40,11 +42,13 @@ def test_a_file_for_other_stages_is_refused(tmp_path):
     ("{", "not a readable policy file"),
     (json.dumps({"format": "other"}), "not a policy file"),
     (json.dumps({"format": "cascade-policy-file", "version": 9}), "version 9"),
-    (json.dumps({"format": "cascade-policy-file", "version": 1, "preset": "p", "stages": "a"}), "key 'stages' must be a list"),
+    (json.dumps({"format": "cascade-policy-file", "version": 1, "preset": "p", "stages": "a"}),
+     "key 'stages' must be a list"),
     (json.dumps({"format": "cascade-policy-file", "version": 1, "preset": "p", "stages": ["a"], "guarantee": {},
                  "provenance": {}, "policy": {"stages": [{}, {}]}}), "the policy has 2 stages but 'stages' names 1"),
     (json.dumps({"format": "cascade-policy-file", "version": 1, "preset": "p", "stages": ["a"], "guarantee": {},
-                 "provenance": {}, "policy": {"stages": [{}]}, "biases": [None, None]}), "'biases' has 2 entries for 1 stages"),
+                 "provenance": {}, "policy": {"stages": [{}]}, "biases": [None, None]}),
+                 "'biases' has 2 entries for 1 stages"),
 ])
 def test_damaged_files_name_the_file_and_the_problem(tmp_path, content, message):
     path = tmp_path / "bad.json"

@@ -29,7 +29,8 @@ def test_free_form_prompt():
     assert format_prompt(Question(text="Who wrote Hamlet?", subject="literature")) == (
         "The following is a question (with answer) about literature.\n\nWho wrote Hamlet?\nAnswer:"
     )
-    assert format_prompt(Question(text="Who wrote Hamlet?")).startswith("The following is a question (with answer).\n\n")
+    assert format_prompt(Question(text="Who wrote Hamlet?")).startswith("The following is a question (with "
+                                                                        "answer).\n\n")
 
 
 def test_documented_cleaning_only():

@@ -146,6 +146,7 @@ def test_utf8_with_bom_and_non_ascii_text_is_read(tmp_path):
     table = read_question_file(path).table
     assert table["options"].tolist() == [["Orléans", "Zürich"]] and table["answer"].tolist() == [1]
     jsonl = tmp_path / "u.jsonl"
-    jsonl.write_text(json.dumps({"question": "¿Qué?", "options": ["sí", "no"], "answer": "sí"}, ensure_ascii=False) + "\n",
+    jsonl.write_text(json.dumps({"question": "¿Qué?", "options": ["sí", "no"], "answer": "sí"},
+                                ensure_ascii=False) + "\n",
                      encoding="utf-8")
     assert read_question_file(jsonl).table["answer"].tolist() == [0]

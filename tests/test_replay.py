@@ -63,7 +63,8 @@ def table_and_policy(draw):
     values = [[draw(cell) for _ in range(N)] for _ in range(S)]
     taus = st.sampled_from([-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 0.6])
     enabled = draw(st.lists(st.booleans(), min_size=S, max_size=S).filter(any))
-    stages = tuple(StagePolicy(tau_t=draw(taus), tau_ik=draw(taus), rule=draw(st.sampled_from(["both", "pt_only", "pik_only"])),
+    stages = tuple(StagePolicy(tau_t=draw(taus), tau_ik=draw(taus),
+                               rule=draw(st.sampled_from(["both", "pt_only", "pik_only"])),
                                enabled=enabled[s]) for s in range(S))
     return make_table(S, values, recorded_last=draw(st.booleans())), CascadePolicy(stages)
 
@@ -85,7 +86,8 @@ def test_replay_equals_the_question_by_question_loop(case):
     N = table.n_questions
     assert result.reach_rate[enabled[0]] == 1.0
     for prev, nxt in zip(enabled, enabled[1:]):
-        assert result.reach_rate[nxt] == pytest.approx(result.reach_rate[prev] * np.nan_to_num(result.escalation_rate[prev]))
+        expected = result.reach_rate[prev] * np.nan_to_num(result.escalation_rate[prev])
+        assert result.reach_rate[nxt] == pytest.approx(expected)
     reached = result.reach_rate > 0
     assert np.isnan(result.escalation_rate[~reached]).all() and not np.isnan(result.escalation_rate[reached]).any()
     assert result.escalation_rate[enabled[-1]] == 0.0 or not reached[enabled[-1]]
@@ -175,7 +177,8 @@ def test_live_cascade_answers_like_the_replay():
 
     rng = np.random.default_rng(7)
     S, N = 3, 60
-    questions = [Question(text=f"question {i}?", options=("a", "b", "c", "d"), subject="demo", answer=int(rng.integers(4)),
+    questions = [Question(text=f"question {i}?", options=("a", "b", "c", "d"), subject="demo",
+                          answer=int(rng.integers(4)),
                           qid=f"q{i}") for i in range(N)]
     prompts = [format_prompt(q) for q in questions]
     answers = np.array([q.answer for q in questions])
@@ -219,7 +222,8 @@ def test_live_cascade_answers_like_the_replay():
 def _frame(qids, stage="a", **extra):
     n = len(qids)
     data = {"qid": qids, "stage": stage, "model_id": f"model-{stage}", "subject": "math", "split": "calibration",
-            "correct": [True, False] * (n // 2) + [True] * (n % 2), "prediction": [0] * n, "p_t": np.linspace(0.3, 0.9, n),
+            "correct": [True, False] * (n // 2) + [True] * (n % 2), "prediction": [0] * n,
+            "p_t": np.linspace(0.3, 0.9, n),
             "margin": 0.1, "entropy": 1.0, "prompt_tokens": 100, "output_tokens": 0, "flops": 2e9, "seconds": 0.1}
     data.update(extra)
     return pd.DataFrame(data)

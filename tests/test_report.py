@@ -60,7 +60,8 @@ def _questions(table: RecordTable) -> pd.DataFrame:
     words = np.array(["atom", "court", "market", "cell", "poem", "law", "graph"])
     return pd.DataFrame({
         "qid": table.qids, "subject": table.subjects,
-        "question": [f"what about the {words[i % 7]} {words[(i * 3) % 7]} number {i % 11}" for i in range(table.n_questions)],
+        "question": [f"what about the {words[i % 7]} {words[(i * 3) % 7]} number "
+                     f"{i % 11}" for i in range(table.n_questions)],
         "options": [["one", "two", "three", "four"]] * table.n_questions,
     })
 
@@ -163,7 +164,8 @@ def test_baselines_oracle_and_random(report, table):
     for name in ("cascade", "random", "oracle", "pregen_router"):
         m = full["methods"][name]
         assert 0 < m["aiq"] <= 1
-    assert full["methods"]["oracle"]["aiq"] >= max(full["methods"][n]["aiq"] for n in ("cascade", "random", "pregen_router"))
+    others = max(full["methods"][n]["aiq"] for n in ("cascade", "random", "pregen_router"))
+    assert full["methods"]["oracle"]["aiq"] >= others
 
 
 def test_oracle_curve_bounds_every_policy(table):
@@ -204,8 +206,8 @@ def _perturb(table: RecordTable, features: dict, rows: np.ndarray, seed: int = 9
     changed = dataclasses.replace(table, correct=correct, p_t=p_t, p_ik=p_ik, prediction=prediction, _costs={})
     new_features = {}
     for name, (qids, layers) in features.items():
-        new_features[name] = (qids, {l: np.where(rows[:, None], rng.normal(size=a.shape), a).astype(np.float32)
-                                     for l, a in layers.items()})
+        new_features[name] = (qids, {k: np.where(rows[:, None], rng.normal(size=a.shape), a).astype(np.float32)
+                                     for k, a in layers.items()})
     return changed, new_features
 
 
@@ -234,7 +236,8 @@ def test_ood_probe_never_trains_on_the_held_out_category_or_test(table):
     changed, new_features = _perturb(table, features, ~train)
     p_ik2, info2 = retrain_p_ik(changed, new_features, train, SETTINGS, stages=[0, 1, 2])
     assert set(info) == {"small", "medium"}
-    assert {k: (v["layer"], v["n_train"]) for k, v in info.items()} == {k: (v["layer"], v["n_train"]) for k, v in info2.items()}
+    layers = {k: (v["layer"], v["n_train"]) for k, v in info.items()}
+    assert layers == {k: (v["layer"], v["n_train"]) for k, v in info2.items()}
     np.testing.assert_array_equal(p_ik[:2, train], p_ik2[:2, train])
     assert np.isnan(p_ik[2:]).all()  # no features for the large stage, no probe for a recording
     with pytest.raises(ValueError, match="test-split"):
@@ -340,7 +343,8 @@ def test_guarantee_headline_has_the_promised_keys_and_replays(report, table):
                                  SETTINGS.guarantee_folds, SETTINGS.seed, "calls", SETTINGS.guarantee_bound)
     assert chosen == head["committed"]["rule"]
     loss, saving = loss_and_saving(policies[chosen], sub.subset("test"), "calls")
-    assert saving == pytest.approx(head["committed"]["saving"]) and loss == pytest.approx(head["committed"]["accuracy_loss"])
+    assert saving == pytest.approx(head["committed"]["saving"])
+    assert loss == pytest.approx(head["committed"]["accuracy_loss"])
 
 
 def test_one_process_and_two_give_the_same_report(table, report):

@@ -127,7 +127,8 @@ def test_mc_local_escalates_to_the_remote_stage(server):
     assert remote["p_t"] == pytest.approx(local["p_t"], abs=1e-3)
     assert remote["prompt_tokens"] == local["prompt_tokens"]
     letter = remote["answer"]
-    assert body["choices"][0]["message"]["content"] == f"{letter}. {trace['question']['options'][remote['answer_index']]}"
+    option = trace["question"]["options"][remote["answer_index"]]
+    assert body["choices"][0]["message"]["content"] == f"{letter}. {option}"
     assert body["object"] == "chat.completion" and body["model"] == "cascade-local-first"
     assert body["usage"]["prompt_tokens"] == local["prompt_tokens"] + remote["prompt_tokens"]
     h = response.headers

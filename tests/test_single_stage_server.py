@@ -126,7 +126,8 @@ def test_chat_uses_the_chat_template(server, smollm2_backend):
     content = choice["logprobs"]["content"]
     assert 1 <= len(content) == body["usage"]["completion_tokens"] <= 6
     for entry in content:
-        assert len(entry["top_logprobs"]) == 3 and entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"])
+        assert len(entry["top_logprobs"]) == 3
+        assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"])
         assert bytes(entry["bytes"]).decode("utf-8", errors="replace") == entry["token"]
     no_lp = server.client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2}).json()
     assert no_lp["choices"][0]["logprobs"] is None
@@ -148,7 +149,8 @@ def test_chat_uses_the_chat_template(server, smollm2_backend):
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages[0].content is missing"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}]}, 400, "empty"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400, "logprobs=true"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400,
+     "logprobs=true"),
 ])
 def test_bad_requests_get_clear_errors(server, path, payload, status, needle):
     if isinstance(payload, bytes):
@@ -172,10 +174,12 @@ def test_concurrent_requests_are_serialised_and_not_mixed(server):
     prompts = ["The capital of France is", "1, 2, 3, 4,", "def add(a, b):", "The sky is"]
     sequential = [complete(server, prompt=p, max_tokens=6, logprobs=2)["choices"][0] for p in prompts]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        parallel = list(pool.map(lambda p: complete(server, prompt=p, max_tokens=6, logprobs=2)["choices"][0], prompts * 2))
+        parallel = list(pool.map(lambda p: complete(server, prompt=p, max_tokens=6, logprobs=2)["choices"][0],
+                                 prompts * 2))
     for i, choice in enumerate(parallel):
         assert choice["text"] == sequential[i % 4]["text"]
-        np.testing.assert_allclose(choice["logprobs"]["token_logprobs"], sequential[i % 4]["logprobs"]["token_logprobs"],
+        np.testing.assert_allclose(choice["logprobs"]["token_logprobs"],
+                                   sequential[i % 4]["logprobs"]["token_logprobs"],
                                    atol=1e-5)
 
 

@@ -68,7 +68,8 @@ def test_route_examples_are_kept_and_escalated_under_the_policy_even_with_the_si
         assert moved == (kind == "keep")
     assert table.correct[0, keep] and not table.correct[0, esc] and table.correct[2, esc]  # the preferred kinds
     # a policy with one stage in use routes nothing: no examples
-    assert route_examples(table, CascadePolicy((StagePolicy(0.6, 0.5, enabled=False),) * 2 + (StagePolicy(0, 0),))) == {}
+    assert route_examples(table, CascadePolicy((StagePolicy(0.6, 0.5, enabled=False),) * 2 + (StagePolicy(0,
+                                                                                                          0),))) == {}
     assert np.isfinite(found["keep"].p_t)
 
 
@@ -101,8 +102,10 @@ def test_readme_home_and_benchmarks_quote_one_guaranteed_headline():
 def test_guarantee_headline_reads_the_headline_row_and_nothing_else():
     from app_ui.view_model import guarantee_headline
 
-    text = ("# R\n\n## The guarantee: x\n\nThresholds chosen by **Learn-then-Test** at delta = 0.2: ... is at most 3 pt.\n\n"
-            "| cascade | rule (committed split) | saving (test) | Δacc (test) | target on test | re-splits | held share | "
+    text = ("# R\n\n## The guarantee: x\n\nThresholds chosen by **Learn-then-Test** at delta = 0.2: ... is at most 3 "
+            "pt.\n\n"
+            "| cascade | rule (committed split) | saving (test) | Δacc (test) | target on test | re-splits | held "
+            "share | "
             "mean saving | 5th pct saving | saving counts |\n|---|---|---|---|---|---|---|---|---|---|\n"
             "| a → b | `both` | 1.0% | -0.1 pt | held | 20 | 95.0% | 2.0% | 0.5% | FLOPs saved |\n"
             "| c → d (headline) | `pt_only` | 9.9% | -0.9 pt | held | 200 | 91.0% | 9.0% | 8.0% | GPT-4 calls saved |\n"

@@ -67,7 +67,8 @@ def vllm_local(smollm2_path, tmp_path_factory):
         source = load_preset("default")
         began = time.monotonic()
         started, path = vllm_launch.up(source, base_port=_free_base_port(), hidden=True, timeout_s=840,
-                                       kv_cache_gib=1, only=[SMOLLM2], eager=True, model_dir=lambda key: Path(smollm2_path),
+                                       kv_cache_gib=1, only=[SMOLLM2], eager=True,
+                                       model_dir=lambda key: Path(smollm2_path),
                                        n_layers=lambda stage: LAYERS)
         print(f"vLLM warm-up: {time.monotonic() - began:.0f} s")
         preset = load_preset("vllm-local")
@@ -134,13 +135,13 @@ def test_pt_and_hidden_state_equal_the_local_backend_in_float32(vllm_local, smol
     n = [len(q.options) for q in questions]
     remote = stage.score_options(prompts, n, [LAYERS])
     local = smollm2_backend.score_options(prompts, n, [LAYERS])
-    for r, l in zip(remote, local):
-        a, b = option_probabilities(r.letter_logits), option_probabilities(l.letter_logits)
+    for r, here in zip(remote, local):
+        a, b = option_probabilities(r.letter_logits), option_probabilities(here.letter_logits)
         assert np.isfinite(r.letter_logits).all()  # every letter scored, whatever its rank
         assert np.abs(a - b).max() < 1e-4
         assert a.argmax() == b.argmax()
-        assert r.prompt_tokens == l.prompt_tokens
-        h, g = r.hidden_states[LAYERS], l.hidden_states[LAYERS]
+        assert r.prompt_tokens == here.prompt_tokens
+        h, g = r.hidden_states[LAYERS], here.hidden_states[LAYERS]
         assert np.abs(h - g).max() / np.abs(g).max() < 1e-4
     with pytest.raises(Exception, match="only the last layer"):
         stage.score_options(prompts[:1], n[:1], [13])  # a middle layer cannot be had from vLLM
@@ -291,7 +292,8 @@ def test_local_preset_text_routes_served_stages_and_copies_the_rest(tmp_path, mo
     monkeypatch.setenv("CASCADE_PROBES_DIR", str(tmp_path))
     source = load_preset("default")
     gen = vllm_launch.Started(vllm_launch.ServerSpec("smollm2-135m", "/m", "smollm2-135m", 9101), 1, "0", "l")
-    pool = vllm_launch.Started(vllm_launch.ServerSpec("smollm2-135m", "/m", "smollm2-135m", 9102, "pooling"), 2, "0", "l")
+    pool = vllm_launch.Started(vllm_launch.ServerSpec("smollm2-135m", "/m", "smollm2-135m", 9102, "pooling"),
+                               2, "0", "l")
     text = vllm_launch.local_preset_text(source, [gen, pool], {"smollm2-135m": 30})
     preset = parse_preset(tomllib.loads(text), "vllm-local")
     first = preset.stages[0]
