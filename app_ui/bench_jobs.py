@@ -74,7 +74,8 @@ def show_job(status) -> None:
     else:
         text = f"{words}: {status.done:,} / {status.total:,} questions"
     st.progress(min(status.fraction, 1.0), text=text)
-    updated = f", updated {duration(time.time() - status.updated_at)} ago" if status.active and status.updated_at else ""
+    updated = (f", updated {duration(time.time() - status.updated_at)} ago"
+               if status.active and status.updated_at else "")
     st.caption(f"Job on **{status.dataset}**: {words}, {duration(status.elapsed_s)} "
                f"{'so far' if status.active else 'in all'}{updated}. Stages: "
                f"{', '.join(status.request.get('stages', [])) or '–'}; records go to "
@@ -222,7 +223,8 @@ def calibrate_section(preset: Preset, dataset: str, meta: dict, job_active: bool
     policy = found.cascade_policy()
     lines = [f"- **{name}**: {stage_summary(stage, i == policy.last_enabled, found.off_reasons.get(name, ''))}"
              for i, (name, stage) in enumerate(zip(found.stages, policy.stages))]
-    agreement = f"agreement with the last stage {figures['agreement']:.1%}, " if figures.get("agreement") is not None else ""
+    agreement = (f"agreement with the last stage {figures['agreement']:.1%}, "
+                 if figures.get("agreement") is not None else "")
     accuracy = (f"accuracy {figures['accuracy']:.1%} (last stage alone {figures['reference_accuracy']:.1%}), "
                 if figures.get("accuracy") is not None else "")
     st.success(f"{found.description} → `{path}`\n\n" + "\n".join(lines) + f"\n\nOn calibration: {agreement}{accuracy}"

@@ -130,7 +130,8 @@ def stage_summary(policy, is_last: bool, off_reason: str = "") -> str:
     if policy.rule in SCORED_RULES:
         return f"keep when its {policy.rule} score >= {policy.tau_learned:.4g}"
     parts = {"pt_only": [f"P(T) >= {policy.tau_t:.4g}"], "pik_only": [f"P(IK) >= {policy.tau_ik:.4g}"]}
-    return "keep when " + " and ".join(parts.get(policy.rule, [f"P(T) >= {policy.tau_t:.4g}", f"P(IK) >= {policy.tau_ik:.4g}"]))
+    both = [f"P(T) >= {policy.tau_t:.4g}", f"P(IK) >= {policy.tau_ik:.4g}"]
+    return "keep when " + " and ".join(parts.get(policy.rule, both))
 
 
 def debiased_table(table, where: Locations, dataset: str = "mmlu"):
