@@ -7,7 +7,7 @@ PRESET ?= default
 PORT   ?= 8501
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup browser run test test-fast fetch bench bench-full bench-arith bench-mmlu-open report serve clean-venv vllm
+.PHONY: setup lint browser run test test-fast fetch bench bench-full bench-arith bench-mmlu-open report serve clean-venv vllm
 
 $(STAMP): requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,15 @@ $(STAMP): requirements.txt
 
 ## setup: make the virtual environment and install requirements (fast when nothing changed)
 setup: $(STAMP)
+
+## lint: ruff over the tree (settings in pyproject.toml); its tools come from requirements-dev.txt, installed
+## only for `make test` and `make lint` (fast when nothing changed)
+DEV_STAMP := $(VENV)/.requirements-dev-installed
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@touch $(DEV_STAMP)
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check .
 
 ## fetch: fetch and prepare the preset's models (skips what is already there)
 fetch: setup
@@ -45,8 +54,8 @@ $(VLLM_STAMP): requirements-vllm.txt
 	@touch $(VLLM_STAMP)
 vllm: $(VLLM_STAMP)
 
-## test: set up and run the whole test suite
-test: setup browser vllm
+## test: set up, lint, and run the whole test suite
+test: setup browser vllm lint
 	$(BIN)/python -m pytest
 
 ## test-fast: the tests that need no model
