@@ -186,7 +186,7 @@ def job_section(preset: Preset, dataset: str, meta: dict) -> None:
 def calibrate_section(preset: Preset, dataset: str, meta: dict, job_active: bool) -> None:
     """Choose the dataset's policy with a guarantee (`calibrate`) and say what it is."""
     from cascade_core.compose.policies import calibrate, calibration_stages, stage_summary
-    from cascade_core.choose.resplit import RULES
+    from cascade_core.choose.ltt import GUARANTEE_RULES
 
     st.subheader(f"Calibrate {dataset}")
     has_answers = bool(meta.get("has_answers"))
@@ -196,7 +196,7 @@ def calibrate_section(preset: Preset, dataset: str, meta: dict, job_active: bool
                f"({calibration_stages(preset)[-1]}). Label-free bounds the disagreement with the last stage's "
                "answers, so it holds for any labels." + ("" if has_answers else
                                                         " This dataset has no answers: label-free only."))
-    rules = ["auto", *RULES]
+    rules = ["auto", *GUARANTEE_RULES]
     with st.form("calibrate_form"):
         cols = st.columns(3)
         target = cols[0].number_input("Target (accuracy points lost, at most)", 0.0, 100.0, 1.0, step=0.5,

@@ -19,7 +19,6 @@ from cascade_core.choose.frontier import (
     cost_reduction_at_iso_accuracy,
     oracle,
     pareto_frontier,
-    pd,
     random_routing,
     single_models,
     stage_candidates,
@@ -194,7 +193,7 @@ def test_cost_reduction_at_iso_accuracy_by_hand():
     assert cost_reduction_at_iso_accuracy((cost, acc), 0.70, 100.0) == pytest.approx(0.7)
     assert np.isnan(cost_reduction_at_iso_accuracy((cost, acc), 0.9, 100.0))
     assert cheapest_at_accuracy((cost, acc), 0.75) == 2
-    assert pd(0.78, 0.80) == pytest.approx(-0.02) and accuracy_difference is pd
+    assert accuracy_difference(0.78, 0.80) == pytest.approx(-0.02)
 
 
 def test_apgr_by_hand():

@@ -19,8 +19,8 @@ from cascade_core.cost import check_unit
 from cascade_core.policy import CascadePolicy
 from cascade_core.records.table import RecordTable
 from cascade_core.choose.replay import replay
-from cascade_core.choose.resplit import RULES, choose, loss_and_saving
-from cascade_core.choose.ltt import Guarantee, guaranteed_policy
+from cascade_core.choose.resplit import choose, loss_and_saving
+from cascade_core.choose.ltt import GUARANTEE_RULES, Guarantee, guaranteed_policy, usable_rules
 
 @dataclass(frozen=True)
 class CalibratedPolicy:
@@ -44,7 +44,7 @@ class CalibratedPolicy:
 
 
 def calibrate_policy(calib: RecordTable, target_max_loss: float | None = 0.01, delta: float = 0.1,
-                     cost_budget: float | None = None, unit: str = "flops", rules=RULES, folds: int = 2,
+                     cost_budget: float | None = None, unit: str = "flops", rules=GUARANTEE_RULES, folds: int = 2,
                      seed: int = 0, biases=(), bound: str = "wsr") -> CalibratedPolicy:
     """Choose the policy on `calib` (the calibration split) with a Learn-then-Test guarantee.
 
@@ -59,7 +59,7 @@ def calibrate_policy(calib: RecordTable, target_max_loss: float | None = 0.01, d
     check_unit(unit)
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    rules = tuple(r for r in rules if r not in ("both", "pik_only") or np.isfinite(calib.p_ik[:-1]).any())
+    rules = usable_rules(calib, rules)
     saving_unit = unit
     cv: dict = {}
     if cost_budget is None:

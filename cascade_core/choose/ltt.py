@@ -45,9 +45,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import betaincinv
 
-from cascade_core.choose.frontier import cascade_subsets
+from cascade_core.choose.frontier import cascade_subsets, fit_keep_scores
 from cascade_core.choose.table_rows import TableRows
-from cascade_core.policy import SCORED_RULES, CascadePolicy, StagePolicy, fit_combiner, fit_loss_aware
+from cascade_core.policy import SCORED_RULES, CascadePolicy, StagePolicy
 from cascade_core.records.table import RecordTable
 
 BOUNDS = ("binomial", "hb", "wsr")
@@ -233,10 +233,17 @@ class Guarantee:
 # certification's n is what the bound pays for, so the smaller share (measured on the committed
 # records, 1.5B -> GPT-4, 200 re-splits: 0.3 saved more than 0.5 at the same held share).
 FIT_SHARE = 0.3
-# The subject prior's per-subject log-odds are in-sample on the fitting questions, so their
-# weights need a strong L2 penalty (C = 0.01 against 1.0: 14% vs 8% of GPT-4 calls saved, same records).
-SUBJECT_C = 0.01
 KEEP_NONE = 2.0  # a threshold no keep score reaches (scores lie in [-1, 1])
+# The rules the guarantee search chooses among (`calibrated_policy`, `resplit`); `policy.RULES`
+# has `pik_only` too, which the sweep still offers.
+GUARANTEE_RULES = ("pt_only", "both", "learned", "loss_aware")
+
+
+def usable_rules(table, rules) -> tuple[str, ...]:
+    """`rules` less those that read P(IK) (`both`, `pik_only`) when no routed stage of `table`
+    has one: without a probe they would only repeat `pt_only`."""
+    has_pik = np.isfinite(table.p_ik[:-1]).any()
+    return tuple(r for r in rules if r not in ("both", "pik_only") or has_pik)
 
 
 def threshold_grid(rule: str, steps: int = 200) -> np.ndarray:
@@ -268,21 +275,6 @@ def guarantee_stage_policy(rule: str, tau: float, combiner=None) -> StagePolicy:
     if rule in SCORED_RULES:
         return StagePolicy(tau_t=tau, tau_learned=tau, rule=rule, combiner=combiner)
     return StagePolicy(tau_t=tau, tau_ik=tau, rule=rule)
-
-
-def fit_scores(table: RecordTable, rule: str, stages) -> list:
-    """Fitted keep-score models per stage (None where the rule fits nothing), with the subject
-    prior (`policy.subject_prior`) when the questions have subjects, at SUBJECT_C."""
-    models = [None] * table.n_stages
-    if rule not in SCORED_RULES:
-        return models
-    subjects = table.subjects if (np.asarray(table.subjects) != "").any() else None
-    C = SUBJECT_C if subjects is not None else 1.0
-    for s in stages:
-        args = (table.p_t[s], table.p_ik[s], table.margin[s], table.entropy[s], table.correct[s])
-        models[s] = (fit_combiner(*args, C=C, subjects=subjects) if rule == "learned"
-                     else fit_loss_aware(*args, reference_correct=table.correct[-1], C=C, subjects=subjects))
-    return models
 
 
 def threshold_path(table: RecordTable, subset: tuple[int, ...], scores: dict[int, np.ndarray], grid: np.ndarray, unit: str):
@@ -409,15 +401,15 @@ def _certified_prefix(n_plus, n_minus, n: int, target: float, level: float, chun
 
 
 def _fitted_scores(fit_table, rule: str, routed, fits: dict | None) -> list:
-    """`fit_scores`, remembered in `fits` (when given) by the exact questions fitted on: studies
+    """`fit_keep_scores` with the subject prior, remembered in `fits` (when given) by the exact questions fitted on: studies
     that redo the same choice (the re-split study with another bound) fit each score once."""
     if fits is None or rule not in SCORED_RULES or not isinstance(fit_table, TableRows):
-        return fit_scores(fit_table, rule, routed)
+        return fit_keep_scores(fit_table, rule, routed, subject_prior=True)
     rows = fit_table._rows
     key = (id(fit_table._source), rule, tuple(routed), hashlib.blake2b(rows.tobytes(), digest_size=16).digest(),
            rows.dtype.str, len(rows))
     if key not in fits:
-        fits[key] = fit_scores(fit_table, rule, routed)
+        fits[key] = fit_keep_scores(fit_table, rule, routed, subject_prior=True)
     return fits[key]
 
 

@@ -17,10 +17,8 @@ import numpy as np
 
 from cascade_core.records.table import RecordTable
 from cascade_core.choose.replay import route
-from cascade_core.choose.ltt import guaranteed_policy
+from cascade_core.choose.ltt import GUARANTEE_RULES, guaranteed_policy, usable_rules
 from cascade_core.choose.table_rows import TableRows
-
-RULES = ("pt_only", "both", "learned", "loss_aware")
 
 
 def stratified_halves(subjects: np.ndarray, resplits: int, seed: int = 0) -> np.ndarray:
@@ -121,14 +119,14 @@ def coded_subjects(table: RecordTable) -> RecordTable:
 
 
 def resplit_study(table: RecordTable, target: float = 0.01, delta: float = 0.1, resplits: int = 200,
-                  rules=RULES, unit: str = "calls", cost_unit: str = "dollars", folds: int = 2,
+                  rules=GUARANTEE_RULES, unit: str = "calls", cost_unit: str = "dollars", folds: int = 2,
                   seed: int = 0, bound: str = "binomial", fits: dict | None = None) -> ResplitStudy:
     """Redo the guaranteed choice on `resplits` stratified halves of `table` (its committed split
     is ignored) and measure each on the other half. `unit` is what the saving counts ("calls" of
     the last stage, or a cost unit); `cost_unit` what the thresholds minimise. `fits`: a cache
     of fitted keep scores for studies of the same table (e.g. the same re-splits with another
     bound: the fits do not depend on the bound); give it a `coded_subjects` table every time."""
-    rules = tuple(r for r in rules if r not in ("both", "pik_only") or np.isfinite(table.p_ik[:-1]).any())
+    rules = usable_rules(table, rules)
     if fits is None:
         table = coded_subjects(table)
     halves = stratified_halves(table.subjects, resplits, seed)

@@ -175,7 +175,7 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
     from cascade_core.records.runner import code_version
     from cascade_core.choose.calibrated_policy import calibrate_policy
     from cascade_core.records.schema import records_dtype
-    from cascade_core.choose.resplit import RULES
+    from cascade_core.choose.ltt import GUARANTEE_RULES
 
     preset = load_preset(preset) if not isinstance(preset, Preset) else preset
     where = where or locations()
@@ -186,8 +186,8 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
     if list(table.names) != names:
         raise ValueError(f"preset {preset.name!r}: records cover {list(table.names)}, its enabled stages are {names}; "
                          "benchmark the missing stages first")
-    if rule != "auto" and rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; use auto or one of {', '.join(RULES)}")
+    if rule != "auto" and rule not in GUARANTEE_RULES:
+        raise ValueError(f"unknown rule {rule!r}; use auto or one of {', '.join(GUARANTEE_RULES)}")
     biases: list = []
     if letter_bias:
         table, biases = debiased_table(table, where, dataset)
@@ -198,7 +198,7 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
         raise ValueError(f"dataset {dataset!r} has no answers: only the label-free guarantee applies "
                          "(calibrate --label-free)")
     labelled = table.subset("calibration") if has_answers else None
-    rules = RULES if rule == "auto" else (rule,)
+    rules = GUARANTEE_RULES if rule == "auto" else (rule,)
     if label_free:
         from cascade_core.choose.label_free import label_free_table
 
