@@ -17,7 +17,7 @@ import numpy as np
 import streamlit as st
 
 from cascade_core.locations import RESULTS_DOC, Locations, locations
-from cascade_core.choose.frontier import SweepResult, sweep
+from cascade_core.choose.sweep import SweepResult, sweep
 from cascade_core.presets import Preset, StageConfig, parse_preset
 from cascade_core.records.table import RecordTable
 
@@ -168,7 +168,7 @@ def load_frontier(preset: Preset, split: str, recorded: StageConfig | None, rule
 @st.cache_data(max_entries=64, show_spinner=False)
 def _cached_references(preset_json: str, recorded_json: str | None, root: str, dataset: str, split: str,
                        signature: tuple, enabled: tuple[bool, ...], unit: str) -> dict:
-    from cascade_core.choose.frontier import oracle, single_models
+    from cascade_core.choose.baselines import oracle, single_models
     from app_ui.view_model import random_routing_curve
 
     table = _cached_table(preset_json, recorded_json, root, dataset, split, signature).table
@@ -197,7 +197,7 @@ def mmlu_questions(split: str = "test"):
 
 @st.cache_data(show_spinner="Choosing thresholds on the calibration split…", max_entries=8)
 def _cached_headline(preset_json: str, root: str, dataset: str, signature: tuple, target: float) -> dict | None:
-    from cascade_core.choose.frontier import accuracy_difference
+    from cascade_core.choose.router_metrics import accuracy_difference
     from cascade_core.choose.selection import evaluate_on, select_policy
 
     calib = _cached_table(preset_json, None, root, dataset, "calibration", signature)
@@ -238,7 +238,7 @@ def headline(preset: Preset, target: float = 0.01, dataset: str = DATASET) -> di
 
 def _calibrated_headline(preset: Preset, found, dataset: str, paths: list[Path]) -> dict:
     from cascade_core.compose.policies import calibration_stages
-    from cascade_core.choose.frontier import accuracy_difference
+    from cascade_core.choose.router_metrics import accuracy_difference
     from cascade_core.choose.selection import evaluate_on
 
     own = [c for c in preset.stages if c.backend == "recorded" and c.enabled]

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from cascade_core.signal_quality import auroc, expected_calibration_error, reliability_curve
-from cascade_core.choose.frontier import accuracy_difference, random_routing
+from cascade_core.choose.baselines import random_routing
+from cascade_core.choose.router_metrics import accuracy_difference
 from cascade_core.presets import StageConfig
 from cascade_core.policy import CascadePolicy, StagePolicy, keep_mask
 from cascade_core.records.schema import TABLE_FLOATS
@@ -295,7 +296,7 @@ def operating_point(table: RecordTable, result: ReplayResult, unit: str) -> Oper
 
 def random_routing_curve(table: RecordTable, enabled: Sequence[bool], unit: str, points: int = 21) -> pd.DataFrame:
     """Random routing over the enabled stages, every routed stage escalating the same share r,
-    for r from 0 to 1: the line a router must beat (its expectation, `frontier.random_routing`)."""
+    for r from 0 to 1: the line a router must beat (its expectation, `baselines.random_routing`)."""
     rows = []
     for r in np.linspace(0.0, 1.0, points):
         base = random_routing(table, np.full(table.n_stages, r), enabled=enabled)

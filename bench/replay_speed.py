@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cascade_core.choose.frontier import sweep
+from cascade_core.choose.sweep import sweep
 from cascade_core.policy import CascadePolicy
 from cascade_core.records.table import synthetic_table
 from cascade_core.choose.replay import replay

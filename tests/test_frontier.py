@@ -10,21 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cascade_core.cost import COST_UNITS
-from cascade_core.choose.frontier import (
-    accuracy_difference,
-    aiq,
-    apgr,
-    cascade_subsets,
-    cheapest_at_accuracy,
-    cost_reduction_at_iso_accuracy,
-    oracle,
-    pareto_frontier,
-    random_routing,
-    single_models,
-    stage_candidates,
-    sweep,
-    upper_hull,
-)
+from cascade_core.choose.baselines import oracle, random_routing, single_models
+from cascade_core.choose.frontier import pareto_frontier, upper_hull
+from cascade_core.choose.router_metrics import (accuracy_difference, aiq, apgr, cheapest_at_accuracy,
+                                                cost_reduction_at_iso_accuracy)
+from cascade_core.choose.sweep import cascade_subsets, stage_candidates, sweep
 from cascade_core.policy import CascadePolicy
 from cascade_core.records.table import synthetic_table
 from cascade_core.choose.replay import replay
@@ -227,7 +217,7 @@ def test_aiq_by_hand():
 
 @pytest.mark.parametrize("rule", ["both", "pt_only", "pik_only", "learned", "loss_aware"])
 def test_vectorised_candidate_masks_equal_keep_mask(rule):
-    from cascade_core.choose.frontier import stage_candidates
+    from cascade_core.choose.sweep import stage_candidates
     from cascade_core.policy import fit_combiner, fit_loss_aware, keep_mask
 
     table = synthetic_table(300, 3, seed=11)

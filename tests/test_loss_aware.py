@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cascade_core.choose.frontier import sweep
+from cascade_core.choose.sweep import sweep
 from cascade_core.policy import (CascadePolicy, LossAwareScore, StagePolicy, explain, fit_combiner, fit_loss_aware,
                                  keep_mask, logistic_fit)
 from cascade_core.records.table import synthetic_table

@@ -17,7 +17,8 @@ import pytest
 
 from cascade_core.choose import pregen_router as pg
 from cascade_core.signal_quality import auroc, expected_calibration_error
-from cascade_core.choose.frontier import oracle, sweep
+from cascade_core.choose.baselines import oracle
+from cascade_core.choose.sweep import sweep
 from cascade_core.records.table import RecordTable, synthetic_table
 from cascade_core.choose.replay import replay
 from cascade_core.report import (ReportSettings, build_report, oracle_curve, policy_from_dict, retrain_p_ik,

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from cascade_core.choose.frontier import single_models, sweep
+from cascade_core.choose.baselines import single_models
+from cascade_core.choose.sweep import sweep
 from cascade_core.records.table import synthetic_table
 from cascade_core.choose.replay import replay
 from cascade_core.choose.selection import SubjectPolicy, evaluate_on, select_policy

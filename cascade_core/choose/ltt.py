@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import betaincinv
 
-from cascade_core.choose.frontier import cascade_subsets, fit_keep_scores
+from cascade_core.choose.sweep import cascade_subsets, fit_keep_scores
 from cascade_core.choose.table_rows import TableRows
 from cascade_core.policy import SCORED_RULES, CascadePolicy, StagePolicy
 from cascade_core.records.table import RecordTable

@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from cascade_core.cost import check_unit
-from cascade_core.choose.frontier import SweepResult, sweep
+from cascade_core.choose.sweep import SweepResult, sweep
 from cascade_core.choose.ltt import Guarantee, guaranteed_policy
 from cascade_core.choose.replay import ReplayResult, check_policy, replay, route, summarise
 from cascade_core.choose.table_rows import TableRows

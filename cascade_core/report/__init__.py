@@ -100,8 +100,8 @@ def build_report(table: RecordTable, questions: pd.DataFrame | None = None,
 
 def build_report_sections(*args, **kwargs) -> Report:
     """Every number of docs/RESULTS.md from the records (`_build`'s docstring), BLAS capped at one
-    thread once for the whole report (its matrix products are small; see `frontier.blas_limit`)."""
-    from cascade_core.choose.frontier import blas_limit
+    thread once for the whole report (its matrix products are small; see `sweep.blas_limit`)."""
+    from cascade_core.choose.sweep import blas_limit
 
     with blas_limit(1):
         return _build(*args, **kwargs)
@@ -112,7 +112,7 @@ def _side_sections(table: RecordTable, settings: ReportSettings, questions=None,
     """The work that needs nothing from the API section: the guarantee study, the local cascades,
     the ablations, the text router's predictions and the OOD study of the categories
     `ood_held_out` (in a second process when the report has two workers)."""
-    from cascade_core.choose.frontier import blas_limit
+    from cascade_core.choose.sweep import blas_limit
     from cascade_core.report.baselines import router_predictions, wants_router
 
     progress = progress or (lambda message: None)

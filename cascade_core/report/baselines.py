@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 
 from cascade_core.signal_quality import auroc
-from cascade_core.choose.frontier import aiq, apgr, oracle, random_routing, sweep
+from cascade_core.choose.baselines import oracle, random_routing
+from cascade_core.choose.router_metrics import aiq, apgr
+from cascade_core.choose.sweep import sweep
 from cascade_core.records.table import RecordTable
 from cascade_core.choose.replay import ReplayResult, replay
 from cascade_core.report.common import (Part, Progress, ReportSettings, _local_indices, _num, _subtable,

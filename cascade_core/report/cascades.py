@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cascade_core.cost import compute_reduction
-from cascade_core.choose.frontier import oracle
+from cascade_core.choose.baselines import oracle
 from cascade_core.records.table import RecordTable
 from cascade_core.report.baselines import oracle_curve
 from cascade_core.report.common import (Part, Progress, ReportSettings, _local_indices, _num,
