@@ -6,7 +6,6 @@ offline replay, so a policy gives the same answers live and replayed on the same
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -115,24 +114,12 @@ class _StageCancelled(Exception):
     """The stage's generation stopped because the request was cancelled."""
 
 
-def _generate(backend, prompt: str, max_new_tokens: int, cancel, on_text, layers=None, gate=None):
-    """`backend.generate`, handing it the cancel flag, the text callback, the layers whose
-    hidden states it should return and the generation gate, where it takes them."""
-    try:
-        params = inspect.signature(backend.generate).parameters
-    except (TypeError, ValueError):
-        params = {}
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {}
-    if cancel is not None and ("cancel" in params or takes_any):
-        kwargs["cancel"] = cancel
-    if on_text is not None and ("on_text" in params or takes_any):
-        kwargs["on_text"] = on_text
-    if layers and ("layers" in params or takes_any):
-        kwargs["layers"] = layers
-    if gate is not None and "layers" in kwargs and ("gate" in params or takes_any):
-        kwargs["gate"] = gate
-    return backend.generate(prompt, max_new_tokens=max_new_tokens, **kwargs)
+def _generate(backend: Backend, prompt: str, max_new_tokens: int, cancel, on_text, layers=None, gate=None):
+    """`backend.generate` with the keywords the `Backend` protocol states: the cancel flag, the
+    text callback, the layers whose hidden states it should return and the generation gate (only
+    with layers: it reads their hidden states)."""
+    return backend.generate(prompt, max_new_tokens=max_new_tokens, cancel=cancel, on_text=on_text,
+                            layers=layers or None, gate=gate if layers else None)
 
 
 GATED_RULES = ("both", "pik_only")  # rules under which P(IK) < tau_ik escalates whatever P(T) is

@@ -59,6 +59,16 @@ class Backend(Protocol):
     `score_options` does one forward pass per prompt (batched where the backend can) and returns
     the option-letter logits and, when `has_hidden_states`, the hidden states of `layers` (all
     layers when None). Both signals, P(T) and P(IK), come from that one pass.
+
+    `generate` takes every keyword below; a backend that cannot honour one accepts and ignores it
+    (the cascade then gets no stream, no early stop or no hidden states, never an error):
+    - `cancel`: anything with `is_set()`, checked as the answer grows; once set, generation stops
+      and the answer so far comes back with finish_reason "cancelled".
+    - `on_text(delta)`: receives the answer's text as it grows.
+    - `layers`: the hidden states to return in `Generation.hidden_states` (at the prompt's last
+      token), from the same pass as the answer.
+    - `gate(hidden) -> bool`: with `layers`, called on those hidden states before the first new
+      token; False ends the call without an answer (finish_reason "gated").
     """
 
     model_id: str
@@ -73,7 +83,8 @@ class Backend(Protocol):
         layers: Sequence[int] | None = None,
     ) -> list[OptionScores]: ...
 
-    def generate(self, prompt: str, max_new_tokens: int = 64) -> Generation: ...
+    def generate(self, prompt: str, max_new_tokens: int = 64, *, cancel=None, on_text=None,
+                 layers: Sequence[int] | None = None, gate=None) -> Generation: ...
 
 
 @dataclass(frozen=True)

@@ -485,8 +485,12 @@ class OpenAIStage:
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
             return list(pool.map(self._score_one, prompts, n_options, hidden))
 
-    def generate(self, prompt: str, max_new_tokens: int = 64, *, cancel=None, on_text=None) -> Generation:
+    def generate(self, prompt: str, max_new_tokens: int = 64, *, cancel=None, on_text=None, layers=None,
+                 gate=None) -> Generation:
         """A greedy answer and the log-probability of each generated token.
+
+        `layers` and `gate` are accepted and ignored (`types.Backend`): a chat completion returns no
+        hidden states, so the answer always comes back with `hidden_states=None`.
 
         With `on_text` or `cancel` the answer is streamed (`stream: true`): `on_text(delta)` gets each
         piece as it arrives, and `cancel` (anything with `is_set()`) is checked at every chunk; once

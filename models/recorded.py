@@ -161,5 +161,8 @@ class RecordedBackend:
             out.append(OptionScores(letter_logits=logits, hidden_states=None, prompt_tokens=tokens))
         return out
 
-    def generate(self, prompt: str, max_new_tokens: int = 64) -> Generation:
+    def generate(self, prompt: str, max_new_tokens: int = 64, *, cancel=None, on_text=None, layers=None,
+                 gate=None) -> Generation:
+        """Refused: a recording holds multiple-choice outcomes only (the keywords of `types.Backend`
+        are accepted so that the refusal, not a TypeError, is what the cascade sees)."""
         raise NotRecordedError(f"the recorded stage {self.model_id!r} has no free-form answers: it replays MMLU outcomes only")

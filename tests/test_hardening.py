@@ -451,7 +451,7 @@ class _Says:
     def __init__(self, name: str, text: str):
         self.model_id, self.text = name, text
 
-    def generate(self, prompt, max_new_tokens=64):
+    def generate(self, prompt, max_new_tokens=64, *, cancel=None, on_text=None, layers=None, gate=None):
         import numpy as np
 
         from cascade_core.types import Generation

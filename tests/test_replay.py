@@ -164,7 +164,7 @@ class _ScriptedBackend:
         return [OptionScores(letter_logits=self._logits[p], hidden_states={4: self._hidden[p]},
                              prompt_tokens=self._tokens[p]) for p in prompts]
 
-    def generate(self, prompt, max_new_tokens=64):
+    def generate(self, prompt, max_new_tokens=64, *, cancel=None, on_text=None, layers=None, gate=None):
         raise NotImplementedError
 
 

@@ -95,7 +95,7 @@ class _RecordBackend:
             return [OptionScores(letter_logits=np.log(self._probs[p]), hidden_states={0: self._hidden[p]},
                                  prompt_tokens=10) for p in prompts]
 
-    def generate(self, prompt, max_new_tokens=64):
+    def generate(self, prompt, max_new_tokens=64, *, cancel=None, on_text=None, layers=None, gate=None):
         raise NotImplementedError
 
 
