@@ -272,7 +272,7 @@ def run_cascade(
             step.decision, step.reason, step.error = "error", "cancelled", "the request was cancelled"
             trace.steps.append(step)
             raise CascadeCancelled("the request was cancelled", trace) from None
-        except Exception as err:  # noqa: BLE001 - a stage failure is data for the trace
+        except Exception as err:  # a stage failure is data for the trace
             step.seconds = time.perf_counter() - started
             step.decision, step.error = "error", f"{type(err).__name__}: {err}"
             step.reason = "empty answer" if isinstance(err, EmptyAnswer) else "stage failed"
@@ -306,7 +306,8 @@ def trace_to_dict(trace: Trace) -> dict:
         "answered_by": None if final is None else final.stage,
         "thresholds": trace.thresholds,
         "off": [{"stage": name, "reason": why} for name, why in trace.off.items()],
-        "total": {unit: trace.total(unit) for unit in ("flops", "prompt_tokens", "output_tokens", "dollars", "seconds")},
+        "total": {unit: trace.total(unit)
+                  for unit in ("flops", "prompt_tokens", "output_tokens", "dollars", "seconds")},
         "generation_skipped": {"stages": [s.stage for s in trace.steps if s.generation_skipped],
                                "saved_tokens": nan_to_none(float(np.nansum([s.saved_tokens for s in trace.steps
                                                                             if s.generation_skipped]))),

@@ -115,7 +115,8 @@ class LearnedCombiner:
             raise ValueError(f"subject must be one name or {n} names, got shape {subject.shape}")
         table = dict(self.subject_values)
         unique, back = np.unique(subject, return_inverse=True)
-        values = np.array([table.get(u, self.subject_default) for u in unique], dtype=np.float64).reshape(len(unique), -1)
+        values = np.array([table.get(u, self.subject_default) for u in unique],
+                          dtype=np.float64).reshape(len(unique), -1)
         return {name: values[back.ravel(), j] for j, name in enumerate(names)}
 
     def score(self, p_t, p_ik, margin, entropy, subject=None) -> np.ndarray:

@@ -40,7 +40,8 @@ class GreedyLogprobEngine:
         model = getattr(backend, "model", None)
         tokenizer = getattr(backend, "tokenizer", None)
         if model is None or tokenizer is None:
-            raise TypeError(f"{type(backend).__name__} has no .model/.tokenizer: a local transformers backend is needed")
+            raise TypeError(f"{type(backend).__name__} has no .model/.tokenizer: "
+                            "a local transformers backend is needed")
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device

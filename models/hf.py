@@ -8,9 +8,9 @@ Choices worth knowing:
   CPU has it natively (AVX512-BF16/AMX), else float32 (emulated bfloat16 is slower), and no
   quantisation (bitsandbytes 4-bit works on a CPU, `quantization="nf4"`, but is ~3x slower there).
 - float32 on a CPU: the linear layers' weights are packed for oneDNN once, in the background after
-  the load (`prepack_linear_layers`, `wait_prepacked`), for models of hidden size >= 768 (`cpu_prepack="auto"`; True/False
-  force it): 1.32x faster for the 1.5B model, 1.16x for the 0.5B, but 0.92x for SmolLM2 (576), so
-  not there; logits equal to float32 rounding (bench/cpu_prepack.py).
+  the load (`prepack_linear_layers`, `wait_prepacked`), for models of hidden size >= 768
+  (`cpu_prepack="auto"`; True/False force it): 1.32x faster for the 1.5B model, 1.16x for the
+  0.5B, but 0.92x for SmolLM2 (576), so not there; logits equal to float32 rounding (bench/cpu_prepack.py).
 - Batches are left-padded and get explicit position ids (cumulative attention mask), so a padded
   prompt sees the same positions as alone: batched and single results agree to float tolerance.
 - Only the last position's logits are computed (`logits_to_keep=1`): the vocabulary projection of
@@ -341,7 +341,8 @@ class HFBackend:
             import bitsandbytes  # noqa: F401
             from transformers import BitsAndBytesConfig
         except ImportError as exc:
-            raise ModelLoadError(f"quantization={self.quantization!r} needs bitsandbytes: pip install bitsandbytes") from exc
+            raise ModelLoadError(f"quantization={self.quantization!r} needs bitsandbytes: "
+                                 "pip install bitsandbytes") from exc
         if self.quantization == "nf4":
             return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_compute_dtype=self.dtype)
@@ -377,7 +378,8 @@ class HFBackend:
     def _chat_text(self, prompt: str, multiple_choice: bool) -> str:
         return self._render_chat(*self._chat_parts(prompt, multiple_choice))
 
-    def encode(self, prompt: str, multiple_choice: bool = True, reserve: int = 0, chat: bool | None = None) -> list[int]:
+    def encode(self, prompt: str, multiple_choice: bool = True, reserve: int = 0,
+               chat: bool | None = None) -> list[int]:
         """Token ids of `prompt` as the model sees it, cut from the left to fit the context.
 
         `chat` (default: the backend's `chat_template` setting) wraps it in the chat template."""

@@ -369,7 +369,8 @@ class OpenAIStage:
         root = self.api_base[:-3] if self.api_base.endswith("/v1") else self.api_base
 
         def ids(text: str) -> list[int]:
-            body = self._post("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False}, base=root)
+            payload = {"model": self.model, "prompt": text, "add_special_tokens": False}
+            body = self._post("/tokenize", payload, base=root)
             return [int(t) for t in body.get("tokens", [])]
 
         base = ids("Answer:")
@@ -443,7 +444,7 @@ class OpenAIStage:
             return False
         if layers is None:
             return True
-        other = sorted({int(l) for l in layers} - {self.hidden_layer, -1})
+        other = sorted({int(layer) for layer in layers} - {self.hidden_layer, -1})
         if other:
             raise EndpointError(
                 f"{self.model}: hidden state of layer(s) {other} asked for, but a vLLM pooling server returns "
@@ -458,7 +459,8 @@ class OpenAIStage:
         try:
             vector = np.asarray(body["data"][0]["embedding"], dtype=np.float32)
         except (KeyError, IndexError, TypeError, ValueError):
-            raise EndpointError(f"{self.redact(self.hidden_api_base)}/embeddings answered without data[0].embedding") from None
+            raise EndpointError(f"{self.redact(self.hidden_api_base)}/embeddings answered without "
+                                "data[0].embedding") from None
         if vector.ndim != 1 or not np.isfinite(vector).all():
             raise EndpointError(f"{self.redact(self.hidden_api_base)}/embeddings returned a vector that is not "
                                 "a finite 1-D array")
@@ -555,7 +557,8 @@ class OpenAIStage:
                     except ValueError:
                         raise EndpointError(f"{self.redact(url)} sent an event that is not JSON") from None
                     if chunk.get("error"):
-                        raise EndpointError(f"{self.redact(url)} failed mid-stream: {str(chunk['error'])[:MAX_ERROR_BODY_CHARS]}")
+                        detail = str(chunk["error"])[:MAX_ERROR_BODY_CHARS]
+                        raise EndpointError(f"{self.redact(url)} failed mid-stream: {detail}")
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or []:
                         delta = ((choice.get("delta") or {}).get("content")) or ""

@@ -234,7 +234,8 @@ def _disk(where: Path, need_hint: str = "") -> Iterator[None]:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             free = ""
             with contextlib.suppress(OSError):
-                free = f" ({shutil.disk_usage(where.parent if not where.exists() else where).free / 2**30:.1f} GiB free now)"
+                folder = where.parent if not where.exists() else where
+                free = f" ({shutil.disk_usage(folder).free / 2**30:.1f} GiB free now)"
             raise ModelFetchError(
                 f"disk full while writing {where}{free}. {need_hint}Free space there or point "
                 f"${CACHE_ENV} at a disk with room."
@@ -434,7 +435,8 @@ def convert_to_hf(spec: PackagedModel, gguf: Path, dest: Path, progress: bool = 
     except Exception as exc:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise ModelFetchError(f"converting {gguf} to a Hugging Face folder failed: {type(exc).__name__}: {exc}") from exc
+        raise ModelFetchError(f"converting {gguf} to a Hugging Face folder failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -534,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "list":
         for key, spec in PACKAGED_MODELS.items():
             state = "ready" if is_ready(key) else "not fetched"
-            print(f"{key:22s} {spec.total_params / 1e6:8.1f} M  {len(spec.parts):2d} package(s)  {state:11s} {hf_folder(key)}")
+            print(f"{key:22s} {spec.total_params / 1e6:8.1f} M  {len(spec.parts):2d} package(s)  "
+                  f"{state:11s} {hf_folder(key)}")
         return 0
     try:
         for key in args.keys:

@@ -165,4 +165,5 @@ class RecordedBackend:
                  gate=None) -> Generation:
         """Refused: a recording holds multiple-choice outcomes only (the keywords of `types.Backend`
         are accepted so that the refusal, not a TypeError, is what the cascade sees)."""
-        raise NotRecordedError(f"the recorded stage {self.model_id!r} has no free-form answers: it replays MMLU outcomes only")
+        raise NotRecordedError(f"the recorded stage {self.model_id!r} has no free-form answers: "
+                               "it replays MMLU outcomes only")

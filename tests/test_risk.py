@@ -59,7 +59,8 @@ def test_the_guarantee_holds_in_at_least_1_minus_delta_of_500_draws():
         saved.append(1 - tau)
         # The plain criterion on the same grid: the cheapest threshold within the target on calibration.
         grid = threshold_grid("pt_only")
-        n_plus, n_minus, mean_cost, _, _ = threshold_path(calib, (0, 1), {0: keep_scores(calib, 0, "pt_only")}, grid, "flops")
+        scores = {0: keep_scores(calib, 0, "pt_only")}
+        n_plus, n_minus, mean_cost, _, _ = threshold_path(calib, (0, 1), scores, grid, "flops")
         ok = np.flatnonzero((n_plus - n_minus) / calib.n_questions <= target)
         held_plain += true_loss(grid[ok[np.argmin(mean_cost[ok])]]) <= target
     assert held / 500 >= 1 - delta
@@ -91,7 +92,8 @@ def test_the_multi_stage_path_equals_replay():
     three = base.stage_subset([0, 0 + 1])  # (small, big)
     # a 3-stage table: small, a copy of small with other P(T), big
     tab = RecordTable(names=("a", "b", "c"), model_ids=("a", "b", "c"), qids=three.qids, subjects=three.subjects,
-                      splits=three.splits, correct=np.stack([three.correct[0], rng.random(500) < 0.6, three.correct[1]]),
+                      splits=three.splits,
+                      correct=np.stack([three.correct[0], rng.random(500) < 0.6, three.correct[1]]),
                       prediction=np.zeros((3, 500), int), p_t=np.stack([three.p_t[0], rng.random(500), three.p_t[1]]),
                       p_ik=np.full((3, 500), np.nan), margin=np.zeros((3, 500)), entropy=np.zeros((3, 500)),
                       prompt_tokens=np.ones((3, 500)), output_tokens=np.zeros((3, 500)),

@@ -24,7 +24,8 @@ def single_models(table: RecordTable) -> pandas.DataFrame:
     rows = []
     N = table.n_questions
     for s in range(table.n_stages):
-        row = {"stage": table.names[s], "model_id": table.model_ids[s], "accuracy": np.count_nonzero(table.correct[s]) / N}
+        row = {"stage": table.names[s], "model_id": table.model_ids[s],
+               "accuracy": np.count_nonzero(table.correct[s]) / N}
         for unit in COST_UNITS:
             row[f"cost_{unit}"] = float(table.cost(unit)[s].sum() / N)
         for unit in COST_UNITS:

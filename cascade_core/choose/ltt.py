@@ -277,7 +277,8 @@ def guarantee_stage_policy(rule: str, tau: float, combiner=None) -> StagePolicy:
     return StagePolicy(tau_t=tau, tau_ik=tau, rule=rule)
 
 
-def threshold_path(table: RecordTable, subset: tuple[int, ...], scores: dict[int, np.ndarray], grid: np.ndarray, unit: str):
+def threshold_path(table: RecordTable, subset: tuple[int, ...], scores: dict[int, np.ndarray], grid: np.ndarray,
+                   unit: str):
     """Along the grid (one shared threshold for the routed stages of `subset`): counts of paired
     losses +1 / -1 against the last stage, mean cost and accuracy, one value per threshold."""
     N = table.n_questions
@@ -401,8 +402,9 @@ def _certified_prefix(n_plus, n_minus, n: int, target: float, level: float, chun
 
 
 def _fitted_scores(fit_table, rule: str, routed, fits: dict | None) -> list:
-    """`fit_keep_scores` with the subject prior, remembered in `fits` (when given) by the exact questions fitted on: studies
-    that redo the same choice (the re-split study with another bound) fit each score once."""
+    """`fit_keep_scores` with the subject prior, remembered in `fits` (when given) by the exact
+    questions fitted on: studies that redo the same choice (the re-split study with another
+    bound) fit each score once."""
     if fits is None or rule not in SCORED_RULES or not isinstance(fit_table, TableRows):
         return fit_keep_scores(fit_table, rule, routed, subject_prior=True)
     rows = fit_table._rows

@@ -75,7 +75,8 @@ class PolicyFile:
 
     @property
     def description(self) -> str:
-        """One line for the CLI, the server and the app, e.g. "calibrated for <= 1 pt at delta 0.1 on 2,850 questions"."""
+        """One line for the CLI, the server and the app, e.g. "calibrated for <= 1 pt at delta 0.1 on
+        2,850 questions"."""
         g, n = self.guarantee, self.provenance.get("questions")
         on = f" on {n:,} {self.provenance.get('split', 'calibration')} questions" if isinstance(n, int) else ""
         if g.get("mode") == "budget":
@@ -238,8 +239,8 @@ def read_policy_file(path: Path | str, expect_stages: Sequence[str] | None = Non
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise PolicyFileError(f"{path}: not a readable policy file ({first})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise PolicyFileError(f"{path}: not a policy file (format {data.get('format') if isinstance(data, dict) else None!r}, "
-                              f"expected {FORMAT!r})")
+        found = data.get("format") if isinstance(data, dict) else None
+        raise PolicyFileError(f"{path}: not a policy file (format {found!r}, expected {FORMAT!r})")
     if data.get("version") != VERSION:
         raise PolicyFileError(f"{path}: policy file version {data.get('version')!r}, this code reads {VERSION}")
     for key, kind in (("preset", str), ("stages", list), ("policy", dict), ("guarantee", dict), ("provenance", dict)):

@@ -55,7 +55,8 @@ def check_policy(table: RecordTable, policy: CascadePolicy) -> None:
     enabled = policy.enabled_indices
     for s in enabled[:-1]:
         if table.recorded[s]:
-            raise ValueError(f"stage {table.names[s]!r} is recorded (no probabilities): it can only be the last enabled stage")
+            raise ValueError(f"stage {table.names[s]!r} is recorded (no probabilities): "
+                             "it can only be the last enabled stage")
 
 
 def stage_keep(table: RecordTable, policy: CascadePolicy, stage: int) -> np.ndarray:

@@ -70,9 +70,9 @@ def choose(calib, rules, target: float, delta: float, cost_unit: str, folds: int
             train, held = calib.subset(fold != k), calib.subset(fold == k)
             policy, _, _ = guaranteed_policy(train, cost_unit, rule, target, None, delta, None, bound, seed=seed + k,
                                        pvalues=False, fits=fits)
-            l, v = loss_and_saving(policy, held, unit)
-            loss += l * held.n_questions / n
-            saving += v * held.n_questions / n
+            held_loss, held_saving = loss_and_saving(policy, held, unit)
+            loss += held_loss * held.n_questions / n
+            saving += held_saving * held.n_questions / n
         cv[rule] = (loss, saving)
     ok = [r for r in rules if cv[r][0] <= target + 1e-12]
     chosen = max(ok, key=lambda r: (cv[r][1], -rules.index(r))) if ok else min(rules, key=lambda r: cv[r][0])

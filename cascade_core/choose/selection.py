@@ -19,8 +19,9 @@ reference, which alone is always a candidate: it loses nothing) share delta by B
 is fit on a seeded 30% of the calibration questions (`ltt.FIT_SHARE`) and certified on the rest, so the
 score never saw the questions that certify it; where the questions have subjects it also reads
 their subject prior (`policy.subject_prior`). On equal cost and accuracy the sub-cascade with
-fewer stages wins (`ltt._better`): a free stage that keeps nothing is never switched on. Per-group thresholds give each group delta / G
-(G groups, the pooled small groups counting as one): all groups meet the target together with
+fewer stages wins (`ltt._better`): a free stage that keeps nothing is never switched on.
+Per-group thresholds give each group delta / G (G groups, the pooled small groups counting as
+one): all groups meet the target together with
 probability >= 1 - delta, so the overall loss, a weighted mean of the groups' losses, does too.
 
 Never report the calibration numbers as results: `evaluate_on` gives the held-out ones.
@@ -206,7 +207,8 @@ def _select_plain(calib_table, targets, cost_budget, unit, rule, per_subject, n_
 def _select_guaranteed(table: RecordTable, target, budget, unit, rule, per_subject, combiners, min_questions,
                        delta, bound, seed, reference) -> Selection:
     """`select_policy` in guarantee mode; per group: delta / G each (Bonferroni over the groups)."""
-    policy, guarantee, n_policies = guaranteed_policy(table, unit, rule, target, budget, delta, combiners, bound, seed=seed)
+    policy, guarantee, n_policies = guaranteed_policy(table, unit, rule, target, budget, delta, combiners, bound,
+                                                      seed=seed)
     chosen: CascadePolicy | SubjectPolicy = policy
     subjects: dict[str, dict] = {}
     if per_subject:
@@ -217,7 +219,8 @@ def _select_guaranteed(table: RecordTable, target, budget, unit, rule, per_subje
         by_subject: dict[str, CascadePolicy] = {}
         for subject in own:
             sub = table.subset(table.subjects == subject)
-            sub_policy, g, count = guaranteed_policy(sub, unit, rule, target, budget, delta / G, combiners, bound, seed=seed)
+            sub_policy, g, count = guaranteed_policy(sub, unit, rule, target, budget, delta / G, combiners, bound,
+                                                     seed=seed)
             by_subject[str(subject)] = sub_policy
             subjects[str(subject)] = {"questions": int(sub.n_questions), "policy": "own", "certified": g.certified,
                                       "reference_accuracy": float(sub.correct[-1].mean()), "n_policies": count}
@@ -228,7 +231,8 @@ def _select_guaranteed(table: RecordTable, target, budget, unit, rule, per_subje
             for subject in np.unique(pooled.subjects):
                 by_subject[str(subject)] = pooled_policy
                 subjects[str(subject)] = {"questions": int((pooled.subjects == subject).sum()), "policy": "pooled",
-                                          "certified": g.certified, "reference_accuracy": float(pooled.correct[-1].mean()),
+                                          "certified": g.certified,
+                                          "reference_accuracy": float(pooled.correct[-1].mean()),
                                           "n_policies": count}
         chosen = SubjectPolicy(by_subject=by_subject, default=policy)
     min_accuracy = float("nan") if budget is not None else reference - target
