@@ -124,3 +124,15 @@ def test_a_run_resumed_on_another_machine_merges_the_checkpoint_with_its_own_chu
     assert outcome.trained and "layer 2" in outcome.message and "(local+committed features)" in outcome.message
     manifest = read_manifest(where.hidden_dir() / STAGE)
     assert manifest["complete"] and manifest["rows"] == len(records)
+
+
+def test_records_that_outgrew_a_complete_export_get_no_features_and_no_error(setup):
+    """A checkpoint committed while the run went on: the export covers every record it saw (complete),
+    the records file committed beside it already holds more. Readers fall back to "no features" (the
+    probe sections say so) instead of failing the whole report."""
+    where, preset, records = setup
+    list(train_probes(preset, where))
+    shutil.rmtree(where.features)
+    grown = np.concatenate([records["qid"].astype(str).to_numpy(), ["later-1", "later-2"]])
+    assert stage_features(where, STAGE, grown)[2] == ""
+    assert stage_features(where, STAGE, records["qid"])[2] == "committed"  # the records it covers still load

@@ -32,8 +32,9 @@ def stage_features(where: Locations, stage: str, record_qids, dataset: str = "mm
         return qids, layers, "local"
     committed = where.hidden_dir(dataset) / stage
     manifest = read_manifest(committed)
-    if manifest is not None and not manifest.get("complete", True):
-        # A checkpoint of a run resumed elsewhere: its rows plus the local chunks' may cover the records.
+    # A checkpoint of a run resumed elsewhere, or an export the records have outgrown (a checkpoint
+    # committed while the run went on adding records): its rows plus the local chunks' may cover them.
+    if manifest is not None and (not manifest.get("complete", True) or manifest["rows"] < len(wanted)):
         qids, layers, _ = stage_features_any(where, stage, dataset)
         if layers and np.isin(wanted, qids).all():
             return qids, layers, "local+committed"
