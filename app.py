@@ -198,6 +198,7 @@ if not SERVING:
         st.Page(f"{PAGES_DIR}/3_Benchmarks.py", title="Benchmarks", icon=":material/bar_chart:", url_path="benchmarks"),
         st.Page(f"{PAGES_DIR}/4_Settings.py", title="Settings and models", icon=":material/settings:",
                 url_path="settings"),
+        st.Page(f"{PAGES_DIR}/5_Monitor.py", title="Monitor", icon=":material/monitor_heart:", url_path="monitor"),
     ]
     PAGE_TEXT = {
         PAGES[1]: "Run the cascade live; see each stage's P(T), P(IK) and decision.",

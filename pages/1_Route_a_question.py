@@ -9,6 +9,7 @@ import streamlit as st
 from app_ui import backends, charts, data, datasets, state, view_model
 from app_ui.route_run import PAGE_LEFT, USER_CANCELLED, LiveRun
 from cascade_core.cascade import for_free_form, trace_to_dict
+from cascade_core.monitor.app_traces import record_route
 from cascade_core.policy import StagePolicy
 from cascade_core.prompts import validate_question
 from cascade_core.types import OPTION_LETTERS, Question, StageStep, Trace
@@ -459,6 +460,9 @@ def run_question(cancel_box) -> None:
         "recorded": {s.name: s.recorded for s in stages},
     }
     draw_summary(st.session_state[LAST_KEY], drawn=True)
+    if not finished.cancelled:  # into the trace store the Monitor page reads, when $CASCADE_TRACES_DB is set
+        record_route(preset.name, stages, question, finished.trace, description=source, failure=finished.failure,
+                     policy_file=applied_now.file if source == applied_now.description else None)
 
 
 boxes_state: dict[str, str] = {}
