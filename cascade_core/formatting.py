@@ -14,41 +14,41 @@ import numpy as np
 MISSING = "–"
 
 
-def _ok(x) -> bool:
-    """The report's test: not None and not a float NaN (inf still formats)."""
+def has_value(x) -> bool:
+    """A value to show: not None and not a float NaN (inf still formats); what every formatter here tests."""
     return x is not None and not (isinstance(x, float) and math.isnan(x))
 
 
 def pct(x, digits: int = 1, signed: bool = False) -> str:
     """0.123 -> "12.3%"."""
-    if not _ok(x):
+    if not has_value(x):
         return MISSING
     return f"{x * 100:+.{digits}f}%" if signed else f"{x * 100:.{digits}f}%"
 
 
 def pts(x, digits: int = 1) -> str:
     """An accuracy difference in percentage points ("0.0 pt" rather than "-0.0 pt")."""
-    if not _ok(x):
+    if not has_value(x):
         return MISSING
     value = round(x * 100, digits)
     return f"{0.0:.{digits}f} pt" if value == 0 else f"{value:+.{digits}f} pt"
 
 
 def num(x, spec: str = ".3f") -> str:
-    return MISSING if not _ok(x) else format(x, spec)
+    return MISSING if not has_value(x) else format(x, spec)
 
 
 def ci(e: dict | None, fmt=num, **kw) -> str:
     """An estimate dict {"value", "low", "high"} as "v [lo, hi]" ("v" alone without an interval)."""
-    if not e or not _ok(e.get("value")):
+    if not e or not has_value(e.get("value")):
         return MISSING
-    if not _ok(e.get("low")):
+    if not has_value(e.get("low")):
         return fmt(e["value"], **kw)
     return f"{fmt(e['value'], **kw)} [{fmt(e['low'], **kw)}, {fmt(e['high'], **kw)}]"
 
 
 def pvalue(p) -> str:
-    if not _ok(p):
+    if not has_value(p):
         return MISSING
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 

@@ -220,7 +220,7 @@ def calibrate(preset: Preset | str, where: Locations | None = None, dataset: str
     # the number format the records were made in: route, serve and the app say when a stage runs in another
     provenance["records_dtype"] = {n: d for n, path in record_files.items() if (d := records_dtype(path))}
     if label_free:
-        chosen = _label_free_figures(chosen, labelled)
+        chosen = label_free_figures(chosen, labelled)
     found = policy_file_from_calibrated(chosen, preset.name, provenance, target_pt=target_pt, budget=budget,
                                         rule_choice=rule)
     if label_free:
@@ -240,7 +240,7 @@ def _has_answers(dataset: str, where: Locations) -> bool:
     return bool(read_metadata(dataset, where.results).get("has_answers", True))
 
 
-def _label_free_figures(chosen, labelled):
+def label_free_figures(chosen, labelled):
     """A label-free choice's calibration figures: its agreement with the last stage (what was
     certified) and, when the questions have answers, its accuracy against theirs (`labelled`,
     the same calibration questions with their correctness); None where there are no answers."""

@@ -77,7 +77,7 @@ def calibrate_from_traces(db: Path | str, preset, *, kind: str = "free", policy_
     from cascade_core.records.runner import code_version
     from cascade_core.choose.calibrated_policy import calibrate_policy
     from cascade_core.locations import locations
-    from cascade_core.compose.policies import (FREE_FORM_DATASET, _label_free_figures, calibration_stages,
+    from cascade_core.compose.policies import (FREE_FORM_DATASET, label_free_figures, calibration_stages,
                                                policy_path)
     from cascade_core.choose.label_free import LOSS_NAME, label_free_table
     from cascade_core.policy import CascadePolicy, StagePolicy
@@ -100,7 +100,7 @@ def calibrate_from_traces(db: Path | str, preset, *, kind: str = "free", policy_
     by_name = dict(zip(table.names, chosen.policy.stages))
     full = CascadePolicy(tuple(by_name.get(n, StagePolicy(enabled=False)) for n in all_stages))
     chosen = replace(chosen, policy=full, stages=tuple(all_stages))
-    chosen = _label_free_figures(chosen, None)
+    chosen = label_free_figures(chosen, None)
     provenance = {"dataset": f"traces ({kind})", "split": "audited traffic", "questions": int(table.n_questions),
                   "records_sha256": {"traces": file_sha256(db)}, "traces": str(db), "policy_hash": info.hash,
                   "code_version": code_version()}

@@ -77,7 +77,9 @@ def mmlu_category(subject: str) -> str:
 
 
 @lru_cache(maxsize=2)
-def _mmlu_table(path: str, split_path: str) -> pd.DataFrame:
+def mmlu_table(path: str, split_path: str) -> pd.DataFrame:
+    """The whole MMLU table with each question's split and seeded rank, read once per file pair
+    (cached: callers copy before they edit)."""
     table = read_parquet_checked(path, ["qid", "subject", "category", "question", "options", "answer"])
     split = read_split_json(split_path)
     merged = table.merge(split[["qid", "split", "rank"]], on="qid", how="left", validate="one_to_one")
@@ -108,7 +110,7 @@ def load_mmlu(
     one); it picks the questions before `split` filters them, so the test part of
     `per_subject=10` is the test half of the same 10. `subjects`: MMLU subject names.
     """
-    table = select_rows(_mmlu_table(str(path), str(split_path)), split, per_subject, subjects,
+    table = select_rows(mmlu_table(str(path), str(split_path)), split, per_subject, subjects,
                         lambda unknown: ValueError(f"unknown MMLU subject(s) {unknown}; known: "
                                                    f"{', '.join(MMLU_SUBJECTS)}"))
     out = table[COLUMNS].reset_index(drop=True).copy()
@@ -151,5 +153,5 @@ def to_questions(frame: pd.DataFrame) -> list[Question]:
 
 __all__: Sequence[str] = [
     "CATEGORIES", "COLUMNS", "MMLU_CATEGORIES", "MMLU_SUBJECTS", "load_mmlu",
-    "load_recorded_outcomes", "load_split", "mmlu_category", "to_questions",
+    "load_recorded_outcomes", "load_split", "mmlu_category", "mmlu_table", "to_questions",
 ]

@@ -128,9 +128,9 @@ def read_metadata(name: str, results_dir: Path | str | None = None) -> dict:
 
 
 def _mmlu() -> Dataset:
-    from cascade_core.records.mmlu import MMLU_SPLIT_PATH, _mmlu_table, MMLU_PATH
+    from cascade_core.records.mmlu import MMLU_SPLIT_PATH, mmlu_table, MMLU_PATH
 
-    table = _mmlu_table(str(MMLU_PATH), str(MMLU_SPLIT_PATH)).copy()
+    table = mmlu_table(str(MMLU_PATH), str(MMLU_SPLIT_PATH)).copy()
     table["options"] = [list(o) for o in table["options"]]
     table["references"] = [[o[a]] for o, a in zip(table["options"], table["answer"])]
     return Dataset("mmlu", "mc", {"name": "mc"}, True, table, "builtin", MMLU_SPLIT_PATH)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from cascade_core.formatting import _ok, ci, num, pct, pts, pvalue, table
+from cascade_core.formatting import ci, has_value, num, pct, pts, pvalue, table
 from cascade_core.report import Report
 from cascade_core.report.api import pick_variant
 from cascade_core.report.ood import OodSection
@@ -152,8 +152,8 @@ def _summary(report: Report) -> list[str]:
     local = [m for m in report.models if not m.recorded]
     acc_text = ", ".join(f"{m.stage} {num(m.accuracy['value'])}" for m in local)
     lines.append(f"- **Accuracy alone (test):** {acc_text} (chance is 0.25 on 4 options).")
-    weak = [m.stage for m in local if m.p_t and _ok(m.p_t["auroc"]) and m.p_t["auroc"] < NEAR_CHANCE_AUROC
-            and not (m.p_ik and _ok(m.p_ik["auroc"]) and m.p_ik["auroc"] >= NEAR_CHANCE_AUROC)]
+    weak = [m.stage for m in local if m.p_t and has_value(m.p_t["auroc"]) and m.p_t["auroc"] < NEAR_CHANCE_AUROC
+            and not (m.p_ik and has_value(m.p_ik["auroc"]) and m.p_ik["auroc"] >= NEAR_CHANCE_AUROC)]
     sig = ", ".join(
         f"{m.stage} P(T) {num(m.p_t['auroc'], '.2f') if m.p_t else '–'}"
         f" / P(IK) {num(m.p_ik['auroc'], '.2f') if m.p_ik else '–'}" for m in local)
@@ -161,7 +161,7 @@ def _summary(report: Report) -> list[str]:
     if weak:
         lines.append(f"  Near chance (< {NEAR_CHANCE_AUROC}) for {', '.join(weak)}: those models cannot tell "
                      "their right answers from their wrong ones, so there is little a threshold can keep safely.")
-    inverted = [m.stage for m in local if m.p_t and _ok(m.p_t["auroc"]) and m.p_t["auroc"] < 0.5]
+    inverted = [m.stage for m in local if m.p_t and has_value(m.p_t["auroc"]) and m.p_t["auroc"] < 0.5]
     if inverted:
         lines.append(f"  P(T) AUROC below 0.5 for {', '.join(inverted)}: more confident on its wrong answers than on "
                      "its right ones (a near-chance model with a favourite letter), so keeping its confident answers "
@@ -198,7 +198,7 @@ def _summary(report: Report) -> list[str]:
     ood = report.ood
     if ood.categories:
         gaps = [v["ood_auroc"] - v["in_distribution_auroc"] for e in ood.categories for v in e["probes"].values()
-                if _ok(v["ood_auroc"]) and _ok(v["in_distribution_auroc"])]
+                if has_value(v["ood_auroc"]) and has_value(v["in_distribution_auroc"])]
         if gaps:
             lines.append(f"- **Out of distribution:** a P(IK) probe that never saw the held-out category scores "
                          f"{sum(gaps) / len(gaps):+.3f} AUROC on average against the "
@@ -296,7 +296,7 @@ def _cascade_prose(report: Report) -> list[str]:
         else:
             text += f"On test it stayed within the target ({pts(-loss)})."
         share = c.share_of_oracle_saving
-        if _ok(share):
+        if has_value(share):
             text += f" It realises {pct(share, 0)} of the oracle's saving at the same target."
         out.append(text)
     return out

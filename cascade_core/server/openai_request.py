@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from cascade_core.server.common import ApiError, validate_body
 
 MAX_NEW_TOKENS = 1024
-_LINE_BREAK = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")  # what str.splitlines() splits on
+LINE_BREAK = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")  # what str.splitlines() splits on
 MAX_TOP_LOGPROBS = 20
 NOT_SUPPORTED = "not supported by a confidence cascade"
 
@@ -134,14 +134,14 @@ class ChatRequest(_Request):
         """An option is one line: a line break inside one would put a second "B." line in the
         prompt, a question the stages were never calibrated on."""
         for i, option in enumerate(value or ()):
-            if _LINE_BREAK.search(option):
+            if LINE_BREAK.search(option):
                 raise ValueError(f"option {i} ({option[:20]!r}) holds a line break: an option is one line")
         return value
 
     @field_validator("subject")
     @classmethod
     def _one_line_subject(cls, value: str) -> str:
-        if _LINE_BREAK.search(value):
+        if LINE_BREAK.search(value):
             raise ValueError("the subject holds a line break: it is one line of the prompt's header")
         return value
 

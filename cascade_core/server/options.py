@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from cascade_core.server.common import check_bind_host, is_loopback, read_token
-from cascade_core.server.openai_request import _LINE_BREAK, MAX_NEW_TOKENS
+from cascade_core.server.openai_request import LINE_BREAK, MAX_NEW_TOKENS
 
 
 def check_max_new_tokens(value: int, flag: str = "--max-new-tokens") -> None:
@@ -26,9 +26,9 @@ def check_route_args(args) -> None:
     as the servers refuse too)."""
     check_max_new_tokens(args.max_new_tokens)
     for i, option in enumerate(args.options or ()):
-        if _LINE_BREAK.search(option):
+        if LINE_BREAK.search(option):
             raise ValueError(f"--options: option {i + 1} ({option[:20]!r}) holds a line break: an option is one line")
-    if args.subject and _LINE_BREAK.search(args.subject):
+    if args.subject and LINE_BREAK.search(args.subject):
         raise ValueError("--subject holds a line break: it is one line of the prompt's header")
 
 
