@@ -4,11 +4,14 @@ the ones here end before loading a model (a refusal, a failure, a stop during st
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -84,6 +87,8 @@ def test_a_status_saying_running_whose_lock_is_free_reads_as_died_and_stop_signa
     assert "ended without a word" in status.error
     assert status.log_tail.splitlines()[-1].strip() == "smollm2-135m 3/6"  # carriage returns resolved
     assert (status.done, status.total) == (2, 6)
+    # Its stage is not shown as running with an ETA: it died with the job.
+    assert status.current is None and status.stages[0].state == "died" and status.stages[0].eta_s is None
     assert bg.stop(where, "sums").state == "died"  # nothing signalled: the lock is free
 
 
@@ -110,3 +115,71 @@ def test_stop_stops_a_job_and_a_new_one_may_start(registered):
     stopped = bg.stop(where, "sums")
     assert stopped.state == "stopped" and not stopped.active
     assert not bg.lock_held(bg.job_files(where, "sums").lock)
+
+
+def test_a_log_tail_read_from_the_middle_of_a_long_log_shows_no_piece_of_a_line(tmp_path):
+    log = tmp_path / "bench-job.log"
+    log.write_text("".join(f"line {i} " + "é" * 40 + "\n" for i in range(1000)), encoding="utf-8")
+    shown = bg.log_tail(log, lines=1000).splitlines()
+    assert all(line.startswith("line ") for line in shown) and shown[-1].startswith("line 999 ")
+
+
+def test_a_job_that_died_can_be_replaced_even_while_another_session_probes_its_lock(registered):
+    """A reader's `lock_held` probe holds the free lock for an instant; a start that meets it
+    must not take a dead job for a running one."""
+    where, source = registered
+    source.unlink()  # the new job fails at once, before any model loads
+    files = bg.job_files(where, "sums")
+    files.status.write_text(json.dumps({"format": bg.FORMAT, "state": "running", "pid": None, "request": {},
+                                        "stages": [{"name": "smollm2-135m", "state": "running", "done": 2,
+                                                    "total": 6}]}))
+    fd = os.open(files.lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the probe, held longer than a real one for the test
+    release = threading.Timer(0.2, os.close, (fd,))
+    release.start()
+    try:
+        started = bg.start(where, "sums", load_preset("default"), stages=["smollm2-135m"])
+    finally:
+        release.join()
+    assert started.state in bg.ACTIVE or started.state == "failed"
+    assert wait_until_over(where, "sums").state == "failed"
+
+
+def test_stop_reaches_a_job_that_has_not_written_its_pid_yet(registered, tmp_path, monkeypatch):
+    """The child writes its pid first thing, but under load its start-up (imports) may take long;
+    Stop must not wait for it and then leave the job running (the starter wrote the pid into the
+    lock file)."""
+    where, source = registered
+    source.unlink()  # should the job ever get past its start-up, it fails before any model loads
+    slow = tmp_path / "slow-python"
+    slow.write_text(f"#!/bin/sh\nsleep 60\nexec {sys.executable} \"$@\"\n")
+    slow.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(slow))
+    first = bg.start(where, "sums", load_preset("default"), stages=["smollm2-135m"])
+    assert first.state == "starting" and first.pid is None
+    began = time.monotonic()
+    try:
+        stopped = bg.stop(where, "sums", grace_s=5)
+    finally:
+        pid = int(bg.job_files(where, "sums").lock.read_text())
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)  # nothing left behind should the stop have failed
+    assert time.monotonic() - began < 9  # not the 10 s wait for a pid in the status file
+    assert stopped.state == "stopped" and "before it could write its last state" in stopped.error
+    assert not bg.lock_held(bg.job_files(where, "sums").lock)
+
+
+def test_the_last_state_written_for_a_dead_job_never_overwrites_a_new_job(registered):
+    where, _ = registered
+    files = bg.job_files(where, "sums")
+    new_job = {"format": bg.FORMAT, "state": "starting", "pid": None, "request": {"stages": ["new"]}, "stages": []}
+    files.status.write_text(json.dumps(new_job))
+    fd = os.open(files.lock, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the new job holds the dataset
+        bg._finish_if_free(files, state="stopped", error="the old job")
+        assert json.loads(files.status.read_text()) == new_job
+    finally:
+        os.close(fd)
+    bg._finish_if_free(files, state="stopped", error="the old job")  # free now: written
+    assert json.loads(files.status.read_text())["state"] == "stopped"

@@ -13,10 +13,13 @@ the dataset's records, which any session (or a shell) can read:
   once a second, by the job only (and by `stop` once the job is gone);
 - `bench-job.log`, the job's own output (its tail is shown, a traceback included);
 - `bench-job.lock`, held with `flock` by the job for its whole life (the starter takes it, then
-  hands the same lock to the child). The kernel frees it when the job ends in any way, so a second
-  job on the same dataset is refused exactly while one runs, and a status still saying "running"
-  whose lock is free is a job that died (killed, out of memory): it reads as `died`, never as a
-  stale PID that blocks a new job or that Stop would signal.
+  hands the same lock to the child, and writes the child's pid into it so Stop can reach a job
+  that has not written its status yet). The kernel frees it when the job ends in any way, so a
+  second job on the same dataset is refused exactly while one runs, and a status still saying
+  "running" whose lock is free is a job that died (killed, out of memory): it reads as `died`
+  (its unfinished stages too), never as a stale PID that blocks a new job or that Stop would
+  signal. Only the lock's holder writes the status: the job, or `stop` for a job that ended
+  without writing its last state (it takes the free lock for that write).
 
 `start`, `read_status` and `stop` are what the app calls; `python -m cascade_core.compose.background
 --status FILE --lock-fd N` is the child (never run by hand).
@@ -153,10 +156,13 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16_000))
+            start = max(0, f.tell() - 16_000)
+            f.seek(start)
             text = f.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
+    if start:  # begun mid-line (maybe mid-character): that piece of a line is not shown
+        text = text.split("\n", 1)[-1]
     shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
     return "\n".join([line for line in shown if line.strip()][-lines:])
 
@@ -187,12 +193,25 @@ def read_status(where: Locations, dataset: str) -> JobStatus | None:
         if state in ACTIVE:
             state = "died"
             error = error or "the job ended without a word (killed, or out of memory?): see its log"
-    stages = tuple(StageProgress(**{k: s.get(k) for k in ("name", "state", "done", "total", "rate", "eta_s")},
-                                 message=s.get("message", "")) for s in doc.get("stages", []))
+    stages = tuple(_stage(s, state, files.status) for s in doc.get("stages", []))
     return JobStatus(dataset=dataset, state=state, stages=stages, request=doc.get("request", {}), pid=doc.get("pid"),
                      started_at=doc.get("started_at"), updated_at=doc.get("updated_at"),
                      finished_at=doc.get("finished_at"), error=error, log_tail=log_tail(files.log),
                      probes=tuple(doc.get("probes", [])))
+
+
+def _stage(entry, job_state: str, path: Path) -> StageProgress:
+    """One stage as the status file has it; a stage left loading or running by a job that is
+    over (stopped, failed, died) takes the job's state and has no ETA."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ValueError(f"{path}: a stage entry without a name: {entry!r}")
+    state = entry.get("state") or "waiting"
+    eta_s = entry.get("eta_s")
+    if job_state not in ACTIVE and state in ("loading", "running"):
+        state, eta_s = job_state, None
+    return StageProgress(name=entry["name"], state=state, done=int(entry.get("done") or 0),
+                         total=int(entry.get("total") or 0), rate=entry.get("rate"), eta_s=eta_s,
+                         message=entry.get("message", ""))
 
 
 def running_jobs(where: Locations) -> list[JobStatus]:
@@ -211,9 +230,10 @@ def running_jobs(where: Locations) -> list[JobStatus]:
 
 # ---- starting and stopping ------------------------------------------------------------------------
 def _try_lock(fd: int, status_path: Path) -> bool:
-    """Take the job's lock; a job that has written its last state but not exited yet (a moment)
-    is waited for, up to 5 s."""
-    deadline = time.monotonic() + 5
+    """Take the job's lock. A job that has written its last state but not exited yet is waited
+    for, up to 5 s; otherwise up to 0.5 s, for `lock_held`'s probe (another session reading the
+    status holds the free lock for an instant) must not pass for a running job."""
+    began = time.monotonic()
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -225,9 +245,37 @@ def _try_lock(fd: int, status_path: Path) -> bool:
             finished = (_read_doc(status_path) or {}).get("state") not in ACTIVE
         except ValueError:
             finished = False
-        if not finished or time.monotonic() > deadline:
+        if time.monotonic() - began > (5.0 if finished else 0.5):
             return False
         time.sleep(0.05)
+
+
+def _lock_pid(path: Path) -> int | None:
+    """The job's pid as its starter wrote it into the lock file (None before that)."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _finish_if_free(files: JobFiles, **fields) -> None:
+    """Write the last state of a job that ended without writing it. The free lock is taken for
+    the write, so a new job that took the dataset meanwhile is never overwritten."""
+    fd = os.open(files.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return  # a job holds it: its status is its own
+            raise
+        doc = _read_doc(files.status)
+        if doc is not None and doc.get("state") in ACTIVE:
+            now = time.time()
+            atomic_write_json(files.status, {**doc, "updated_at": now, "finished_at": now, **fields})
+    finally:
+        os.close(fd)
 
 
 def start(where: Locations, dataset: str, preset, stages: Sequence[str] | None = None,
@@ -237,17 +285,24 @@ def start(where: Locations, dataset: str, preset, stages: Sequence[str] | None =
     in a child process; returns its first status. Refused (`JobRefused`) while a job runs on this
     dataset, for MMLU (its runs are `make bench`'s), and for a preset without a local stage.
     `probes`: then train the P(IK) probes on the records (when the dataset has answers)."""
+    from cascade_core.compose.formats import emulated_stages
+    from cascade_core.compose.jobs import bench_configs
+    from cascade_core.number_format import ALLOW_EMULATED_ENV, emulated_bf16_refusal
     from cascade_core.records.registry import read_metadata
 
     if dataset == "mmlu":
         raise JobRefused("MMLU is benchmarked with `make bench` / `python -m cascade_core bench`, "
                          "not as a background job")
     meta = read_metadata(dataset, where.results)  # a registered dataset, or a clear error
-    configs = [c for c in preset.stages + preset.extra_stages
-               if c.backend != "recorded" and (c.name in stages if stages else c.enabled and c in preset.stages)]
+    # The named stages, else the preset's enabled ones (not its extra stages); recorded ones never run.
+    configs = [c for c in bench_configs(preset, stages)
+               if c.backend != "recorded" and (stages or (c.enabled and c in preset.stages))]
     if not configs:
         raise JobRefused(f"preset {preset.name!r} has no local stage to benchmark"
                          + (f" among {', '.join(stages)}" if stages else ""))
+    emulated = emulated_stages(configs)
+    if emulated and os.environ.get(ALLOW_EMULATED_ENV, "").strip() != "1":  # the child inherits this environment
+        raise JobRefused(emulated_bf16_refusal(emulated))
     files = job_files(where, dataset)
     files.lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(files.lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -277,6 +332,8 @@ def start(where: Locations, dataset: str, preset, stages: Sequence[str] | None =
             atomic_write_json(files.status, {**_read_doc(files.status), "state": "failed", "finished_at": time.time(),
                                              "error": f"the job could not start: {err}"})
             raise JobRefused(f"the job could not start: {err}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{proc.pid}\n".encode("ascii"), 0)  # Stop's way to the job before it writes its status
         # Reap it when it ends (no zombie left in a long-lived server); nothing waits for this thread.
         threading.Thread(target=proc.wait, name=f"bench-job-{dataset}", daemon=True).start()
     finally:
@@ -292,14 +349,17 @@ def stop(where: Locations, dataset: str, grace_s: float = STOP_GRACE_S) -> JobSt
     status = read_status(where, dataset)
     if status is None or not status.active:
         return status
-    pid = status.pid
-    if pid is None:  # the child has not written its pid yet (it does so first thing)
+    pid = status.pid or _lock_pid(files.lock)
+    if pid is None:  # a job started by an older version that has not written its pid yet
         deadline = time.monotonic() + 10
         while pid is None and lock_held(files.lock) and time.monotonic() < deadline:
             time.sleep(0.1)
-            pid = (_read_doc(files.status) or {}).get("pid")
-    if pid is None or not lock_held(files.lock):
+            pid = (_read_doc(files.status) or {}).get("pid") or _lock_pid(files.lock)
+    if not lock_held(files.lock):
         return read_status(where, dataset)
+    if pid is None:
+        raise JobRefused(f"the job on {dataset!r} holds {files.lock} but no process id is known after 10 s; "
+                         "try again, or end it from a shell")
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pid, sig)
@@ -310,11 +370,8 @@ def stop(where: Locations, dataset: str, grace_s: float = STOP_GRACE_S) -> JobSt
             time.sleep(0.1)
         if not lock_held(files.lock):
             break
-    doc = _read_doc(files.status) or {}
-    if doc.get("state") in ACTIVE and not lock_held(files.lock):  # killed before it could say so
-        now = time.time()
-        atomic_write_json(files.status, {**doc, "state": "stopped", "updated_at": now, "finished_at": now,
-                                         "error": "stopped (killed after the grace period)"})
+    _finish_if_free(files, state="stopped", error="stopped before it could write its last state "
+                                                  "(killed, or ended by the signal during start-up)")
     return read_status(where, dataset)
 
 
@@ -364,16 +421,19 @@ def _progress(status: _Status, name: str):
 def run_job(status_path: Path) -> int:
     """The child: benchmark each requested stage, then (optionally) train the probes; every step
     is in the status file. Returns the exit code."""
-    status = _Status(status_path)
-    status.write(force=True, pid=os.getpid())
-
     def on_signal(signum, frame):
+        # Once: a second SIGTERM must not break off the handler that writes `stopped`.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise Stopped(signal.Signals(signum).name)
 
+    # Before the first write: a Stop that comes at once is a `stopped` job, not a killed one.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    status = _Status(status_path)
     request = status.doc["request"]
     try:
+        status.write(force=True, pid=os.getpid())
         if request.get("nice"):
             os.nice(int(request["nice"]))
         code = _run(status, request)
@@ -389,9 +449,7 @@ def run_job(status_path: Path) -> int:
 
 
 def _run(status: _Status, request: dict) -> int:
-    from cascade_core.compose.formats import emulated_stages
     from cascade_core.compose.jobs import bench_questions, bench_stage, train_probes
-    from cascade_core.number_format import ALLOW_EMULATED_ENV, emulated_bf16_refusal
     from cascade_core.presets import parse_preset
     from cascade_core.records.schema import labelled_rows
 
@@ -401,10 +459,7 @@ def _run(status: _Status, request: dict) -> int:
                       policies=Path(request["policies"]))
     dataset = request["dataset"]
     configs = {c.name: c for c in preset.stages + preset.extra_stages}
-    chosen = [configs[n] for n in request["stages"]]
-    emulated = emulated_stages(chosen)
-    if emulated and os.environ.get(ALLOW_EMULATED_ENV, "").strip() != "1":
-        raise JobRefused(emulated_bf16_refusal(emulated))
+    chosen = [configs[n] for n in request["stages"]]  # checked by `start` (emulated bfloat16 refused there)
     questions = bench_questions(dataset, per_subject=request.get("per_subject"), results_dir=where.results)
     for entry in status.doc["stages"]:
         entry["total"] = len(questions)

@@ -1,8 +1,11 @@
 """The offline jobs: benchmark a preset's stages, train their probes and write P(IK) back.
 
-The CLI and the app's Benchmarks page call these, so a benchmark started from either writes the
-same files in the same places (`locations`). They wire, they do not compute: the runner is
-`bench.run_stage`, the probe `probe_training.train_probe`, the columns `record_schema`.
+What a benchmark does, not how it is run: the CLI calls these in the foreground, the app's
+background job (`compose.background`: a child process, its status file and lock) calls the same
+ones, so a benchmark started from either writes the same files in the same places (`locations`).
+They wire, they do not compute: the runners are `records.runner.run_stage` and
+`records.freeform_runner.run_freeform_stage`, the probe `records.probe_training.train_probe`, the
+columns `records.schema`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def bench_questions(dataset: str = "mmlu", split: str | None = None, per_subject
                     subjects: Sequence[str] | None = None, results_dir=None) -> pd.DataFrame:
     """The questions a benchmark runs, round-robin over subjects in their seeded order, so a run
     stopped part-way leaves a balanced per-subject sample, half calibration and half test.
-    `dataset`: `mmlu` or anything `dataset_registry.resolve_dataset` takes (a file's split and
+    `dataset`: `mmlu` or anything `records.registry.resolve_dataset` takes (a file's split and
     metadata are then stored under `results_dir`, the records' folder)."""
     from cascade_core.records.mmlu import load_mmlu
     from cascade_core.records.split import seeded_ranks
@@ -51,8 +54,8 @@ def bench_stage(config: StageConfig, questions: pd.DataFrame, where: Locations, 
                 backend=None, batch_size: int | None = None, progress: Progress | None = None,
                 backfill: bool = False, max_new_tokens: int | None = None):
     """One stage over `questions` (resumable): its records, or with `backfill` only the missing
-    hidden-state features (returns `bench.backfill_features`'s counts). Questions without options
-    are answered in free form (`freeform_bench`), graded by the dataset's grader."""
+    hidden-state features (returns `records.runner.backfill_features`'s counts). Questions without
+    options are answered in free form (`records.freeform_runner`), graded by the dataset's grader."""
     if config.backend == "recorded":
         raise ValueError(f"stage {config.name!r} replays recorded outcomes: there is nothing to run")
     free = "options" in questions and len(questions) > 0 and not any(len(o) for o in questions["options"])
