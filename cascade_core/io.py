@@ -77,3 +77,21 @@ def read_parquet_checked(path: Path | str, required: Sequence[str] = ()) -> pd.D
     if missing:
         raise CorruptFileError(f"{path} lacks columns {missing}")
     return frame
+
+
+def log_tail(path: Path | str, lines: int = 20, max_bytes: int = 16_000) -> str:
+    """The last `lines` non-blank lines of a child process's log (a background job's, a vLLM
+    server's), read from its last `max_bytes` only (a long log is never read whole), progress
+    bars' carriage returns resolved to what the terminal last showed; "" when there is no log."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            start = max(0, f.tell() - max_bytes)
+            f.seek(start)
+            text = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    if start:  # begun mid-line (maybe mid-character): that piece of a line is not shown
+        text = text.split("\n", 1)[-1]
+    shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+    return "\n".join([line for line in shown if line.strip()][-lines:])

@@ -118,9 +118,11 @@ def test_stop_stops_a_job_and_a_new_one_may_start(registered):
 
 
 def test_a_log_tail_read_from_the_middle_of_a_long_log_shows_no_piece_of_a_line(tmp_path):
+    from cascade_core.io import log_tail
+
     log = tmp_path / "bench-job.log"
     log.write_text("".join(f"line {i} " + "é" * 40 + "\n" for i in range(1000)), encoding="utf-8")
-    shown = bg.log_tail(log, lines=1000).splitlines()
+    shown = log_tail(log, lines=1000).splitlines()
     assert all(line.startswith("line ") for line in shown) and shown[-1].startswith("line 999 ")
 
 

