@@ -35,6 +35,7 @@ from cascade_core.monitor.trace_store import TraceStore, text_hash
 
 log = logging.getLogger("cascade_core.monitor")
 KINDS = ("mc", "free")
+ORPHAN_AFTER_S = 60.0  # an audit job whose response has not started it by then is started anyway
 
 
 @dataclass(frozen=True)
@@ -311,26 +312,38 @@ class Monitor:
                 last = trace.steps[-1]
                 row.update(audit="free", loss=0, reference_flops=last.flops, reference_dollars=last.dollars)
         trace_id = self.store.add(row)
+        if info is not None:
+            self._raise(info.hash, self.watches[kind].add_row({**row, "id": trace_id}))
         if job is not None:
             job.trace_id = trace_id
             with self._lock:
+                # The key is the trace object's id(): one already there belongs to a trace that is
+                # gone (its response never ran its background task) and whose id was reused.
+                replaced = self._jobs.pop(id(trace), None)
                 self._jobs[id(trace)] = job
-                stale = [k for k, j in self._jobs.items() if time.monotonic() - j.created > 60.0]
-                stale_jobs = [self._jobs.pop(k) for k in stale]
-            for j in stale_jobs:  # a response whose background task never ran (client gone)
-                self.auditor.submit(j)
-        if info is not None:
-            self._raise(info.hash, self.watches[kind].add_row({**row, "id": trace_id}))
+            self._submit_orphans([replaced] if replaced is not None else [])
         return trace_id
 
+    def _submit_orphans(self, found: list[AuditJob]) -> None:
+        """Start the audits whose response never came back for them (client gone), with `found`:
+        a job left waiting would hold its trace "pending" and, with it, every later loss out of
+        the confidence sequence."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [k for k, j in self._jobs.items() if now - j.created > ORPHAN_AFTER_S]
+            found = found + [self._jobs.pop(k) for k in stale]
+        for job in found:
+            self.auditor.submit(job)
+
     def after_response(self, trace) -> None:
-        """The response has been sent: start this trace's audit, if it has one."""
+        """The response has been sent: start this trace's audit, if it has one (and any audit
+        whose response never came back for it)."""
         if trace is None:
+            self._submit_orphans([])
             return
         with self._lock:
             job = self._jobs.pop(id(trace), None)
-        if job is not None:
-            self.auditor.submit(job)
+        self._submit_orphans([job] if job is not None else [])
 
     def _audit_done(self, job: AuditJob, columns: dict) -> None:
         try:
@@ -349,7 +362,12 @@ class Monitor:
             except Exception as err:  # noqa: BLE001 - logged above; the fallback below still applies
                 log.error("monitor: could not store the alarm: %s", err)
             if kind == "recertification" and numbers.get("status") == "broken" and self.fallback_enabled:
-                self.store.set_fallback(policy_hash, message)
+                try:
+                    self.store.set_fallback(policy_hash, message)
+                except Exception:  # logged with the traceback; the alarm above stands (the caller's trace is stored)
+                    log.exception("monitor: could not store the fallback of policy %s: it is NOT in force",
+                                  policy_hash[:12])
+                    continue
                 log.warning("monitor: policy %s falls back to its last stage alone until re-calibrated",
                             policy_hash[:12])
 
