@@ -179,9 +179,9 @@ def test_the_last_state_written_for_a_dead_job_never_overwrites_a_new_job(regist
     fd = os.open(files.lock, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the new job holds the dataset
-        bg._finish_if_free(files, state="stopped", error="the old job")
+        bg.finish_if_free(files, state="stopped", error="the old job")
         assert json.loads(files.status.read_text()) == new_job
     finally:
         os.close(fd)
-    bg._finish_if_free(files, state="stopped", error="the old job")  # free now: written
+    bg.finish_if_free(files, state="stopped", error="the old job")  # free now: written
     assert json.loads(files.status.read_text())["state"] == "stopped"

@@ -243,7 +243,7 @@ def _lock_pid(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _finish_if_free(files: JobFiles, **fields) -> None:
+def finish_if_free(files: JobFiles, **fields) -> None:
     """Write the last state of a job that ended without writing it. The free lock is taken for
     the write, so a new job that took the dataset meanwhile is never overwritten."""
     fd = os.open(files.lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -354,7 +354,7 @@ def stop(where: Locations, dataset: str, grace_s: float = STOP_GRACE_S) -> JobSt
             time.sleep(0.1)
         if not lock_held(files.lock):
             break
-    _finish_if_free(files, state="stopped", error="stopped before it could write its last state "
+    finish_if_free(files, state="stopped", error="stopped before it could write its last state "
                                                   "(killed, or ended by the signal during start-up)")
     return read_status(where, dataset)
 
