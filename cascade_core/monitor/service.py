@@ -34,7 +34,6 @@ from cascade_core.monitor.recertify import BettingCS, Certification, certificati
 from cascade_core.monitor.trace_store import TraceStore, text_hash
 
 log = logging.getLogger("cascade_core.monitor")
-KINDS = ("mc", "free")
 ORPHAN_AFTER_S = 60.0  # an audit job whose response has not started it by then is started anyway
 
 
