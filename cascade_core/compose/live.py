@@ -115,7 +115,7 @@ def build_cascade(preset: Preset, only: Sequence[str] | None = None, progress: b
     """Every stage of `preset` (or the ones named in `only`, in preset order), ready to run, with
     the thresholds `compose.policies.applied_policy` picks (the calibrated policy file if any), and
     for free-form questions the preset's calibrated free-form policy, if any (`apply_free_form`)."""
-    from cascade_core.compose.policies import FREE_FORM_DATASET, applied_policy, apply_free_form, apply_to_stages
+    from cascade_core.compose.policies import apply_free_form, apply_to_stages, policy_for_question
 
     configs = list(preset.stages)
     if only:
@@ -126,8 +126,9 @@ def build_cascade(preset: Preset, only: Sequence[str] | None = None, progress: b
     preset.check_files([c.name for c in configs])  # a missing probe or combiner file, before any model loads
     if only and thresholds == "auto":  # a calibrated policy is a guarantee for the whole cascade only
         thresholds = "preset"
-    applied = applied_policy(preset, where, thresholds)  # a bad policy file, before any model loads
-    free_form = applied_policy(preset, where, "preset" if thresholds == "preset" else "auto", FREE_FORM_DATASET)
+    # each kind's policy (`policy_for_question`); a bad policy file is refused before any model loads
+    applied = policy_for_question(preset, True, None, where, thresholds).applied
+    free_form = policy_for_question(preset, False, None, where, "preset" if thresholds == "preset" else "auto").applied
     stages = apply_to_stages([runtime_stage(c) for c in configs], applied, preset)
     return apply_free_form(stages, free_form, preset)
 

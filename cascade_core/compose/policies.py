@@ -5,6 +5,11 @@ preset's calibrated policy file when there is one (`<policies>/<preset>.json`), 
 thresholds written in the preset; `thresholds="preset"` forces the latter. Whichever applies
 comes with a one-line description the user is shown, and the stages calibration switched off
 come with the reason.
+
+Which dataset's policy file a question runs with is decided here too (`policy_for_question`): the
+question's own dataset's (`calibrate --dataset X` wrote `<policies>/X/<preset>.json`) when it has
+one, else the policy of its kind (`kind_dataset`: MMLU's for multiple choice, the shipped free-form
+set's for free-form), with the reason, so that `route`, `serve` and the app never differ on it.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class AppliedPolicy:
     off_reasons: dict[str, str] = field(default_factory=dict)
     file: Path | None = None
     biases: tuple = ()  # per stage (policy file order): a bias.LetterBias or None; () = none
+    guarantee: dict = field(default_factory=dict)  # the policy file's `guarantee` ({}: the preset's thresholds)
 
 
 def applied_policy(preset: Preset | str, where: Locations | None = None,
@@ -69,7 +75,124 @@ def applied_policy(preset: Preset | str, where: Locations | None = None,
                                 f"`python -m cascade_core calibrate --preset {preset.name}` first")
     found = read_policy_file(path, expect_stages=calibration_stages(preset))
     return AppliedPolicy("calibrated", f"thresholds: {found.description}", policy=found.cascade_policy(),
-                         off_reasons=dict(found.off_reasons), file=path, biases=found.letter_biases())
+                         off_reasons=dict(found.off_reasons), file=path, biases=found.letter_biases(),
+                         guarantee=dict(found.guarantee))
+
+
+def kind_dataset(multiple_choice: bool) -> str:
+    """The dataset whose policy a question of this kind runs with when its own dataset has none:
+    MMLU's for multiple choice, `FREE_FORM_DATASET`'s for free-form (a policy certified on one kind
+    of question says nothing about the other)."""
+    return "mmlu" if multiple_choice else FREE_FORM_DATASET
+
+
+def guarantee_summary(guarantee: dict) -> str:
+    """A policy file's guarantee in words: labelled or label-free, target (or budget) and delta, e.g.
+    "label-free: at most 1 pt lost against the last stage's answers, with probability >= 90% (delta 0.1)";
+    "no guarantee" for the preset's own thresholds ({})."""
+    if not guarantee:
+        return "no guarantee (the preset's own thresholds)"
+    delta = guarantee.get("delta")
+    odds = f", with probability >= {1 - float(delta):.0%} (delta {float(delta):g})" if delta is not None else ""
+    if guarantee.get("mode") == "budget":
+        return f"budget: at most {guarantee.get('budget'):g} {guarantee.get('unit', '')} per question{odds}"
+    target = guarantee.get("target_pt")
+    target = f"{float(target):g}" if target is not None else "?"
+    if guarantee.get("loss") == "label_free":
+        return f"label-free: at most {target} pt lost against the last stage's answers, for any labels{odds}"
+    return f"labelled: at most {target} accuracy pt lost against the last stage{odds}"
+
+
+@dataclass(frozen=True)
+class QuestionPolicy:
+    """The policy one question runs with (`policy_for_question`): the applied policy, whose dataset's
+    file it is, whether that is the question's own dataset, and why, in one sentence."""
+
+    applied: AppliedPolicy
+    dataset: str  # whose policy file applies (or was looked for, when the preset's thresholds apply)
+    own: bool  # True: the question's own dataset's policy file
+    reason: str
+    multiple_choice: bool = True  # the question's kind
+
+    @property
+    def guarantee(self) -> str:
+        return guarantee_summary(self.applied.guarantee)
+
+
+def policy_for_question(preset: Preset | str, multiple_choice: bool, dataset: str | None = None,
+                        where: Locations | None = None, thresholds: ThresholdSource = "auto") -> QuestionPolicy:
+    """The calibrated policy a question runs with: its own dataset's (`dataset`, where it was drawn
+    from; None for a typed question) when that dataset has a policy file for this preset, else its
+    kind's (`kind_dataset`), else the preset's thresholds; a policy file present but unusable is an
+    error (`applied_policy`), never skipped. The caller vouches that the question is of `dataset`'s
+    kind (its questions are either all multiple choice or all free-form)."""
+    preset = load_preset(preset) if not isinstance(preset, Preset) else preset
+    kind = "multiple-choice" if multiple_choice else "free-form"
+    fallback = kind_dataset(multiple_choice)
+    if thresholds == "preset":
+        return QuestionPolicy(applied_policy(preset, where, "preset", fallback), fallback, False,
+                              "the preset's own thresholds were asked for (thresholds=preset)", multiple_choice)
+    if dataset and dataset != fallback:
+        own_path = policy_path(preset, where, dataset)
+        if own_path.exists():
+            return QuestionPolicy(applied_policy(preset, where, thresholds, dataset), dataset, True,
+                                  f"{dataset} has its own calibrated policy file (`calibrate --dataset {dataset}`)",
+                                  multiple_choice)
+    applied = applied_policy(preset, where, thresholds, fallback)
+    if dataset == fallback:
+        reason = (f"{dataset} has its own calibrated policy file (`calibrate --dataset {dataset}`), which is also the "
+                  f"policy for {kind} questions" if applied.policy is not None else
+                  f"{dataset} has no calibrated policy file ({policy_path(preset, where, fallback)}): the preset's "
+                  "own thresholds apply")
+        return QuestionPolicy(applied, fallback, applied.policy is not None, reason, multiple_choice)
+    if dataset:
+        lacks = (f"{dataset} has no calibrated policy file of its own (`calibrate --dataset {dataset}` writes "
+                 f"{policy_path(preset, where, dataset)})")
+    else:
+        lacks = "a typed question comes from no dataset"
+    reason = (f"{lacks}, so this {kind} question runs with the policy for its kind, {fallback}'s"
+              if applied.policy is not None else
+              f"{lacks}, and the policy for its kind ({fallback}'s, {policy_path(preset, where, fallback)}) was not "
+              "calibrated: the preset's own thresholds apply")
+    return QuestionPolicy(applied, fallback, False, reason, multiple_choice)
+
+
+def apply_question_policy(stages: Sequence, chosen: QuestionPolicy, multiple_choice: bool,
+                          where: Locations | None = None) -> list:
+    """The runtime stages (their `policy` already the one to run) as they run a question under
+    `chosen`: when that is the question's own dataset's policy rather than its kind's, each stage
+    reads P(IK) with the probe trained on that dataset's records (`probes train --dataset X`,
+    `<probes>/X/<stage>.npz`), since the policy was certified on that probe's P(IK); a stage without
+    one has no P(IK). A calibrated policy that reads P(IK) at a stage before the last that has no
+    probe for this kind of question is refused (it was certified on a signal the stage lacks), as
+    `apply_free_form` does; the MMLU policy of a multiple-choice question keeps today's rule (it
+    routes on P(T) alone there, and the trace says so)."""
+    where = where or locations()
+    slot = "probe" if multiple_choice else "free_form_probe"
+    stages = list(stages)
+    if chosen.own and chosen.dataset != kind_dataset(multiple_choice):
+        stages = [replace(s, **{slot: _dataset_probe(s, chosen.dataset, where)}) for s in stages]
+    if chosen.applied.policy is None or (multiple_choice and chosen.dataset == "mmlu"):
+        return stages
+    enabled = [s for s in stages if s.policy.enabled]
+    needs = [s.name for s in enabled[:-1] if s.policy.rule != "pt_only" and getattr(s, slot) is None]
+    if needs:
+        raise ValueError(f"{chosen.applied.file}: its rule(s) read P(IK) at {', '.join(needs)}, which has no probe "
+                         f"trained on {chosen.dataset}'s records: train it (`probes train --dataset {chosen.dataset}`) "
+                         "or calibrate with --rule pt_only")
+    return stages
+
+
+def _dataset_probe(stage, dataset: str, where: Locations):
+    """A stage's P(IK) probe trained on `dataset`'s records, or None (no file, or no hidden states)."""
+    if stage.recorded or not getattr(stage.backend, "has_hidden_states", False):
+        return None
+    path = where.probe_path(stage, dataset)
+    if not path.exists():
+        return None
+    from cascade_core.probe import PIKProbe
+
+    return PIKProbe.load(path, expected_model_id=stage.backend.model_id)
 
 
 def apply_free_form(stages: Sequence, applied: AppliedPolicy, preset: Preset) -> list:
