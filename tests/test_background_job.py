@@ -79,7 +79,7 @@ def test_a_status_saying_running_whose_lock_is_free_reads_as_died_and_stop_signa
     dead.wait()  # a real PID that no longer runs (as after a kill -9 or an OOM)
     files = bg.job_files(where, "sums")
     files.status.write_text(json.dumps({"format": bg.FORMAT, "state": "running", "pid": dead.pid, "request": {},
-                                        "started_at": time.time() - 60, "stages": [
+                                        "started_at": time.time() - 60, "updated_at": time.time() - 30, "stages": [
                                             {"name": "smollm2-135m", "state": "running", "done": 2, "total": 6}]}))
     files.log.write_text("Loading weights\nsmollm2-135m 2/6\r smollm2-135m 3/6\n")
     status = bg.read_status(where, "sums")
@@ -89,6 +89,7 @@ def test_a_status_saying_running_whose_lock_is_free_reads_as_died_and_stop_signa
     assert (status.done, status.total) == (2, 6)
     # Its stage is not shown as running with an ETA: it died with the job.
     assert status.current is None and status.stages[0].state == "died" and status.stages[0].eta_s is None
+    assert 29 < status.elapsed_s < 31  # from its start to when it was last heard of, not to now
     assert bg.stop(where, "sums").state == "died"  # nothing signalled: the lock is free
 
 
@@ -159,14 +160,13 @@ def test_stop_reaches_a_job_that_has_not_written_its_pid_yet(registered, tmp_pat
     monkeypatch.setattr(sys, "executable", str(slow))
     first = bg.start(where, "sums", load_preset("default"), stages=["smollm2-135m"])
     assert first.state == "starting" and first.pid is None
-    began = time.monotonic()
     try:
         stopped = bg.stop(where, "sums", grace_s=5)
     finally:
         pid = int(bg.job_files(where, "sums").lock.read_text())
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)  # nothing left behind should the stop have failed
-    assert time.monotonic() - began < 9  # not the 10 s wait for a pid in the status file
+    # Before, Stop waited 10 s for a pid in the status file, then returned with the job still running.
     assert stopped.state == "stopped" and "before it could write its last state" in stopped.error
     assert not bg.lock_held(bg.job_files(where, "sums").lock)
 

@@ -169,7 +169,7 @@ def read_status(where: Locations, dataset: str) -> JobStatus | None:
     doc = _read_doc(files.status)
     if doc is None:
         return None
-    state, error = doc.get("state", "starting"), doc.get("error")
+    state, error, finished_at = doc.get("state", "starting"), doc.get("error"), doc.get("finished_at")
     if state in ACTIVE and not lock_held(files.lock):
         # Re-read: the job may have written its last state between the two reads.
         doc = _read_doc(files.status) or doc
@@ -177,10 +177,14 @@ def read_status(where: Locations, dataset: str) -> JobStatus | None:
         if state in ACTIVE:
             state = "died"
             error = error or "the job ended without a word (killed, or out of memory?): see its log"
+            # Its last word is when it was last heard of: its time does not run on after its death.
+            finished_at = doc.get("updated_at") or doc.get("started_at")
+        else:
+            finished_at = doc.get("finished_at")
     stages = tuple(_stage(s, state, files.status) for s in doc.get("stages", []))
     return JobStatus(dataset=dataset, state=state, stages=stages, request=doc.get("request", {}), pid=doc.get("pid"),
                      started_at=doc.get("started_at"), updated_at=doc.get("updated_at"),
-                     finished_at=doc.get("finished_at"), error=error, log_tail=log_tail(files.log, LOG_TAIL_LINES),
+                     finished_at=finished_at, error=error, log_tail=log_tail(files.log, LOG_TAIL_LINES),
                      probes=tuple(doc.get("probes", [])))
 
 
