@@ -16,7 +16,7 @@ MISSING = "–"
 
 def has_value(x) -> bool:
     """A value to show: not None and not a float NaN (inf still formats); what every formatter here tests."""
-    return x is not None and not (isinstance(x, float) and math.isnan(x))
+    return x is not None and not (isinstance(x, (float, np.floating)) and math.isnan(x))  # np.float32 too
 
 
 def pct(x, digits: int = 1, signed: bool = False) -> str:
