@@ -361,10 +361,10 @@ def up(source, *, base_port: int = DEFAULT_BASE_PORT, hidden: bool = True, timeo
     try:
         for spec in specs:
             started.append(start_server(spec, python, state_dir() / "logs"))
+            write_record(started)  # at once: should `up` itself be killed now, `down` still finds them
             if progress:
                 progress(f"started {spec.stage} ({spec.runner}) pid {started[-1].pid} on port {spec.port}, "
                          f"log {started[-1].log}")
-        write_record(started)
         wait_healthy(started, timeout_s, progress)
     except BaseException:
         stop_servers(started)
