@@ -139,16 +139,23 @@ def lock_held(path: Path) -> bool:
     except FileNotFoundError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+        if not _take_lock(fd):
             return True
-        raise
-    else:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return False
     finally:
         os.close(fd)
+
+
+def _take_lock(fd: int) -> bool:
+    """Take the lock without waiting; False while another open file holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        raise
+    return True
 
 
 def _read_doc(path: Path) -> dict | None:
@@ -222,13 +229,7 @@ def _try_lock(fd: int, status_path: Path) -> bool:
     for, up to 5 s; otherwise up to 0.5 s, for `lock_held`'s probe (another session reading the
     status holds the free lock for an instant) must not pass for a running job."""
     began = time.monotonic()
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
+    while not _take_lock(fd):
         try:
             finished = (_read_doc(status_path) or {}).get("state") not in ACTIVE
         except ValueError:
@@ -236,6 +237,7 @@ def _try_lock(fd: int, status_path: Path) -> bool:
         if time.monotonic() - began > (5.0 if finished else 0.5):
             return False
         time.sleep(0.05)
+    return True
 
 
 def _lock_pid(path: Path) -> int | None:
@@ -252,12 +254,8 @@ def finish_if_free(files: JobFiles, **fields) -> None:
     the write, so a new job that took the dataset meanwhile is never overwritten."""
     fd = os.open(files.lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return  # a job holds it: its status is its own
-            raise
+        if not _take_lock(fd):
+            return  # a job holds it: its status is its own
         doc = _read_doc(files.status)
         if doc is not None and doc.get("state") in ACTIVE:
             now = time.time()
