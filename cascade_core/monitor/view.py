@@ -55,11 +55,6 @@ def summarise(db: Path | str, every: int = 10) -> dict:
                 "alarms": store.alarms(limit=50), "read_at": time.time()}
 
 
-def _pt(value) -> str:
-    return "n/a" if value is None or (isinstance(value,
-                                                 float) and not math.isfinite(value)) else f"{100 * value:.2f} pt"
-
-
 def render_text(summary: dict) -> str:
     """The terminal view of `summarise`."""
     lines = [f"trace database {summary['db']}: {summary['questions']:,} questions"]
