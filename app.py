@@ -145,7 +145,7 @@ def home() -> None:
     st.subheader("Pages")
     cols = st.columns(4)
     for col, (page, text) in zip(cols, PAGE_TEXT.items()):
-        col.page_link(page)
+        col.page_link(page, query_params=datasets.link_params())  # the dataset picked travels with the link
         col.caption(text)
 
 

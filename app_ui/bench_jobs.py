@@ -229,5 +229,7 @@ def calibrate_section(preset: Preset, dataset: str, meta: dict, job_active: bool
                 if figures.get("accuracy") is not None else "")
     st.success(f"{found.description} → `{path}`\n\n" + "\n".join(lines) + f"\n\nOn calibration: {agreement}{accuracy}"
                f"{figures['unit']} saved {figures['cost_reduction']:.1%}.")
+    from app_ui.datasets import PARAM
+
     st.page_link("pages/2_Explore_thresholds.py", label=f"Explore {dataset} from this policy",
-                 icon=":material/tune:")
+                 icon=":material/tune:", query_params={PARAM: dataset})

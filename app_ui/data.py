@@ -296,6 +296,37 @@ def applied(preset: Preset, dataset: str = "mmlu"):
     return _cached_applied(preset.model_dump_json(), str(where().policies), _signature([path]), dataset)
 
 
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _cached_question_policy(preset_json: str, policies: str, signature: tuple, multiple_choice: bool,
+                            dataset: str | None):
+    from cascade_core.compose.policies import QuestionPolicy, kind_dataset, policy_for_question
+    from cascade_core.locations import locations as make_locations
+
+    preset = parse_preset(json.loads(preset_json), "session preset")
+    where_ = make_locations(policies_dir=policies)
+    try:
+        return policy_for_question(preset, multiple_choice, dataset, where_), None
+    except (ValueError, OSError, KeyError) as err:
+        fallback = policy_for_question(preset, multiple_choice, dataset, where_, thresholds="preset")
+        return (QuestionPolicy(fallback.applied, dataset or kind_dataset(multiple_choice), False,
+                               f"the policy file cannot be used here ({err}): the preset's own thresholds apply",
+                               multiple_choice),
+                f"the calibrated policy file cannot be used here: {err}")
+
+
+def question_policy(preset: Preset, multiple_choice: bool, dataset: str | None):
+    """(QuestionPolicy, problem or None): the policy a question drawn from `dataset` (None: typed) runs
+    with, as `route` and `serve` choose it (`compose.policies.policy_for_question`: its dataset's own
+    policy file, else its kind's); a file present but unusable gives the preset's thresholds and the
+    problem, as `applied` does."""
+    from cascade_core.compose.policies import kind_dataset, policy_path
+
+    looked_at = dict.fromkeys(filter(None, (dataset, kind_dataset(multiple_choice))))
+    paths = [policy_path(preset, where(), d) for d in looked_at]
+    return _cached_question_policy(preset.model_dump_json(), str(where().policies), _signature(paths),
+                                   bool(multiple_choice), dataset)
+
+
 @st.cache_data(show_spinner=False, max_entries=4)
 def dataset_questions(name: str, split: str = "test"):
     """A shipped dataset's questions of one split (qid, subject, question, options, references), as

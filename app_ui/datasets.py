@@ -6,6 +6,11 @@ Every page calls `dataset_picker(PAGE)` near its top. The choice lives under a k
 The names are the registry's (`dataset_registry.known_datasets`: the built-in sets and every
 file registered under the results folder); the pages ask cascade_core for the records, splits and
 policies of the chosen one. `question_picker` lets the Route page take a question from any of them.
+
+The choice travels in the URL too, as `?dataset=<name>` (MMLU, the default, leaves the URL
+clean): a shared link such as `/explore?dataset=arith` opens a fresh session on arith, and a link
+between pages carries it (`link_params`). The URL's value is taken when it is new (a link was
+followed), never over a choice made in the picker since.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from app_ui.data import where
 
 DATASET_KEY = "_dataset_name"
 DEFAULT = "mmlu"
+PARAM = "dataset"  # the URL's query parameter
+URL_KEY = "_dataset_in_url"  # the value this session last put in (or took from) the URL
 
 
 def known() -> list[str]:
@@ -71,10 +78,44 @@ def _remember(widget_key: str) -> None:
     st.session_state[DATASET_KEY] = st.session_state[widget_key]
 
 
+def link_params(name: str | None = None) -> dict[str, str]:
+    """The query parameters that carry a dataset (the session's by default) in a link or a page's
+    URL: `{"dataset": name}`, or {} for MMLU."""
+    name = name or current()
+    return {} if name == DEFAULT else {PARAM: name}
+
+
+def _from_url(names: list[str], container) -> None:
+    """Take `?dataset=` when it is new to this session (a followed link); an unknown name is said,
+    and the session's dataset kept."""
+    wanted = st.query_params.get(PARAM)
+    if wanted is None or wanted == st.session_state.get(URL_KEY):
+        return
+    st.session_state[URL_KEY] = wanted
+    if wanted in names:
+        choose(wanted)
+    else:
+        container.warning(f"The link's dataset={wanted!r} is not a dataset here (known: {', '.join(names)}); "
+                          f"showing {current() if current() in names else DEFAULT}.")
+
+
+def _to_url(name: str) -> None:
+    """The URL says the dataset shown (no parameter for MMLU), so that it can be shared."""
+    wanted = link_params(name).get(PARAM)
+    if st.query_params.get(PARAM) != wanted:
+        if wanted is None:
+            del st.query_params[PARAM]
+        else:
+            st.query_params[PARAM] = wanted
+    st.session_state[URL_KEY] = wanted
+
+
 def dataset_picker(page: str, container=None) -> str:
-    """A dataset selectbox (in the sidebar by default) shared by every page; returns the name."""
+    """A dataset selectbox (in the sidebar by default) shared by every page, following the URL's
+    `?dataset=` when a link brings a new one and writing the choice back into it; returns the name."""
     container = container or st.sidebar
     names = known()
+    _from_url(names, container)
     chosen = current() if current() in names else DEFAULT
     key = f"dataset@{page}"
     if st.session_state.get(key) != chosen:
@@ -83,6 +124,7 @@ def dataset_picker(page: str, container=None) -> str:
                         help="The questions the Explore and Benchmarks pages show the records of, and the Route "
                              "page offers; upload your own on the Benchmarks page.")
     st.session_state[DATASET_KEY] = st.session_state[key]
+    _to_url(st.session_state[key])
     return st.session_state[key]
 
 

@@ -17,7 +17,7 @@ from app_ui.view_model import StageSetting
 
 PRESET_KEY = "_preset_name"
 ADDED_KEY = "_added_stages"  # {preset name: [StageConfig dicts]}
-POLICY_KEY = "_explorer_policy"  # {preset name: {"rule": str, "stages": {stage: StageSetting}}}
+POLICY_KEY = "_explorer_policy"  # {preset name: {"rule": str, "stages": {stage: StageSetting}, "dataset": str}}
 
 
 def preset_name() -> str:
@@ -84,22 +84,25 @@ def explorer_thresholds(name: str) -> tuple[dict[str, StageSetting], str] | None
 
 
 def store_explorer_thresholds(name: str, settings: Mapping[str, StageSetting], rule: str,
-                              combiners: Mapping[str, object] | None = None) -> None:
+                              combiners: Mapping[str, object] | None = None, dataset: str = "mmlu") -> None:
+    """Keep the explorer's thresholds for the Route page, with the dataset whose records they were
+    chosen on: they route that dataset's kind of question only (`stage_thresholds`)."""
     store = dict(st.session_state.get(POLICY_KEY, {}))
-    store[name] = {"stages": dict(settings), "rule": rule, "combiners": dict(combiners or {})}
+    store[name] = {"stages": dict(settings), "rule": rule, "combiners": dict(combiners or {}), "dataset": dataset}
     st.session_state[POLICY_KEY] = store
 
 
 EXPLORER_SOURCE = "thresholds: from the threshold explorer"
 
 
-def stage_thresholds(preset: Preset, applied=None, explorer: bool = True) -> tuple[dict[str, StagePolicy], str,
-                                                                                   dict[str, str]]:
+def stage_thresholds(preset: Preset, applied=None, explorer: bool = True,
+                     dataset: str = "mmlu") -> tuple[dict[str, StagePolicy], str, dict[str, str]]:
     """Each stage's policy for live routing, where it came from, and why a stage is off.
 
     The explorer's thresholds where it set them (with its rule and fitted scores; `explorer=False`
-    ignores them), else the calibrated policy (`applied`, an AppliedPolicy), else the preset's own.
-    The explorer left on the calibrated policy still says "calibrated".
+    ignores them, and so do thresholds chosen on another dataset's records than `dataset`, the one
+    whose policy `applied` is), else the calibrated policy (`applied`, an AppliedPolicy), else the
+    preset's own. The explorer left on the calibrated policy still says "calibrated".
     """
     from cascade_core.compose.live import stage_policy
     from app_ui.view_model import policy_from_settings
@@ -116,7 +119,7 @@ def stage_thresholds(preset: Preset, applied=None, explorer: bool = True) -> tup
     elif applied is not None:
         source = applied.description
     stored = st.session_state.get(POLICY_KEY, {}).get(preset.name) if explorer else None
-    if not stored:
+    if not stored or stored.get("dataset", "mmlu") != dataset:
         return own, source, off
     names = [n for n in stored["stages"] if n in own]
     if not names or not any(stored["stages"][n].enabled for n in names):

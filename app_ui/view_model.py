@@ -555,3 +555,56 @@ __all__ = [
 def label_of(config: StageConfig) -> str:
     return config.display_name + (" (recorded)" if config.backend == "recorded"
                                   and "recorded" not in config.display_name.lower() else "")
+
+
+# ---- the policy a routed question runs with (compose.policies.policy_for_question) -------------------
+def _shown_path(path) -> str:
+    """A policy file's path as the page shows it: relative to the repository when inside it."""
+    from pathlib import Path
+
+    from cascade_core.locations import REPO_ROOT
+
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def question_policy_title(chosen) -> str:
+    """Whose policy a question runs with, in a few words: "arith's own calibrated policy",
+    "mmlu's policy (the fallback for multiple-choice questions)" or "the preset's own thresholds"."""
+    kind = "multiple-choice" if chosen.multiple_choice else "free-form"
+    if chosen.applied.policy is None:
+        return "the preset's own thresholds"
+    if chosen.own:
+        return f"{chosen.dataset}'s own calibrated policy"
+    return f"{chosen.dataset}'s policy (the fallback for {kind} questions)"
+
+
+def question_policy_text(chosen, thresholds_here: str | None = None) -> str:
+    """The policy file, its guarantee and why it applies, in one caption (markdown). `thresholds_here`:
+    the thresholds the page really routes with when they differ from the file's (the Route page's
+    accuracy promise or the threshold explorer), said after it."""
+    file = f"`{_shown_path(chosen.applied.file)}`" if chosen.applied.file is not None else "no policy file"
+    text = f"File: {file}. Guarantee: {chosen.guarantee}. Why: {chosen.reason}."
+    if thresholds_here and thresholds_here != chosen.applied.description:
+        text += f" Routed here with other thresholds: {thresholds_here.removeprefix('thresholds: ')}."
+    return text
+
+
+def question_policy_record(chosen, thresholds: str) -> dict:
+    """The policy a routed question ran with, for the page's summary and the downloaded trace."""
+    file = chosen.applied.file
+    return {"title": question_policy_title(chosen), "dataset": chosen.dataset, "own": chosen.own,
+            "file": None if file is None else _shown_path(file), "guarantee": chosen.guarantee,
+            "reason": chosen.reason, "thresholds": thresholds, "file_thresholds": chosen.applied.description}
+
+
+def routed_with(record: Mapping) -> str:
+    """One line after a routed question: the policy it ran with and its guarantee, or, where the page
+    ran other thresholds (the accuracy promise, the explorer), those, which carry no file's guarantee."""
+    if record.get("thresholds") in (None, record.get("file_thresholds")):
+        return f"Routed with {record['title']}: {record['guarantee']}."
+    return (f"Routed with {record['thresholds'].removeprefix('thresholds: ')}, not the thresholds of "
+            f"{record['title']} ({record['guarantee']}).")

@@ -8,12 +8,12 @@ import streamlit as st
 
 from app_ui import backends, charts, data, datasets, state, view_model
 from app_ui.route_run import PAGE_LEFT, USER_CANCELLED, LiveRun
-from cascade_core.cascade import for_free_form, trace_to_dict
+from cascade_core.cascade import trace_to_dict
 from cascade_core.monitor.app_traces import record_route
 from cascade_core.policy import StagePolicy
 from cascade_core.prompts import validate_question
 from cascade_core.types import OPTION_LETTERS, Question, StageStep, Trace
-from cascade_core.compose.policies import FREE_FORM_DATASET, apply_free_form, calibration_stages, stage_summary
+from cascade_core.compose.policies import apply_question_policy, calibration_stages, stage_summary
 from cascade_core.policy import CascadePolicy
 from app_ui.view_model import decision_reason, display_answer, json_text, thresholds_applied
 
@@ -76,21 +76,6 @@ elif target_note:
     st.caption("The threshold explorer's thresholds apply (they carry no promise); the target above applies "
                "once the explorer is back on a calibrated policy.")
 
-# ---- which stages -------------------------------------------------------------------------------------
-names = list(configs)
-stages_key = f"stages::{preset.name}@{PAGE}"
-followed_key = f"_route_followed::{preset.name}"
-followed = [n for n in names if policies[n].enabled]
-if (stages_key not in st.session_state or not set(st.session_state[stages_key]) <= set(names)
-        or st.session_state.get(followed_key, followed) != followed):  # a new target or explorer policy: its stages
-    st.session_state[stages_key] = followed
-st.session_state[followed_key] = followed
-chosen = st.sidebar.multiselect("Stages to run", names, key=stages_key,
-                                format_func=lambda n: view_model.label_of(configs[n]),
-                                help="Kept in cascade order, smallest first; the last one always answers.")
-chosen = [n for n in names if n in chosen]
-st.sidebar.page_link("pages/4_Settings.py", label="Add a stage or fetch models", icon=":material/settings:")
-
 # ---- the question -------------------------------------------------------------------------------------
 # Two MMLU test questions whose route under the followed policy is clear in the records (one kept by
 # the first stage in use, one escalated), chosen by cascade_core (`ui_data.route_examples`).
@@ -109,6 +94,11 @@ if dataset not in ("mmlu", "arith"):  # a registered file picked in the sidebar:
     modes.append("picked")
 if st.session_state.get("route_mode") not in modes:
     st.session_state["route_mode"] = modes[0]
+# A dataset picked in the sidebar (or opened from a link's ?dataset=) offers its questions first.
+if st.session_state.get("_route_mode_for") != dataset:
+    st.session_state["_route_mode_for"] = dataset
+    if dataset != "mmlu":
+        st.session_state["route_mode"] = "arith" if dataset == "arith" else "picked"
 mode = st.radio("Where the question comes from", modes, horizontal=True, key="route_mode", format_func=MODES.get)
 question: Question | None = None
 input_problem: str | None = None
@@ -172,8 +162,7 @@ elif mode == "arith":
     question = Question(text=row["question"], qid=row["qid"])
     with st.container(border=True):
         st.markdown(f"**{question.text}**")
-        st.caption(f"arith `{question.qid}` (synthetic, seeded); the right answer is {row['references'][0]}. Free-form "
-                   "questions run with the free-form policy when one was calibrated.")
+        st.caption(f"arith `{question.qid}` (synthetic, seeded); the right answer is {row['references'][0]}.")
 elif mode == "picked":  # a question of the dataset picked in the sidebar (app_ui.datasets)
     question = datasets.question_picker(dataset, "route_picked")
     if question is None:
@@ -199,6 +188,55 @@ else:
         st.markdown("  \n".join(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(question.options)))
         st.caption(f"MMLU `{question.qid}`; the right answer is shown after routing.")
 
+# ---- the policy this question runs with ----------------------------------------------------------------
+# Its own dataset's calibrated policy file when there is one, else its kind's (MMLU's for multiple choice,
+# the shipped free-form set's for free-form): cascade_core decides (`policy_for_question`), as for `route`.
+QUESTION_DATASET = {"example": "mmlu", "mmlu": "mmlu", "arith": "arith", "picked": dataset}
+# A question not typed yet has no kind: it shows the page's MMLU policy (the promise above) until it is typed.
+multiple_choice = question.is_multiple_choice or not (question.text.strip() or question.options)
+resolved, resolved_problem = data.question_policy(preset, multiple_choice, QUESTION_DATASET.get(mode))
+page_policy = multiple_choice and resolved.dataset == "mmlu"  # the promise and explorer above apply
+if resolved_problem:
+    st.warning(resolved_problem.capitalize() + "; routing uses the preset's thresholds.")
+page_followed = [n for n in configs if policies[n].enabled]  # the stages the MMLU promise (or explorer) uses
+if not page_policy:  # another dataset's policy: its thresholds (or the explorer's, chosen on its records)
+    policies, source, off_reasons = state.stage_thresholds(preset, resolved.applied, dataset=resolved.dataset)
+with st.container(border=True, key="route_policy"):
+    st.markdown(f"**Policy for this question**: {view_model.question_policy_title(resolved)}")
+    st.caption(view_model.question_policy_text(resolved, source))
+    if target_note and not page_policy:
+        st.caption("The accuracy promise above is MMLU's, for multiple-choice questions: it does not apply to "
+                   "this one.")
+
+# ---- which stages -------------------------------------------------------------------------------------
+names = list(configs)
+stages_key = f"stages::{preset.name}@{PAGE}"
+followed_key = f"_route_followed::{preset.name}"
+custom_key = f"_route_stages_custom::{preset.name}"  # the user chose the stages by hand
+page_key = f"_route_page_followed::{preset.name}"
+followed = [n for n in names if policies[n].enabled]
+# The stages follow the policy the question runs with: a new target or explorer policy resets them (as it
+# always did); another question's policy (typing options makes a free-form question multiple choice)
+# resets them only where the user has not chosen them by hand.
+if st.session_state.get(page_key, page_followed) != page_followed:
+    st.session_state.pop(custom_key, None)
+st.session_state[page_key] = page_followed
+if (stages_key not in st.session_state or not set(st.session_state[stages_key]) <= set(names)
+        or (st.session_state.get(followed_key, followed) != followed and not st.session_state.get(custom_key))):
+    st.session_state[stages_key] = followed
+st.session_state[followed_key] = followed
+
+
+def _chosen_by_hand() -> None:
+    st.session_state[custom_key] = True
+
+
+chosen = st.sidebar.multiselect("Stages to run", names, key=stages_key, on_change=_chosen_by_hand,
+                                format_func=lambda n: view_model.label_of(configs[n]),
+                                help="Kept in cascade order, smallest first; the last one always answers.")
+chosen = [n for n in names if n in chosen]
+st.sidebar.page_link("pages/4_Settings.py", label="Add a stage or fetch models", icon=":material/settings:")
+
 # ---- thresholds ---------------------------------------------------------------------------------------
 
 
@@ -223,7 +261,8 @@ def routing_text(name: str) -> str:
 
 enabled_names = [n for n in names if configs[n].enabled]
 st.caption(f"{source.capitalize()}.")
-number_format, format_differs = backends.format_caption([configs[n] for n in chosen], found_policy)
+number_format, format_differs = backends.format_caption([configs[n] for n in chosen],
+                                                        found_policy if page_policy else resolved.applied)
 if number_format:
     (st.info if format_differs else st.caption)(number_format)
 for name, why in off_reasons.items():
@@ -237,7 +276,9 @@ for name, why in off_reasons.items():
 with st.expander("Thresholds", expanded=False):
     st.dataframe([{"stage": view_model.label_of(configs[n]), "routing": routing_text(n)} for n in names],
                  hide_index=True, width="stretch")
-    st.page_link("pages/2_Explore_thresholds.py", label="Change them in the threshold explorer", icon=":material/tune:")
+    # on the records of the dataset whose policy this is: thresholds chosen there route its questions
+    st.page_link("pages/2_Explore_thresholds.py", label=f"Change them in the threshold explorer ({resolved.dataset})",
+                 icon=":material/tune:", query_params={datasets.PARAM: resolved.dataset})
 
 
 # ---- one stage's card ---------------------------------------------------------------------------------
@@ -371,18 +412,13 @@ def run_question(cancel_box) -> None:
         except Exception as err:  # noqa: BLE001 - any build failure becomes a message
             st.error(f"{view_model.label_of(configs[name])} is not usable: {err}")
             return
-    if not question.is_multiple_choice:  # free-form: the calibrated free-form policy, when there is one
-        free_form, free_problem = data.applied(preset, FREE_FORM_DATASET)
-        try:
-            stages = apply_free_form(stages, free_form, preset)
-        except ValueError as err:
-            free_problem = str(err)
-        if free_problem:
-            st.warning(f"Free-form policy not used: {free_problem}")
-        elif free_form.policy is not None:
-            st.caption(f"Free-form question: {free_form.description} ({FREE_FORM_DATASET} records).")
-    stages = [for_free_form(s) if not question.is_multiple_choice else s for s in stages]
+    try:  # its own dataset's policy reads P(IK) with that dataset's probes (`apply_question_policy`)
+        stages = apply_question_policy(stages, resolved, question.is_multiple_choice, data.where())
+    except (ValueError, OSError) as err:
+        st.error(f"The policy for this question cannot run here: {err}")
+        return
     labels = {n: view_model.label_of(configs[n]) for n in chosen}
+    policy_record = view_model.question_policy_record(resolved, source)
     boxes: dict[str, object] = {}
     loads: dict[str, float] = {}
     steps: list[StageStep] = []
@@ -444,7 +480,7 @@ def run_question(cancel_box) -> None:
                 "trace": Trace(question=question, steps=list(steps), thresholds=source), "failure": PAGE_LEFT,
                 "cancelled": True, "preset": preset.name, "loads": loads, "stages": list(labels.items()),
                 "policies": {s.name: s.policy for s in stages}, "recorded": {s.name: s.recorded for s in stages},
-                "seconds": live.elapsed,
+                "seconds": live.elapsed, "policy": policy_record,
                 "running": next((labels[n] for n in boxes if n not in {x.stage for x in steps}), None),
             }
         live.page_done.set()  # finished or stopped: the next run need not wait for this one
@@ -457,12 +493,13 @@ def run_question(cancel_box) -> None:
         "trace": finished.trace, "failure": finished.failure, "cancelled": finished.cancelled, "preset": preset.name,
         "loads": loads, "stages": list(labels.items()),
         "policies": {s.name: s.policy for s in stages},
-        "recorded": {s.name: s.recorded for s in stages},
+        "recorded": {s.name: s.recorded for s in stages}, "policy": policy_record,
     }
     draw_summary(st.session_state[LAST_KEY], drawn=True)
     if not finished.cancelled:  # into the trace store the Monitor page reads, when $CASCADE_TRACES_DB is set
+        ran = applied_now if page_policy else resolved.applied
         record_route(preset.name, stages, question, finished.trace, description=source, failure=finished.failure,
-                     policy_file=applied_now.file if source == applied_now.description else None)
+                     policy_file=ran.file if source == ran.description else None)
 
 
 boxes_state: dict[str, str] = {}
@@ -479,6 +516,8 @@ def draw_summary(last: dict, drawn: bool) -> None:
                 draw_card(step, last["policies"][step.stage], labels[step.stage], last["recorded"][step.stage],
                           trace.question.options, last.get("loads", {}).get(step.stage), trace.question.subject or None)
     no_probe_note(trace, last["recorded"], labels)
+    if last.get("policy"):
+        st.caption(view_model.routed_with(last["policy"]))
     if last.get("cancelled"):
         who = "You cancelled the run" if st.session_state.get(CANCEL_KEY) else "The run stopped: " + PAGE_LEFT
         running = f" while {last['running']} was running" if last.get("running") else ""
@@ -518,6 +557,7 @@ def draw_summary(last: dict, drawn: bool) -> None:
     cols[3].metric("Dollars", f"${dollars:.3g}" if dollars else "$0 (local)")
     cols[4].metric("Seconds", f"{trace.total('seconds'):.2f}")
     record = {**trace_to_dict(trace), "preset": last["preset"], "cancelled": bool(last.get("cancelled")),
+              "policy": last.get("policy"),
               "stages": [{"stage": n, "label": label, "policy": last["policies"][n].to_dict()}
                          for n, label in last["stages"] if n in last["policies"]]}
     st.download_button("Download the trace (JSON)", json_text(record),

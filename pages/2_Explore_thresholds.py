@@ -22,7 +22,7 @@ RULE_LABELS = {"both": "both: P(T) ≥ τ_T and P(IK) ≥ τ_IK (the paper's)", 
                "pik_only": "P(IK) only", "loss_aware": "loss-aware score (fitted on calibration)",
                "learned": "learned score (fitted on calibration)"}
 NO_RECORDED = "(none)"
-KNOWN_PARAMS = ("preset", "split", "unit", "end", "rule")
+KNOWN_PARAMS = ("preset", "split", "unit", "end", "rule", datasets.PARAM)  # the dataset: app_ui.datasets
 
 
 def pct(x: float, digits: int = 2) -> str:
@@ -106,7 +106,8 @@ if loaded.table is None:
     st.info(f"No benchmark records yet for the stages of preset **{preset.name}** in "
             f"`{data.results_dir() / dataset}`. Run `make bench` (or the Benchmarks page) first; "
             "this page replays those records.")
-    st.page_link("pages/3_Benchmarks.py", label="Benchmarks", icon=":material/bar_chart:")
+    st.page_link("pages/3_Benchmarks.py", label="Benchmarks", icon=":material/bar_chart:",
+                 query_params={datasets.PARAM: dataset})
     st.stop()
 table = loaded.table
 if loaded.missing:
@@ -333,9 +334,9 @@ def explorer(rule: str) -> None:
                                 bool(st.session_state[widget_key(preset.name, n, "on")]),
                                 float(st.session_state[widget_key(preset.name, n, "tau_score")])) for n in table.names}
     state.store_explorer_thresholds(preset.name, settings, rule,
-                                    (scorer or {}).get("combiners", {}) if rule in SCORE_RANGE else {})
+                                    (scorer or {}).get("combiners", {}) if rule in SCORE_RANGE else {}, dataset)
     wanted_params = {"preset": preset.name, "split": split, "unit": unit, "end": end,
-                     **settings_to_params(settings, rule)}
+                     **settings_to_params(settings, rule), **datasets.link_params(dataset)}
     if st.query_params.to_dict() != wanted_params:
         st.query_params.from_dict(wanted_params)
 

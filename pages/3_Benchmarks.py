@@ -72,6 +72,8 @@ else:
         st.warning(f"No records yet for {', '.join(map(label, loaded.missing))}.")
     st.caption(f"{table.n_questions:,} {'MMLU' if dataset == 'mmlu' else dataset} questions ({split} split) that "
                "every stage shown has answered.")
+    st.page_link("pages/2_Explore_thresholds.py", label=f"Explore the thresholds on {dataset}", icon=":material/tune:",
+                 query_params={datasets.PARAM: dataset})
 
     st.subheader("Per model")
     summary = stage_summary(table)

@@ -24,7 +24,8 @@ SHIPPED = Path(__file__).resolve().parent.parent / "data" / "policies"
 
 @pytest.fixture
 def where(tmp_path):
-    return locations(results_dir=tmp_path / "results", policies_dir=tmp_path / "policies")
+    return locations(results_dir=tmp_path / "results", policies_dir=tmp_path / "policies",
+                     probes_dir=tmp_path / "probes")
 
 
 def ship(where, source: str, dataset: str) -> Path:
@@ -117,10 +118,15 @@ def test_own_dataset_policy_uses_its_probes_and_refuses_a_p_ik_rule_without_one(
     from cascade_core.policy import StagePolicy
 
     monkeypatch.setenv("CASCADE_PROBES_DIR", str(tmp_path / "no-probes"))  # no free-form probe from data/probes
-    ship(where, "arith/default.json", "mmlu-open")
+    own = ship(where, "arith/default.json", "mmlu-open")
+    found = json.loads(own.read_text())  # SmolLM2 on with the paper's rule (P(T) and P(IK)) in this own policy
+    found["policy"]["stages"][0].update(enabled=True, rule="both", tau_t=0.5, tau_ik=0.5)
+    own.write_text(json.dumps(found))
     chosen = policy_for_question("default", False, "mmlu-open", where)
-    both = StagePolicy(tau_t=0.5, tau_ik=0.5, rule="both", enabled=True)
-    stages = lazy_stages({"smollm2-135m": both, "qwen2.5-coder-0.5b": StagePolicy(enabled=False)})
+    stages = lazy_stages(dict(zip(chosen.applied.stages, chosen.applied.policy.stages)))
+    # switched on by hand at the preset's thresholds (not the file's policy): it may route on P(T) alone
+    by_hand = lazy_stages({"qwen2.5-coder-0.5b": StagePolicy(tau_t=0.5, tau_ik=0.5, rule="both", enabled=True)})
+    assert apply_question_policy(by_hand[1:], chosen, multiple_choice=False, where=where)[0].free_form_probe is None
     with pytest.raises(ValueError, match=r"smollm2-135m, which has no probe trained on mmlu-open's records.*"
                                          r"probes train --dataset mmlu-open"):
         apply_question_policy(stages, chosen, multiple_choice=False, where=where)

@@ -57,6 +57,7 @@ class AppliedPolicy:
     file: Path | None = None
     biases: tuple = ()  # per stage (policy file order): a bias.LetterBias or None; () = none
     guarantee: dict = field(default_factory=dict)  # the policy file's `guarantee` ({}: the preset's thresholds)
+    stages: tuple[str, ...] = ()  # the stages `policy` covers, in its order
 
 
 def applied_policy(preset: Preset | str, where: Locations | None = None,
@@ -76,7 +77,7 @@ def applied_policy(preset: Preset | str, where: Locations | None = None,
     found = read_policy_file(path, expect_stages=calibration_stages(preset))
     return AppliedPolicy("calibrated", f"thresholds: {found.description}", policy=found.cascade_policy(),
                          off_reasons=dict(found.off_reasons), file=path, biases=found.letter_biases(),
-                         guarantee=dict(found.guarantee))
+                         guarantee=dict(found.guarantee), stages=tuple(calibration_stages(preset)))
 
 
 def kind_dataset(multiple_choice: bool) -> str:
@@ -165,8 +166,9 @@ def apply_question_policy(stages: Sequence, chosen: QuestionPolicy, multiple_cho
     `<probes>/X/<stage>.npz`), since the policy was certified on that probe's P(IK); a stage without
     one has no P(IK). A calibrated policy that reads P(IK) at a stage before the last that has no
     probe for this kind of question is refused (it was certified on a signal the stage lacks), as
-    `apply_free_form` does; the MMLU policy of a multiple-choice question keeps today's rule (it
-    routes on P(T) alone there, and the trace says so)."""
+    `apply_free_form` does; a stage whose policy is not the file's (switched on by hand at the
+    preset's thresholds) and the MMLU policy of a multiple-choice question keep today's rule (they
+    route on P(T) alone there, and the trace says so)."""
     where = where or locations()
     slot = "probe" if multiple_choice else "free_form_probe"
     stages = list(stages)
@@ -174,8 +176,10 @@ def apply_question_policy(stages: Sequence, chosen: QuestionPolicy, multiple_cho
         stages = [replace(s, **{slot: _dataset_probe(s, chosen.dataset, where)}) for s in stages]
     if chosen.applied.policy is None or (multiple_choice and chosen.dataset == "mmlu"):
         return stages
+    certified = dict(zip(chosen.applied.stages, chosen.applied.policy.stages))
     enabled = [s for s in stages if s.policy.enabled]
-    needs = [s.name for s in enabled[:-1] if s.policy.rule != "pt_only" and getattr(s, slot) is None]
+    needs = [s.name for s in enabled[:-1]
+             if certified.get(s.name) == s.policy and s.policy.rule != "pt_only" and getattr(s, slot) is None]
     if needs:
         raise ValueError(f"{chosen.applied.file}: its rule(s) read P(IK) at {', '.join(needs)}, which has no probe "
                          f"trained on {chosen.dataset}'s records: train it (`probes train --dataset {chosen.dataset}`) "
