@@ -351,6 +351,59 @@ def choose_layer(
 PROBE_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
+def probe_grid(
+    features_by_layer: dict[int, np.ndarray],
+    y,
+    folds: int = 5,
+    seed: int = 0,
+    Cs: Sequence[float] = PROBE_CS,
+    class_weight: str | None = None,
+    max_iter: int = 2000,
+) -> tuple[int, float, dict[tuple[int, float], float], np.ndarray]:
+    """`choose_probe`'s search, also returning the out-of-fold P(IK) of the chosen (layer, C).
+
+    The same numbers as `out_of_fold_p_ik` per (layer, C), computed fold by fold: each layer is
+    converted to float64 once, and each fold's standardisation (fit on that fold's training rows,
+    whatever C is) is fitted and applied once for every C instead of once per C. Each fit sees
+    exactly the arrays it saw before, so every prediction is bit-for-bit the same.
+    """
+    if not Cs or any(not (c > 0) for c in Cs):
+        raise ValueError(f"Cs must be a non-empty sequence of positive numbers, got {Cs!r}")
+    if not features_by_layer:
+        raise ValueError("features_by_layer is empty: no layer to choose from")
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    Cs = sorted(float(c) for c in Cs)
+    n = len(np.asarray(y))
+    oof: dict[tuple[int, float], np.ndarray] = {}
+    with blas_threads(1):
+        for layer in sorted(features_by_layer):
+            X = features_by_layer[layer]
+            if len(X) != n:
+                raise ValueError(f"layer {layer} has {len(X)} rows but y has {n}")
+            X = _check_features(X)
+            labels = _check_labels(y, len(X))
+            out = {C: np.empty(n, dtype=np.float64) for C in Cs}
+            splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+            for train, test in splitter.split(X, labels):
+                if labels[train].all() or not labels[train].any():
+                    raise ValueError("a training fold has only one class: use fewer folds or more rows")
+                scaler = StandardScaler().fit(X[train])
+                scaled = scaler.transform(X[train])
+                # `_p_correct`'s standardisation of the held-out rows, done once for every C.
+                held = (X[test] - scaler.mean_) / scaler.scale_
+                for C in Cs:
+                    model = LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter, solver="lbfgs")
+                    model.fit(scaled, labels[train])
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        out[C][test] = _sigmoid(held @ model.coef_[0].copy() + float(model.intercept_[0]))
+            oof.update({(int(layer), C): values for C, values in out.items()})
+    truth = _check_labels(y, n)
+    scores = {(layer, C): auroc(oof[(layer, C)], truth) for C in Cs for layer in sorted(map(int, features_by_layer))}
+    best = max(scores, key=lambda key: (scores[key], -key[0], -key[1]))
+    return best[0], best[1], scores, oof[best]
+
+
 def choose_probe(
     features_by_layer: dict[int, np.ndarray],
     y,
@@ -364,13 +417,7 @@ def choose_probe(
     One grid over layers and regularisation strengths, same folds for every pair. On a tie the
     lower layer and then the stronger regularisation (smaller C) wins. BLAS runs on one thread:
     these fits are small, and on a shared 2-core machine two threads made them far slower (`blas`).
+    `probe_grid` does the work (and also returns the chosen pair's out-of-fold P(IK)).
     """
-    if not Cs or any(not (c > 0) for c in Cs):
-        raise ValueError(f"Cs must be a non-empty sequence of positive numbers, got {Cs!r}")
-    scores: dict[tuple[int, float], float] = {}
-    with blas_threads(1):
-        for C in sorted(Cs):
-            _, per_layer = choose_layer(features_by_layer, y, folds=folds, seed=seed, C=C, class_weight=class_weight)
-            scores.update({(layer, float(C)): value for layer, value in per_layer.items()})
-    best = max(scores, key=lambda key: (scores[key], -key[0], -key[1]))
-    return best[0], best[1], scores
+    layer, C, scores, _ = probe_grid(features_by_layer, y, folds=folds, seed=seed, Cs=Cs, class_weight=class_weight)
+    return layer, C, scores

@@ -116,6 +116,26 @@ def test_choose_probe_searches_layers_and_regularisation_together():
         choose_probe({8: signal}, y, Cs=(0.0,))
 
 
+def test_probe_grid_is_choose_probe_plus_the_chosen_pair_out_of_fold_bit_for_bit():
+    """The grid computes fold by fold (one standardisation per fold for every C): its scores and
+    the chosen pair's out-of-fold P(IK) are exactly what `choose_layer`/`out_of_fold_p_ik` give."""
+    from cascade_core.probe import probe_grid
+
+    rng = np.random.default_rng(4)
+    n, d = 240, 30
+    y = rng.random(n) < 0.6
+    layers = {2: (rng.normal(size=(n, d)) + 0.7 * y[:, None]).astype(np.float16),
+              5: rng.normal(size=(n, d)).astype(np.float16)}
+    Cs = (1e-2, 1e-3, 1.0)
+    layer, C, scores, oof = probe_grid(layers, y, folds=4, seed=1, Cs=Cs)
+    assert list(scores) == [(k, c) for c in sorted(Cs) for k in (2, 5)]
+    for c in Cs:
+        _, per_layer = choose_layer(layers, y, folds=4, seed=1, C=c)
+        assert {k: scores[(k, c)] for k in per_layer} == per_layer
+    assert (layer, C) == choose_probe(layers, y, folds=4, seed=1, Cs=Cs)[:2]
+    np.testing.assert_array_equal(oof, out_of_fold_p_ik(layers[layer], y, folds=4, seed=1, C=C))
+
+
 def test_choose_layer_bad_input():
     with pytest.raises(ValueError, match="empty"):
         choose_layer({}, np.array([0, 1]))

@@ -349,9 +349,29 @@ def test_guarantee_headline_has_the_promised_keys_and_replays(report, table):
 
 
 def test_one_process_and_two_give_the_same_report(table, report):
-    """Two workers split the sections (and the OOD categories) between two processes; one does
-    them all: the numbers must not depend on it."""
+    """Two workers share the report's independent jobs (re-splits, API cascades, router, one probe
+    per category and stage) in whatever order they finish; one does them all in queue order: the
+    numbers must not depend on it."""
     features = _features(table)
     one = build_report(table, questions=_questions(table), features=features, categories=_categories(table),
                        settings=SETTINGS, workers=1)
     assert json.dumps(one, sort_keys=True) == json.dumps(report, sort_keys=True)
+
+
+def _square(x):
+    return x * x
+
+
+def _fail(message):
+    raise ValueError(message)
+
+
+def test_report_jobs_give_the_same_results_in_any_number_of_processes_and_name_a_failure():
+    from cascade_core.report.jobs import Job, run_jobs
+
+    jobs = [Job(f"square {i}", float(i % 3), _square, (i,)) for i in range(7)]
+    assert run_jobs(jobs, workers=1) == run_jobs(jobs, workers=2) == {f"square {i}": i * i for i in range(7)}
+    with pytest.raises(RuntimeError, match="'broken'.*ValueError: no luck"):
+        run_jobs(jobs + [Job("broken", 9.0, _fail, ("no luck",))], workers=2)
+    with pytest.raises(ValueError, match="unique"):
+        run_jobs([jobs[0], jobs[0]], workers=1)

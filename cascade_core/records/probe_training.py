@@ -15,7 +15,7 @@ import pandas as pd
 
 from cascade_core.blas import blas_threads
 from cascade_core.signal_quality import auroc
-from cascade_core.probe import PROBE_CS, PIKProbe, choose_probe, out_of_fold_p_ik
+from cascade_core.probe import PROBE_CS, PIKProbe, probe_grid
 
 
 @dataclass
@@ -68,15 +68,16 @@ def train_probe(
         raise ValueError(f"only {int(train_mask.sum())} training records: too few to train a probe")
     gold = records["correct"].to_numpy(dtype=bool)
     y = gold if labels is None else np.asarray(labels, dtype=bool)
-    layer, C, grid = choose_probe({k: f[train_mask] for k, f in features.items()}, y[train_mask],
-                                  folds=folds, seed=seed, Cs=Cs)
+    # The grid's out-of-fold P(IK) of the chosen (layer, C) is what `out_of_fold_p_ik` would give again.
+    layer, C, grid, oof = probe_grid({k: f[train_mask] for k, f in features.items()}, y[train_mask],
+                                     folds=folds, seed=seed, Cs=Cs)
     layer_auroc: dict[int, float] = {}
     for (k, _), value in grid.items():
         layer_auroc[k] = max(layer_auroc.get(k, -np.inf), value)
     X = features[layer]
     p_ik = np.full(len(records), np.nan)
     with blas_threads(1):
-        p_ik[train_mask] = out_of_fold_p_ik(X[train_mask], y[train_mask], folds=folds, seed=seed, C=C)
+        p_ik[train_mask] = oof
         probe = PIKProbe(layer=layer, model_id=model_id, C=C).fit(X[train_mask], y[train_mask])
     held_out = ~train_mask
     if held_out.any():

@@ -32,18 +32,21 @@ import numpy as np
 import pandas as pd
 
 from cascade_core.records.table import RecordTable
-from cascade_core.report.ablations import AblationBlock, ablation_section
-from cascade_core.report.api import ApiCascade, api_section, pick_variant
-from cascade_core.report.baselines import BaselineBlock, baseline_section, oracle_curve
+from cascade_core.report.ablations import AblationBlock
+from cascade_core.report.api import ApiCascade, api_cascade, api_setups, pick_variant
+from cascade_core.report.baselines import BaselineBlock, baseline_entry, oracle_curve, router_predictions, wants_router
 from cascade_core.report.cascades import CascadeRow, cascade_section
-from cascade_core.report.common import (REPORT_FORMAT, Part, Progress, ReportSettings, _local_indices,
-                                            outcome, policy_dict, policy_from_dict, policy_thresholds,
-                                            split_tables, with_groups, with_p_ik)
-from cascade_core.report.guarantee import GuaranteeSection, guarantee_section
-from cascade_core.report.label_free import LabelFreeSection, label_free_guarantee, label_free_section
+from cascade_core.report.common import (REPORT_FORMAT, Part, Progress, ReportSettings, local_indices, outcome,
+                                        policy_dict, policy_from_dict, policy_thresholds, split_tables, with_groups,
+                                        with_p_ik)
+from cascade_core.report.guarantee import GuaranteeSection, guarantee_cascade, guarantee_section, guarantee_setups
+from cascade_core.report.jobs import Job, run_jobs
+from cascade_core.report.label_free import (LabelFreeSection, agreement_labels, label_free_guarantee,
+                                            label_free_section)
 from cascade_core.report.models import ModelRow, model_section
-from cascade_core.report.ood import OodSection, join_ood, ood_categories, ood_section
-from cascade_core.report.probes import retrain_p_ik
+from cascade_core.report.ood import OodSection, ood_categories, ood_section, ood_train_mask
+from cascade_core.report.probes import assemble_p_ik, retrain_p_ik, retrain_stage
+from cascade_core.report.ablations import ablation_section
 
 __all__ = ["Report", "ReportSettings", "build_report", "build_report_sections", "oracle_curve", "outcome",
            "pick_variant", "policy_dict", "policy_from_dict", "policy_thresholds", "retrain_p_ik",
@@ -107,72 +110,6 @@ def build_report_sections(*args, **kwargs) -> Report:
         return _build(*args, **kwargs)
 
 
-def _side_sections(table: RecordTable, settings: ReportSettings, questions=None, progress: Progress | None = None,
-                   features=None, categories=None, ood_held_out=()):
-    """The work that needs nothing from the API section: the guarantee study, the local cascades,
-    the ablations, the text router's predictions and the OOD study of the categories
-    `ood_held_out` (in a second process when the report has two workers)."""
-    from cascade_core.choose.sweep import blas_limit
-    from cascade_core.report.baselines import router_predictions, wants_router
-
-    progress = progress or (lambda message: None)
-    with blas_limit(1):
-        return (guarantee_section(table, settings, progress), cascade_section(table, settings, progress),
-                ablation_section(table, settings, progress),
-                router_predictions(table, questions, settings) if wants_router(questions, settings) else None,
-                ood_section(table, features, categories, settings, progress, held_out=ood_held_out)
-                if ood_held_out else None)
-
-
-def _start_side_sections(table: RecordTable, settings: ReportSettings, questions, progress: Progress, workers: int,
-                         features=None, categories=None, ood_held_out=()):
-    """Start `_side_sections`; returns a function that waits for its result. With `workers` >= 2
-    and fork available, a forked child computes them while this process does the API scenario,
-    the baselines, the other OOD categories and the label-free probes (the two halves take about
-    as long; the machine has two cores). The child inherits its inputs (only its result comes
-    back through a pipe). The numbers are the same either way: every section is a pure, seeded
-    function of the table."""
-    import multiprocessing
-
-    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        result = _side_sections(table, settings, questions, progress, features, categories, ood_held_out)
-        return lambda: result
-    context = multiprocessing.get_context("fork")
-    receive, send = context.Pipe(duplex=False)
-
-    def run() -> None:
-        try:
-            outcome = ("ok", _side_sections(table, settings, questions, progress, features, categories, ood_held_out))
-        except BaseException as err:  # noqa: BLE001 -- any failure goes back to the parent, named
-            import traceback
-
-            outcome = ("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
-        send.send(outcome)
-        send.close()
-
-    progress("guarantee, cascades, ablations, text router" + (f", OOD {'/'.join(ood_held_out)}" if ood_held_out else "")
-             + " (in a second process)")
-    child = context.Process(target=run, name="report-side-sections", daemon=True)
-    child.start()
-    send.close()
-
-    def wait():
-        try:
-            kind, value = receive.recv()
-        except EOFError:
-            child.join()
-            raise RuntimeError(f"the report's second process ended without a result (exit code "
-                               f"{child.exitcode})") from None
-        finally:
-            receive.close()
-        child.join()
-        if kind == "error":
-            raise RuntimeError(f"the report's second process failed: {value}")
-        return value
-
-    return wait
-
-
 def _build(
     table: RecordTable,
     questions: pd.DataFrame | None = None,
@@ -192,7 +129,7 @@ def _build(
     subjects). Sections whose inputs are missing say so instead of guessing.
     """
     progress = progress or (lambda message: None)
-    local = _local_indices(table)
+    local = local_indices(table)
     if not local:
         raise ValueError("the table has no local stage: nothing to cascade")
     if any(table.recorded[s] for s in range(table.n_stages - 1)):
@@ -216,28 +153,103 @@ def _build(
     has_features = features is not None and any(table.names[s] in features for s in local)
     run_ood = settings.ood and has_features and len(set(categories) - {""}) >= 2
     held_out = ood_categories(categories) if run_ood else []
-    # The second process also takes the later half of the OOD categories (each trains its own probes).
-    side_ood = tuple(held_out[len(held_out) // 2:]) if workers >= 2 else tuple(held_out)
-    side = _start_side_sections(table, settings, questions, progress, workers, features, categories, side_ood)
-    api = api_section(table, categories, settings, progress)
-    here = [c for c in held_out if c not in side_ood]
-    ood_here = ood_section(table, features, categories, settings, progress, held_out=here) if here else None
-    # Section 7 needs nothing from the second process either: done before waiting for it.
-    if settings.label_free and has_features and len(local) >= 2:
-        label_free = label_free_section(table, features, settings, progress)
-    else:
-        label_free = LabelFreeSection(skipped="no hidden-state features" if not has_features else "one local stage")
-    if settings.label_free:
-        label_free.guarantee = label_free_guarantee(table, settings, progress)
-    guarantee, cascades, ablations, router, ood_side = side()
+    run_label_free_probes = settings.label_free and has_features and len(local) >= 2
+
+    # Round 1: every piece that needs nothing from another (jobs.py), spread over `workers` processes.
+    jobs = _independent_jobs(table, settings, questions, features, categories, held_out, run_label_free_probes,
+                             progress)
+    progress(f"{len(jobs)} independent jobs (re-splits, cascades, API variants, text router, probes) "
+             f"over {workers} process{'es' if workers > 1 else ''}")
+    done = run_jobs(jobs, workers)
+    guarantee = guarantee_section(table, settings, progress,
+                                  cascades=[done[f"guarantee {i}"] for i in range(len(guarantee_setups(table,
+                                                                                                        settings)))])
+    cascades, ablations = done["cascades"], done["ablations"]
+    api = [done[f"api {i}"] for i in range(len(api_setups(table)))]
     api_rule = None
     if api:
         full = api[-1]
         api_rule = next(v["rule"] for v in full.variants if v["name"] == full.chosen)
-    baselines = baseline_section(table, settings, questions, api_rule, progress, router=router)
+    router = done.get("router")
+    ood_probes = {held: assemble_p_ik(table, {s: done[f"ood {held} {s}"] for s in local
+                                              if f"ood {held} {s}" in done})
+                  for held in held_out if any(f"ood {held} {s}" in done for s in local)}
+    free_probes = (assemble_p_ik(table, {s: done[f"label-free {s}"] for s in local[:-1]})
+                   if run_label_free_probes else None)
+
+    # Round 2: what reads round 1's results (the OOD and label-free cascades, the baselines).
+    tail = []
     if run_ood:
-        ood = join_ood([part for part in (ood_here, ood_side) if part is not None], categories)
+        tail.append(Job("ood", 4.0, ood_section, (table, features, categories, settings, progress, held_out,
+                                                  ood_probes)))
+    if run_label_free_probes:
+        tail.append(Job("label-free", 2.0, label_free_section, (table, features, settings, progress, free_probes)))
+    tail.append(Job("baselines local", 2.0, baseline_entry, (table, local, "both", settings.unit, settings,
+                                                             questions, progress, router)))
+    if table.recorded[-1]:
+        tail.append(Job("baselines api", 2.0, baseline_entry,
+                        (table, local + [table.n_stages - 1], api_rule or "both", settings.api_unit, settings,
+                         questions, progress, router)))
+    done2 = run_jobs(tail, workers)
+    baselines = [done2["baselines local"]] + ([done2["baselines api"]] if table.recorded[-1] else [])
+    if run_ood:
+        ood = done2["ood"]
     else:
         ood = OodSection(skipped="no hidden-state features" if not has_features else "fewer than 2 categories")
+    if run_label_free_probes:
+        label_free = done2["label-free"]
+    else:
+        label_free = LabelFreeSection(skipped="no hidden-state features" if not has_features else "one local stage")
+    if settings.label_free:
+        label_free.guarantee = done["label-free guarantee"]
     return Report(format=REPORT_FORMAT, meta=report_meta, models=models, cascades=cascades, api=api,
                   ablations=ablations, baselines=baselines, ood=ood, label_free=label_free, guarantee=guarantee)
+
+
+def _independent_jobs(table: RecordTable, settings: ReportSettings, questions, features, categories: np.ndarray,
+                      held_out: list[str], label_free_probes: bool, progress: Progress) -> list[Job]:
+    """The report's round-1 jobs, each with a rough cost (CPU seconds on the 14,042-question
+    stand-in; only their order matters: the longest start first)."""
+    local = local_indices(table)
+    jobs = []
+    for i, setup in enumerate(guarantee_setups(table, settings)):
+        stages, _, _, resplits, headline = setup
+        compare = headline and settings.guarantee_compare_bound not in (None, settings.guarantee_bound)
+        cost = 0.1 * resplits * len(stages) * (1.6 if compare else 1.0)
+        jobs.append(Job(f"guarantee {i}", cost, guarantee_cascade, (table, settings, setup, progress)))
+    for i, stages in enumerate(api_setups(table)):
+        jobs.append(Job(f"api {i}", 3.0 * len(stages), api_cascade, (table, stages, categories, settings, progress)))
+    jobs.append(Job("cascades", 1.0, cascade_section, (table, settings, progress)))
+    jobs.append(Job("ablations", 1.0, ablation_section, (table, settings, progress)))
+    if wants_router(questions, settings):
+        jobs.append(Job("router", 15.0, router_predictions, (table, questions, settings)))
+    if settings.label_free:
+        jobs.append(Job("label-free guarantee", 1.5, label_free_guarantee, (table, settings, progress)))
+
+    def probe_cost(s: int, mask: np.ndarray) -> float:  # lbfgs over the training rows, about rows x width
+        _, layers = features[table.names[s]]
+        return float(mask.sum()) * sum(a.shape[1] for a in layers.values()) / 3e5
+
+    trainable = [s for s in local if not table.recorded[s] and table.names[s] in (features or {})]
+    is_test = table.splits == "test"
+    for held in held_out:
+        mask = ood_train_mask(table, categories, held)
+        if not (is_test & (categories == held)).any() or not mask.any():
+            continue  # `ood_section` skips this category
+        for s in trainable:
+            jobs.append(Job(f"ood {held} {s}", probe_cost(s, mask), _progress_then,
+                            (progress, f"ood: held-out category {held}, {table.names[s]}'s probe", retrain_stage,
+                             (table, features, s, mask, settings))))
+    if label_free_probes:
+        cal = table.splits == "calibration"
+        agree = agreement_labels(table)
+        for s in local[:-1]:
+            jobs.append(Job(f"label-free {s}", probe_cost(s, cal) if s in trainable else 0.0, _progress_then,
+                            (progress, f"label-free probe of {table.names[s]}", retrain_stage,
+                             (table, features, s, cal, settings, agree[s]))))
+    return jobs
+
+
+def _progress_then(progress: Progress, message: str, fn, args: tuple):
+    progress(message)
+    return fn(*args)

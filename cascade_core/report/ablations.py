@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cascade_core.records.table import RecordTable
-from cascade_core.report.common import Part, Progress, ReportSettings, _api_metrics, _local_indices, choose_and_report
+from cascade_core.report.common import Part, Progress, ReportSettings, api_metrics, local_indices, choose_and_report
 
 
 @dataclass
@@ -16,7 +16,7 @@ class AblationBlock(Part):
 
 
 def ablation_section(table: RecordTable, settings: ReportSettings, progress: Progress) -> list[AblationBlock]:
-    local = _local_indices(table)
+    local = local_indices(table)
     setups = [(local, settings.unit)]
     if table.recorded[-1]:
         setups.append(([local[-1], table.n_stages - 1], settings.api_unit))
@@ -29,7 +29,7 @@ def ablation_section(table: RecordTable, settings: ReportSettings, progress: Pro
             row = {"rule": rule, "thresholds": entry["thresholds"], "policy": entry["policy"],
                    "calibration": entry["calibration"], "test": entry["test"]}
             if table.recorded[stages[-1]]:
-                row["api"] = _api_metrics(entry["_test"], entry["_result"])
+                row["api"] = api_metrics(entry["_test"], entry["_result"])
             rows.append(row)
         out.append(AblationBlock(stages=[table.names[s] for s in stages], unit=unit, rules=rows))
     return out

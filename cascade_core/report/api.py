@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 
 from cascade_core.records.table import RecordTable
-from cascade_core.report.common import (Part, Progress, ReportSettings, _api_metrics, _local_indices, _num,
-                                            _subtable, evaluate_on, outcome, policy_dict, policy_thresholds,
-                                            split_tables, with_groups)
+from cascade_core.formatting import json_number
+from cascade_core.report.common import (Part, Progress, ReportSettings, api_metrics, local_indices, subtable,
+                                        evaluate_on, outcome, policy_dict, policy_thresholds, split_tables,
+                                        with_groups)
 from cascade_core.choose.selection import select_policies
 
 
@@ -68,7 +69,8 @@ def _cv_variants(calib: RecordTable, rule: str, per_group: bool, targets: Sequen
         reached = final[k] == last
         out.append({"accuracy_loss": float(calib.correct[last].mean() - correct[k].mean()),
                     "calls_saved": float(1.0 - reached.mean()),
-                    "cost_saved": _num(1.0 - dollars[reached].sum() / dollars.sum()) if dollars.sum() > 0 else None})
+                    "cost_saved": json_number(1.0 - dollars[reached].sum() / dollars.sum())
+                    if dollars.sum() > 0 else None})
     return out
 
 
@@ -97,7 +99,7 @@ def api_cascade(table: RecordTable, stages: Sequence[int], categories: np.ndarra
                 progress: Progress) -> ApiCascade:
     """One local cascade -> GPT-4 (last stage of `stages`): every variant, and the CV-chosen one."""
     unit = settings.api_unit
-    sub = _subtable(table, stages)
+    sub = subtable(table, stages)
     calib_full, test_full = split_tables(sub)
     variants = []
     tried, skipped = _variants(settings, calib_full, categories[sub.splits == "calibration"])
@@ -128,8 +130,8 @@ def api_cascade(table: RecordTable, stages: Sequence[int], categories: np.ndarra
             "policy": policy_dict(selection.policy), "thresholds": policy_thresholds(selection.policy, sub),
             "calibration": {"accuracy": selection.calibration.accuracy,
                             "reference_accuracy": selection.reference_accuracy,
-                            **{k: v for k, v in _api_metrics(calib, selection.calibration).items()}},
-            "test": {**_api_metrics(test, result),
+                            **{k: v for k, v in api_metrics(calib, selection.calibration).items()}},
+            "test": {**api_metrics(test, result),
                      **{k: v for k, v in outcome(test, result, unit, settings.n_resamples, settings.seed).items()
                         if k in ("accuracy", "pd", "mcnemar", "reference_accuracy", "answer_rate",
                                  "compute_reduction")}},
@@ -156,14 +158,18 @@ def pick_variant(variants: Sequence[dict], target: float) -> int:
     return min(range(len(variants)), key=lambda i: (variants[i]["cv"]["accuracy_loss"], i))
 
 
-def api_section(table: RecordTable, categories: np.ndarray, settings: ReportSettings,
-                progress: Progress) -> list[ApiCascade]:
+def api_setups(table: RecordTable) -> list[list[int]]:
+    """The stages of each API cascade of the section (each local stage -> GPT-4, then all of them)."""
     if not table.recorded[-1]:
         return []
-    local = _local_indices(table)
+    local = local_indices(table)
     last = table.n_stages - 1
     cascades = [[s, last] for s in local]
     if len(local) > 1:
         cascades.append(local + [last])
-    return [api_cascade(table, stages, categories, settings, progress) for stages in cascades]
+    return cascades
 
+
+def api_section(table: RecordTable, categories: np.ndarray, settings: ReportSettings,
+                progress: Progress) -> list[ApiCascade]:
+    return [api_cascade(table, stages, categories, settings, progress) for stages in api_setups(table)]

@@ -15,8 +15,9 @@ from cascade_core.choose.router_metrics import aiq, apgr
 from cascade_core.choose.sweep import sweep
 from cascade_core.records.table import RecordTable
 from cascade_core.choose.replay import ReplayResult, replay
-from cascade_core.report.common import (Part, Progress, ReportSettings, _local_indices, _num, _subtable,
-                                            select_policy, split_tables)
+from cascade_core.formatting import json_number
+from cascade_core.report.common import (Part, Progress, ReportSettings, local_indices, subtable, select_policy,
+                                        split_tables)
 
 
 @dataclass
@@ -60,10 +61,10 @@ def _curve_metrics(cost: np.ndarray, acc: np.ndarray, weak: tuple[float, float],
         return out
     all_cost = np.concatenate([cost, [weak[0], strong[0]]])
     all_acc = np.concatenate([acc, [weak[1], strong[1]]])
-    out["aiq"] = _num(aiq((all_cost, all_acc), cost_range=(lo, hi)))
+    out["aiq"] = json_number(aiq((all_cost, all_acc), cost_range=(lo, hi)))
     inside = (cost >= lo - 1e-12 * abs(hi)) & (cost <= hi * (1 + 1e-12))
     if strong[1] != weak[1]:
-        out["apgr"] = _num(apgr((np.concatenate([[lo], cost[inside], [hi]]),
+        out["apgr"] = json_number(apgr((np.concatenate([[lo], cost[inside], [hi]]),
                                  np.concatenate([[weak[1]], acc[inside], [strong[1]]])), weak, strong))
     return out
 
@@ -105,7 +106,7 @@ def router_predictions(table: RecordTable, questions: pd.DataFrame, settings: Re
 
 def baseline_entry(table: RecordTable, stages: Sequence[int], rule: str, unit: str, settings: ReportSettings,
                    questions: pd.DataFrame | None, progress: Progress, router=None) -> BaselineBlock:
-    sub = _subtable(table, stages)
+    sub = subtable(table, stages)
     calib, test = split_tables(sub)
     progress(f"baselines on {' -> '.join(sub.names)}")
     cost_test = test.cost(unit)
@@ -132,7 +133,7 @@ def baseline_entry(table: RecordTable, stages: Sequence[int], rule: str, unit: s
     rand = random_routing(test, chosen)
     r_cost, r_acc = _random_points(test, unit)
     methods["random"] = {"operating_point": {"accuracy": rand.accuracy, "mean_cost": rand.mean_cost[unit],
-                                             "compute_reduction": _num(rand.compute_reduction[unit]),
+                                             "compute_reduction": json_number(rand.compute_reduction[unit]),
                                              "pd": float(rand.accuracy - test.correct[-1].mean())},
                          **_curve_metrics(r_cost, r_acc, weak, strong)}
 
@@ -140,7 +141,7 @@ def baseline_entry(table: RecordTable, stages: Sequence[int], rule: str, unit: s
     o = oracle(test, unit)
     o_cost, o_acc = oracle_curve(test, unit)
     methods["oracle"] = {"operating_point": {"accuracy": o.accuracy, "mean_cost": o.mean_cost[unit],
-                                             "compute_reduction": _num(o.compute_reduction[unit]),
+                                             "compute_reduction": json_number(o.compute_reduction[unit]),
                                              "pd": float(o.accuracy - test.correct[-1].mean())},
                          **_curve_metrics(o_cost, o_acc, weak, strong)}
 
@@ -166,7 +167,7 @@ def baseline_entry(table: RecordTable, stages: Sequence[int], rule: str, unit: s
 
 def _point(test: RecordTable, result: ReplayResult, unit: str) -> dict:
     return {"accuracy": result.accuracy, "mean_cost": result.mean_cost[unit],
-            "compute_reduction": _num(result.compute_reduction[unit]),
+            "compute_reduction": json_number(result.compute_reduction[unit]),
             "pd": float(result.accuracy - test.correct[-1].mean())}
 
 
@@ -177,7 +178,7 @@ def wants_router(questions, settings: ReportSettings) -> bool:
 def baseline_section(table: RecordTable, settings: ReportSettings, questions, api_rule: str | None,
                      progress: Progress, router=None) -> list[BaselineBlock]:
     """`router`: `router_predictions(...)` already computed (else it is computed here when wanted)."""
-    local = _local_indices(table)
+    local = local_indices(table)
     if router is None and wants_router(questions, settings):
         router = router_predictions(table, questions, settings)
     out = [baseline_entry(table, local, "both", settings.unit, settings, questions, progress, router)]

@@ -13,8 +13,8 @@ from cascade_core.cost import compute_reduction
 from cascade_core.choose.baselines import oracle
 from cascade_core.records.table import RecordTable
 from cascade_core.report.baselines import oracle_curve
-from cascade_core.report.common import (Part, Progress, ReportSettings, _local_indices, _num,
-                                            choose_and_report)
+from cascade_core.formatting import json_number
+from cascade_core.report.common import Part, Progress, ReportSettings, local_indices, choose_and_report
 
 
 @dataclass
@@ -40,12 +40,12 @@ def oracle_saving(test: RecordTable, unit: str, target: float) -> dict:
     ok = np.flatnonzero(acc >= test.correct[-1].mean() - target - 1e-12)
     reference = test.cost(unit)[-1].mean()
     at_target = compute_reduction(cost[ok[0]], reference) if ok.size else float("nan")
-    return {"accuracy": o.accuracy, "compute_reduction": _num(o.compute_reduction[unit]),
-            "compute_reduction_at_target": _num(at_target)}
+    return {"accuracy": o.accuracy, "compute_reduction": json_number(o.compute_reduction[unit]),
+            "compute_reduction_at_target": json_number(at_target)}
 
 
 def cascade_section(table: RecordTable, settings: ReportSettings, progress: Progress) -> list[CascadeRow]:
-    local = _local_indices(table)
+    local = local_indices(table)
     subsets = [list(c) for size in range(2, len(local) + 1) for c in itertools.combinations(local, size)]
     out = []
     for stages in subsets:
@@ -54,7 +54,7 @@ def cascade_section(table: RecordTable, settings: ReportSettings, progress: Prog
         test = entry["_test"]
         o = oracle_saving(test, settings.unit, settings.target_max_loss)
         saving = entry["test"]["reductions"][settings.unit]
-        share = (_num(saving / o["compute_reduction_at_target"])
+        share = (json_number(saving / o["compute_reduction_at_target"])
                  if saving is not None and o["compute_reduction_at_target"] else None)
         fields = {k: v for k, v in entry.items() if not k.startswith("_")}
         out.append(CascadeRow(**fields, oracle=o, share_of_oracle_saving=share,
@@ -66,6 +66,6 @@ def _best_single(test: RecordTable, settings: ReportSettings) -> dict:
     acc = test.correct.mean(axis=1)
     s = int(np.argmax(acc))
     return {"stage": test.names[s], "accuracy": float(acc[s]),
-            "compute_reduction": _num(compute_reduction(test.cost(settings.unit)[s].sum(),
+            "compute_reduction": json_number(compute_reduction(test.cost(settings.unit)[s].sum(),
                                                         test.cost(settings.unit)[-1].sum()))}
 

@@ -13,7 +13,7 @@ from typing import Callable, ClassVar, Sequence
 import numpy as np
 
 from cascade_core.cost import COST_UNITS
-from cascade_core.formatting import clean_json, json_estimate as _est, json_number as _num
+from cascade_core.formatting import clean_json, json_estimate, json_number
 from cascade_core.policy import CascadePolicy
 from cascade_core.records.table import RecordTable
 from cascade_core.choose.replay import ReplayResult
@@ -97,7 +97,7 @@ def with_p_ik(table: RecordTable, p_ik: np.ndarray) -> RecordTable:
                                has_hidden=np.isfinite(p_ik).any(axis=1) | table.has_hidden, _costs={})
 
 
-def _subtable(table: RecordTable, stages: Sequence[int]) -> RecordTable:
+def subtable(table: RecordTable, stages: Sequence[int]) -> RecordTable:
     return table.stage_subset(list(stages))
 
 
@@ -151,35 +151,35 @@ def outcome(test: RecordTable, result: ReplayResult, unit: str, n_resamples: int
     p, b, c = mcnemar_exact(result.correct, ref_correct)
     reference_cost = test.cost(unit)[-1]
     if reference_cost.sum() > 0:
-        reduction = _est(compute_reduction_ci(result.cost_per_question[unit], reference_cost,
+        reduction = json_estimate(compute_reduction_ci(result.cost_per_question[unit], reference_cost,
                                               n_resamples=n_resamples, seed=seed))
     else:
         reduction = {"value": None, "low": None, "high": None}
     return {
         "n_questions": test.n_questions,
-        "accuracy": _est(accuracy_ci(result.correct)),
+        "accuracy": json_estimate(accuracy_ci(result.correct)),
         "reference": test.names[-1],
         "reference_accuracy": float(ref_correct.mean()),
-        "pd": _est(accuracy_difference_ci(result.correct, ref_correct, n_resamples=n_resamples, seed=seed)),
+        "pd": json_estimate(accuracy_difference_ci(result.correct, ref_correct, n_resamples=n_resamples, seed=seed)),
         "mcnemar": {"p_value": p, "cascade_only_right": b, "reference_only_right": c},
         "unit": unit,
         "compute_reduction": reduction,
-        "reductions": {u: _num(result.compute_reduction[u]) for u in COST_UNITS},
+        "reductions": {u: json_number(result.compute_reduction[u]) for u in COST_UNITS},
         "mean_cost": {u: result.mean_cost[u] for u in COST_UNITS},
-        "escalation_rate": {n: _num(r) for n, r in zip(test.names, result.escalation_rate)},
+        "escalation_rate": {n: json_number(r) for n, r in zip(test.names, result.escalation_rate)},
         "answer_rate": {n: float(r) for n, r in zip(test.names, result.answer_rate)},
         "reach_rate": {n: float(r) for n, r in zip(test.names, result.reach_rate)},
     }
 
 
-def _local_indices(table: RecordTable) -> list[int]:
+def local_indices(table: RecordTable) -> list[int]:
     return [s for s in range(table.n_stages) if not table.recorded[s]]
 
 
 def choose_and_report(table: RecordTable, stages: Sequence[int], rule: str, unit: str, settings: ReportSettings,
                       target: float | None = None, grouping: np.ndarray | None = None) -> dict:
     """Select a policy on calibration for the sub-cascade `stages`, report it on test."""
-    sub = _subtable(table, stages)
+    sub = subtable(table, stages)
     if grouping is not None:
         sub = with_groups(sub, grouping)
     calib, test = split_tables(sub)
@@ -194,14 +194,14 @@ def choose_and_report(table: RecordTable, stages: Sequence[int], rule: str, unit
         "thresholds": policy_thresholds(selection.policy, sub),
         "calibration": {"accuracy": selection.calibration.accuracy,
                         "reference_accuracy": selection.reference_accuracy,
-                        "compute_reduction": _num(selection.calibration.compute_reduction[unit]),
+                        "compute_reduction": json_number(selection.calibration.compute_reduction[unit]),
                         "n_policies": selection.n_policies},
         "test": outcome(test, result, unit, settings.n_resamples, settings.seed),
         "_result": result, "_test": test,
     }
 
 
-def _api_metrics(test: RecordTable, result: ReplayResult) -> dict:
+def api_metrics(test: RecordTable, result: ReplayResult) -> dict:
     """GPT-4 (the last stage) calls, tokens and dollars saved; a question reaches it iff it answers it."""
     last = test.n_stages - 1
     reached = result.final_stage == last
@@ -209,8 +209,8 @@ def _api_metrics(test: RecordTable, result: ReplayResult) -> dict:
     dollars = test.cost("dollars")[last]
     return {
         "calls_saved": float(1.0 - reached.mean()),
-        "tokens_saved": _num(1.0 - tokens[reached].sum() / tokens.sum()) if tokens.sum() > 0 else None,
-        "dollars_saved": _num(1.0 - dollars[reached].sum() / dollars.sum()) if dollars.sum() > 0 else None,
+        "tokens_saved": json_number(1.0 - tokens[reached].sum() / tokens.sum()) if tokens.sum() > 0 else None,
+        "dollars_saved": json_number(1.0 - dollars[reached].sum() / dollars.sum()) if dollars.sum() > 0 else None,
         "accuracy_loss": float(test.correct[last].mean() - result.accuracy),
     }
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cascade_core.records.table import RecordTable
-from cascade_core.report.common import Part, Progress, ReportSettings, _local_indices, policy_thresholds, split_tables
+from cascade_core.report.common import Part, Progress, ReportSettings, local_indices, policy_thresholds, split_tables
 from cascade_core.choose.resplit import choose, coded_subjects, loss_and_saving, resplit_study
 
 
@@ -48,7 +48,7 @@ class GuaranteeSection(Part):
 
 def _setups(table: RecordTable, settings: ReportSettings) -> list[tuple[list[int], str, str, int, bool]]:
     """(stages, saving unit, cost unit, re-splits, headline) per studied cascade."""
-    local = _local_indices(table)
+    local = local_indices(table)
     out = []
     if table.recorded[-1]:
         last = table.n_stages - 1
@@ -60,44 +60,59 @@ def _setups(table: RecordTable, settings: ReportSettings) -> list[tuple[list[int
     return out
 
 
-def guarantee_section(table: RecordTable, settings: ReportSettings, progress: Progress) -> GuaranteeSection:
+def guarantee_setups(table: RecordTable, settings: ReportSettings) -> list[tuple[list[int], str, str, int, bool]]:
+    """The studied cascades, in the section's order (each is computed by `guarantee_cascade`)."""
+    return _setups(table, settings)
+
+
+def guarantee_cascade(table: RecordTable, settings: ReportSettings, setup, progress: Progress) -> dict:
+    """One studied cascade of the section (`guarantee_setups`' entry `setup`): the committed
+    split's choice and its re-split study; independent of the other cascades, so the report can
+    compute them in different processes."""
+    stages, unit, cost_unit, resplits, headline = setup
     rules = list(settings.guarantee_rules)
-    cascades = []
-    for stages, unit, cost_unit, resplits, headline in _setups(table, settings):
-        sub = table.stage_subset(stages)
-        progress(f"guarantee {' -> '.join(sub.names)}: {resplits} re-splits")
-        calib, test = split_tables(sub)
-        bound = settings.guarantee_bound
-        chosen, policies, cv = choose(calib, tuple(rules), settings.target_max_loss, settings.delta, cost_unit,
-                                      settings.guarantee_folds, settings.seed, unit, bound)
-        loss, saving = loss_and_saving(policies[chosen], test, unit)
-        per_rule = {}
-        for rule, policy in policies.items():
-            r_loss, r_saving = loss_and_saving(policy, test, unit)
-            per_rule[rule] = {"accuracy_loss": r_loss, "saving": r_saving,
-                              "thresholds": policy_thresholds(policy, sub)}
-        coded, fits = coded_subjects(sub), {}  # both studies below share the keep scores' fits
-        study = resplit_study(coded, target=settings.target_max_loss, delta=settings.delta, resplits=resplits,
-                              rules=tuple(rules), unit=unit, cost_unit=cost_unit, folds=settings.guarantee_folds,
-                              seed=settings.seed, bound=bound, fits=fits)
-        compare = None
-        if headline and settings.guarantee_compare_bound not in (None, bound):
-            progress(f"guarantee {' -> '.join(sub.names)}: {resplits} re-splits, "
-                     f"{settings.guarantee_compare_bound} bound")
-            compare = {"bound": settings.guarantee_compare_bound, **resplit_study(
-                coded, target=settings.target_max_loss, delta=settings.delta, resplits=resplits, rules=tuple(rules),
-                unit=unit, cost_unit=cost_unit, folds=settings.guarantee_folds, seed=settings.seed,
-                bound=settings.guarantee_compare_bound, fits=fits).to_json()}
-        cascades.append({
-            "stages": list(sub.names), "unit": unit, "cost_unit": cost_unit, "headline": headline,
-            "committed": {"rule": chosen, "cv": {r: {"accuracy_loss": v[0], "saving": v[1]} for r, v in cv.items()},
-                          "thresholds": policy_thresholds(policies[chosen], sub),
-                          "accuracy_loss": loss, "saving": saving,
-                          "held": loss <= settings.target_max_loss + 1e-12, "rules": per_rule},
-            "study": study.to_json(),
-            **({"study_compare": compare} if compare else {}),
-        })
+    sub = table.stage_subset(stages)
+    progress(f"guarantee {' -> '.join(sub.names)}: {resplits} re-splits")
+    calib, test = split_tables(sub)
+    bound = settings.guarantee_bound
+    chosen, policies, cv = choose(calib, tuple(rules), settings.target_max_loss, settings.delta, cost_unit,
+                                  settings.guarantee_folds, settings.seed, unit, bound)
+    loss, saving = loss_and_saving(policies[chosen], test, unit)
+    per_rule = {}
+    for rule, policy in policies.items():
+        r_loss, r_saving = loss_and_saving(policy, test, unit)
+        per_rule[rule] = {"accuracy_loss": r_loss, "saving": r_saving,
+                          "thresholds": policy_thresholds(policy, sub)}
+    coded, fits = coded_subjects(sub), {}  # both studies below share the keep scores' fits
+    study = resplit_study(coded, target=settings.target_max_loss, delta=settings.delta, resplits=resplits,
+                          rules=tuple(rules), unit=unit, cost_unit=cost_unit, folds=settings.guarantee_folds,
+                          seed=settings.seed, bound=bound, fits=fits)
+    compare = None
+    if headline and settings.guarantee_compare_bound not in (None, bound):
+        progress(f"guarantee {' -> '.join(sub.names)}: {resplits} re-splits, "
+                 f"{settings.guarantee_compare_bound} bound")
+        compare = {"bound": settings.guarantee_compare_bound, **resplit_study(
+            coded, target=settings.target_max_loss, delta=settings.delta, resplits=resplits, rules=tuple(rules),
+            unit=unit, cost_unit=cost_unit, folds=settings.guarantee_folds, seed=settings.seed,
+            bound=settings.guarantee_compare_bound, fits=fits).to_json()}
+    return {
+        "stages": list(sub.names), "unit": unit, "cost_unit": cost_unit, "headline": headline,
+        "committed": {"rule": chosen, "cv": {r: {"accuracy_loss": v[0], "saving": v[1]} for r, v in cv.items()},
+                      "thresholds": policy_thresholds(policies[chosen], sub),
+                      "accuracy_loss": loss, "saving": saving,
+                      "held": loss <= settings.target_max_loss + 1e-12, "rules": per_rule},
+        "study": study.to_json(),
+        **({"study_compare": compare} if compare else {}),
+    }
+
+
+def guarantee_section(table: RecordTable, settings: ReportSettings, progress: Progress,
+                      cascades: list[dict] | None = None) -> GuaranteeSection:
+    """The section; `cascades`: `guarantee_cascade` of every setup, already computed (else computed here)."""
+    if cascades is None:
+        cascades = [guarantee_cascade(table, settings, setup, progress) for setup in _setups(table, settings)]
     if not cascades:
         return GuaranteeSection(skipped="a guarantee needs a cascade of at least two stages")
-    return GuaranteeSection(delta=settings.delta, target_pt=settings.target_max_loss * 100, rules=rules,
-                            folds=settings.guarantee_folds, bound=settings.guarantee_bound, cascades=cascades)
+    return GuaranteeSection(delta=settings.delta, target_pt=settings.target_max_loss * 100,
+                            rules=list(settings.guarantee_rules), folds=settings.guarantee_folds,
+                            bound=settings.guarantee_bound, cascades=cascades)

@@ -15,9 +15,10 @@ import numpy as np
 
 from cascade_core.signal_quality import auroc
 from cascade_core.records.table import RecordTable
-from cascade_core.report.common import (Part, Progress, ReportSettings, _local_indices, _num, _subtable,
-                                            choose_and_report, evaluate_on, outcome, policy_thresholds,
-                                            select_policy, split_tables, with_p_ik)
+from cascade_core.formatting import json_number
+from cascade_core.report.common import (Part, Progress, ReportSettings, local_indices, subtable, choose_and_report,
+                                        evaluate_on, outcome, policy_thresholds, select_policy, split_tables,
+                                        with_p_ik)
 from cascade_core.report.probes import retrain_p_ik
 
 
@@ -38,7 +39,7 @@ def label_free_guarantee(table: RecordTable, settings: ReportSettings, progress:
     smaller stage agrees with the largest one; None with fewer than two local stages."""
     from cascade_core.report.freeform import guarantee_study
 
-    local = _local_indices(table)
+    local = local_indices(table)
     if len(local) < 2:
         return None
     sub = table.stage_subset(local)
@@ -52,19 +53,30 @@ def label_free_guarantee(table: RecordTable, settings: ReportSettings, progress:
             "label_free": guarantee_study(*args, label_free=True), "labelled": guarantee_study(*args)}
 
 
-def label_free_section(table: RecordTable, features, settings: ReportSettings, progress: Progress) -> LabelFreeSection:
+def agreement_labels(table: RecordTable) -> dict[int, np.ndarray]:
+    """The label-free probes' targets: per routed local stage, "agrees with the largest local model"."""
+    local = local_indices(table)
+    return {s: table.prediction[s] == table.prediction[local[-1]] for s in local[:-1]}
+
+
+def label_free_section(table: RecordTable, features, settings: ReportSettings, progress: Progress,
+                       probes=None) -> LabelFreeSection:
     """Probes trained on "agrees with the largest local model's answer" (free from escalated
     traffic) vs gold-label probes, on the same test questions; and the full local cascade with
-    each kind of probe (thresholds chosen with gold labels, and fully label-free)."""
-    local = _local_indices(table)
+    each kind of probe (thresholds chosen with gold labels, and fully label-free). `probes`:
+    `retrain_p_ik`'s result on the calibration rows with `agreement_labels`, already computed."""
+    local = local_indices(table)
     largest = local[-1]
     routed = local[:-1]
     if not routed:
         return LabelFreeSection(stages=[])
     progress("label-free probes")
-    agree = {s: table.prediction[s] == table.prediction[largest] for s in routed}
+    agree = agreement_labels(table)
     cal = table.splits == "calibration"
-    p_free, info = retrain_p_ik(table, features, cal, settings, labels=agree, stages=routed)
+    if probes is not None:
+        p_free, info = probes
+    else:
+        p_free, info = retrain_p_ik(table, features, cal, settings, labels=agree, stages=routed)
     test = table.splits == "test"
     stages = []
     for s in routed:
@@ -74,17 +86,18 @@ def label_free_section(table: RecordTable, features, settings: ReportSettings, p
         stages.append({
             "stage": name,
             "agreement_rate_calibration": float(agree[s][cal].mean()),
-            "label_free_auroc": _num(auroc(p_free[s][test], y)) if name in info else None,
-            "gold_auroc": _num(auroc(gold, y)) if np.isfinite(gold).all() else None,
-            "p_t_auroc": _num(auroc(table.p_t[s][test], y)),
-            "label_free_auroc_vs_agreement": _num(auroc(p_free[s][test], agree[s][test])) if name in info else None,
+            "label_free_auroc": json_number(auroc(p_free[s][test], y)) if name in info else None,
+            "gold_auroc": json_number(auroc(gold, y)) if np.isfinite(gold).all() else None,
+            "p_t_auroc": json_number(auroc(table.p_t[s][test], y)),
+            "label_free_auroc_vs_agreement": json_number(auroc(p_free[s][test], agree[s][test]))
+            if name in info else None,
         })
     p_ik = table.p_ik.copy()
     for s in routed:
         if table.names[s] in info:
             p_ik[s] = p_free[s]
-    free_table = _subtable(with_p_ik(table, p_ik), local)
-    gold_table = _subtable(table, local)
+    free_table = subtable(with_p_ik(table, p_ik), local)
+    gold_table = subtable(table, local)
     cascades = {}
     for label, tab in (("gold_probe", gold_table), ("label_free_probe", free_table)):
         entry = choose_and_report(tab, list(range(tab.n_stages)), "both", settings.unit, settings)

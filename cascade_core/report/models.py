@@ -9,7 +9,8 @@ import numpy as np
 from cascade_core.signal_quality import auroc, expected_calibration_error
 from cascade_core.cost import COST_UNITS
 from cascade_core.records.table import RecordTable
-from cascade_core.report.common import Part, _est, split_tables
+from cascade_core.formatting import json_estimate
+from cascade_core.report.common import Part, split_tables
 from cascade_core.choose.paired_stats import accuracy_ci
 
 
@@ -33,7 +34,7 @@ def model_section(table: RecordTable) -> list[ModelRow]:
         y = test.correct[s]
         row = ModelRow(
             stage=name, model_id=table.model_ids[s], recorded=bool(table.recorded[s]),
-            n_test=test.n_questions, accuracy=_est(accuracy_ci(y)),
+            n_test=test.n_questions, accuracy=json_estimate(accuracy_ci(y)),
             calibration_accuracy=float(calib.correct[s].mean()),
             mean_cost={u: float(test.cost(u)[s].mean()) for u in COST_UNITS},
             p_t=None, p_ik=None,

@@ -9,8 +9,9 @@ import pandas as pd
 
 from cascade_core.signal_quality import auroc
 from cascade_core.records.table import RecordTable
-from cascade_core.report.common import (Part, Progress, ReportSettings, _local_indices, _num, _subtable,
-                                            evaluate_on, policy_thresholds, select_policy, with_p_ik)
+from cascade_core.formatting import json_number
+from cascade_core.report.common import (Part, Progress, ReportSettings, local_indices, subtable, evaluate_on,
+                                        policy_thresholds, select_policy, with_p_ik)
 from cascade_core.report.probes import retrain_p_ik
 
 
@@ -26,29 +27,39 @@ def ood_categories(categories: np.ndarray) -> list[str]:
     return [str(c) for c in pd.unique(np.asarray(categories)) if c]
 
 
+def ood_train_mask(table: RecordTable, categories: np.ndarray, held: str) -> np.ndarray:
+    """The rows the probes and thresholds of held-out category `held` are fit on."""
+    return (table.splits == "calibration") & (categories != held)
+
+
 def ood_section(table: RecordTable, features, categories: np.ndarray, settings: ReportSettings,
-                progress: Progress, held_out=None) -> OodSection:
+                progress: Progress, held_out=None, probes=None) -> OodSection:
     """For each category C: probes and thresholds fit on the calibration questions of the other
     three, reported on the test questions of C, next to the in-distribution choice on the same
     questions. `held_out`: only these categories (each is independent of the others, so the
-    report can split them between two processes and join the rows with `join_ood`)."""
-    local = _local_indices(table)
+    report can split them between two processes and join the rows with `join_ood`). `probes`:
+    category -> `retrain_p_ik`'s result on `ood_train_mask`, already computed (the report trains
+    each (category, stage) probe in whichever process is free); else trained here."""
+    local = local_indices(table)
     setups = [(local, settings.unit)]
     if table.recorded[-1]:
         setups.append(([local[-1], table.n_stages - 1], settings.api_unit))
     cats = [c for c in ood_categories(categories) if held_out is None or c in set(held_out)]
-    is_cal, is_test = table.splits == "calibration", table.splits == "test"
+    is_test = table.splits == "test"
     # The in-distribution choice does not depend on the held-out category: made once per setup.
     in_distribution = {}
     rows = []
     for held in cats:
         progress(f"ood: held-out category {held}")
-        train_mask = is_cal & (categories != held)
+        train_mask = ood_train_mask(table, categories, held)
         target_rows = is_test & (categories == held)
         if not target_rows.any() or not train_mask.any():
             continue
         # Stages without features get NaN (route on P(T) alone): their records' probe saw category C.
-        p_ik, info = retrain_p_ik(table, features, train_mask, settings, stages=local)
+        if probes is not None:
+            p_ik, info = probes[held]
+        else:
+            p_ik, info = retrain_p_ik(table, features, train_mask, settings, stages=local)
         ood_table = with_p_ik(table, p_ik)
         entry = {"held_out": held, "n_test": int(target_rows.sum()), "n_train": int(train_mask.sum()),
                  "probes": {}, "cascades": []}
@@ -56,14 +67,14 @@ def ood_section(table: RecordTable, features, categories: np.ndarray, settings: 
             name = table.names[s]
             y = table.correct[s][target_rows]
             entry["probes"][name] = {
-                "ood_auroc": _num(auroc(p_ik[s][target_rows], y)) if name in info else None,
-                "in_distribution_auroc": _num(auroc(table.p_ik[s][target_rows], y))
+                "ood_auroc": json_number(auroc(p_ik[s][target_rows], y)) if name in info else None,
+                "in_distribution_auroc": json_number(auroc(table.p_ik[s][target_rows], y))
                 if np.isfinite(table.p_ik[s][target_rows]).all() else None,
-                "p_t_auroc": _num(auroc(table.p_t[s][target_rows], y)),
+                "p_t_auroc": json_number(auroc(table.p_t[s][target_rows], y)),
             }
         for stages, unit in setups:
-            ood_sub = _subtable(ood_table, stages)
-            id_sub = _subtable(table, stages)
+            ood_sub = subtable(ood_table, stages)
+            id_sub = subtable(table, stages)
             sel_ood = select_policy(ood_sub.subset(train_mask), target_max_loss=settings.target_max_loss, unit=unit)
             key = (tuple(stages), unit)
             if key not in in_distribution:
@@ -76,10 +87,10 @@ def ood_section(table: RecordTable, features, categories: np.ndarray, settings: 
                 "stages": list(ood_sub.names), "unit": unit,
                 "reference_accuracy": float(test_ood.correct[-1].mean()),
                 "ood": {"accuracy": r_ood.accuracy, "pd": float(r_ood.accuracy - test_ood.correct[-1].mean()),
-                        "compute_reduction": _num(r_ood.compute_reduction[unit]),
+                        "compute_reduction": json_number(r_ood.compute_reduction[unit]),
                         "thresholds": policy_thresholds(sel_ood.policy, ood_sub)},
                 "in_distribution": {"accuracy": r_id.accuracy, "pd": float(r_id.accuracy - test_id.correct[-1].mean()),
-                                    "compute_reduction": _num(r_id.compute_reduction[unit])},
+                                    "compute_reduction": json_number(r_id.compute_reduction[unit])},
             })
         rows.append(entry)
     return OodSection(categories=rows)
