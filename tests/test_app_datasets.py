@@ -190,3 +190,37 @@ def test_explorer_thresholds_route_the_questions_of_the_dataset_they_were_chosen
     at.radio(key="route_mode").set_value("mmlu").run()  # an MMLU question: not chosen on its records
     no_exception(at)
     assert "0.91" not in at.dataframe[0].value["routing"].iloc[0]
+
+
+def test_an_uploaded_multiple_choice_set_routes_on_mmlu_s_policy_until_it_has_its_own(folders):
+    """A registered multiple-choice file: MMLU's policy (the promise and explorer of the page) until
+    `calibrate --dataset` writes its own, then that one (here MMLU's file with SmolLM2 switched on at
+    P(T) >= 0.9 written in, to tell them apart), in the stages offered and the thresholds table."""
+    from cascade_core.records.registry import resolve_dataset
+
+    questions = folders / "capitals.jsonl"
+    questions.write_text("".join(json.dumps({"question": f"Capital of {c}?", "options": o, "answer": a}) + "\n"
+                                 for c, o, a in (("France", ["Paris", "Rome"], "Paris"),
+                                                 ("Italy", ["Paris", "Rome"], "Rome"),
+                                                 ("Spain", ["Madrid", "Oslo"], "Madrid"),
+                                                 ("Norway", ["Madrid", "Oslo"], "Oslo"))))
+    name = resolve_dataset(str(questions), folders / "results").name
+    mmlu = json.loads((REPO / "data" / "policies" / "default.json").read_text())
+    (folders / "policies").mkdir(exist_ok=True)
+    (folders / "policies" / "default.json").write_text(json.dumps(mmlu))
+    at = route_page(name)
+    assert at.radio(key="route_mode").value == "picked"
+    box = policy_box(at)
+    assert "mmlu's policy (the fallback for multiple-choice questions)" in box
+    assert f"{name} has no calibrated policy file of its own" in box and "labelled: at most" in box
+
+    own = json.loads(json.dumps(mmlu))
+    own["policy"]["stages"][0].update(enabled=True, rule="pt_only", tau_t=0.9)
+    own["off_reasons"].pop("smollm2-135m", None)
+    (folders / "policies" / name).mkdir()
+    (folders / "policies" / name / "default.json").write_text(json.dumps(own))
+    at.run()
+    no_exception(at)
+    assert f"{name}'s own calibrated policy" in policy_box(at)
+    assert at.multiselect(key="stages::default@route").value[0] == "smollm2-135m"
+    assert at.dataframe[0].value["routing"].iloc[0] == "keep when P(T) >= 0.9"
