@@ -21,6 +21,10 @@ from cascade_core.types import Question, Trace
 FOLDER_HELP = "default: ${}, else {}"
 DATASET_HELP = ("mmlu (default), a .jsonl/.csv/.parquet question file, or the name of a file dataset "
                 "benchmarked before; records go to <results>/<name>/")
+POLICY_DATASET_HELP = ("the questions' dataset (as bench --dataset names it): its questions' kind runs with its own "
+                       "calibrated policy file and P(IK) probes when it has them, else the kind's policy (MMLU's, "
+                       "arith's), else the preset's thresholds")
+POLICY_FILE_HELP = "run with this policy file (calibrate wrote it), whatever --dataset and the question's kind say"
 
 
 class UsageError(ValueError):
@@ -67,14 +71,17 @@ def cmd_route(args: argparse.Namespace) -> int:
     from cascade_core.compose.formats import served_format_notes
     from cascade_core.compose.live import build_cascade
     from cascade_core.prompts import validate_question
-    from cascade_core.server.options import check_route_args
+    from cascade_core.server.options import check_route_args, resolve_policies
 
     check_route_args(args)  # before any model loads
     question = Question(text=args.question, options=tuple(args.options or ()), subject=args.subject or "")
     validate_question(question)
     preset = load_preset(args.preset)
-    stages = build_cascade(preset, only=args.stages, progress=not args.json, thresholds=args.thresholds)
+    policies = resolve_policies(preset, args, question.is_multiple_choice)  # --dataset, --policy: no model yet
+    stages = build_cascade(preset, only=args.stages, progress=not args.json, thresholds=args.thresholds,
+                           policies=policies)
     formats = served_format_notes(f"cascade-{preset.name}", stages)
+    policy = policies[question.is_multiple_choice]
 
     def on_event(event, stage, step):
         if not args.json and event == "start":
@@ -85,15 +92,15 @@ def cmd_route(args: argparse.Namespace) -> int:
     except CascadeError as err:
         trace = err.trace
         if args.json:
-            print(json.dumps({**trace_to_dict(trace), "number_format": formats}))
+            print(json.dumps({**trace_to_dict(trace), "number_format": formats, "policy": policy.to_dict()}))
         else:
-            print(trace_table(trace, {s.name: s.probe is not None for s in stages}, formats))
+            print(policy.line() + "\n" + trace_table(trace, {s.name: s.probe is not None for s in stages}, formats))
         print(f"error: {err}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({**trace_to_dict(trace), "number_format": formats}))
+        print(json.dumps({**trace_to_dict(trace), "number_format": formats, "policy": policy.to_dict()}))
     else:
-        print(trace_table(trace, {s.name: s.probe is not None for s in stages}, formats))
+        print(policy.line() + "\n" + trace_table(trace, {s.name: s.probe is not None for s in stages}, formats))
     return 0
 
 
@@ -374,8 +381,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if recorded:
             raise UsageError(f"preset {preset.name!r}: {', '.join(recorded)} replay recorded MMLU outcomes and cannot "
                              "answer live questions; serve the other stages with --stages NAME ...")
-        stages = build_cascade(preset, only=args.stages, progress=False, thresholds=args.thresholds)
+        from cascade_core.server.options import resolve_policies
+
+        policies = resolve_policies(preset, args)  # --dataset, --policy: before any model loads
+        stages = build_cascade(preset, only=args.stages, progress=False, thresholds=args.thresholds, policies=policies)
         print(stages[0].policy_source, file=sys.stderr, flush=True)
+        for chosen in policies.values():
+            print(chosen.line(), file=sys.stderr, flush=True)
         monitor = None
         if args.traces:
             from cascade_core.monitor.setup import build_monitor
@@ -383,13 +395,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             monitor = build_monitor(preset, stages, args.traces, thresholds=args.thresholds,
                                     retention_days=args.retention_days, max_rows=args.max_traces,
                                     store_questions=args.store_questions, audit_share=args.audit_share,
-                                    seed=args.audit_seed, alpha=args.drift_alpha, fallback=args.fallback_on_broken)
+                                    seed=args.audit_seed, alpha=args.drift_alpha, fallback=args.fallback_on_broken,
+                                    policies=policies)
             print(f"traces -> {args.traces} (audit share {args.audit_share:g})", file=sys.stderr, flush=True)
         app = create_cascade_app({preset.name: stages}, api_key_env=args.token_env,
                                  max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
                                  max_in_flight=args.max_in_flight, max_waiting=args.max_queue,
                                  timeout_s=args.timeout_s, default_max_new_tokens=args.max_new_tokens,
-                                 monitor=monitor)
+                                 monitor=monitor, policies={preset.name: {kind: policies[mc].to_dict() for kind, mc in
+                                                                         (("multiple_choice", True),
+                                                                          ("free_form", False))}})
         served = list(app.state.served)
     print(f"serving {', '.join(served)} on http://{args.host}:{args.port}/v1"
           f"{' (bearer token required)' if args.token_env else ''}", file=sys.stderr, flush=True)
@@ -412,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--thresholds", choices=["auto", "calibrated", "preset"], default="auto",
                        help="auto (default): the calibrated policy file when there is one, else the preset's; "
                             "preset: the thresholds written in the preset")
+    route.add_argument("--dataset", default=None, metavar="NAME", help=POLICY_DATASET_HELP)
+    route.add_argument("--policy", default=None, metavar="FILE", help=POLICY_FILE_HELP)
     route.set_defaults(func=cmd_route)
 
     models = sub.add_parser("models", help="manage the models of a preset")
@@ -496,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--thresholds", choices=["auto", "calibrated", "preset"], default="auto",
                        help="auto (default): the preset's calibrated policy file when there is one, "
                             "else its thresholds")
+    serve.add_argument("--dataset", default=None, metavar="NAME", help=POLICY_DATASET_HELP)
+    serve.add_argument("--policy", default=None, metavar="FILE", help=POLICY_FILE_HELP)
     serve.add_argument("--device", default="auto", help="--single-stage only (presets name their own devices)")
     serve.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch")
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])

@@ -111,11 +111,14 @@ def runtime_stage(config: StageConfig, backend: Backend | None = None) -> Runtim
 
 
 def build_cascade(preset: Preset, only: Sequence[str] | None = None, progress: bool = True,
-                  thresholds: str = "auto", where=None) -> list[RuntimeStage]:
+                  thresholds: str = "auto", where=None, policies: dict | None = None) -> list[RuntimeStage]:
     """Every stage of `preset` (or the ones named in `only`, in preset order), ready to run, with
-    the thresholds `compose.policies.applied_policy` picks (the calibrated policy file if any), and
-    for free-form questions the preset's calibrated free-form policy, if any (`apply_free_form`)."""
-    from cascade_core.compose.policies import apply_free_form, apply_to_stages, policy_for_question
+    each kind's policy: `policies` (True: multiple choice, False: free-form; `compose.policies.
+    served_policies`, which `route`/`serve --dataset/--policy` resolve before any model loads), else
+    each kind's own (the calibrated policy file if any). The multiple-choice policy is the stages'
+    `policy` (`apply_to_stages`), the free-form one their free-form policy (`apply_free_form`);
+    a dataset's own policy reads P(IK) with that dataset's probes (`dataset_probes`)."""
+    from cascade_core.compose.policies import apply_free_form, apply_question_policy, apply_to_stages, dataset_probes
 
     configs = list(preset.stages)
     if only:
@@ -124,13 +127,24 @@ def build_cascade(preset: Preset, only: Sequence[str] | None = None, progress: b
             raise ValueError(f"preset {preset.name!r} has no stage(s) {unknown}")
         configs = [c for c in preset.stages + preset.extra_stages if c.name in set(only)]
     preset.check_files([c.name for c in configs])  # a missing probe or combiner file, before any model loads
-    if only and thresholds == "auto":  # a calibrated policy is a guarantee for the whole cascade only
-        thresholds = "preset"
     # each kind's policy (`policy_for_question`); a bad policy file is refused before any model loads
-    applied = policy_for_question(preset, True, None, where, thresholds).applied
-    free_form = policy_for_question(preset, False, None, where, "preset" if thresholds == "preset" else "auto").applied
-    stages = apply_to_stages([runtime_stage(c) for c in configs], applied, preset)
-    return apply_free_form(stages, free_form, preset)
+    policies = policies or cascade_policies(preset, only, thresholds, where)
+    mc, free = policies[True], policies[False]
+    stages = apply_to_stages([runtime_stage(c) for c in configs], mc.applied, preset)
+    stages = apply_question_policy(stages, mc, True, where)
+    return apply_free_form(dataset_probes(stages, free, False, where), free.applied, preset)
+
+
+def cascade_policies(preset: Preset, only: Sequence[str] | None = None, thresholds: str = "auto", where=None,
+                     dataset: str | None = None, policy_file=None) -> dict:
+    """Each kind's policy (`compose.policies.served_policies`) for `build_cascade`: `only` some
+    stages runs the preset's thresholds unless asked otherwise (a calibrated policy is a guarantee
+    for the whole cascade only). No model loads."""
+    from cascade_core.compose.policies import served_policies
+
+    if only and thresholds == "auto" and policy_file is None:
+        thresholds = "preset"
+    return served_policies(preset, dataset, where, thresholds, policy_file)
 
 
 def free_form_probe(config: StageConfig, backend: Backend):

@@ -9,7 +9,9 @@ come with the reason.
 Which dataset's policy file a question runs with is decided here too (`policy_for_question`): the
 question's own dataset's (`calibrate --dataset X` wrote `<policies>/X/<preset>.json`) when it has
 one, else the policy of its kind (`kind_dataset`: MMLU's for multiple choice, the shipped free-form
-set's for free-form), with the reason, so that `route`, `serve` and the app never differ on it.
+set's for free-form), with the reason, so that `route`, `serve` and the app never differ on it;
+`route --dataset X` / `serve --dataset X` name the questions' dataset (`served_policies`) and
+`--policy FILE` names the file outright, which then wins over both.
 """
 
 from __future__ import annotations
@@ -74,6 +76,12 @@ def applied_policy(preset: Preset | str, where: Locations | None = None,
     if not path.exists():
         raise FileNotFoundError(f"preset {preset.name!r} has no calibrated policy file at {path}; run "
                                 f"`python -m cascade_core calibrate --preset {preset.name}` first")
+    return file_policy(preset, path)
+
+
+def file_policy(preset: Preset, path: Path | str) -> AppliedPolicy:
+    """The policy file at `path` applied to `preset` (refused when it covers other stages)."""
+    path = Path(path)
     found = read_policy_file(path, expect_stages=calibration_stages(preset))
     return AppliedPolicy("calibrated", f"thresholds: {found.description}", policy=found.cascade_policy(),
                          off_reasons=dict(found.off_reasons), file=path, biases=found.letter_biases(),
@@ -119,17 +127,40 @@ class QuestionPolicy:
     def guarantee(self) -> str:
         return guarantee_summary(self.applied.guarantee)
 
+    def to_dict(self) -> dict:
+        """What a trace, `route --json` and the server's /health say about it."""
+        file = self.applied.file
+        return {"kind": "multiple-choice" if self.multiple_choice else "free-form", "dataset": self.dataset,
+                "own": self.own, "file": None if file is None else str(file), "guarantee": self.guarantee,
+                "reason": self.reason, "thresholds": self.applied.description}
+
+    def line(self) -> str:
+        """One line for `route`'s table and `serve`'s log: which file, which guarantee, why."""
+        file = self.applied.file or "the preset's own thresholds"
+        kind = "multiple-choice" if self.multiple_choice else "free-form"
+        return f"policy ({kind}): {file}; {self.guarantee}; why: {self.reason}"
+
 
 def policy_for_question(preset: Preset | str, multiple_choice: bool, dataset: str | None = None,
-                        where: Locations | None = None, thresholds: ThresholdSource = "auto") -> QuestionPolicy:
+                        where: Locations | None = None, thresholds: ThresholdSource = "auto",
+                        policy_file: Path | str | None = None) -> QuestionPolicy:
     """The calibrated policy a question runs with: its own dataset's (`dataset`, where it was drawn
     from; None for a typed question) when that dataset has a policy file for this preset, else its
     kind's (`kind_dataset`), else the preset's thresholds; a policy file present but unusable is an
     error (`applied_policy`), never skipped. The caller vouches that the question is of `dataset`'s
-    kind (its questions are either all multiple choice or all free-form)."""
+    kind (its questions are either all multiple choice or all free-form). `policy_file` (`--policy
+    FILE`) wins over all of it; its dataset is the one its provenance names (the kind's when that is
+    no dataset here, e.g. audited traffic), whose probes then read P(IK) (`apply_question_policy`)."""
     preset = load_preset(preset) if not isinstance(preset, Preset) else preset
     kind = "multiple-choice" if multiple_choice else "free-form"
     fallback = kind_dataset(multiple_choice)
+    if policy_file is not None:
+        applied = file_policy(preset, policy_file)
+        named = read_policy_file(policy_file).provenance.get("dataset")
+        certified_on = _known_dataset(named, where) or fallback
+        return QuestionPolicy(applied, certified_on, certified_on != fallback,
+                              f"--policy {policy_file} names it (calibrated on {named or 'unnamed'} records), which "
+                              "wins over the dataset's and the kind's policy", multiple_choice)
     if thresholds == "preset":
         return QuestionPolicy(applied_policy(preset, where, "preset", fallback), fallback, False,
                               "the preset's own thresholds were asked for (thresholds=preset)", multiple_choice)
@@ -171,9 +202,7 @@ def apply_question_policy(stages: Sequence, chosen: QuestionPolicy, multiple_cho
     route on P(T) alone there, and the trace says so)."""
     where = where or locations()
     slot = "probe" if multiple_choice else "free_form_probe"
-    stages = list(stages)
-    if chosen.own and chosen.dataset != kind_dataset(multiple_choice):
-        stages = [replace(s, **{slot: _dataset_probe(s, chosen.dataset, where)}) for s in stages]
+    stages = dataset_probes(stages, chosen, multiple_choice, where)
     if chosen.applied.policy is None or (multiple_choice and chosen.dataset == "mmlu"):
         return stages
     certified = dict(zip(chosen.applied.stages, chosen.applied.policy.stages))
@@ -185,6 +214,66 @@ def apply_question_policy(stages: Sequence, chosen: QuestionPolicy, multiple_cho
                          f"trained on {chosen.dataset}'s records: train it (`probes train --dataset {chosen.dataset}`) "
                          "or calibrate with --rule pt_only")
     return stages
+
+
+def dataset_probes(stages: Sequence, chosen: QuestionPolicy, multiple_choice: bool,
+                   where: Locations | None = None) -> list:
+    """The stages with the P(IK) probes of `chosen`'s dataset for this kind of question (`probe` or
+    `free_form_probe`) when it is a dataset's own policy rather than its kind's; else unchanged."""
+    stages = list(stages)
+    if not (chosen.own and chosen.dataset != kind_dataset(multiple_choice)):
+        return stages
+    where = where or locations()
+    slot = "probe" if multiple_choice else "free_form_probe"
+    return [replace(s, **{slot: _dataset_probe(s, chosen.dataset, where)}) for s in stages]
+
+
+def _known_dataset(name, where: Locations | None) -> str | None:
+    """`name` when it is a dataset here (built in, or benchmarked under the results folder), else None."""
+    from cascade_core.records.registry import dataset_name, looks_like_file
+
+    if not name or looks_like_file(str(name)):
+        return None
+    try:
+        return dataset_name(str(name), (where or locations()).results)
+    except ValueError:
+        return None
+
+
+def served_policies(preset: Preset | str, dataset: str | None = None, where: Locations | None = None,
+                    thresholds: ThresholdSource = "auto",
+                    policy_file: Path | str | None = None) -> dict[bool, QuestionPolicy]:
+    """What `route` and `serve` run each kind of question with (True: multiple choice, False:
+    free-form), each through `policy_for_question`: `dataset` (`--dataset NAME`, checked against
+    the registry: an unknown name is refused with the known ones) is the questions' dataset for its
+    own kind, the other kind runs with its kind's policy; `policy_file` (`--policy FILE`) applies to
+    both. Free-form questions fall back to the preset's thresholds under `thresholds="calibrated"`
+    too (that option asks for the multiple-choice policy file). Nothing loads a model."""
+    preset = load_preset(preset) if not isinstance(preset, Preset) else preset
+    where = where or locations()
+    mc_dataset = None
+    if dataset is not None:
+        dataset = dataset_is(dataset, where)
+        mc_dataset = dataset_multiple_choice(dataset, where)
+    free_thresholds = "preset" if thresholds == "preset" else "auto"
+    return {mc: policy_for_question(preset, mc, dataset if dataset is not None and mc_dataset == mc else None, where,
+                                    thresholds if mc else free_thresholds, policy_file)
+            for mc in (True, False)}
+
+
+def dataset_is(dataset: str, where: Locations | None = None) -> str:
+    """The registry's name of `dataset` (`records.registry.dataset_name`); unknown: a ValueError
+    listing the known ones."""
+    from cascade_core.records.registry import dataset_name
+
+    return dataset_name(dataset, (where or locations()).results)
+
+
+def dataset_multiple_choice(dataset: str, where: Locations | None = None) -> bool:
+    """Whether a dataset's questions are multiple choice (its registry metadata's `kind`)."""
+    from cascade_core.records.registry import read_metadata
+
+    return read_metadata(dataset, (where or locations()).results).get("kind", "mc") == "mc"
 
 
 def _dataset_probe(stage, dataset: str, where: Locations):

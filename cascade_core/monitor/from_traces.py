@@ -77,7 +77,7 @@ def calibrate_from_traces(db: Path | str, preset, *, kind: str = "free", policy_
     from cascade_core.records.runner import code_version
     from cascade_core.choose.calibrated_policy import calibrate_policy
     from cascade_core.locations import locations
-    from cascade_core.compose.policies import (FREE_FORM_DATASET, label_free_figures, calibration_stages,
+    from cascade_core.compose.policies import (kind_dataset, label_free_figures, calibration_stages,
                                                policy_path)
     from cascade_core.choose.label_free import LOSS_NAME, label_free_table
     from cascade_core.policy import CascadePolicy, StagePolicy
@@ -112,6 +112,6 @@ def calibrate_from_traces(db: Path | str, preset, *, kind: str = "free", policy_
                  for n in all_stages if n not in table.names}
     found = replace(found, guarantee={**found.guarantee, "loss": "label_free", "loss_name": LOSS_NAME},
                     off_reasons={**found.off_reasons, **never_run})
-    dataset = "mmlu" if kind == "mc" else FREE_FORM_DATASET
+    dataset = kind_dataset(kind == "mc")
     path = Path(out) if out else policy_path(preset, locations(), dataset)
     return write_policy_file(path, found), found

@@ -1,9 +1,10 @@
 """Wiring: the `Monitor` of a served preset (composition layer: policy files and records).
 
-For each kind of question (multiple choice: MMLU's policy; free-form: `compose.policies.
-FREE_FORM_DATASET`'s) it finds the policy the cascade runs with (`applied_policy`, as
-`build_cascade` does), names it by the sha256 of its policy file (of its thresholds when it runs
-the preset's own), reads the promise (a label-free target, or none), the dataset's grader, and
+For each kind of question it takes the policy the cascade runs with (`compose.policies.
+served_policies`, as `build_cascade` does: `serve --dataset/--policy`'s, else the kind's, MMLU's
+for multiple choice and `kind_dataset`'s for free-form), names it by the sha256 of its policy
+file (of its thresholds when it runs the preset's own), reads the promise (a label-free target, or
+none), the dataset's grader, and
 builds the drift expectation by replaying the policy on its calibration records. A missing piece
 (no records here, a policy without a target) leaves that part off with the reason shown, never
 a guess.
@@ -19,22 +20,30 @@ from cascade_core.monitor.service import Monitor, PolicyInfo
 from cascade_core.monitor.trace_store import TraceStore
 
 
-def policy_infos(preset, stages, thresholds: str = "auto") -> dict[str, PolicyInfo]:
-    """kind -> PolicyInfo for the runtime `stages` built from `preset` (module docstring)."""
+def policy_infos(preset, stages, thresholds: str = "auto", policies: dict | None = None) -> dict[str, PolicyInfo]:
+    """kind -> PolicyInfo for the runtime `stages` built from `preset` (module docstring);
+    `policies`: each kind's `QuestionPolicy` (True: multiple choice) the stages were built with."""
     from cascade_core.cascade import for_free_form
     from cascade_core.locations import locations
-    from cascade_core.compose.policies import FREE_FORM_DATASET, applied_policy
+    from cascade_core.compose.policies import kind_dataset, policy_for_question
     from cascade_core.choose.policy_file import file_sha256, read_policy_file
 
     where = locations()
     out = {}
-    for kind, dataset in (("mc", "mmlu"), ("free", FREE_FORM_DATASET)):
+    for kind in ("mc", "free"):
+        multiple_choice = kind == "mc"
         runtime = [for_free_form(s) for s in stages] if kind == "free" else list(stages)
         enabled = tuple(s.name for s in runtime if s.policy.enabled)
-        try:
-            applied = applied_policy(preset, where, "preset" if thresholds == "preset" else thresholds, dataset)
-        except (FileNotFoundError, ValueError):
-            applied = None
+        dataset = kind_dataset(multiple_choice)
+        if policies is not None:
+            applied, dataset = policies[multiple_choice].applied, policies[multiple_choice].dataset
+        else:
+            try:
+                chosen = policy_for_question(preset, multiple_choice, None, where,
+                                             "preset" if thresholds == "preset" else thresholds)
+                applied, dataset = chosen.applied, chosen.dataset
+            except (FileNotFoundError, ValueError):
+                applied = None
         target, delta, description = None, 0.1, runtime[0].policy_source if runtime else ""
         if applied is not None and applied.file is not None:
             digest = file_sha256(applied.file)
@@ -84,12 +93,13 @@ def _expectation(preset, dataset: str, where, policy, names) -> dict:
 
 def build_monitor(preset, stages, db: Path | str, *, thresholds: str = "auto", retention_days: float | None = None,
                   max_rows: int | None = None, store_questions: bool = False, audit_share: float = 0.02,
-                  seed: int = 0, alpha: float | None = None, fallback: bool = False) -> Monitor:
+                  seed: int = 0, alpha: float | None = None, fallback: bool = False,
+                  policies: dict | None = None) -> Monitor:
     """The monitor `serve --traces DB` runs (options as in `python -m cascade_core serve --help`)."""
     from cascade_core.monitor.drift import DEFAULT_ALPHA
 
     store = TraceStore(db, retention_days=retention_days, max_rows=max_rows, store_questions=store_questions)
-    return Monitor(store, policy_infos(preset, stages, thresholds), audit_share=audit_share, seed=seed,
+    return Monitor(store, policy_infos(preset, stages, thresholds, policies), audit_share=audit_share, seed=seed,
                    alpha=DEFAULT_ALPHA if alpha is None else alpha, fallback=fallback)
 
 

@@ -125,6 +125,7 @@ def create_cascade_app(
     default_max_new_tokens: int = 64,
     serve_stages: bool = True,
     monitor=None,
+    policies: Mapping[str, Mapping[str, dict]] | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app serving each cascade as `cascade-<name>` and each stage by name.
 
@@ -133,6 +134,9 @@ def create_cascade_app(
     Each served model gets its own queue of `max_in_flight` running + `max_waiting` waiting.
     `monitor` (`cascade_core.monitor.service.Monitor`, optional): every trace is stored before
     its answer leaves, a seeded share is audited after it, and /health and /metrics carry its status.
+    `policies` (optional): cascade name -> {"multiple_choice": ..., "free_form": ...}, the policy
+    each kind of question runs with (`compose.policies.QuestionPolicy.to_dict`: file, guarantee,
+    why); /health lists them and each cascade trace carries its question's as `policy`.
     """
     if not cascades:
         raise ValueError("give at least one cascade to serve")
@@ -160,6 +164,15 @@ def create_cascade_app(
     metrics = Metrics()
     executor = ThreadPoolExecutor(max_workers=max_in_flight * len(served), thread_name_prefix="cascade")
     created = int(time.time())
+    stated = {f"{CASCADE_PREFIX}{name}": dict(kinds) for name, kinds in (policies or {}).items()}
+
+    def traced(model: str, trace: Trace) -> dict:
+        """The trace field of a response, with the policy its question's kind ran with (`policies`)."""
+        field = trace_field(model, trace)
+        kind = "multiple_choice" if trace.question.is_multiple_choice else "free_form"
+        if stated.get(model, {}).get(kind) is not None:
+            field["policy"] = stated[model][kind]
+        return field
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -219,6 +232,7 @@ def create_cascade_app(
     async def health():
         return {"status": "ok" if not unavailable else "degraded", "models": list(served),
                 "unavailable": dict(unavailable), "queues": {n: g.snapshot() for n, g in gates.items()},
+                **({"policies": stated} if stated else {}),
                 **({"monitor": monitor.health()} if monitor is not None else {})}
 
     @app.get("/metrics")
@@ -297,7 +311,7 @@ def create_cascade_app(
         if isinstance(err, CascadeError):
             trace = err.trace
             return ApiError(502, f"the cascade could not answer: {err.args[0]}", kind="server_error",
-                            extra={"cascade": trace_field(model, trace)}, headers=trace_headers(trace))
+                            extra={"cascade": traced(model, trace)}, headers=trace_headers(trace))
         if isinstance(err, ValueError):  # e.g. free-form to a recorded stage
             return ApiError(400, f"invalid question for {model!r}: {err}", param="messages")
         if isinstance(err, ApiError):
@@ -365,7 +379,7 @@ def create_cascade_app(
             content, streamed = answer_content(trace), "".join(sent)
             rest = content[len(streamed):] if content.startswith(streamed) else content
             lp = answer_logprobs(trace, req.top_logprobs or 0) if req.logprobs else None
-            extra = {"cascade": trace_field(model, trace)}
+            extra = {"cascade": traced(model, trace)}
             last = chunks.chunk(content=rest or None, finish_reason=finish_reason(trace, max_new), logprobs=lp,
                                 **({} if req.include_usage() else extra))
             if not req.include_usage():
@@ -401,7 +415,7 @@ def create_cascade_app(
                          "finish_reason": finish_reason(trace, max_new),
                          "logprobs": answer_logprobs(trace, req.top_logprobs or 0) if req.logprobs else None}],
             "usage": usage(trace),
-            "cascade": trace_field(model, trace),
+            "cascade": traced(model, trace),
         }
         after = BackgroundTask(monitor.after_response, trace) if monitor is not None else None  # audits start after
         return JSONResponse(body, headers=trace_headers(trace), background=after)

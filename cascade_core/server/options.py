@@ -61,3 +61,41 @@ def check_serve_args(args) -> None:
     if getattr(args, "threads", None) is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     read_token(args.token_env)  # named but unset: refused now, not after the model load
+
+
+def check_policy_args(args) -> None:
+    """`--policy FILE` (route, serve): a file, and neither with `--thresholds preset` (which asks for
+    the preset's own thresholds) nor with `--stages` (a policy file certifies the whole cascade)."""
+    policy = getattr(args, "policy", None)
+    if policy is None:
+        return
+    from pathlib import Path
+
+    if not Path(policy).is_file():
+        raise ValueError(f"--policy {policy}: no such file (a policy file `calibrate` wrote)")
+    if args.thresholds == "preset":
+        raise ValueError("--policy FILE and --thresholds preset ask for two different thresholds; give one")
+    if getattr(args, "stages", None):
+        raise ValueError("--policy FILE certifies the whole cascade; drop --stages")
+
+
+def resolve_policies(preset, args, multiple_choice: bool | None = None) -> dict:
+    """Each kind's policy for `route`/`serve` (`compose.live.cascade_policies`) from --dataset,
+    --policy, --thresholds and --stages, before any model loads. `multiple_choice`: `route`'s
+    question's kind, which must be its --dataset's."""
+    from cascade_core.compose.live import cascade_policies
+    from cascade_core.compose.policies import dataset_is, dataset_multiple_choice
+
+    check_policy_args(args)
+    dataset = getattr(args, "dataset", None)
+    if dataset is not None:
+        try:
+            dataset = dataset_is(dataset)
+        except ValueError as err:
+            raise ValueError(f"--dataset: {err}") from None
+        if multiple_choice is not None and dataset_multiple_choice(dataset) != multiple_choice:
+            holds = "multiple-choice" if dataset_multiple_choice(dataset) else "free-form"
+            raise ValueError(f"--dataset {dataset} holds {holds} questions, and this question is "
+                             f"{'multiple choice (--options)' if multiple_choice else 'free-form (no --options)'}")
+    return cascade_policies(preset, getattr(args, "stages", None), args.thresholds, dataset=dataset,
+                            policy_file=getattr(args, "policy", None))
