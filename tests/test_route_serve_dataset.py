@@ -94,14 +94,19 @@ def test_route_with_dataset_arith_states_arith_s_policy(calibrated, capsys):
 
 @pytest.mark.model
 def test_serve_with_dataset_states_its_policy_in_health_and_traces(calibrated, tmp_path):
+    """... and its monitor (`--traces`) watches that policy file too."""
+    from cascade_core.choose.policy_file import file_sha256
+
     sums = locations().policies / "sums" / "two.json"
     server = SubprocessServer("cascade_core", ["serve", "--preset", str(calibrated), "--dataset", "sums",
-                                               "--max-new-tokens", "4"], log_path=tmp_path / "serve.log")
+                                               "--max-new-tokens", "4", "--traces", str(tmp_path / "traces.db")],
+                              log_path=tmp_path / "serve.log")
     with server:
         health = httpx.get(f"{server.url}/health", timeout=10).json()
         free, mc = health["policies"]["cascade-two"]["free_form"], health["policies"]["cascade-two"]["multiple_choice"]
         assert free["file"] == str(sums) and free["own"] and "sums has its own" in free["reason"]
         assert mc["dataset"] == "mmlu" and mc["file"] is None and mc["guarantee"].startswith("no guarantee")
+        assert health["monitor"]["policies"]["free"]["policy"] == file_sha256(sums)
         r = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
             "model": "cascade-two", "max_tokens": 4,
             "messages": [{"role": "user", "content": "What is 2 + 2? Answer with the number only."}]})
