@@ -8,8 +8,9 @@
 Times `build_report` (every section: the re-split study, OOD and label-free probes where the
 records have features) after the records are loaded, prints the time at which each section
 started, and ends with one JSON line: wall seconds, and CPU seconds (user + system) of this
-process and of the report's second process together, so a figure measured while other work
-shares the cores still says what the report costs. `--workers 1` runs it all in one process.
+process and of the report's worker processes together (`report/jobs.py`), so a figure measured
+while other work shares the cores still says what the report costs. `--workers 1` runs it all
+in one process.
 
 `--standin` builds `bench/mmlu_standin.py`'s stand-in for the full MMLU (14,042 questions x 3
 local stages + GPT-4, with one feature layer per stage, resampled from the committed records)
@@ -60,7 +61,7 @@ def tile(table: RecordTable, questions, rows: int):
 
 
 def cpu_seconds() -> float:
-    """User + system CPU of this process and of its finished children (the report's second process)."""
+    """User + system CPU of this process and of its finished children (the report's worker processes)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
@@ -98,7 +99,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=0, help="tile the table to this many questions (0 = as recorded)")
     parser.add_argument("--resplits", type=int, default=None,
                         help="re-splits of the headline study (default: the report's)")
-    parser.add_argument("--workers", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--workers", type=int, default=2, help="report worker processes (1: all in this one)")
     args = parser.parse_args()
     if args.standin:
         from mmlu_standin import build_standin

@@ -359,13 +359,22 @@ def probe_grid(
     Cs: Sequence[float] = PROBE_CS,
     class_weight: str | None = None,
     max_iter: int = 2000,
+    warm_start: bool = False,
+    stop_after_worse: int | None = None,
 ) -> tuple[int, float, dict[tuple[int, float], float], np.ndarray]:
     """`choose_probe`'s search, also returning the out-of-fold P(IK) of the chosen (layer, C).
 
-    The same numbers as `out_of_fold_p_ik` per (layer, C), computed fold by fold: each layer is
-    converted to float64 once, and each fold's standardisation (fit on that fold's training rows,
-    whatever C is) is fitted and applied once for every C instead of once per C. Each fit sees
-    exactly the arrays it saw before, so every prediction is bit-for-bit the same.
+    The same numbers as `out_of_fold_p_ik` per (layer, C): each layer is converted to float64
+    once, and each fold's standardisation (fit on that fold's training rows, whatever C is) is
+    fitted once for every C instead of once per C. Each fit sees exactly the arrays it saw
+    before, so every prediction is bit-for-bit the same.
+
+    Options that change the search (off by default; `probes train` uses neither):
+    `warm_start`: each fold's fit at one C starts from its solution at the next smaller C (fewer
+    solver iterations; solutions then differ from cold-started ones within the solver's
+    tolerance). `stop_after_worse=k`: a layer's path over increasing C stops once k consecutive
+    C values scored below that layer's best so far (the weakly regularised fits are the slow
+    ones, and past the peak they rarely win); the pairs not tried are absent from the scores.
     """
     if not Cs or any(not (c > 0) for c in Cs):
         raise ValueError(f"Cs must be a non-empty sequence of positive numbers, got {Cs!r}")
@@ -373,9 +382,13 @@ def probe_grid(
         raise ValueError("features_by_layer is empty: no layer to choose from")
     if folds < 2:
         raise ValueError(f"folds must be >= 2, got {folds}")
+    if stop_after_worse is not None and stop_after_worse < 1:
+        raise ValueError(f"stop_after_worse must be >= 1 or None, got {stop_after_worse}")
     Cs = sorted(float(c) for c in Cs)
     n = len(np.asarray(y))
+    truth = _check_labels(y, n)
     oof: dict[tuple[int, float], np.ndarray] = {}
+    per_layer: dict[int, dict[float, float]] = {}
     with blas_threads(1):
         for layer in sorted(features_by_layer):
             X = features_by_layer[layer]
@@ -383,23 +396,39 @@ def probe_grid(
                 raise ValueError(f"layer {layer} has {len(X)} rows but y has {n}")
             X = _check_features(X)
             labels = _check_labels(y, len(X))
-            out = {C: np.empty(n, dtype=np.float64) for C in Cs}
             splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+            parts = []
+            keep_scaled = X.nbytes <= 64 * 2**20  # else re-standardise per C (same values, less memory)
             for train, test in splitter.split(X, labels):
                 if labels[train].all() or not labels[train].any():
                     raise ValueError("a training fold has only one class: use fewer folds or more rows")
                 scaler = StandardScaler().fit(X[train])
-                scaled = scaler.transform(X[train])
                 # `_p_correct`'s standardisation of the held-out rows, done once for every C.
                 held = (X[test] - scaler.mean_) / scaler.scale_
-                for C in Cs:
-                    model = LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter, solver="lbfgs")
-                    model.fit(scaled, labels[train])
+                parts.append([train, test, scaler, scaler.transform(X[train]) if keep_scaled else None, held, None])
+            scores: dict[float, float] = {}
+            worse = 0
+            for C in Cs:
+                out = np.empty(n, dtype=np.float64)
+                for part in parts:
+                    train, test, scaler, scaled, held, model = part
+                    if warm_start and model is not None:
+                        model.set_params(C=C)  # lbfgs starts from the previous C's coefficients
+                    else:
+                        model = LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter,
+                                                   solver="lbfgs", warm_start=warm_start)
+                    model.fit(scaler.transform(X[train]) if scaled is None else scaled, labels[train])
+                    part[5] = model
                     with np.errstate(over="ignore", invalid="ignore"):
-                        out[C][test] = _sigmoid(held @ model.coef_[0].copy() + float(model.intercept_[0]))
-            oof.update({(int(layer), C): values for C, values in out.items()})
-    truth = _check_labels(y, n)
-    scores = {(layer, C): auroc(oof[(layer, C)], truth) for C in Cs for layer in sorted(map(int, features_by_layer))}
+                        out[test] = _sigmoid(held @ model.coef_[0].copy() + float(model.intercept_[0]))
+                oof[(int(layer), C)] = out
+                best_before = max(scores.values(), default=-np.inf)
+                scores[C] = auroc(out, truth)
+                worse = worse + 1 if scores[C] < best_before else 0
+                if stop_after_worse is not None and worse >= stop_after_worse:
+                    break
+            per_layer[int(layer)] = scores
+    scores = {(layer, C): per_layer[layer][C] for C in Cs for layer in sorted(per_layer) if C in per_layer[layer]}
     best = max(scores, key=lambda key: (scores[key], -key[0], -key[1]))
     return best[0], best[1], scores, oof[best]
 

@@ -136,6 +136,35 @@ def test_probe_grid_is_choose_probe_plus_the_chosen_pair_out_of_fold_bit_for_bit
     np.testing.assert_array_equal(oof, out_of_fold_p_ik(layers[layer], y, folds=4, seed=1, C=C))
 
 
+def test_probe_grid_options_stop_the_path_and_warm_start_within_tolerance():
+    """`stop_after_worse` leaves out the C values after k worse ones in a row (the scores say which
+    were tried); `warm_start` changes the fits only within the solver's tolerance."""
+    from cascade_core.probe import probe_grid
+
+    rng = np.random.default_rng(7)
+    n, d = 300, 60
+    y = rng.random(n) < 0.5
+    X = rng.normal(size=(n, d))
+    X[:, :3] += 0.6 * y[:, None]
+    Cs = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    full = probe_grid({1: X}, y, folds=3, seed=0, Cs=Cs)
+    curve = [full[2][(1, c)] for c in Cs]
+    stopped = probe_grid({1: X}, y, folds=3, seed=0, Cs=Cs, stop_after_worse=1)
+    best, tried = -np.inf, []
+    for c, value in zip(Cs, curve):  # the rule, replayed on the full grid's scores
+        tried.append(c)
+        if value < best:
+            break
+        best = max(best, value)
+    assert len(tried) < len(Cs) and list(stopped[2]) == [(1, c) for c in tried]
+    assert all(stopped[2][k] == full[2][k] for k in stopped[2])
+    warm = probe_grid({1: X}, y, folds=3, seed=0, Cs=Cs, warm_start=True)
+    assert set(warm[2]) == set(full[2])
+    assert max(abs(warm[2][k] - full[2][k]) for k in full[2]) < 1e-3
+    with pytest.raises(ValueError, match="stop_after_worse"):
+        probe_grid({1: X}, y, stop_after_worse=0)
+
+
 def test_choose_layer_bad_input():
     with pytest.raises(ValueError, match="empty"):
         choose_layer({}, np.array([0, 1]))
