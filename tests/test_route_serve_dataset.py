@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from _loopback import SubprocessServer
+from cascade_core.choose.policy_file import file_sha256
 from cascade_core.cli import main
 from cascade_core.compose.policies import served_policies
 from cascade_core.locations import locations
@@ -70,7 +71,8 @@ def test_each_kind_resolves_through_the_one_resolver(calibrated):
     assert named[False].applied.file == sums and named[True].applied.file == sums
     assert f"--policy {sums} names it" in named[False].reason and named[False].dataset == "sums"
     record = own[False].to_dict()
-    assert record["file"] == str(sums) and record["guarantee"].startswith("labelled: at most 5 accuracy pt")
+    assert record["file"] == sums.name and record["file_sha256"] == file_sha256(sums)  # outside the repo: no folder
+    assert record["guarantee"].startswith("labelled: at most 5 accuracy pt")
 
 
 @pytest.mark.model
@@ -82,7 +84,7 @@ def test_route_with_dataset_arith_states_arith_s_policy(calibrated, capsys):
                  "--max-new-tokens", "4"]) == 0
     trace = json.loads(capsys.readouterr().out)
     policy = trace["policy"]
-    assert policy["dataset"] == "arith" and policy["file"] == str(arith) and policy["kind"] == "free-form"
+    assert policy["dataset"] == "arith" and policy["file"] == arith.name and policy["kind"] == "free-form"
     assert policy["guarantee"].startswith("label-free: at most 5 pt") and "arith has its own" in policy["reason"]
     assert "free-form policy, arith" in trace["thresholds"]
     sums = locations().policies / "sums" / "two.json"
@@ -95,8 +97,6 @@ def test_route_with_dataset_arith_states_arith_s_policy(calibrated, capsys):
 @pytest.mark.model
 def test_serve_with_dataset_states_its_policy_in_health_and_traces(calibrated, tmp_path):
     """... and its monitor (`--traces`) watches that policy file too."""
-    from cascade_core.choose.policy_file import file_sha256
-
     sums = locations().policies / "sums" / "two.json"
     server = SubprocessServer("cascade_core", ["serve", "--preset", str(calibrated), "--dataset", "sums",
                                                "--max-new-tokens", "4", "--traces", str(tmp_path / "traces.db")],
@@ -104,7 +104,8 @@ def test_serve_with_dataset_states_its_policy_in_health_and_traces(calibrated, t
     with server:
         health = httpx.get(f"{server.url}/health", timeout=10).json()
         free, mc = health["policies"]["cascade-two"]["free_form"], health["policies"]["cascade-two"]["multiple_choice"]
-        assert free["file"] == str(sums) and free["own"] and "sums has its own" in free["reason"]
+        assert free["file"] == sums.name and free["file_sha256"] == file_sha256(sums)
+        assert free["own"] and "sums has its own" in free["reason"]
         assert mc["dataset"] == "mmlu" and mc["file"] is None and mc["guarantee"].startswith("no guarantee")
         assert health["monitor"]["policies"]["free"]["policy"] == file_sha256(sums)
         r = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
@@ -112,3 +113,13 @@ def test_serve_with_dataset_states_its_policy_in_health_and_traces(calibrated, t
             "messages": [{"role": "user", "content": "What is 2 + 2? Answer with the number only."}]})
         assert r.status_code == 200, r.text
         assert r.json()["cascade"]["policy"] == free
+
+
+def test_a_shipped_policy_is_named_by_its_path_inside_the_repository():
+    """/health answers without a key: a policy file is named inside the repository, never by a folder of the host."""
+    from cascade_core.compose.policies import policy_for_question
+    from cascade_core.locations import REPO_ROOT
+
+    stated = policy_for_question("default", multiple_choice=False, dataset="arith").to_dict()
+    assert stated["file"] == "data/policies/arith/default.json" and str(REPO_ROOT) not in json.dumps(stated)
+    assert stated["file_sha256"] == file_sha256(REPO_ROOT / "data/policies/arith/default.json")

@@ -128,10 +128,21 @@ class QuestionPolicy:
         return guarantee_summary(self.applied.guarantee)
 
     def to_dict(self) -> dict:
-        """What a trace, `route --json` and the server's /health say about it."""
+        """What a trace, `route --json` and the server's /health say about it. /health answers without
+        a key, so the file is named by its path inside the repository, else by its file name alone (the
+        reason still echoes a `--policy` argument as the operator typed it), and identified by its sha256
+        (as the monitor names it)."""
+        from cascade_core.choose.policy_file import file_sha256
+        from cascade_core.locations import REPO_ROOT
+
         file = self.applied.file
+        shown = sha = None
+        if file is not None:
+            path = Path(file).resolve()
+            shown = str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else path.name
+            sha = file_sha256(path) if path.is_file() else None
         return {"kind": "multiple-choice" if self.multiple_choice else "free-form", "dataset": self.dataset,
-                "own": self.own, "file": None if file is None else str(file), "guarantee": self.guarantee,
+                "own": self.own, "file": shown, "file_sha256": sha, "guarantee": self.guarantee,
                 "reason": self.reason, "thresholds": self.applied.description}
 
     def line(self) -> str:
