@@ -375,3 +375,23 @@ def test_report_jobs_give_the_same_results_in_any_number_of_processes_and_name_a
         run_jobs(jobs + [Job("broken", 9.0, _fail, ("no luck",))], workers=2)
     with pytest.raises(ValueError, match="unique"):
         run_jobs([jobs[0], jobs[0]], workers=1)
+
+
+def test_retrained_probes_stop_the_c_path_as_the_settings_say(table, monkeypatch):
+    """The OOD and label-free probes search C with `probe_path_stop` (None: the whole grid, as
+    `probes train` does)."""
+    import cascade_core.records.probe_training as training
+    from cascade_core.report.probes import retrain_stage
+
+    seen = []
+    real = training.probe_grid
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("stop_after_worse"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "probe_grid", spy)
+    features, cal = _features(table), table.splits == "calibration"
+    retrain_stage(table, features, 0, cal, SETTINGS)
+    retrain_stage(table, features, 0, cal, dataclasses.replace(SETTINGS, probe_path_stop=None))
+    assert seen == [SETTINGS.probe_path_stop, None] and SETTINGS.probe_path_stop == 2

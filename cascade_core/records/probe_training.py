@@ -52,11 +52,13 @@ def train_probe(
     folds: int = 5,
     seed: int = 0,
     Cs: Sequence[float] = PROBE_CS,
+    grid_options: dict | None = None,
 ) -> ProbeResult:
     """Fit on rows in `train_mask` (default: the calibration split) with `labels` (default: correct).
 
     `labels` may be anything a deployment can know, e.g. "agrees with the largest model" for a
     label-free probe; AUROC is always measured against gold correctness on the rows not trained on.
+    `grid_options`: `probe.probe_grid`'s search options (the report's retrained probes stop the C path).
     """
     split = records["split"].astype(str).to_numpy()
     if train_mask is None:
@@ -70,7 +72,7 @@ def train_probe(
     y = gold if labels is None else np.asarray(labels, dtype=bool)
     # The grid's out-of-fold P(IK) of the chosen (layer, C) is what `out_of_fold_p_ik` would give again.
     layer, C, grid, oof = probe_grid({k: f[train_mask] for k, f in features.items()}, y[train_mask],
-                                     folds=folds, seed=seed, Cs=Cs)
+                                     folds=folds, seed=seed, Cs=Cs, **(grid_options or {}))
     layer_auroc: dict[int, float] = {}
     for (k, _), value in grid.items():
         layer_auroc[k] = max(layer_auroc.get(k, -np.inf), value)

@@ -36,6 +36,10 @@ class ReportSettings:
     api_calibration_targets: tuple[float, ...] = (0.01, 0.005, 0.0)
     cv_folds: int = 3  # folds inside calibration that pick the API variant
     probe_folds: int = 5
+    # The OOD and label-free probes' search over C (increasing) stops once this many C values in a
+    # row score below the best so far (`probe.probe_grid`): the weakly regularised fits are the slow
+    # ones and rarely win past the peak; None searches the whole grid as `probes train` does.
+    probe_path_stop: int | None = 2
     n_resamples: int = 2000
     min_group_questions: int = 30
     # Per-category / per-subject variants only on cascades of at most this many stages: on the

@@ -409,7 +409,13 @@ def _ood(report: Report) -> list[str]:
         return lines + [f"Skipped: {ood.skipped}."]
     lines += ["For each held-out category, probes (layer choice included) and thresholds are fit on the calibration "
               "questions of the other three categories only and reported on the test questions of the held-out one; "
-              "\"in-distribution\" is the usual choice (all calibration questions) on the same test questions.", ""]
+              "\"in-distribution\" is the usual choice (all calibration questions) on the same test questions."]
+    stop = report.meta["settings"].get("probe_path_stop")
+    if stop:
+        lines.append(f"The probes here and in section 7 try their regularisation C in increasing order (by "
+                     f"cross-validation on their training questions) and stop once {stop} values in a row score "
+                     "below the best so far.")
+    lines.append("")
     rows = []
     for e in ood.categories:
         probe = "; ".join(f"{k} {num(v['ood_auroc'], '.2f')} vs {num(v['in_distribution_auroc'], '.2f')}"
