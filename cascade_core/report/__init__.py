@@ -96,7 +96,7 @@ def build_report(table: RecordTable, questions: pd.DataFrame | None = None,
                  categories: np.ndarray | None = None, settings: ReportSettings = ReportSettings(),
                  meta: Mapping | None = None, progress: Progress | None = None, workers: int = 2) -> dict:
     """`build_report_sections(...).to_json()`: the JSON-able dict of every number (`workers`:
-    processes, 1 or 2; the numbers are the same)."""
+    worker processes of `report.jobs`, 1 = all in this one; the numbers are the same)."""
     return build_report_sections(table, questions, features, categories, settings, meta, progress,
                                  workers=workers).to_json()
 
