@@ -177,6 +177,35 @@ def test_probes_train_skips_a_dataset_without_answers_and_says_why(tmp_path, cap
     assert not (tmp_path / "p").exists()
 
 
+def test_probes_train_skips_a_stage_with_too_few_right_answers_and_trains_the_rest(tmp_path, capsys):
+    """mmlu-open: SmolLM2 answered none of its calibration half right; one stage's hopeless records
+    must not stop the other stages' probes (the command used to fail outright)."""
+    from cascade_core.records.table import synthetic_table
+    from app_ui.view_model import record_frames
+
+    n = 60
+    pd.DataFrame({"question": [f"Q{i}" for i in range(n)], "options": [["a", "b"]] * n, "answer": [0] * n}).to_json(
+        tmp_path / "hard.jsonl", orient="records", lines=True)
+    results = tmp_path / "r"
+    found = resolve_dataset(str(tmp_path / "hard.jsonl"), results_dir=results)
+    frame = record_frames(synthetic_table(n, 1, seed=1), qids=found.questions["qid"].to_numpy(),
+                          splits=found.questions["split"].to_numpy())[0]
+    right = (frame["split"] == "calibration").cumsum() == 1  # exactly one right answer in calibration
+    for stage in ("s1", "s2"):
+        records = frame.assign(stage=stage, model_id=stage, answer=0, correct=right)
+        records.to_parquet(results / "hard" / f"{stage}.parquet")
+    preset = tmp_path / "two.toml"
+    preset.write_text('name = "two"\n[[stages]]\nname = "s1"\nbackend = "packaged"\nmodel = "smollm2-135m"\n'
+                      'probe_optional = true\n[[stages]]\nname = "s2"\nbackend = "packaged"\n'
+                      'model = "smollm2-135m"\nprobe_optional = true\n')
+    assert main(["probes", "train", "--preset", str(preset), "--dataset", "hard", "--results-dir", str(results),
+                 "--features-dir", str(tmp_path / "f"), "--probes-dir", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "s1: 1 right and 29 wrong answers on its calibration split" in out and "--rule pt_only" in out
+    assert "s2: 1 right" in out  # the next stage was still looked at
+    assert not (tmp_path / "p").exists()
+
+
 def test_an_upload_is_checked_whole_then_kept_and_a_bad_one_leaves_nothing(tmp_path):
     from cascade_core.records.registry import store_upload
 

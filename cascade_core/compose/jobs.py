@@ -121,6 +121,13 @@ def train_probes(preset: Preset, where: Locations, dataset: str = "mmlu", stages
                                                    "wrong (a probe of agreement with the last stage is not built yet); "
                                                    "skipped")
             continue
+        training = records.loc[records["split"].astype(str) == "calibration", "correct"].astype(bool)
+        if min(int(training.sum()), int((~training).sum())) < 2:
+            yield ProbeOutcome(config.name, False, f"{int(training.sum())} right and {int((~training).sum())} wrong "
+                                                   "answers on its calibration split, and a probe learns from at "
+                                                   "least 2 of each: skipped (no P(IK) for this stage on "
+                                                   f"{dataset}; calibrate it with --rule pt_only)")
+            continue
         qids, features, source = stage_features(where, config.name, records["qid"], dataset)
         if not features:
             yield ProbeOutcome(config.name, False, f"no hidden-state features under {paths.features_dir} "
