@@ -93,8 +93,13 @@ def test_report_is_json_and_renders(report):
     assert json.loads(text) == report
     page = render(report)
     for heading in ("## 1. Each model alone", "## 2. Local cascades", "## 3. API scenario", "## 4. Ablations",
-                    "## 5. Baselines", "## 6. Out of distribution", "## 7. Label-free probes"):
+                    "## 5. Baselines", "## 6. Out of distribution", "## 7. Label-free probes",
+                    "## 8. Free-form sets"):
         assert heading in page
+    from cascade_core.locations import REPO_ROOT
+
+    for name in ("arith", "mmlu-open"):  # each shipped free-form set's own report is linked, and exists
+        assert f"(RESULTS-{name}.md)" in page and (REPO_ROOT / "docs" / f"RESULTS-{name}.md").exists()
     chosen = report["api"][-1]["chosen_test"]["calls_saved"]
     assert f"{chosen * 100:.1f}% of GPT-4 calls" in page
 

@@ -492,6 +492,19 @@ def _label_free_guarantee(g: dict | None) -> list[str]:
     return lines
 
 
+def _free_form_sets(report: Report) -> list[str]:
+    """Where the shipped free-form sets' results are: each has its own report (`report --dataset
+    NAME` writes docs/RESULTS-NAME.md), since their stages, graders and guarantees differ from MMLU's."""
+    from cascade_core.records.registry import BUILTIN_FILES
+
+    return ["", "## 8. Free-form sets", "",
+            "The shipped free-form sets are reported on their own pages, made by "
+            "`python -m cascade_core report --dataset NAME` from their committed records: "
+            + ", ".join(f"[`{name}`](RESULTS-{name}.md)" for name in BUILTIN_FILES)
+            + " (models, P(T) definitions compared by AUROC, P(IK), labelled and label-free guarantees over "
+              "re-splits, generation skipped by the P(IK) gate)."]
+
+
 def _reproduce(report: Report) -> list[str]:
     meta = report.meta
     per_subject = f" --per-subject {meta['per_subject']}" if meta.get("per_subject") else ""
@@ -511,6 +524,6 @@ def render(report: Report | dict) -> str:
         report = Report.from_json(report)
     lines: list[str] = []
     for part in (_intro, _guarantee, _summary, _models, _cascades, _api, _ablations, _baselines, _ood, _label_free,
-                 _reproduce):
+                 _free_form_sets, _reproduce):
         lines += part(report)
     return "\n".join(lines) + "\n"
