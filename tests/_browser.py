@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+import pytest
 
 from _loopback import REPO_ROOT, free_port, stop_process
 
@@ -31,6 +32,18 @@ OPERATING_POINT_JS = """() => {
     return m ? [parseFloat(m[1]), parseFloat(m[2])] : null;
 }"""
 IDLE_JS = "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+
+ARTIFACTS = REPO_ROOT / "test-artifacts" / "browser"  # screenshots the browser tests leave for a person
+# Every browser test file's marks: `pytestmark = [*BROWSER_MARKS]` (plus `pytest.mark.model` where it loads one).
+BROWSER_MARKS = [pytest.mark.browser, pytest.mark.slow,
+                 pytest.mark.skipif(not CHROMIUM.exists(),
+                                    reason="Chromium is missing: run `make browser` (Debian's chromium)")]
+
+
+def app_folders_env(folder: Path) -> dict[str, str]:
+    """The app's environment for a test: records, policies and probes in `folder`, no model preloaded."""
+    return {"CASCADE_RESULTS_DIR": str(folder / "results"), "CASCADE_POLICIES_DIR": str(folder / "policies"),
+            "CASCADE_PROBES_DIR": str(folder / "probes"), "CASCADE_APP_PRELOAD": "0"}
 
 
 @contextmanager

@@ -21,15 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from _browser import CHROMIUM, OPERATING_POINT_JS, StreamlitApp, chromium_page
+from _browser import ARTIFACTS, BROWSER_MARKS, OPERATING_POINT_JS, StreamlitApp, chromium_page
 from _records import write_synthetic_records
 
-REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "test-artifacts" / "browser"
 
-pytestmark = [pytest.mark.browser, pytest.mark.model, pytest.mark.slow,
-              pytest.mark.skipif(not CHROMIUM.exists(),
-                                 reason="Chromium is missing: run `make browser` (Debian's chromium)")]
+pytestmark = [*BROWSER_MARKS, pytest.mark.model]
 
 
 @pytest.fixture

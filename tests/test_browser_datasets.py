@@ -11,17 +11,13 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
 
-from _browser import CHROMIUM, IDLE_JS, StreamlitApp, chromium_page
+from _browser import ARTIFACTS, BROWSER_MARKS, IDLE_JS, StreamlitApp, app_folders_env, chromium_page
 from cascade_core.compose.policies import guarantee_summary
 
 REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "test-artifacts" / "browser"
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow,
-              pytest.mark.skipif(not CHROMIUM.exists(),
-                                 reason="Chromium is missing: run `make browser` (Debian's chromium)")]
+pytestmark = [*BROWSER_MARKS]
 
 
 def test_a_shared_link_and_the_page_links_carry_the_dataset(tmp_path):
@@ -32,8 +28,7 @@ def test_a_shared_link_and_the_page_links_carry_the_dataset(tmp_path):
     (tmp_path / "policies" / "arith").mkdir(parents=True)
     shipped = REPO / "data" / "policies" / "arith" / "default.json"
     shutil.copyfile(shipped, tmp_path / "policies" / "arith" / "default.json")
-    env = {"CASCADE_RESULTS_DIR": str(tmp_path / "results"), "CASCADE_POLICIES_DIR": str(tmp_path / "policies"),
-           "CASCADE_PROBES_DIR": str(tmp_path / "probes"), "CASCADE_APP_PRELOAD": "0"}
+    env = app_folders_env(tmp_path)
     with StreamlitApp(env, tmp_path / "streamlit.log", start_timeout_s=90) as app, \
             chromium_page(1400, 1400, timeout_ms=90_000) as page:
         page.goto(f"{app.url}/explore?dataset=arith")

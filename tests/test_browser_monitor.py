@@ -6,20 +6,14 @@ not blank. The screenshot goes to test-artifacts/browser/monitor.png."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
-import pytest
 
-from _browser import CHROMIUM, IDLE_JS, StreamlitApp, chromium_page
+from _browser import ARTIFACTS, BROWSER_MARKS, IDLE_JS, StreamlitApp, chromium_page
 from cascade_core.monitor.scenario import arith_scenario, run_stream, stream
 
-REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "test-artifacts" / "browser"
 
 # No model: the scenario replays recorded outcomes, so no `model` mark (the other browser tests load SmolLM2).
-pytestmark = [pytest.mark.browser, pytest.mark.slow,
-              pytest.mark.skipif(not CHROMIUM.exists(),
-                                 reason="Chromium is missing: run `make browser` (Debian's chromium)")]
+pytestmark = [*BROWSER_MARKS]
 
 
 def test_monitor_page_shows_the_broken_promise_and_the_alarm(tmp_path):

@@ -6,21 +6,17 @@ bar comes back, and Stop stops it. Screenshots go to test-artifacts/browser/uplo
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import re
 
 import pytest
 
-from _browser import CHROMIUM, IDLE_JS, StreamlitApp, chromium_page
+from _browser import ARTIFACTS, BROWSER_MARKS, IDLE_JS, StreamlitApp, app_folders_env, chromium_page
 
-REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "test-artifacts" / "browser"
 SUMS = "".join(json.dumps({"question": f"What is {a} + {b}? Answer with the number only.", "answer": str(a + b),
                            "group": "small" if a < 10 else "large"}) + "\n"
                for a, b in ((2, 3), (4, 1), (3, 3), (12, 30), (25, 14), (41, 17)))
 
-pytestmark = [pytest.mark.browser, pytest.mark.model, pytest.mark.slow,
-              pytest.mark.skipif(not CHROMIUM.exists(),
-                                 reason="Chromium is missing: run `make browser` (Debian's chromium)")]
+pytestmark = [*BROWSER_MARKS, pytest.mark.model]
 
 
 def upload(page, name: str, content: str) -> None:
@@ -32,8 +28,7 @@ def test_upload_register_and_a_background_benchmark_that_survives_a_reload(tmp_p
     from playwright.sync_api import expect
 
     expect.set_options(timeout=90_000)  # the 2-core machine may be busy
-    env = {"CASCADE_RESULTS_DIR": str(tmp_path / "results"), "CASCADE_POLICIES_DIR": str(tmp_path / "policies"),
-           "CASCADE_PROBES_DIR": str(tmp_path / "probes"), "CASCADE_APP_PRELOAD": "0"}
+    env = app_folders_env(tmp_path)
     with StreamlitApp(env, tmp_path / "streamlit.log", start_timeout_s=90) as app, \
             chromium_page(1400, 1800, timeout_ms=90_000) as page:
         page.goto(f"{app.url}/benchmarks")
@@ -54,7 +49,11 @@ def test_upload_register_and_a_background_benchmark_that_survives_a_reload(tmp_p
         expect(page.get_by_test_id("stProgress")).to_be_visible()
         expect(page.get_by_text("Job on sums").first).to_be_visible()
 
-        page.reload()  # a new session: it starts on MMLU, and finds the job
+        page.reload()  # a new session, on the dataset its URL names (?dataset=sums): the job's progress at once
+        page.wait_for_function(IDLE_JS, timeout=120_000)
+        expect(page.get_by_role("combobox", name="Dataset")).to_have_value(re.compile(r"^sums"))
+        expect(page.get_by_test_id("stProgress")).to_be_visible()
+        page.goto(f"{app.url}/benchmarks")  # a new session without it starts on MMLU, and finds the job
         page.get_by_role("button", name="Watch sums").click()
         expect(page.get_by_test_id("stProgress")).to_be_visible()
         expect(page.get_by_text("Job on sums").first).to_be_visible()
