@@ -94,7 +94,8 @@ class LiveRun:
 
         try:
             trace = run_cascade(self.stages, self.question, on_event=on_event, max_new_tokens=self.max_new_tokens,
-                                cancel=self.token, on_text=lambda delta: put(Event("text", None, delta)))
+                                cancel=self.token, on_text=lambda delta: put(Event("text", None, delta)),
+                                stream_every_stage=True)  # each stage's answer grows in its own card
             finished = Finished(trace, None)
         except CascadeCancelled as err:
             finished = Finished(err.trace, self.token.reason or USER_CANCELLED, cancelled=True)

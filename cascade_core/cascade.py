@@ -219,6 +219,7 @@ def run_cascade(
     *,
     cancel=None,
     on_text: Callable[[str], None] | None = None,
+    stream_every_stage: bool = False,
 ) -> Trace:
     """Run `question` through `stages` in order; the trace lists every stage visited.
 
@@ -227,7 +228,9 @@ def run_cascade(
     An empty free-form answer is never kept: an earlier stage escalates ("empty answer"), the
     last stage fails. `cancel` (anything with `is_set()`) is checked before every stage and,
     by backends that take it, at every decoding step: once set, `CascadeCancelled` is raised.
-    `on_text(delta)` streams the last stage's free-form answer as it is generated.
+    `on_text(delta)` streams the last stage's free-form answer as it is generated (a server cannot
+    take back text an earlier stage might not keep); `stream_every_stage` streams each stage's (the
+    app's Route page shows every stage's answer growing in its own card, and the "done" event ends it).
     """
     if not question.is_multiple_choice:
         stages = [for_free_form(s) for s in stages]
@@ -254,7 +257,8 @@ def run_cascade(
             if question.is_multiple_choice:
                 _score_multiple_choice(stage, question, step)
             else:
-                _score_free_form(stage, question, step, max_new_tokens, cancel, on_text if i == last else None,
+                _score_free_form(stage, question, step, max_new_tokens, cancel,
+                                 on_text if i == last or stream_every_stage else None,
                                  is_last=i == last)
             _cost(stage, step)
             step.seconds = time.perf_counter() - started

@@ -98,3 +98,18 @@ def test_only_a_p_ik_rule_before_the_last_stage_with_a_free_form_probe_gates(smo
                                  policy=StagePolicy(tau_ik=0.4, rule="pt_only")), is_last=False) is None
     assert pik_gate(RuntimeStage(name="s", backend=b, policy=StagePolicy(tau_ik=0.4, rule="both")),
                     is_last=False) is None  # no free-form probe: no P(IK) before the answer
+
+
+def test_every_stage_streams_its_answer_when_asked_and_only_the_last_by_default(smollm2_backend):
+    """The Route page shows each stage's answer growing (`stream_every_stage`); a server streams only
+    the last stage's, the one it cannot take back. A stage 1 that escalates (tau_t 1.0) still streamed."""
+    b = smollm2_backend
+    stages = [RuntimeStage(name="small", backend=b, policy=StagePolicy(tau_t=1.0, tau_ik=0.0, rule="pt_only")),
+              RuntimeStage(name="last", backend=b, policy=StagePolicy())]
+    both: list[str] = []
+    trace = run_cascade(stages, QUESTION, max_new_tokens=6, on_text=both.append, stream_every_stage=True)
+    assert [s.decision for s in trace.steps][0] == "escalate"
+    assert "".join(both) == trace.steps[0].answer + trace.steps[1].answer
+    last_only: list[str] = []
+    trace = run_cascade(stages, QUESTION, max_new_tokens=6, on_text=last_only.append)
+    assert "".join(last_only) == trace.steps[1].answer
