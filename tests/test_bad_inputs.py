@@ -811,7 +811,11 @@ def test_special_token_strings_in_user_text_stay_text_in_every_packaged_template
     own = [s for s in special_strings(tokenizer) if s.startswith("<")][:2]
     text = INJECTION + "".join(own)  # this model's own special strings too (gemma's <start_of_turn>, ...)
 
+    templated = bool(getattr(tokenizer, "chat_template", None))
+
     def render(texts):
+        if not templated:  # gemma3-270m's GGUF is the base model, without a chat template: the local
+            return texts[0]  # stage sends it the prompt as plain text, where nothing may turn special either
         return tokenizer.apply_chat_template([{"role": "user", "content": texts[0]}], tokenize=False,
                                              add_generation_prompt=True)
 
