@@ -129,9 +129,9 @@ class QuestionPolicy:
 
     def to_dict(self) -> dict:
         """What a trace, `route --json` and the server's /health say about it. /health answers without
-        a key, so the file is named by its path inside the repository, else by its file name alone (the
-        reason still echoes a `--policy` argument as the operator typed it), and identified by its sha256
-        (as the monitor names it)."""
+        a key, so the file is named by its path inside the repository, else by its file name alone, and
+        identified by its sha256 (as the monitor names it). The reason is the local sentence as it is: it
+        echoes a `--policy` argument and, when a policy file is missing, the path it was looked for at."""
         from cascade_core.choose.policy_file import file_sha256
         from cascade_core.locations import REPO_ROOT
 
