@@ -57,6 +57,9 @@ def _check_features(X, name: str = "X") -> np.ndarray:
     return X
 
 
+MIN_PER_CLASS = 2  # a probe learns from at least this many right and this many wrong answers
+
+
 def _check_labels(y, n_rows: int) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1 or len(y) != n_rows:
@@ -66,10 +69,10 @@ def _check_labels(y, n_rows: int) -> np.ndarray:
             raise ValueError("y must hold booleans or 0/1 (1 = the model's answer was correct)")
         y = y.astype(bool)
     positives = int(y.sum())
-    if min(positives, n_rows - positives) < 2:
+    if min(positives, n_rows - positives) < MIN_PER_CLASS:
         raise ValueError(
-            f"a probe needs at least 2 correct and 2 wrong answers, got {positives} correct "
-            f"and {n_rows - positives} wrong"
+            f"a probe needs at least {MIN_PER_CLASS} correct and {MIN_PER_CLASS} wrong answers, "
+            f"got {positives} correct and {n_rows - positives} wrong"
         )
     return y
 

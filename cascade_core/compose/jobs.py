@@ -107,6 +107,7 @@ def with_p_ik(records: pd.DataFrame, p_ik: np.ndarray, source: str) -> pd.DataFr
 def train_probes(preset: Preset, where: Locations, dataset: str = "mmlu", stages: Sequence[str] | None = None,
                  seed: int = 0) -> Iterator[ProbeOutcome]:
     """Train each local stage's probe on its calibration records, save it, write P(IK) back."""
+    from cascade_core.probe import MIN_PER_CLASS
     from cascade_core.records.probe_training import align_features, train_probe
 
     for config in preset.stages + preset.extra_stages:
@@ -122,11 +123,11 @@ def train_probes(preset: Preset, where: Locations, dataset: str = "mmlu", stages
                                                    "skipped")
             continue
         training = records.loc[records["split"].astype(str) == "calibration", "correct"].astype(bool)
-        if min(int(training.sum()), int((~training).sum())) < 2:
+        if min(int(training.sum()), int((~training).sum())) < MIN_PER_CLASS:
             yield ProbeOutcome(config.name, False, f"{int(training.sum())} right and {int((~training).sum())} wrong "
-                                                   "answers on its calibration split, and a probe learns from at "
-                                                   "least 2 of each: skipped (no P(IK) for this stage on "
-                                                   f"{dataset}; calibrate it with --rule pt_only)")
+                                                   "answers on its calibration split, and a probe learns from "
+                                                   f"at least {MIN_PER_CLASS} of each: skipped (no P(IK) for this "
+                                                   f"stage on {dataset}; calibrate it with --rule pt_only)")
             continue
         qids, features, source = stage_features(where, config.name, records["qid"], dataset)
         if not features:
