@@ -227,6 +227,9 @@ def test_cancelling_a_streamed_generation_aborts_it_in_vllm(vllm_local):
     while log.read_text().count("Aborted request") == aborts_before and time.monotonic() < deadline:
         time.sleep(0.5)
     assert log.read_text().count("Aborted request") == aborts_before + 1
+    # the gauge follows the abort at the engine's next step (once read 1.0 right after the log line)
+    while _metric(port, "vllm:num_requests_running") != 0 and time.monotonic() < deadline + 10:
+        time.sleep(0.5)
     assert _metric(port, "vllm:num_requests_running") == 0
     generated = _metric(port, "vllm:generation_tokens_total")
     time.sleep(2)
