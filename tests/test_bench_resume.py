@@ -182,3 +182,19 @@ def test_records_are_never_extended_in_another_dtype(tmp_path, smollm2_backend, 
         run_stage(smollm2_backend, STAGE, _questions(), paths, batch_size=BATCH, dtype="bfloat16")
     with pytest.raises(ValueError, match=r"made in float32, this run computes in bfloat16"):
         backfill_features(smollm2_backend, _questions(), paths, batch_size=BATCH, dtype="bfloat16")
+
+
+def test_a_batch_holds_prompts_of_similar_length(tmp_path, smollm2_backend):
+    """The runner batches the shortest prompts of a window together (a padded batch costs its
+    longest prompt's length in every row), and a resumed run still covers every question once."""
+    from cascade_core.prompts import format_prompt
+    from cascade_core.types import Question
+
+    questions = _questions()
+    by_length = sorted(questions.itertuples(index=False), key=lambda r: len(format_prompt(
+        Question(text=r.question, options=tuple(r.options), subject=r.subject, answer=int(r.answer), qid=r.qid))))
+    paths = _paths(tmp_path)
+    first = run_stage(smollm2_backend, STAGE, questions, paths, batch_size=BATCH, max_batches=1)
+    assert set(first["qid"]) == {r.qid for r in by_length[:BATCH]}
+    records = run_stage(smollm2_backend, STAGE, questions, paths, batch_size=BATCH)
+    assert sorted(records["qid"]) == sorted(questions["qid"]) and records["qid"].is_unique

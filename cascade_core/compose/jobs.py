@@ -16,7 +16,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from cascade_core.records.runner import BenchPaths, backfill_features, load_records, run_stage
+from cascade_core.records.runner import (QUESTIONS_PER_CALL, BenchPaths, backfill_features, load_records,
+                                         run_stage)
 from cascade_core.compose.features import checkpoint_qids, export_probe_layer, stage_features
 from cascade_core.compose.live import build_backend, describe_backend
 from cascade_core.locations import Locations
@@ -73,6 +74,9 @@ def bench_stage(config: StageConfig, questions: pd.DataFrame, where: Locations, 
         return run_freeform_stage(backend, config.name, questions, paths, grader,
                                   max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS, batch_size=size,
                                   progress=progress, **describe_backend(config, backend))
+    # Multiple choice: the runner hands the backend QUESTIONS_PER_CALL questions at a time, which it
+    # sorts by token count and splits into forward passes of its own batch size (less padding).
+    size = batch_size or max(config.batch_size, QUESTIONS_PER_CALL)
     if backfill:
         return backfill_features(backend, questions, paths, batch_size=size, progress=progress,
                                  dtype=describe_backend(config, backend)["dtype"],

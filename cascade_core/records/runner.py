@@ -95,9 +95,25 @@ def _question(row) -> Question:
                     answer=answer if answer >= 0 else None, qid=row.qid)
 
 
+QUESTIONS_PER_CALL = 64
+"""Questions per backend call (and per records write) in a benchmark when no --batch-size is given:
+a local backend sorts them by token count before it splits them into forward passes of its own
+batch size, so 64 similar-length prompts pad far less than 8 (measured: BENCHMARKS.md)."""
+
+LENGTH_WINDOW = 1024
+"""How many consecutive questions `_batches` may reorder by length: enough that a batch holds
+prompts of similar length (padding is computed like real tokens; in the benchmark's round-robin
+order a batch of 8 padded MMLU to 2.2x its tokens), few enough that a run stopped part-way still
+leaves the round-robin sample over subjects (`compose.jobs.bench_questions`), give or take one window."""
+
+
 def _batches(todo: pd.DataFrame, batch_size: int, max_batches: int | None):
-    """(source rows, questions) of each batch of `todo`, at most `max_batches` of them."""
+    """(source rows, questions) of each batch of `todo`, at most `max_batches` of them; within each
+    window of `LENGTH_WINDOW` questions the shorter prompts go first, so a batch is of one length."""
     rows = list(todo.itertuples(index=False))
+    lengths = [len(format_prompt(_question(r))) for r in rows]
+    rows = [rows[i] for start in range(0, len(rows), LENGTH_WINDOW)
+            for i in sorted(range(start, min(start + LENGTH_WINDOW, len(rows))), key=lengths.__getitem__)]
     for b, start in enumerate(range(0, len(rows), batch_size)):
         if max_batches is not None and b >= max_batches:
             return
