@@ -143,3 +143,37 @@ def test_own_dataset_policy_uses_its_probes_and_refuses_a_p_ik_rule_without_one(
     pt_only = lazy_stages({"smollm2-135m": StagePolicy(tau_t=0.5, rule="pt_only", enabled=True),
                            "qwen2.5-coder-0.5b": StagePolicy(enabled=False)})
     assert apply_question_policy(pt_only, kind, multiple_choice=False, where=where) == pt_only
+
+
+def test_what_answers_without_a_key_never_names_a_folder_of_the_host(where, tmp_path):
+    """/health and traces (`QuestionPolicy.to_dict`) name the files a reason mentions (a missing policy
+    file, a `--policy` argument, a preset file) inside the repository or by their name alone; the
+    local reason (`route`'s lines, the app) keeps the full path. /health is served for real on loopback
+    by an app whose one stage points at an endpoint it never calls (no model loads)."""
+    import httpx
+
+    from _loopback import ThreadServer
+    from cascade_core.cascade import RuntimeStage
+    from cascade_core.server.cascade_app import create_cascade_app
+    from models.openai_stage import OpenAIStage
+
+    folders = {str(tmp_path), str(tmp_path.resolve())}
+    missing = policy_for_question("default", False, "mmlu-open", where)  # no policy file anywhere
+    own = policy_path(load_preset("default"), where, "mmlu-open")
+    assert str(own) in missing.reason and f"writes {own.name})" in missing.shown_reason
+    named = policy_for_question("default", False, None, where,
+                                policy_file=ship(where, "arith/default.json", "elsewhere"))
+    assert str(tmp_path) in named.reason and named.shown_reason.startswith("--policy default.json names it")
+    preset_file = tmp_path / "mine.toml"
+    shutil.copyfile(load_preset("default").source, preset_file)
+    by_preset = policy_for_question(str(preset_file), True, None, where, thresholds="preset")
+    stated = {"free_form": missing.to_dict(), "multiple_choice": by_preset.to_dict(), "named": named.to_dict()}
+    assert by_preset.to_dict()["thresholds"] == "thresholds: from the preset file (mine.toml)"
+    assert not any(folder in json.dumps(stated) for folder in folders)
+    stage = OpenAIStage("never-called", "http://127.0.0.1:9/v1", timeout_s=1, max_retries=0)
+    with ThreadServer(create_cascade_app({"default": [RuntimeStage("never-called", stage)]},
+                                         policies={"default": stated})) as running:
+        health = httpx.get(f"{running.url}/health", timeout=10)
+    assert health.status_code == 200
+    assert health.json()["policies"]["cascade-default"]["free_form"] == stated["free_form"]
+    assert not any(folder in health.text for folder in folders)

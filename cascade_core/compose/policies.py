@@ -72,7 +72,8 @@ def applied_policy(preset: Preset | str, where: Locations | None = None,
         raise ValueError(f"thresholds must be one of {', '.join(THRESHOLD_SOURCES)}, got {thresholds!r}")
     path = policy_path(preset, where, dataset)
     if thresholds == "preset" or (thresholds == "auto" and not path.exists()):
-        return AppliedPolicy("preset", f"thresholds: from the preset file ({preset.source or preset.name})")
+        source = shown_path(preset.source) if preset.source else preset.name
+        return AppliedPolicy("preset", f"thresholds: from the preset file ({source})")
     if not path.exists():
         raise FileNotFoundError(f"preset {preset.name!r} has no calibrated policy file at {path}; run "
                                 f"`python -m cascade_core calibrate --preset {preset.name}` first")
@@ -112,16 +113,41 @@ def guarantee_summary(guarantee: dict) -> str:
     return f"labelled: at most {target} accuracy pt lost against the last stage{odds}"
 
 
+def shown_path(path: Path | str) -> str:
+    """A file as what answers without a key (/health, traces) names it: by its path inside the
+    repository, else by its file name alone, never by a folder of the host."""
+    from cascade_core.locations import REPO_ROOT
+
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else path.name
+
+
 @dataclass(frozen=True)
 class QuestionPolicy:
     """The policy one question runs with (`policy_for_question`): the applied policy, whose dataset's
-    file it is, whether that is the question's own dataset, and why, in one sentence."""
+    file it is, whether that is the question's own dataset, and why, in one sentence. The sentence is
+    kept as its parts, the files it names as `Path`s, so that it reads with full paths on the user's
+    machine (`reason`) and with `shown_path`'s names where no key is asked (`shown_reason`)."""
 
     applied: AppliedPolicy
     dataset: str  # whose policy file applies (or was looked for, when the preset's thresholds apply)
     own: bool  # True: the question's own dataset's policy file
-    reason: str
+    why: tuple[str | Path, ...]  # the reason: text and the files it names
     multiple_choice: bool = True  # the question's kind
+
+    def __post_init__(self):
+        if isinstance(self.why, (str, Path)):
+            object.__setattr__(self, "why", (self.why,))
+
+    @property
+    def reason(self) -> str:
+        """The reason as the user's own machine says it (the CLI's lines, the app): files by their full path."""
+        return "".join(str(part) for part in self.why)
+
+    @property
+    def shown_reason(self) -> str:
+        """The reason as /health and traces say it: files named as `shown_path` names them."""
+        return "".join(shown_path(part) if isinstance(part, Path) else part for part in self.why)
 
     @property
     def guarantee(self) -> str:
@@ -130,20 +156,18 @@ class QuestionPolicy:
     def to_dict(self) -> dict:
         """What a trace, `route --json` and the server's /health say about it. /health answers without
         a key, so the file is named by its path inside the repository, else by its file name alone, and
-        identified by its sha256 (as the monitor names it). The reason is the local sentence as it is: it
-        echoes a `--policy` argument and, when a policy file is missing, the path it was looked for at."""
+        identified by its sha256 (as the monitor names it); the reason names the files it mentions (a
+        `--policy` argument, a missing policy file's path) the same way (`shown_reason`)."""
         from cascade_core.choose.policy_file import file_sha256
-        from cascade_core.locations import REPO_ROOT
 
         file = self.applied.file
         shown = sha = None
         if file is not None:
-            path = Path(file).resolve()
-            shown = str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else path.name
-            sha = file_sha256(path) if path.is_file() else None
+            shown = shown_path(file)
+            sha = file_sha256(Path(file).resolve()) if Path(file).resolve().is_file() else None
         return {"kind": "multiple-choice" if self.multiple_choice else "free-form", "dataset": self.dataset,
                 "own": self.own, "file": shown, "file_sha256": sha, "guarantee": self.guarantee,
-                "reason": self.reason, "thresholds": self.applied.description}
+                "reason": self.shown_reason, "thresholds": self.applied.description}
 
     def line(self) -> str:
         """One line for `route`'s table and `serve`'s log: which file, which guarantee, why."""
@@ -170,8 +194,8 @@ def policy_for_question(preset: Preset | str, multiple_choice: bool, dataset: st
         named = read_policy_file(policy_file).provenance.get("dataset")
         certified_on = _known_dataset(named, where) or fallback
         return QuestionPolicy(applied, certified_on, certified_on != fallback,
-                              f"--policy {policy_file} names it (calibrated on {named or 'unnamed'} records), which "
-                              "wins over the dataset's and the kind's policy", multiple_choice)
+                              ("--policy ", Path(policy_file), f" names it (calibrated on {named or 'unnamed'} "
+                               "records), which wins over the dataset's and the kind's policy"), multiple_choice)
     if thresholds == "preset":
         return QuestionPolicy(applied_policy(preset, where, "preset", fallback), fallback, False,
                               "the preset's own thresholds were asked for (thresholds=preset)", multiple_choice)
@@ -183,20 +207,20 @@ def policy_for_question(preset: Preset | str, multiple_choice: bool, dataset: st
                                   multiple_choice)
     applied = applied_policy(preset, where, thresholds, fallback)
     if dataset == fallback:
-        reason = (f"{dataset} has its own calibrated policy file (`calibrate --dataset {dataset}`), which is also the "
-                  f"policy for {kind} questions" if applied.policy is not None else
-                  f"{dataset} has no calibrated policy file ({policy_path(preset, where, fallback)}): the preset's "
-                  "own thresholds apply")
+        reason = ((f"{dataset} has its own calibrated policy file (`calibrate --dataset {dataset}`), which is also "
+                   f"the policy for {kind} questions",) if applied.policy is not None else
+                  (f"{dataset} has no calibrated policy file (", policy_path(preset, where, fallback),
+                   "): the preset's own thresholds apply"))
         return QuestionPolicy(applied, fallback, applied.policy is not None, reason, multiple_choice)
     if dataset:
-        lacks = (f"{dataset} has no calibrated policy file of its own (`calibrate --dataset {dataset}` writes "
-                 f"{policy_path(preset, where, dataset)})")
+        lacks = (f"{dataset} has no calibrated policy file of its own (`calibrate --dataset {dataset}` writes ",
+                 policy_path(preset, where, dataset), ")")
     else:
-        lacks = "a typed question comes from no dataset"
-    reason = (f"{lacks}, so this {kind} question runs with the policy for its kind, {fallback}'s"
+        lacks = ("a typed question comes from no dataset",)
+    reason = ((*lacks, f", so this {kind} question runs with the policy for its kind, {fallback}'s")
               if applied.policy is not None else
-              f"{lacks}, and the policy for its kind ({fallback}'s, {policy_path(preset, where, fallback)}) was not "
-              "calibrated: the preset's own thresholds apply")
+              (*lacks, f", and the policy for its kind ({fallback}'s, ", policy_path(preset, where, fallback),
+               ") was not calibrated: the preset's own thresholds apply"))
     return QuestionPolicy(applied, fallback, False, reason, multiple_choice)
 
 
