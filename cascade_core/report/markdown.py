@@ -442,7 +442,9 @@ def _ood_cascades(ood: OodSection) -> list[list[str]]:
     return [c["stages"] for c in ood.categories[0]["cascades"]]
 
 
-def _label_free(report: Report) -> list[str]:
+def label_free_section(report: Report) -> list[str]:
+    """Section 7 (label-free probes, and the local cascade's label-free guarantee) from `report.label_free`
+    alone: it is said even where the probes part was skipped, e.g. for want of hidden-state features."""
     lines = ["", "## 7. Label-free probes", ""]
     lf = report.label_free
     if lf.skipped is not None:
@@ -523,7 +525,7 @@ def render(report: Report | dict) -> str:
     if isinstance(report, dict):
         report = Report.from_json(report)
     lines: list[str] = []
-    for part in (_intro, _guarantee, _summary, _models, _cascades, _api, _ablations, _baselines, _ood, _label_free,
-                 _free_form_sets, _reproduce):
+    for part in (_intro, _guarantee, _summary, _models, _cascades, _api, _ablations, _baselines, _ood,
+                 label_free_section, _free_form_sets, _reproduce):
         lines += part(report)
     return "\n".join(lines) + "\n"
