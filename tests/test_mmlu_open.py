@@ -124,12 +124,15 @@ def test_a_report_with_records_opens_with_how_the_questions_were_chosen():
 
     row = {"held_share": 1.0, "certified_held_share": 1.0, "saving_mean": 0.0, "saving_p05": 0.0,
            "oracle_saving_mean": float("nan"), "share_of_oracle": None}
-    report = {"dataset": "mmlu-open", "questions": 1000, "stages": ["a", "b"], "groups": ["anatomy"], "target": 0.01,
-              "delta": 0.1, "resplits": 2, "unit": "flops", "selection": selection_summary("mmlu-open"),
-              "models": [{"stage": s, "accuracy": 0.5, "by_group": {"anatomy": 0.5}, "auroc_p_t": 0.6,
+    report = {"dataset": "mmlu-open", "questions": 1000, "stages": ["a", "b"], "groups": ["anatomy", "virology"],
+              "target": 0.01, "delta": 0.1, "resplits": 2, "unit": "flops", "selection": selection_summary("mmlu-open"),
+              "models": [{"stage": s, "accuracy": 0.5, "by_group": {"anatomy": 0.5, "virology": 0.25 * (s == "b")},
+                          "auroc_p_t": 0.6,
                           "auroc_p_t_min": 0.55, "auroc_p_ik": None, "output_tokens_mean": 5.0, "seconds_mean": 1.0,
                           "first_token_seconds_mean": 0.2} for s in ("a", "b")],
               "labelled": {"pt_only": row}, "label_free": {"pt_only": row}, "gate": None, "sweep": []}
     text = render_freeform(report)
     assert text.index("## The questions") < text.index("## Models") and "| **excluded in all** |" in text
     assert "nan" not in text and selection_summary("arith") is None
+    # per group accuracy: one row per group (56 subjects on mmlu-open), one column per stage
+    assert "| group | a | b |\n|---|---|---|\n| anatomy | 50.0% | 50.0% |\n| virology | 0.0% | 25.0% |\n" in text

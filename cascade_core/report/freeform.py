@@ -226,11 +226,12 @@ def render_freeform(report: dict) -> str:
         lines.append(f"| {m['stage']} | {pct(m['accuracy'])} | {num(m['auroc_p_t'])} | {num(m['auroc_p_t_min'])} | "
                      f"{num(m['auroc_p_ik'])} | {m['output_tokens_mean']:.1f} | {m['seconds_mean']:.2f} | "
                      f"{m['first_token_seconds_mean']:.2f} |")
-    groups = report["groups"]
-    lines += ["", "Accuracy per group (test split):", "", "| model | " + " | ".join(groups) + " |",
-              "|---|" + "---|" * len(groups)]
-    for m in report["models"]:
-        lines.append(f"| {m['stage']} | " + " | ".join(pct(m["by_group"].get(g)) for g in groups) + " |")
+    # one row per group, one column per stage: MMLU-open's 56 subjects as columns would not read on a screen
+    models = report["models"]
+    lines += ["", "Accuracy per group (test split):", "", "| group | " + " | ".join(m["stage"] for m in models) + " |",
+              "|---|" + "---|" * len(models)]
+    for g in report["groups"]:
+        lines.append(f"| {g} | " + " | ".join(pct(m["by_group"].get(g)) for m in models) + " |")
     lines += ["", "P(T) is the geometric mean of the generated tokens' probabilities (what the live cascade routes "
               "on); the alternative is the probability of the least likely token. P(IK) is the probe on the "
               "prompt's last hidden state, trained on the calibration split.", "",
