@@ -49,12 +49,6 @@ def padded_tokens(lengths: list[int], order: list[int], per_call: int, batch: in
     return total
 
 
-def runner_order(prompts: list[str], window: int) -> list[int]:
-    """The question order `records.runner` takes with a given window (1: as given)."""
-    return [i for start in range(0, len(prompts), window)
-            for i in sorted(range(start, min(start + window, len(prompts))), key=lambda j: len(prompts[j]))]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -75,6 +69,7 @@ def main() -> None:
                                       answer=int(r.answer), qid=r.qid)) for r in questions.itertuples(index=False)]
     lengths = [len(backend.encode(p, multiple_choice=True)) for p in prompts]
     real = sum(lengths)
+    chars = [len(p) for p in prompts]  # what the runner orders by
     ways = {"before": (8, 1), "after": (runner.QUESTIONS_PER_CALL, runner.LENGTH_WINDOW)}
     seconds: dict[str, list[float]] = {w: [] for w in ways}
     predictions: dict[str, np.ndarray] = {}
@@ -93,7 +88,7 @@ def main() -> None:
     finally:
         runner.LENGTH_WINDOW = default_window
     figures = {way: {"padded_over_real_tokens":
-                     round(padded_tokens(lengths, runner_order(prompts, window), per_call, 8) / real, 3),
+                     round(padded_tokens(lengths, runner.by_length(chars, window), per_call, 8) / real, 3),
                      "median_s_per_question": round(statistics.median(seconds[way]), 4)}
                for way, (per_call, window) in ways.items()}
     speedup = figures["before"]["median_s_per_question"] / figures["after"]["median_s_per_question"]

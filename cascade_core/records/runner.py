@@ -107,18 +107,25 @@ order a batch of 8 padded MMLU to 2.2x its tokens), few enough that a run stoppe
 leaves the round-robin sample over subjects (`compose.jobs.bench_questions`), give or take one window."""
 
 
+def by_length(lengths: list[int], window: int | None = None) -> list[int]:
+    """The order the runner takes questions in: within each window of `window` (default
+    `LENGTH_WINDOW`) consecutive questions, shorter prompts first (stable)."""
+    window = LENGTH_WINDOW if window is None else window
+    return [i for start in range(0, len(lengths), window)
+            for i in sorted(range(start, min(start + window, len(lengths))), key=lengths.__getitem__)]
+
+
 def _batches(todo: pd.DataFrame, batch_size: int, max_batches: int | None):
-    """(source rows, questions) of each batch of `todo`, at most `max_batches` of them; within each
-    window of `LENGTH_WINDOW` questions the shorter prompts go first, so a batch is of one length."""
+    """(source rows, questions) of each batch of `todo`, at most `max_batches` of them, in `by_length`'s
+    order, so a batch holds prompts of similar length."""
     rows = list(todo.itertuples(index=False))
-    lengths = [len(format_prompt(_question(r))) for r in rows]
-    rows = [rows[i] for start in range(0, len(rows), LENGTH_WINDOW)
-            for i in sorted(range(start, min(start + LENGTH_WINDOW, len(rows))), key=lengths.__getitem__)]
-    for b, start in enumerate(range(0, len(rows), batch_size)):
+    questions = [_question(r) for r in rows]
+    order = by_length([len(format_prompt(q)) for q in questions])
+    for b, start in enumerate(range(0, len(order), batch_size)):
         if max_batches is not None and b >= max_batches:
             return
-        source = rows[start : start + batch_size]
-        yield source, [_question(r) for r in source]
+        picked = order[start : start + batch_size]
+        yield [rows[i] for i in picked], [questions[i] for i in picked]
 
 
 def _score_batch(backend: Backend, batch: list[Question]):
