@@ -136,3 +136,24 @@ def test_records_that_outgrew_a_complete_export_get_no_features_and_no_error(set
     grown = np.concatenate([records["qid"].astype(str).to_numpy(), ["later-1", "later-2"]])
     assert stage_features(where, STAGE, grown)[2] == ""
     assert stage_features(where, STAGE, records["qid"])[2] == "committed"  # the records it covers still load
+
+
+def test_the_shipped_probe_is_rebuilt_from_the_shipped_layer(tmp_path):
+    """The real thing, no made-up features: the committed SmolLM2 records and feature layer
+    (`data/hidden/mmlu/`) alone retrain the shipped `data/probes/smollm2-135m.npz` (chosen on this
+    machine's all-layer chunks) to the same layer, C and held-out AUROC. This is what lets a clone
+    rebuild the report's probe sections without running a model."""
+    where = Locations(results=tmp_path / "results", features=tmp_path / "no-features", hidden=DATA_DIR / "hidden",
+                      probes=tmp_path / "probes", policies=tmp_path / "policies")
+    shipped = PIKProbe.load(DATA_DIR / "probes" / f"{STAGE}.npz")
+    records_file = where.record_path(STAGE)
+    records_file.parent.mkdir(parents=True)
+    shutil.copy(DATA_DIR / "results" / "mmlu" / f"{STAGE}.parquet", records_file)
+    preset_file = tmp_path / "p.toml"
+    preset_file.write_text(f'name = "p"\n[[stages]]\nname = "{STAGE}"\nbackend = "packaged"\nmodel = "{STAGE}"\n'
+                           f'probe = "{tmp_path / "probes" / (STAGE + ".npz")}"\nprobe_optional = true\n')
+    (outcome,) = train_probes(load_preset(preset_file), where)
+    assert outcome.trained and "(committed features)" in outcome.message
+    rebuilt = PIKProbe.load(tmp_path / "probes" / f"{STAGE}.npz")
+    assert (rebuilt.layer, rebuilt.C) == (shipped.layer, shipped.C)
+    assert abs(rebuilt.metadata["test_auroc"] - shipped.metadata["test_auroc"]) <= 1e-6
