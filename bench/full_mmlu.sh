@@ -25,9 +25,9 @@ largest=$(echo "$stages" | tail -n 1)
 # the questions all stages share grow only with whole stages; then the largest model's backfill.
 jobs=("$largest")
 for s in $stages; do [ "$s" = "$largest" ] || jobs+=("$s --backfill-features" "$s"); done
-# The largest model's backfill is the second-longest job: its two halves run on both workers (a
-# backfill only adds feature chunks, so two of them on one stage never write the same file).
-jobs+=("$largest --backfill-features --split calibration" "$largest --backfill-features --split test")
+# The largest model's backfill is the second-longest job: one shard per worker, so every worker
+# free by then shares it (a backfill only adds feature chunks, so shards never write the same file).
+for w in $(seq 0 $((WORKERS - 1))); do jobs+=("$largest --backfill-features --shard $w/$WORKERS"); done
 
 claims=$(mktemp -d)
 trap 'rm -rf "$claims"' EXIT

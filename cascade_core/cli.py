@@ -122,11 +122,22 @@ def _dataset_name(spec: str, results_dir) -> str:
     return dataset_name(spec, results_dir)
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """`K/N` -> (K, N), for argparse (which turns the ValueError into a usage message)."""
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected K/N with 0 <= K < N, e.g. 0/2")
+    return int(index), int(count)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from cascade_core.compose.jobs import bench_configs, bench_questions, bench_stage
+    from cascade_core.compose.jobs import bench_configs, bench_questions, bench_stage, shard_of
 
+    if args.shard and not args.backfill_features:
+        raise UsageError("--shard splits a --backfill-features run (each shard only adds feature files); a "
+                         "stage's records are one file, so two record runs of one stage cannot share it")
     check_bench_format(load_preset(args.preset), args)
     if args.format_check:
         return 0
@@ -141,6 +152,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dataset = _dataset_name(args.dataset, where.results)
     questions = bench_questions(args.dataset, split=args.split, per_subject=args.per_subject,
                                 results_dir=where.results)
+    if args.shard:
+        questions = shard_of(questions, *args.shard)
     for config in bench_configs(preset, args.stages):
         if config.backend == "recorded":
             print(f"{config.name}: recorded stage, nothing to run")
@@ -457,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="free-form datasets: the longest answer generated (default 16)")
     bench.add_argument("--backfill-features", action="store_true",
                        help="only compute hidden-state features for questions that have records but none")
+    bench.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                       help="with --backfill-features: only every N-th question from the K-th (0-based), so N "
+                            "workers or machines share one backfill (run K = 0 .. N-1)")
     bench.add_argument("--allow-emulated-bf16", action="store_true",
                        help="run even where a stage would compute in bfloat16 on a CPU without native bfloat16 "
                             "(refused by default: 5-7x slower than float32; or $CASCADE_ALLOW_EMULATED_BF16=1)")

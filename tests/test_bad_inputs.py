@@ -850,3 +850,16 @@ def test_the_single_stage_server_keeps_user_text_as_text(servers, smollm2_backen
     assert safe.count(im_start) == engine.encode_chat([{"role": "user", "content": "hi"}]).count(im_start)
     raw = servers["single"].client.post("/v1/completions", json={"prompt": INJECTION, "max_tokens": 1}).json()
     assert raw["usage"]["prompt_tokens"] == len(engine.encode(INJECTION)) and im_start not in engine.encode(INJECTION)
+
+
+def test_a_shard_of_a_records_run_or_a_shard_out_of_range_is_refused(tmp_path, capsys):
+    """`bench --shard` splits a features backfill only: two record runs of one stage would write one
+    records file; a shard index outside 0..N-1 is a usage error that shows what was expected."""
+    common = ["bench", "--stages", "smollm2-135m", "--results-dir", str(tmp_path)]
+    assert cli.main([*common, "--shard", "0/2"]) == 2
+    assert "--shard splits a --backfill-features run" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything ran or was written
+    for bad in ("2/2", "1", "a/b"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*common, "--backfill-features", "--shard", bad])
+        assert exit_.value.code == 2 and "expected K/N with 0 <= K < N" in capsys.readouterr().err

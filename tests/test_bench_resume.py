@@ -170,6 +170,23 @@ def test_backfill_skips_what_a_committed_checkpoint_already_has(tmp_path, smollm
     assert not set(qids) & elsewhere
 
 
+def test_two_shards_of_one_backfill_cover_every_question_once(tmp_path, smollm2_backend, clean_run):
+    """`bench --backfill-features --shard K/N`: two workers share one stage's backfill (each only adds
+    chunk files); between them every recorded question gets features, none twice."""
+    from cascade_core.compose.jobs import shard_of
+
+    paths = _paths(tmp_path)
+    paths.records.parent.mkdir(parents=True)
+    paths.records.write_bytes(clean_run[0].records.read_bytes())
+    shards = [shard_of(_questions(), k, 2) for k in (0, 1)]
+    assert not set(shards[0]["qid"]) & set(shards[1]["qid"])
+    done = [backfill_features(smollm2_backend, shard, paths, batch_size=BATCH) for shard in shards]
+    assert [d["backfilled"] for d in done] == [12, 12]
+    qids, _ = load_features(paths.features_dir)
+    assert sorted(qids) == sorted(_questions()["qid"])
+    assert backfill_features(smollm2_backend, _questions(), paths, batch_size=BATCH)["backfilled"] == 0
+
+
 def test_records_are_never_extended_in_another_dtype(tmp_path, smollm2_backend, clean_run):
     """The clean run's records say float32; a run that would compute in bfloat16 is refused."""
     paths = _paths(tmp_path)

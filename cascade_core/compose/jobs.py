@@ -47,6 +47,15 @@ def bench_questions(dataset: str = "mmlu", split: str | None = None, per_subject
     return questions.iloc[np.lexsort((questions["subject"].to_numpy(), seeded_ranks(questions).to_numpy()))]
 
 
+def shard_of(questions: pd.DataFrame, index: int, count: int) -> pd.DataFrame:
+    """Every `count`-th question from position `index` (0-based): `count` workers or machines that
+    each take one shard cover the questions once between them. The questions come round-robin over
+    subjects, so each shard stays balanced across subjects and splits."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: the index must be from 0 to {count - 1}")
+    return questions.iloc[index::count]
+
+
 def stage_paths(where: Locations, config: StageConfig, dataset: str = "mmlu") -> BenchPaths:
     return BenchPaths(where.record_path(config.name, dataset), where.features_dir(config.name, dataset))
 
