@@ -25,9 +25,11 @@ largest=$(echo "$stages" | tail -n 1)
 # the questions all stages share grow only with whole stages; then the largest model's backfill.
 jobs=("$largest")
 for s in $stages; do [ "$s" = "$largest" ] || jobs+=("$s --backfill-features" "$s"); done
-# The largest model's backfill is the second-longest job: one shard per worker, so every worker
-# free by then shares it (a backfill only adds feature chunks, so shards never write the same file).
-for w in $(seq 0 $((WORKERS - 1))); do jobs+=("$largest --backfill-features --shard $w/$WORKERS"); done
+# The largest model's backfill is the second-longest job: three shards per worker, so a worker that
+# frees up late (after the largest model's records) still takes a share of what is left (a backfill
+# only adds feature chunks, so shards never write the same file).
+SHARDS=$((WORKERS * 3))
+for k in $(seq 0 $((SHARDS - 1))); do jobs+=("$largest --backfill-features --shard $k/$SHARDS"); done
 
 claims=$(mktemp -d)
 trap 'rm -rf "$claims"' EXIT

@@ -24,6 +24,14 @@ from cascade_core.probe import PIKProbe
 STAGE = "smollm2-135m"
 
 
+def _one_stage_preset(tmp_path):
+    """A preset of the one stage whose probe goes to `tmp_path/probes` (never data/probes/)."""
+    preset_file = tmp_path / "p.toml"
+    preset_file.write_text(f'name = "p"\n[[stages]]\nname = "{STAGE}"\nbackend = "packaged"\nmodel = "{STAGE}"\n'
+                           f'probe = "{tmp_path / "probes" / (STAGE + ".npz")}"\nprobe_optional = true\n')
+    return load_preset(preset_file)
+
+
 @pytest.fixture
 def setup(tmp_path):
     where = Locations(results=tmp_path / "results", features=tmp_path / "features", hidden=tmp_path / "hidden",
@@ -42,10 +50,7 @@ def setup(tmp_path):
         atomic_write_npz(where.features_dir(STAGE) / f"chunk-{start:05d}.npz",
                          qid=records["qid"].to_numpy().astype(str)[rows],
                          **{f"layer_{k}": a[rows].astype(np.float16) for k, a in layers.items()})
-    preset_file = tmp_path / "p.toml"
-    preset_file.write_text(f'name = "p"\n[[stages]]\nname = "{STAGE}"\nbackend = "packaged"\nmodel = "{STAGE}"\n'
-                           f'probe = "{tmp_path / "probes" / (STAGE + ".npz")}"\nprobe_optional = true\n')
-    return where, load_preset(preset_file), records
+    return where, _one_stage_preset(tmp_path), records
 
 
 def test_probes_rebuilt_from_the_committed_layer_match(setup):
@@ -149,10 +154,7 @@ def test_the_shipped_probe_is_rebuilt_from_the_shipped_layer(tmp_path):
     records_file = where.record_path(STAGE)
     records_file.parent.mkdir(parents=True)
     shutil.copy(DATA_DIR / "results" / "mmlu" / f"{STAGE}.parquet", records_file)
-    preset_file = tmp_path / "p.toml"
-    preset_file.write_text(f'name = "p"\n[[stages]]\nname = "{STAGE}"\nbackend = "packaged"\nmodel = "{STAGE}"\n'
-                           f'probe = "{tmp_path / "probes" / (STAGE + ".npz")}"\nprobe_optional = true\n')
-    (outcome,) = train_probes(load_preset(preset_file), where)
+    (outcome,) = train_probes(_one_stage_preset(tmp_path), where)
     assert outcome.trained and "(committed features)" in outcome.message
     rebuilt = PIKProbe.load(tmp_path / "probes" / f"{STAGE}.npz")
     assert (rebuilt.layer, rebuilt.C) == (shipped.layer, shipped.C)
