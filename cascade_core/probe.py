@@ -77,12 +77,19 @@ def _check_labels(y, n_rows: int) -> np.ndarray:
     return y
 
 
-def _fit_arrays(X: np.ndarray, y: np.ndarray, C: float, class_weight, max_iter: int):
-    """Standardise, fit, return (mean, scale, coef, intercept) for the numpy predictor."""
+def _solver_rows(scaled: np.ndarray, float32: bool) -> np.ndarray:
+    """The standardised rows the solver sees: float64, or float32 with `float32` (see `probe_grid`)."""
+    return scaled.astype(np.float32) if float32 else scaled
+
+
+def _fit_arrays(X: np.ndarray, y: np.ndarray, C: float, class_weight, max_iter: int, float32: bool = False):
+    """Standardise, fit, return (mean, scale, coef, intercept) for the numpy predictor (all float64,
+    also when the solver ran on float32 rows)."""
     scaler = StandardScaler().fit(X)
     model = LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter, solver="lbfgs")
-    model.fit(scaler.transform(X), y)
-    return scaler.mean_.copy(), scaler.scale_.copy(), model.coef_[0].copy(), float(model.intercept_[0])
+    model.fit(_solver_rows(scaler.transform(X), float32), y)
+    return (scaler.mean_.copy(), scaler.scale_.copy(), model.coef_[0].astype(np.float64),
+            float(model.intercept_[0]))
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -134,11 +141,13 @@ class PIKProbe:
         self._require_fitted()
         return self.n_features_in_
 
-    def fit(self, X, y, cv_folds: int = 0, seed: int = 0, metadata: dict | None = None) -> "PIKProbe":
+    def fit(self, X, y, cv_folds: int = 0, seed: int = 0, metadata: dict | None = None,
+            float32: bool = False) -> "PIKProbe":
         """Fit on all rows. With `cv_folds >= 2`, also record the cross-validated AUROC.
 
         X: (n, d) hidden states of this model at `self.layer`; y: True where the model's answer
         was correct. `metadata` adds entries (dataset, split, ...) to the saved metadata.
+        `float32`: the solver runs on float32 rows (`probe_grid`'s option of that name).
         """
         X = _check_features(X)
         y = _check_labels(y, len(X))
@@ -148,7 +157,7 @@ class PIKProbe:
                                    class_weight=self.class_weight, max_iter=self.max_iter)
             cv_auroc = auroc(oof, y)
         self.mean_, self.scale_, self.coef_, self.intercept_ = _fit_arrays(
-            X, y, self.C, self.class_weight, self.max_iter
+            X, y, self.C, self.class_weight, self.max_iter, float32
         )
         self.n_features_in_ = X.shape[1]
         self.metadata = {
@@ -364,6 +373,7 @@ def probe_grid(
     max_iter: int = 2000,
     warm_start: bool = False,
     stop_after_worse: int | None = None,
+    float32: bool = False,
 ) -> tuple[int, float, dict[tuple[int, float], float], np.ndarray]:
     """`choose_probe`'s search, also returning the out-of-fold P(IK) of the chosen (layer, C).
 
@@ -378,6 +388,9 @@ def probe_grid(
     tolerance). `stop_after_worse=k`: a layer's path over increasing C stops once k consecutive
     C values scored below that layer's best so far (the weakly regularised fits are the slow
     ones, and past the peak they rarely win); the pairs not tried are absent from the scores.
+    `float32`: the solver runs on the standardised rows cast to float32 (standardisation and
+    prediction stay float64). Each solver step reads the whole training matrix twice, so its time
+    is memory traffic, which float32 halves; scores move by about the solver's tolerance.
     """
     if not Cs or any(not (c > 0) for c in Cs):
         raise ValueError(f"Cs must be a non-empty sequence of positive numbers, got {Cs!r}")
@@ -401,14 +414,16 @@ def probe_grid(
             labels = _check_labels(y, len(X))
             splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
             parts = []
-            keep_scaled = X.nbytes <= 64 * 2**20  # else re-standardise per C (same values, less memory)
+            # Else re-standardise per C (same values, less memory); float32 rows take half the bytes.
+            keep_scaled = X.nbytes // (2 if float32 else 1) <= 64 * 2**20
             for train, test in splitter.split(X, labels):
                 if labels[train].all() or not labels[train].any():
                     raise ValueError("a training fold has only one class: use fewer folds or more rows")
                 scaler = StandardScaler().fit(X[train])
                 # `_p_correct`'s standardisation of the held-out rows, done once for every C.
                 held = (X[test] - scaler.mean_) / scaler.scale_
-                parts.append([train, test, scaler, scaler.transform(X[train]) if keep_scaled else None, held, None])
+                scaled = _solver_rows(scaler.transform(X[train]), float32) if keep_scaled else None
+                parts.append([train, test, scaler, scaled, held, None])
             scores: dict[float, float] = {}
             worse = 0
             for C in Cs:
@@ -420,10 +435,11 @@ def probe_grid(
                     else:
                         model = LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter,
                                                    solver="lbfgs", warm_start=warm_start)
-                    model.fit(scaler.transform(X[train]) if scaled is None else scaled, labels[train])
+                    rows = _solver_rows(scaler.transform(X[train]), float32) if scaled is None else scaled
+                    model.fit(rows, labels[train])
                     part[5] = model
                     with np.errstate(over="ignore", invalid="ignore"):
-                        out[test] = _sigmoid(held @ model.coef_[0].copy() + float(model.intercept_[0]))
+                        out[test] = _sigmoid(held @ model.coef_[0].astype(np.float64) + float(model.intercept_[0]))
                 oof[(int(layer), C)] = out
                 best_before = max(scores.values(), default=-np.inf)
                 scores[C] = auroc(out, truth)

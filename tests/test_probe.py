@@ -165,6 +165,29 @@ def test_probe_grid_options_stop_the_path_and_warm_start_within_tolerance():
         probe_grid({1: X}, y, stop_after_worse=0)
 
 
+def test_float32_solver_moves_the_fits_only_within_tolerance():
+    """`float32` (the report's retrained probes) solves on float32 rows: the grid's scores, its
+    out-of-fold P(IK) and a fitted probe stay within the solver's tolerance of the float64 ones,
+    and a probe's arrays stay float64 (saved and predicted as before)."""
+    from cascade_core.probe import probe_grid
+
+    rng = np.random.default_rng(11)
+    n, d = 400, 50
+    y = rng.random(n) < 0.4
+    X = rng.normal(size=(n, d))
+    X[:, :4] += 0.5 * y[:, None]
+    Cs = (1e-3, 1e-2, 1e-1)
+    full = probe_grid({2: X}, y, folds=3, seed=0, Cs=Cs)
+    single = probe_grid({2: X}, y, folds=3, seed=0, Cs=Cs, float32=True)
+    assert set(single[2]) == set(full[2]) and single[:2] == full[:2]
+    assert max(abs(single[2][k] - full[2][k]) for k in full[2]) < 1e-3
+    assert single[3].dtype == np.float64 and np.abs(single[3] - full[3]).max() < 1e-3
+    double = PIKProbe(layer=2, model_id="m", C=0.01).fit(X, y)
+    fast = PIKProbe(layer=2, model_id="m", C=0.01).fit(X, y, float32=True)
+    assert fast.coef_.dtype == np.float64 and fast.mean_.dtype == np.float64
+    assert np.abs(fast.p_ik(X) - double.p_ik(X)).max() < 1e-3
+
+
 def test_choose_layer_bad_input():
     with pytest.raises(ValueError, match="empty"):
         choose_layer({}, np.array([0, 1]))

@@ -281,6 +281,20 @@ def test_router_out_of_fold_predictions_ignore_the_question_own_label(table):
     assert not np.array_equal(first, second)
 
 
+def test_router_counts_pretokenised_terms_as_it_counts_texts(table):
+    """`question_terms` (texts tokenised once for every fold's fit) give exactly the predictions
+    the texts give."""
+    texts = pg.question_texts(table.qids[:120], _questions(table))
+    terms = pg.question_terms(texts)
+    correct = table.correct[:, :120]
+    np.testing.assert_array_equal(pg.out_of_fold_proba(terms, correct, folds=3, seed=1),
+                                  pg.out_of_fold_proba(texts, correct, folds=3, seed=1))
+    by_texts = pg.PregenRouter().fit(texts, correct)
+    by_terms = pg.PregenRouter().fit(terms, correct)
+    assert by_terms.vectorizer_.vocabulary_ == by_texts.vectorizer_.vocabulary_
+    np.testing.assert_array_equal(by_terms.predict_proba(texts), by_texts.predict_proba(terms))
+
+
 def test_router_routes_to_the_cheapest_stage_predicted_right():
     proba = np.array([[0.9, 0.2, 0.2], [0.1, 0.8, 0.3], [0.5, 0.5, 0.5]])
     np.testing.assert_array_equal(pg.route(proba, 0.7), [0, 1, 2])
@@ -382,9 +396,9 @@ def test_report_jobs_give_the_same_results_in_any_number_of_processes_and_name_a
         run_jobs([jobs[0], jobs[0]], workers=1)
 
 
-def test_retrained_probes_stop_the_c_path_as_the_settings_say(table, monkeypatch):
+def test_retrained_probes_search_as_the_settings_say(table, monkeypatch):
     """The OOD and label-free probes search C with `probe_path_stop` (None: the whole grid, as
-    `probes train` does)."""
+    `probes train` does), and solve on float32 rows with warm starts unless the settings say not."""
     import cascade_core.records.probe_training as training
     from cascade_core.report.probes import retrain_stage
 
@@ -392,11 +406,13 @@ def test_retrained_probes_stop_the_c_path_as_the_settings_say(table, monkeypatch
     real = training.probe_grid
 
     def spy(*args, **kwargs):
-        seen.append(kwargs.get("stop_after_worse"))
+        seen.append((kwargs.get("stop_after_worse"), kwargs.get("float32"), kwargs.get("warm_start")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(training, "probe_grid", spy)
     features, cal = _features(table), table.splits == "calibration"
-    retrain_stage(table, features, 0, cal, SETTINGS)
-    retrain_stage(table, features, 0, cal, dataclasses.replace(SETTINGS, probe_path_stop=None))
-    assert seen == [SETTINGS.probe_path_stop, None] and SETTINGS.probe_path_stop == 2
+    fast = retrain_stage(table, features, 0, cal, SETTINGS)
+    plain = retrain_stage(table, features, 0, cal, dataclasses.replace(SETTINGS, probe_path_stop=None,
+                                                                       probe_float32=False, probe_warm_start=False))
+    assert seen == [(2, True, True), (None, False, False)] and SETTINGS.probe_path_stop == 2
+    assert np.abs(fast[0] - plain[0]).max() < 0.02  # the same probe, up to the solver's tolerance

@@ -41,6 +41,31 @@ def question_texts(qids: Sequence[str], questions: pd.DataFrame) -> list[str]:
             for s, q, o in zip(subjects, rows["question"].astype(str), rows["options"])]
 
 
+_WORD_TERMS = None  # the default word analyzer of `question_terms`, built on first use
+
+
+def _word_terms():
+    global _WORD_TERMS
+    if _WORD_TERMS is None:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        _WORD_TERMS = TfidfVectorizer(ngram_range=(1, 2)).build_analyzer()
+    return _WORD_TERMS
+
+
+def question_terms(texts: Sequence[str]) -> list[list[str]]:
+    """Each text's terms as the router's TF-IDF counts them (lower-cased words of 2+ characters and
+    word pairs). Tokenising is most of a TF-IDF fit's time: `out_of_fold_proba` fits the router once
+    per fold on the same texts, so it tokenises them once and every fit counts these lists."""
+    analyze = _word_terms()
+    return [analyze(text) for text in texts]
+
+
+def _terms(document) -> list[str]:
+    """The router vectorizer's analyzer: a text is tokenised, a `question_terms` list is used as it is."""
+    return document if isinstance(document, list) else _word_terms()(document)
+
+
 class PregenRouter:
     """TF-IDF + one logistic regression per stage: P(stage s answers correctly | question text)."""
 
@@ -49,8 +74,9 @@ class PregenRouter:
             raise ValueError(f"C must be > 0, got {C}")
         self.C, self.max_features, self.min_df = float(C), int(max_features), int(min_df)
 
-    def fit(self, texts: Sequence[str], correct) -> "PregenRouter":
-        """texts: N question texts; correct: (S, N) booleans, stage s got question n right."""
+    def fit(self, texts: Sequence, correct) -> "PregenRouter":
+        """texts: N question texts (or their `question_terms`); correct: (S, N) booleans, stage s got
+        question n right."""
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
 
@@ -59,7 +85,7 @@ class PregenRouter:
             raise ValueError(f"correct has {y.shape[1]} questions but {len(texts)} texts were given")
         if len(texts) < 2:
             raise ValueError("a router needs at least 2 training questions")
-        self.vectorizer_ = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, max_features=self.max_features,
+        self.vectorizer_ = TfidfVectorizer(analyzer=_terms, sublinear_tf=True, max_features=self.max_features,
                                            min_df=min(self.min_df, len(texts)))
         X = self.vectorizer_.fit_transform(texts)
         self.models_: list = []
@@ -70,8 +96,9 @@ class PregenRouter:
                 self.models_.append(LogisticRegression(C=self.C, max_iter=2000).fit(X, row))
         return self
 
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        """(S, N): predicted probability that each stage answers each question correctly."""
+    def predict_proba(self, texts: Sequence) -> np.ndarray:
+        """(S, N): predicted probability that each stage answers each question correctly (texts or
+        their `question_terms`)."""
         if not hasattr(self, "models_"):
             raise ValueError("the router is not fitted: call fit() first")
         X = self.vectorizer_.transform(texts)
@@ -79,19 +106,20 @@ class PregenRouter:
                          for m in self.models_])
 
 
-def out_of_fold_proba(texts: Sequence[str], correct, folds: int = 5, seed: int = 0, C: float = 1.0) -> np.ndarray:
-    """(S, N) router predictions for every question from a router trained on the other folds."""
+def out_of_fold_proba(texts: Sequence, correct, folds: int = 5, seed: int = 0, C: float = 1.0) -> np.ndarray:
+    """(S, N) router predictions for every question from a router trained on the other folds
+    (texts or their `question_terms`: texts are tokenised once for all the folds)."""
     y = np.atleast_2d(np.asarray(correct, dtype=bool))
     n = len(texts)
     if folds < 2 or n < folds:
         raise ValueError(f"need folds >= 2 and at least `folds` questions, got folds={folds}, n={n}")
     order = np.random.default_rng(seed).permutation(n)
     out = np.empty(y.shape, dtype=np.float64)
-    texts = list(texts)
+    terms = [t if isinstance(t, list) else _terms(t) for t in texts]
     for part in np.array_split(order, folds):
         train = np.setdiff1d(order, part)
-        router = PregenRouter(C=C).fit([texts[i] for i in train], y[:, train])
-        out[:, part] = router.predict_proba([texts[i] for i in part])
+        router = PregenRouter(C=C).fit([terms[i] for i in train], y[:, train])
+        out[:, part] = router.predict_proba([terms[i] for i in part])
     return out
 
 

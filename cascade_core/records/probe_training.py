@@ -58,7 +58,8 @@ def train_probe(
 
     `labels` may be anything a deployment can know, e.g. "agrees with the largest model" for a
     label-free probe; AUROC is always measured against gold correctness on the rows not trained on.
-    `grid_options`: `probe.probe_grid`'s search options (the report's retrained probes stop the C path).
+    `grid_options`: `probe.probe_grid`'s search options (the report's retrained probes stop the C path
+    and solve in float32; `float32` also applies to the final fit).
     """
     split = records["split"].astype(str).to_numpy()
     if train_mask is None:
@@ -80,7 +81,8 @@ def train_probe(
     p_ik = np.full(len(records), np.nan)
     with blas_threads(1):
         p_ik[train_mask] = oof
-        probe = PIKProbe(layer=layer, model_id=model_id, C=C).fit(X[train_mask], y[train_mask])
+        probe = PIKProbe(layer=layer, model_id=model_id, C=C).fit(
+            X[train_mask], y[train_mask], float32=bool((grid_options or {}).get("float32")))
     held_out = ~train_mask
     if held_out.any():
         p_ik[held_out] = probe.p_ik(X[held_out])

@@ -97,10 +97,10 @@ def router_predictions(table: RecordTable, questions: pd.DataFrame, settings: Re
     from cascade_core.choose import pregen_router as pg
 
     calib, test = split_tables(table)
-    texts_cal = pg.question_texts(calib.qids, questions)
+    terms_cal = pg.question_terms(pg.question_texts(calib.qids, questions))  # tokenised once for every fit
     texts_test = pg.question_texts(test.qids, questions)
-    oof = pg.out_of_fold_proba(texts_cal, calib.correct, folds=settings.probe_folds, seed=settings.seed)
-    proba = pg.PregenRouter().fit(texts_cal, calib.correct).predict_proba(texts_test)
+    oof = pg.out_of_fold_proba(terms_cal, calib.correct, folds=settings.probe_folds, seed=settings.seed)
+    proba = pg.PregenRouter().fit(terms_cal, calib.correct).predict_proba(texts_test)
     return oof, proba
 
 

@@ -410,11 +410,18 @@ def _ood(report: Report) -> list[str]:
     lines += ["For each held-out category, probes (layer choice included) and thresholds are fit on the calibration "
               "questions of the other three categories only and reported on the test questions of the held-out one; "
               "\"in-distribution\" is the usual choice (all calibration questions) on the same test questions."]
-    stop = report.meta["settings"].get("probe_path_stop")
+    settings = report.meta["settings"]
+    stop = settings.get("probe_path_stop")
     if stop:
         lines.append(f"The probes here and in section 7 try their regularisation C in increasing order (by "
                      f"cross-validation on their training questions) and stop once {stop} values in a row score "
                      "below the best so far.")
+    solver = [text for key, text in (("probe_float32", "on float32 rows"),
+                                     ("probe_warm_start", "each C starting from the previous C's solution"))
+              if settings.get(key)]
+    if solver:
+        lines.append(f"Their solver runs {' and '.join(solver)} (faster; the fits differ from `probes train`'s "
+                     "float64 ones within the solver's tolerance).")
     lines.append("")
     rows = []
     for e in ood.categories:

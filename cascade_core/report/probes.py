@@ -30,7 +30,9 @@ def retrain_stage(table: RecordTable, features: Mapping[str, tuple[np.ndarray, d
     qids, feats = features[name]
     frame = _probe_frame(table, s)
     aligned = align_features(frame, qids, feats)
-    options = {} if settings.probe_path_stop is None else {"stop_after_worse": settings.probe_path_stop}
+    options = {"float32": settings.probe_float32, "warm_start": settings.probe_warm_start}
+    if settings.probe_path_stop is not None:
+        options["stop_after_worse"] = settings.probe_path_stop
     result = train_probe(frame, aligned, model_id=table.model_ids[s], labels=labels, train_mask=train_mask,
                          folds=settings.probe_folds, seed=settings.seed, grid_options=options)
     return result.p_ik, {"layer": result.probe.layer, "held_out_auroc": json_number(result.test_auroc),
