@@ -45,8 +45,8 @@ class ProbeMismatchError(ValueError):
     """A probe used with a model, layer or feature size it was not trained for."""
 
 
-def _check_features(X, name: str = "X") -> np.ndarray:
-    X = np.asarray(X, dtype=np.float64)
+def _check_features(X, name: str = "X", dtype=np.float64) -> np.ndarray:
+    X = np.asarray(X, dtype=dtype)
     if X.ndim != 2:
         raise ValueError(
             f"{name} must be 2-D (rows, features), got shape {X.shape}; for one row use x[None, :]"
@@ -77,17 +77,20 @@ def _check_labels(y, n_rows: int) -> np.ndarray:
     return y
 
 
-def _solver_rows(scaled: np.ndarray, float32: bool) -> np.ndarray:
-    """The standardised rows the solver sees: float64, or float32 with `float32` (see `probe_grid`)."""
-    return scaled.astype(np.float32) if float32 else scaled
+def _feature_dtype(float32: bool):
+    """The rows' dtype before standardisation: float32 rows (`probe_grid`'s option) are standardised
+    straight into the float32 rows the solver reads. Their means and scales are still float64, and
+    the same as from the float64 rows wherever the features are float32 values (as stored ones are)."""
+    return np.float32 if float32 else np.float64
 
 
 def _fit_arrays(X: np.ndarray, y: np.ndarray, C: float, class_weight, max_iter: int, float32: bool = False):
     """Standardise, fit, return (mean, scale, coef, intercept) for the numpy predictor (all float64,
     also when the solver ran on float32 rows)."""
+    X = X.astype(_feature_dtype(float32), copy=False)
     scaler = StandardScaler().fit(X)
     model = LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter, solver="lbfgs")
-    model.fit(_solver_rows(scaler.transform(X), float32), y)
+    model.fit(scaler.transform(X), y)
     return (scaler.mean_.copy(), scaler.scale_.copy(), model.coef_[0].astype(np.float64),
             float(model.intercept_[0]))
 
@@ -149,7 +152,7 @@ class PIKProbe:
         was correct. `metadata` adds entries (dataset, split, ...) to the saved metadata.
         `float32`: the solver runs on float32 rows (`probe_grid`'s option of that name).
         """
-        X = _check_features(X)
+        X = _check_features(X, dtype=_feature_dtype(float32))
         y = _check_labels(y, len(X))
         cv_auroc = None
         if cv_folds >= 2:
@@ -388,9 +391,10 @@ def probe_grid(
     tolerance). `stop_after_worse=k`: a layer's path over increasing C stops once k consecutive
     C values scored below that layer's best so far (the weakly regularised fits are the slow
     ones, and past the peak they rarely win); the pairs not tried are absent from the scores.
-    `float32`: the solver runs on the standardised rows cast to float32 (standardisation and
-    prediction stay float64). Each solver step reads the whole training matrix twice, so its time
-    is memory traffic, which float32 halves; scores move by about the solver's tolerance.
+    `float32`: the rows are standardised into float32 (means and scales in float64) and the solver
+    runs on them; the held-out rows' P(IK) is computed in float64. Each solver step reads the whole
+    training matrix twice, so its time is memory traffic, which float32 halves; scores move by
+    about the solver's tolerance.
     """
     if not Cs or any(not (c > 0) for c in Cs):
         raise ValueError(f"Cs must be a non-empty sequence of positive numbers, got {Cs!r}")
@@ -410,20 +414,18 @@ def probe_grid(
             X = features_by_layer[layer]
             if len(X) != n:
                 raise ValueError(f"layer {layer} has {len(X)} rows but y has {n}")
-            X = _check_features(X)
+            X = _check_features(X, dtype=_feature_dtype(float32))
             labels = _check_labels(y, len(X))
             splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
             parts = []
-            # Else re-standardise per C (same values, less memory); float32 rows take half the bytes.
-            keep_scaled = X.nbytes // (2 if float32 else 1) <= 64 * 2**20
+            keep_scaled = X.nbytes <= 64 * 2**20  # else re-standardise per C (same values, less memory)
             for train, test in splitter.split(X, labels):
                 if labels[train].all() or not labels[train].any():
                     raise ValueError("a training fold has only one class: use fewer folds or more rows")
                 scaler = StandardScaler().fit(X[train])
                 # `_p_correct`'s standardisation of the held-out rows, done once for every C.
                 held = (X[test] - scaler.mean_) / scaler.scale_
-                scaled = _solver_rows(scaler.transform(X[train]), float32) if keep_scaled else None
-                parts.append([train, test, scaler, scaled, held, None])
+                parts.append([train, test, scaler, scaler.transform(X[train]) if keep_scaled else None, held, None])
             scores: dict[float, float] = {}
             worse = 0
             for C in Cs:
@@ -435,8 +437,7 @@ def probe_grid(
                     else:
                         model = LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter,
                                                    solver="lbfgs", warm_start=warm_start)
-                    rows = _solver_rows(scaler.transform(X[train]), float32) if scaled is None else scaled
-                    model.fit(rows, labels[train])
+                    model.fit(scaler.transform(X[train]) if scaled is None else scaled, labels[train])
                     part[5] = model
                     with np.errstate(over="ignore", invalid="ignore"):
                         out[test] = _sigmoid(held @ model.coef_[0].astype(np.float64) + float(model.intercept_[0]))
