@@ -115,7 +115,7 @@ def out_of_fold_proba(texts: Sequence, correct, folds: int = 5, seed: int = 0, C
         raise ValueError(f"need folds >= 2 and at least `folds` questions, got folds={folds}, n={n}")
     order = np.random.default_rng(seed).permutation(n)
     out = np.empty(y.shape, dtype=np.float64)
-    terms = [t if isinstance(t, list) else _terms(t) for t in texts]
+    terms = [_terms(t) for t in texts]
     for part in np.array_split(order, folds):
         train = np.setdiff1d(order, part)
         router = PregenRouter(C=C).fit([terms[i] for i in train], y[:, train])
