@@ -54,8 +54,9 @@ $(VLLM_STAMP): requirements-vllm.txt
 	@touch $(VLLM_STAMP)
 vllm: $(VLLM_STAMP)
 
-## test: set up, lint, and run the whole test suite
-test: setup browser vllm lint
+## test: set up, fetch the default preset's models (the browser test routes SmolLM2 -> the 0.5B; skips what
+## is there), lint, and run the whole test suite
+test: setup browser vllm lint fetch
 	$(BIN)/python -m pytest
 
 ## test-fast: the tests that need no model

@@ -439,7 +439,7 @@ def test_home_route_and_settings_say_the_number_format_against_the_calibration(a
 
 
 def test_route_runs_a_stage_calibration_switched_off_at_the_preset_s_thresholds_when_chosen(app, no_policy_files,
-                                                                                         monkeypatch):
+                                                                                         monkeypatch, smollm2_path):
     """Issue 22: re-enabled on Route, the 0.5B stage ran at 0 / 0 ("Keep: P(T) 0.87 >= tau_T 0.00")
     while the table said "off". It runs with the preset's thresholds, and the page says which."""
     from app_ui import backends

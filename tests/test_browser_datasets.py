@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = [*BROWSER_MARKS]
 
 
-def test_a_shared_link_and_the_page_links_carry_the_dataset(tmp_path):
+def test_a_shared_link_and_the_page_links_carry_the_dataset(tmp_path, smollm2_path):
     from playwright.sync_api import expect
 
     expect.set_options(timeout=90_000)  # the 2-core machine may be busy
