@@ -7,7 +7,7 @@ PRESET ?= default
 PORT   ?= 8501
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup lint browser run test test-fast fetch bench bench-full bench-arith bench-mmlu-open report serve clean-venv vllm
+.PHONY: setup lint browser run test test-fast fetch fetch-all bench bench-full bench-arith bench-mmlu-open report serve clean-venv vllm
 
 $(STAMP): requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,9 +54,13 @@ $(VLLM_STAMP): requirements-vllm.txt
 	@touch $(VLLM_STAMP)
 vllm: $(VLLM_STAMP)
 
-## test: set up, fetch the default preset's models (the browser test routes SmolLM2 -> the 0.5B; skips what
-## is there), lint, and run the whole test suite
-test: setup browser vllm lint fetch
+## fetch-all: the default preset's models and its extra stages: what the tests use (the browser test routes
+## SmolLM2 -> the 0.5B, a tokenizer test reads every one; skips what is there)
+fetch-all: setup
+	$(BIN)/python -m cascade_core models fetch --preset default --all
+
+## test: set up, fetch the models (fetch-all), lint, and run the whole test suite
+test: setup browser vllm lint fetch-all
 	$(BIN)/python -m pytest
 
 ## test-fast: the tests that need no model
