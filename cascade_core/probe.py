@@ -84,10 +84,9 @@ def _feature_dtype(float32: bool):
     return np.float32 if float32 else np.float64
 
 
-def _fit_arrays(X: np.ndarray, y: np.ndarray, C: float, class_weight, max_iter: int, float32: bool = False):
-    """Standardise, fit, return (mean, scale, coef, intercept) for the numpy predictor (all float64,
-    also when the solver ran on float32 rows)."""
-    X = X.astype(_feature_dtype(float32), copy=False)
+def _fit_arrays(X: np.ndarray, y: np.ndarray, C: float, class_weight, max_iter: int):
+    """Standardise, fit, return (mean, scale, coef, intercept) for the numpy predictor: all float64,
+    also when X is float32 (the solver then runs on float32 rows)."""
     scaler = StandardScaler().fit(X)
     model = LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter, solver="lbfgs")
     model.fit(scaler.transform(X), y)
@@ -160,7 +159,7 @@ class PIKProbe:
                                    class_weight=self.class_weight, max_iter=self.max_iter)
             cv_auroc = auroc(oof, y)
         self.mean_, self.scale_, self.coef_, self.intercept_ = _fit_arrays(
-            X, y, self.C, self.class_weight, self.max_iter, float32
+            X, y, self.C, self.class_weight, self.max_iter
         )
         self.n_features_in_ = X.shape[1]
         self.metadata = {

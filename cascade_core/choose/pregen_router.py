@@ -14,6 +14,7 @@ a model trained on it), reported on the test split.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -41,16 +42,12 @@ def question_texts(qids: Sequence[str], questions: pd.DataFrame) -> list[str]:
             for s, q, o in zip(subjects, rows["question"].astype(str), rows["options"])]
 
 
-_WORD_TERMS = None  # the default word analyzer of `question_terms`, built on first use
-
-
+@functools.cache
 def _word_terms():
-    global _WORD_TERMS
-    if _WORD_TERMS is None:
-        from sklearn.feature_extraction.text import TfidfVectorizer
+    """The router's word analyzer (words and word pairs), built once on first use."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
 
-        _WORD_TERMS = TfidfVectorizer(ngram_range=(1, 2)).build_analyzer()
-    return _WORD_TERMS
+    return TfidfVectorizer(ngram_range=(1, 2)).build_analyzer()
 
 
 def question_terms(texts: Sequence[str]) -> list[list[str]]:
