@@ -35,3 +35,19 @@ def smollm2_backend(smollm2_path):
     from models.hf import HFBackend
 
     return HFBackend(smollm2_path, device="cpu", dtype="float32", quantization="none", model_id=SMOLLM2)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Each test leaves torch's thread count as it found it: a test that runs the CLI in this process
+    with `--threads 1` (`torch.set_num_threads` is process-wide) used to leave every later test of
+    the run on one thread, so a test's numbers depended on which tests ran before it. Only where
+    torch is already imported: nothing is imported for it."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)

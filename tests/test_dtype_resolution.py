@@ -63,7 +63,10 @@ def test_the_stage_tables_say_the_format_auto_resolves_to(monkeypatch, pin):
 def test_a_server_and_a_local_backend_both_on_auto_agree_in_either_format(monkeypatch, tmp_path, smollm2_path, pin):
     """`serve --single-stage` (another process) and a local HFBackend, both "auto", both pinned the
     same way: the same letters and P(T). Each prompt is scored alone on both sides, so no padding
-    separates them and even bfloat16 gives the same numbers."""
+    separates them, and both run torch on one thread, so no split of the sums does: even bfloat16
+    gives the same numbers."""
+    import torch
+
     from cascade_core.prompts import format_prompt
     from cascade_core.types import Question
     from models.hf import DTYPES, HFBackend
@@ -76,8 +79,10 @@ def test_a_server_and_a_local_backend_both_on_auto_agree_in_either_format(monkey
         Question(text="What is 7 times 8?", options=("54", "56", "58", "64"), subject="elementary mathematics"),
     ]
     prompts = [format_prompt(q) for q in questions]
-    server = SubprocessServer("cascade_core", ["serve", "--single-stage", "smollm2-135m", "--device", "cpu"],
+    server = SubprocessServer("cascade_core", ["serve", "--single-stage", "smollm2-135m", "--device", "cpu",
+                                               "--threads", "1"],
                               env={PIN: pin}, log_path=tmp_path / "server.log").start()
+    torch.set_num_threads(1)  # as the server (conftest restores it after the test)
     try:
         local = HFBackend(smollm2_path, device="cpu", dtype="auto", quantization="none", model_id="smollm2-135m")
     except BaseException:
